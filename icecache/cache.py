@@ -1,0 +1,252 @@
+"""The transformers integration: a registered attention function that routes every
+attention call of a forward pass to the per-request KV state below.
+
+The model computes q, k, v (with RoPE) as usual; our function receives them, keeps the
+new k/v in the request's own state, and computes exact (prefill) or sparse (decode)
+attention. All per-request state lives in `RequestKV` objects passed through the
+forward call's kwargs, never in the model or module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+from icecache.attention import decode_attention, prefill_attention
+from icecache.config import IceCacheConfig
+from icecache.context import Context
+from icecache.gpu_pool import PagePool
+from icecache.index.tree import PrivatePages, all_pages, select_pages
+
+ATTN_IMPLEMENTATION = "icecache"
+BATCH_KWARG = "icecache_batch"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelShape":
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        p = next(model.parameters())
+        return cls(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim, p.dtype, p.device)
+
+
+class KVBuffer:
+    """A growing [H, n, D] pair of K and V, doubling its capacity."""
+
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 capacity: int = 64) -> None:
+        self._k = torch.empty(num_heads, capacity, head_dim, dtype=dtype, device=device)
+        self._v = torch.empty_like(self._k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = k.shape[1]
+        if self.length + t > self._k.shape[1]:
+            cap = max(2 * self._k.shape[1], self.length + t)
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype, device=old.device)
+                new[:, :self.length] = old[:, :self.length]
+                setattr(self, name, new)
+        self._k[:, self.length:self.length + t] = k
+        self._v[:, self.length:self.length + t] = v
+        self.length += t
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k[:, :self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v[:, :self.length]
+
+
+def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                  scaling: float) -> torch.Tensor:
+    """Decode attention over several KV parts without concatenating them first when
+    there is only one; q: [H, g, D], parts of ([H, n, D], [H, n, D], mask [H, n] | None)."""
+    parts = [p for p in parts if p[0].shape[1]]
+    if len(parts) == 1:
+        return decode_attention(q, *parts[0], scaling)
+    keys = torch.cat([p[0] for p in parts], dim=1)
+    values = torch.cat([p[1] for p in parts], dim=1)
+    masks = [p[2] if p[2] is not None else torch.ones(p[0].shape[:2], dtype=torch.bool, device=p[0].device)
+             for p in parts]
+    return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling)
+
+
+class SparseLayerState:
+    """A request's view of one sparse layer: device sinks, recent window, private pages, slots."""
+
+    def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, first_own_pos: int,
+                 config: IceCacheConfig, shape: ModelShape) -> None:
+        dev, dtype = shape.device, shape.dtype
+        self.ctx = ctx_layer
+        self.sink_k, self.sink_v = ctx_layer.sink_k.to(dev, dtype), ctx_layer.sink_v.to(dev, dtype)
+        recent_k = torch.cat([ctx_layer.tail_k.to(dev, dtype), own_k], dim=1)  # [H, tail + own, D]
+        recent_v = torch.cat([ctx_layer.tail_v.to(dev, dtype), own_v], dim=1)
+        first = first_own_pos - ctx_layer.tail_k.shape[1]
+        self.window = config.window_tokens
+        self.private = PrivatePages(ctx_layer.tree, shape.num_kv_heads, config.page_size, shape.head_dim,
+                                    dtype, dev)
+        cut = max(0, recent_k.shape[1] - self.window)
+        self.private.insert(recent_k[:, :cut], recent_v[:, :cut], torch.arange(first, first + cut))
+        self.win_k, self.win_v = recent_k[:, cut:], recent_v[:, cut:]
+        self.win_first_pos = first + cut  # position of the oldest window token
+        num_slots = config.retrieved_pages if config.mode == "icecache" else ctx_layer.tree.num_pages
+        self.pool = PagePool(shape.num_kv_heads, num_slots, config.page_size, shape.head_dim, dtype, dev)
+
+    def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add the new token ([H, D]) to the window; the oldest token beyond it joins the index."""
+        self.win_k = torch.cat([self.win_k, k[:, None]], dim=1)
+        self.win_v = torch.cat([self.win_v, v[:, None]], dim=1)
+        if self.win_k.shape[1] > self.window:
+            self.private.insert(self.win_k[:, :1], self.win_v[:, :1], torch.tensor([self.win_first_pos]))
+            self.win_k, self.win_v = self.win_k[:, 1:], self.win_v[:, 1:]
+            self.win_first_pos += 1
+
+    def fetch(self, head_idx: torch.Tensor, page_ids: torch.Tensor):
+        """Read pages from the shared host store or the private pages. -> (k, v, valid) per page."""
+        shared = self.ctx.pages
+        num_shared = shared.num_pages
+        is_shared = page_ids < num_shared
+        P, D = self.pool.keys.shape[2:]
+        dev = self.pool.keys.device
+        k = torch.empty(len(page_ids), P, D, dtype=self.pool.keys.dtype, device=dev)
+        v = torch.empty_like(k)
+        valid = torch.empty(len(page_ids), dtype=torch.long, device=dev)
+        if bool(is_shared.any()):
+            h, p = head_idx[is_shared].cpu(), page_ids[is_shared].cpu()
+            k[is_shared] = shared.keys[h, p].to(dev, k.dtype, non_blocking=True)
+            v[is_shared] = shared.values[h, p].to(dev, v.dtype, non_blocking=True)
+            valid[is_shared] = shared.valid[h, p].to(dev)
+        if not bool(is_shared.all()):
+            own = ~is_shared
+            h, p = head_idx[own], page_ids[own] - num_shared
+            k[own], v[own], valid[own] = self.private.keys[h, p], self.private.values[h, p], self.private.valid[h, p]
+        return k, v, valid
+
+
+class RequestKV:
+    """Everything attention needs for one request: its context, its own tokens, its slots."""
+
+    def __init__(self, shape: ModelShape, config: IceCacheConfig, context: Context | None) -> None:
+        self.shape, self.config, self.context = shape, config, context
+        self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, shape.device)
+                    for _ in range(shape.num_layers)]
+        self.first_own_pos = context.num_tokens if context is not None else 0
+        self.decoding = False
+        self.dense_ctx: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sparse: dict[int, SparseLayerState] = {}
+        self.pages_loaded = 0
+        self.pages_selected = 0
+
+    # -- prefill: exact attention over the context and this request's earlier tokens
+    def _ctx_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, dtype = self.shape.device, self.shape.dtype
+        if self.context is None:
+            empty = torch.empty(self.shape.num_kv_heads, 0, self.shape.head_dim, dtype=dtype, device=dev)
+            return empty, empty
+        k, v = self.context.flat_kv(layer)
+        return k.to(dev, dtype), v.to(dev, dtype)
+
+    def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+        """q: [Hq, T, D], k/v: [H, T, D] -> [T, Hq, D]."""
+        ctx_k, ctx_v = self._ctx_kv(layer)
+        own = self.own[layer]
+        past_k = torch.cat([ctx_k, own.k], dim=1) if ctx_k.shape[1] else own.k
+        past_v = torch.cat([ctx_v, own.v], dim=1) if ctx_v.shape[1] else own.v
+        out = prefill_attention(q, past_k, past_v, k, v, scaling)
+        own.append(k, v)
+        return out
+
+    def start_decode(self) -> None:
+        """Move from prefill to decode: the window takes the newest tokens, older ones of
+        this request join its private pages, dense layers keep everything."""
+        assert self.context is not None, "decode needs an indexed context"
+        dev, dtype = self.shape.device, self.shape.dtype
+        for layer in range(self.shape.num_layers):
+            if layer in self.context.dense:
+                k, v = self.context.dense[layer]
+                self.dense_ctx[layer] = (k.to(dev, dtype), v.to(dev, dtype))
+            else:
+                own = self.own[layer]
+                self.sparse[layer] = SparseLayerState(self.context.sparse[layer], own.k, own.v,
+                                                      self.first_own_pos, self.config, self.shape)
+                self.own[layer] = None  # its tokens now live in the window and private pages
+        self.decoding = True
+
+    # -- decode: one token
+    def decode_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+        """q: [Hq, D], k/v: [H, D] -> [Hq, D]."""
+        H, g = self.shape.num_kv_heads, self.shape.group
+        qg = q.view(H, g, -1)
+        if layer in self.dense_ctx:
+            own = self.own[layer]
+            own.append(k[:, None], v[:, None])
+            ctx_k, ctx_v = self.dense_ctx[layer]
+            return _attend_parts(qg, [(ctx_k, ctx_v, None), (own.k, own.v, None)], scaling).reshape(H * g, -1)
+        state = self.sparse[layer]
+        state.push(k, v)
+        tree = state.ctx.tree
+        if self.config.mode == "full":
+            page_ids = all_pages(tree, state.private)
+        else:
+            page_ids = select_pages(tree, state.private, qg, self.config.retrieved_pages,
+                                    self.config.search_width, scaling, self.config.page_score_radius)
+        self.pages_loaded += state.pool.update(page_ids, state.fetch)
+        self.pages_selected += int((page_ids >= 0).sum())
+        pool = state.pool
+        P = pool.keys.shape[2]
+        slot_mask = pool.active[..., None] & (torch.arange(P, device=pool.valid.device) < pool.valid[..., None])
+        parts = [(state.sink_k, state.sink_v, None),
+                 (pool.keys.flatten(1, 2), pool.values.flatten(1, 2), slot_mask.flatten(1, 2)),
+                 (state.win_k, state.win_v, None)]
+        return _attend_parts(qg, parts, scaling).reshape(H * g, -1)
+
+
+class StepBatch:
+    """The requests of one forward pass, in batch order."""
+
+    def __init__(self, requests: list[RequestKV]) -> None:
+        self.requests = requests
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """query: [B, Hq, T, D]; key/value: [B, H, T, D] -> [B, T, Hq, D]."""
+        outs = []
+        for b, req in enumerate(self.requests):
+            if req.decoding:
+                assert query.shape[2] == 1, "decode runs one token per request"
+                outs.append(req.decode_attend(layer, query[b, :, 0], key[b, :, 0], value[b, :, 0], scaling)[None])
+            else:
+                outs.append(req.prefill_attend(layer, query[b], key[b], value[b], scaling))
+        return torch.stack(outs)
+
+
+def icecache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: (attn_output [B, T, Hq, D], None)."""
+    batch = kwargs.get(BATCH_KWARG)
+    if batch is None:
+        raise RuntimeError("icecache attention called without request state; use icecache.Engine")
+    return batch.attend(module.layer_idx, query, key, value, scaling or module.scaling), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, icecache_attention)

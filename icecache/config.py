@@ -1,0 +1,113 @@
+"""Engine configuration: frozen, validated dataclasses whose errors name the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+MODES = ("icecache", "full")
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class IceCacheConfig:
+    """How the KV cache is kept and searched.
+
+    `token_budget` counts everything a sparse layer attends to at one decode step:
+    sinks + recent window + retrieved pages (256 = 32 + 32 + 12 pages of 16).
+    """
+
+    mode: str = "icecache"  # "icecache" (sparse decode) | "full" (dense baseline, same code path)
+    token_budget: int = 256  # tokens a sparse layer attends to per decode step
+    page_size: int = 16  # tokens per host page
+    sink_tokens: int = 32  # first tokens, always attended
+    window_tokens: int = 32  # most recent tokens, always attended
+    dense_layers: int = 2  # first layers keep full attention
+    promotion_ratio: tuple[float, ...] = (0.02, 0.2)  # level 0->1, then every level above
+    search_width: int = 64  # nodes kept per tree level during a query
+    top_level_max: int = 64  # stop promoting once a level is at most this large
+    page_score_radius: float = 0.0  # weight of a page's radius in its score (0 = mean key only)
+    reuse_layers: int = 1  # layers sharing one page selection (1 = every layer selects)
+    prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
+    seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
+        for name in ("token_budget", "page_size", "search_width", "top_level_max",
+                     "reuse_layers", "prefill_chunk_tokens"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, f"must be a positive int, got {value!r}")
+        for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")
+        _require(self.window_tokens >= 1, "window_tokens", "must be at least 1 (the token being decoded)")
+        ratios = self.promotion_ratio
+        _require(isinstance(ratios, tuple) and len(ratios) >= 1, "promotion_ratio",
+                 f"must be a non-empty tuple of floats, got {ratios!r}")
+        for r in ratios:
+            _require(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r < 1.0
+                     and math.isfinite(r), "promotion_ratio", f"every ratio must lie in (0, 1), got {ratios!r}")
+        w = self.page_score_radius
+        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                 "page_score_radius", f"must be a finite number >= 0, got {w!r}")
+        _require(self.reuse_layers == 1, "reuse_layers",
+                 "only 1 (no cross-layer reuse) is implemented so far")
+        if self.mode == "icecache":
+            fixed = self.sink_tokens + self.window_tokens
+            _require(self.token_budget >= fixed + self.page_size, "token_budget",
+                     f"must cover sink_tokens + window_tokens + one page ({fixed + self.page_size}), "
+                     f"got {self.token_budget}")
+
+    @property
+    def retrieved_pages(self) -> int:
+        """Pages a sparse layer retrieves per step (the budget left after sinks and window)."""
+        return (self.token_budget - self.sink_tokens - self.window_tokens) // self.page_size
+
+    def replace(self, **changes) -> "IceCacheConfig":
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown IceCacheConfig field(s): {sorted(unknown)}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return IceCacheConfig(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How tokens are drawn. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_tokens) and self.max_tokens > 0, "max_tokens",
+                 f"must be a positive int, got {self.max_tokens!r}")
+        t = self.temperature
+        _require(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
+                 "temperature", f"must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1,
+                 "top_p", f"must lie in (0, 1], got {p!r}")
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an int >= 0, got {self.top_k!r}")
+        _require(self.seed is None or _is_int(self.seed), "seed", f"must be an int or None, got {self.seed!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            object.__setattr__(self, "stop", (stop,))
+        elif isinstance(stop, list):
+            object.__setattr__(self, "stop", tuple(stop))
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop",
+                 f"must be non-empty strings, got {stop!r}")

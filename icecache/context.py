@@ -1,0 +1,97 @@
+"""An indexed document: its KV split into sinks, indexed middle (host pages) and tail,
+per layer; immutable once built and shared by every request that reuses it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from icecache.config import IceCacheConfig
+from icecache.index.tree import TreeIndex, build_tree
+from icecache.store import Allocator, HostPageStore, default_allocator
+
+
+@dataclass
+class SparseLayer:
+    """One sparse layer of a context."""
+
+    sink_k: torch.Tensor  # [H, num_sink, D] first tokens
+    sink_v: torch.Tensor
+    tail_k: torch.Tensor  # [H, num_tail, D] last tokens: the window when the context ends
+    tail_v: torch.Tensor
+    tree: TreeIndex  # index over the middle keys (on the index device)
+    pages: HostPageStore  # middle KV in host pages
+
+
+@dataclass
+class Context:
+    """Handle returned by Engine.index(); pass it as `context=` to reuse the prefill."""
+
+    model_id: str
+    token_ids: tuple[int, ...]
+    layout: tuple  # the config fields the stored layout depends on
+    dense: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> full (K, V) [H, n, D]
+    sparse: dict[int, SparseLayer]
+    last_logits: torch.Tensor  # [vocab] logits after the last token
+    prefill_s: float = 0.0
+    build_s: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_sink(self) -> int:
+        return next(iter(self.sparse.values())).sink_k.shape[1] if self.sparse else 0
+
+    @property
+    def num_tail(self) -> int:
+        return next(iter(self.sparse.values())).tail_k.shape[1] if self.sparse else 0
+
+    @property
+    def host_bytes(self) -> int:
+        total = sum(k.numel() * k.element_size() * 2 for k, _ in self.dense.values())
+        for layer in self.sparse.values():
+            total += layer.pages.num_bytes
+            total += sum(t.numel() * t.element_size() for t in (layer.sink_k, layer.sink_v, layer.tail_k,
+                                                                  layer.tail_v))
+            total += sum(t.numel() * t.element_size() for t in layer.tree.tensors())
+        return total
+
+    def flat_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's (K, V) of a layer, [H, n, D] each; token order is irrelevant to attention."""
+        if layer in self.dense:
+            return self.dense[layer]
+        s = self.sparse[layer]
+        mid_k, mid_v = s.pages.flat()
+        return torch.cat([s.sink_k, mid_k, s.tail_k], dim=1), torch.cat([s.sink_v, mid_v, s.tail_v], dim=1)
+
+
+def layout_of(config: IceCacheConfig) -> tuple:
+    return (config.page_size, config.sink_tokens, config.window_tokens, config.dense_layers,
+            config.promotion_ratio, config.top_level_max, config.seed)
+
+
+def build_context(model_id: str, token_ids, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                  last_logits: torch.Tensor, config: IceCacheConfig, index_device: torch.device,
+                  allocator: Allocator = default_allocator) -> Context:
+    """Split each layer's prefilled KV ([H, n, D]) and index the middle of sparse layers."""
+    n = len(token_ids)
+    num_sink = min(config.sink_tokens, n)
+    num_tail = min(config.window_tokens, n - num_sink)
+    mid = slice(num_sink, n - num_tail)
+    positions = torch.arange(n)[mid]
+    dense, sparse = {}, {}
+    for layer, (k, v) in enumerate(layer_kv):
+        if layer < config.dense_layers:
+            dense[layer] = (k.cpu(), v.cpu())
+            continue
+        tree, page_layout = build_tree(k[:, mid].to(index_device), config.page_size, config.promotion_ratio,
+                                       config.top_level_max, seed=config.seed + layer)
+        pages = HostPageStore.from_layout(k[:, mid], v[:, mid], positions, page_layout, config.page_size,
+                                          allocator)
+        sparse[layer] = SparseLayer(k[:, :num_sink].cpu(), v[:, :num_sink].cpu(), k[:, n - num_tail:].cpu(),
+                                    v[:, n - num_tail:].cpu(), tree, pages)
+    return Context(model_id, tuple(token_ids), layout_of(config), dense, sparse, last_logits.cpu())

@@ -1,0 +1,252 @@
+"""The engine: exact chunked prefill, indexing, sparse decode, sampling and streaming."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from icecache.cache import ATTN_IMPLEMENTATION, BATCH_KWARG, ModelShape, RequestKV, StepBatch
+from icecache.config import IceCacheConfig, SamplingParams
+from icecache.context import Context, build_context, layout_of
+from icecache.models import LoadedModel, load_model, resolve_device
+from icecache.sampling import TextStream, make_generator, sample
+
+Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    """A model plus the IceCache KV machinery. Stateless between requests except for the
+    contexts it hands out, which callers own."""
+
+    def __init__(self, loaded: LoadedModel, config: IceCacheConfig | None = None) -> None:
+        self.config = config or IceCacheConfig()
+        if not isinstance(self.config, IceCacheConfig):
+            raise ValueError(f"config: expected IceCacheConfig, got {type(self.config).__name__}")
+        self.model, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
+        self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.shape = ModelShape.of(self.model)
+        if self.config.dense_layers > self.shape.num_layers:
+            raise ValueError(f"dense_layers: {self.config.dense_layers} exceeds the model's "
+                             f"{self.shape.num_layers} layers")
+        self.max_context_tokens = int(self.model.config.max_position_embeddings)
+        self.device = self.shape.device
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None, config: IceCacheConfig | None = None,
+                        device: str = "auto", dtype: torch.dtype | None = None) -> "Engine":
+        """Load a model (None = the built-in SmolLM2-135M-Instruct) and wrap it."""
+        if config is not None and not isinstance(config, IceCacheConfig):
+            raise ValueError(f"config: expected IceCacheConfig, got {type(config).__name__}")
+        return cls(load_model(model, resolve_device(device), dtype), config)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer=None, config: IceCacheConfig | None = None,
+                   model_id: str = "custom") -> "Engine":
+        """Wrap an already loaded transformers causal LM (e.g. random weights for tests)."""
+        from icecache.models import prepare
+        return cls(LoadedModel(prepare(model, next(model.parameters()).device), tokenizer, model_id), config)
+
+    def with_config(self, config: IceCacheConfig) -> "Engine":
+        """The same weights under another config (e.g. mode="full" for a baseline)."""
+        return Engine(LoadedModel(self.model, self.tokenizer, self.model_id), config)
+
+    # ---------------------------------------------------------------- inputs
+    def _encode(self, prompt: str | Sequence[int], add_special: bool, what: str = "prompt") -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"{what}: empty")
+            if self.tokenizer is None:
+                raise ValueError(f"{what}: this engine has no tokenizer; pass token ids")
+            ids = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{what}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        else:
+            raise ValueError(f"{what}: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"{what}: empty")
+        return ids
+
+    def _check_length(self, num_tokens: int, what: str) -> None:
+        if num_tokens > self.max_context_tokens:
+            raise ValueError(f"{what}: {num_tokens} tokens exceed the model's context of "
+                             f"{self.max_context_tokens} tokens")
+
+    def _check_context(self, context: Context) -> None:
+        if not isinstance(context, Context):
+            raise ValueError(f"context: expected a Context from Engine.index(), got {type(context).__name__}")
+        if context.model_id != self.model_id:
+            raise ValueError(f"context: indexed with model {context.model_id!r}, this engine runs {self.model_id!r}")
+        if context.layout != layout_of(self.config):
+            raise ValueError("context: indexed with a different page/sink/window/tree layout than this config")
+
+    # ---------------------------------------------------------------- model passes
+    def _forward(self, batch: StepBatch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions: [B, T] -> last logits [B, vocab]."""
+        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False,
+                         logits_to_keep=1, **{BATCH_KWARG: batch})
+        return out.logits[:, -1]
+
+    def _prefill(self, req: RequestKV, token_ids: list[int], start: int,
+                 progress: Progress | None = None) -> torch.Tensor:
+        chunk = self.config.prefill_chunk_tokens
+        batch = StepBatch([req])
+        logits = None
+        for s in range(0, len(token_ids), chunk):
+            piece = token_ids[s:s + chunk]
+            ids = torch.tensor([piece])
+            pos = torch.arange(start + s, start + s + len(piece))[None]
+            logits = self._forward(batch, ids, pos)[0]
+            if progress:
+                progress(s + len(piece), len(token_ids))
+        return logits
+
+    @torch.inference_mode()
+    def _index_ids(self, ids: list[int], progress: Progress | None = None) -> Context:
+        self._check_length(len(ids), "document")
+        t0 = time.perf_counter()
+        req = RequestKV(self.shape, self.config, None)
+        logits = self._prefill(req, ids, 0, progress)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        ctx = build_context(self.model_id, ids, [(kv.k, kv.v) for kv in req.own], logits, self.config, self.device)
+        ctx.prefill_s, ctx.build_s = t1 - t0, time.perf_counter() - t1
+        return ctx
+
+    # ---------------------------------------------------------------- public API
+    def index(self, document: str | Sequence[int], progress: Progress | None = None) -> Context:
+        """Prefill a document once (exact) and index its KV; returns a reusable handle.
+
+        Args:
+            document: text (tokenised with the model's special tokens) or token ids.
+            progress: optional callback (tokens done, tokens total) during prefill.
+        """
+        return self._index_ids(self._encode(document, add_special=True, what="document"), progress)
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                 context: Context | None = None) -> GenerationOutput:
+        """Complete raw text (no chat template). With `context`, the prompt continues that
+        indexed document and no second prefill of it happens."""
+        result = None
+        for item in self._iterate(prompt, params, context):
+            result = item
+        return result
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               context: Context | None = None) -> Iterator[str]:
+        """Like generate, yielding text pieces as they are decoded. Bad input raises
+        ValueError here, before the first piece."""
+        items = self._iterate(prompt, params, context)
+        return (item for item in items if isinstance(item, str))
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None,
+             context: Context | None = None) -> GenerationOutput:
+        """Generate a reply to chat messages using the model's chat template."""
+        return self.generate(self.chat_ids(messages), params, context)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError("messages: expected a non-empty list of {'role': str, 'content': str}")
+        if self.tokenizer is None:
+            raise ValueError("messages: this engine has no tokenizer")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._encode(text, add_special=False, what="messages")
+
+    # ---------------------------------------------------------------- the request loop
+    def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        t0 = time.perf_counter()
+        if context is None:
+            ids = self._encode(prompt, add_special=True)
+            self._check_length(len(ids), "prompt")
+            ctx, own_ids, reused = self._index_ids(ids), [], False
+        else:
+            self._check_context(context)
+            own_ids = self._encode(prompt, add_special=False)
+            self._check_length(context.num_tokens + len(own_ids), "context + prompt")
+            ctx, reused = context, True
+        return self._decode_loop(ctx, own_ids, params, reused, t0)
+
+    @torch.inference_mode()
+    def _decode_loop(self, ctx: Context, own_ids: list[int], params: SamplingParams, reused: bool, t0: float):
+        req = RequestKV(self.shape, self.config, ctx)
+        logits = self._prefill(req, own_ids, ctx.num_tokens) if own_ids else ctx.last_logits
+        req.start_decode()
+        generator = make_generator(params)
+        text = TextStream(self.tokenizer, params.stop)
+        eos = set() if params.ignore_eos else self._eos_ids()
+        position = ctx.num_tokens + len(own_ids)
+        step_times, finish, ttft = [], "length", None
+        batch = StepBatch([req])
+        while True:
+            token = sample(logits, params, generator)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if token in eos:
+                finish = "eos"
+                break
+            piece = text.add(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                finish = "stop"
+                break
+            if len(text.ids) >= params.max_tokens or position >= self.max_context_tokens:
+                break
+            ts = time.perf_counter()
+            logits = self._forward(batch, torch.tensor([[token]]), torch.tensor([[position]]))[0]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - ts)
+            position += 1
+        tail = text.flush()
+        if tail:
+            yield tail
+        n_steps = max(1, len(step_times))
+        yield GenerationOutput(
+            text=text.text, token_ids=list(text.ids), finish_reason=finish,
+            stats={
+                "ttft_s": ttft,
+                "tpot_s": sum(step_times) / n_steps if step_times else 0.0,
+                "context_tokens": ctx.num_tokens,
+                "prompt_tokens": len(own_ids),
+                "output_tokens": len(text.ids),
+                "context_reused": reused,
+                "prefill_s": ctx.prefill_s if not reused else None,
+                "index_build_s": ctx.build_s if not reused else None,
+                "pages_loaded": req.pages_loaded,
+                "pages_loaded_per_token": req.pages_loaded / n_steps,
+                "pages_selected_per_token": req.pages_selected / n_steps,
+                "host_bytes": ctx.host_bytes,
+                "mode": self.config.mode,
+            })
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids

@@ -1,0 +1,333 @@
+"""DCI-tree: build, top-down page query and private insertion, batched over KV heads.
+
+Level 0 holds every middle key. Level j+1 is a random fraction of level j
+(`promotion_ratio`), and every point's parent is its nearest point on the level
+above in the MIPS-transformed space. The children of one level-1 node are similar
+keys; they are packed, most similar first, into pages of `page_size` tokens, so one
+page transfer brings related tokens together.
+
+A query walks top-down: it scores a level, keeps the best `search_width` nodes
+(per KV head, union over its query heads), and descends to their children. The
+pages of the kept level-1 clusters are then ranked by an estimate of the attention
+mass they hold: log(valid) + q.mean / sqrt(d) + w * ||q|| * radius / sqrt(d).
+
+Every tensor here is [H, ...] with H = number of KV heads; there is no Python loop
+over tokens or heads, so the same code runs on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from icecache.index.transform import key_scale, transform_keys
+
+_NEG_INF = float("-inf")
+_MAX_SCORE_ELEMENTS = 1 << 24  # bounds the [H, rows, centers] block of a nearest-parent search
+
+
+@dataclass
+class TreeIndex:
+    """The immutable index of one layer's middle keys."""
+
+    scale: torch.Tensor  # [H] c = max key norm at build time
+    node_keys: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] keys of the promoted points
+    node_parent: list[torch.Tensor]  # level j = 1..L-1: [H, n_j] index of the parent on level j+1
+    level1_tkeys: torch.Tensor  # [H, n_1, D + 1] level-1 nodes in T-space (insertion finds parents here)
+    page_parent: torch.Tensor  # [H, num_pages] level-1 cluster of each page; -1 on padding pages
+    page_mean: torch.Tensor  # [H, num_pages, D] mean key of the page's valid slots
+    page_radius: torch.Tensor  # [H, num_pages] max distance of a valid key from the mean
+    page_valid: torch.Tensor  # [H, num_pages] valid slots; 0 on padding pages
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.node_keys)
+
+    @property
+    def num_pages(self) -> int:
+        return self.page_valid.shape[1]
+
+    @property
+    def num_clusters(self) -> int:
+        return self.level1_tkeys.shape[1]
+
+    def to(self, device: torch.device) -> "TreeIndex":
+        def move(x):
+            return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
+        return TreeIndex(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out.extend(value if isinstance(value, list) else [value])
+        return out
+
+
+@dataclass
+class PageLayout:
+    """Where build_tree put every middle token."""
+
+    page_of: torch.Tensor  # [H, n] page index of each token
+    slot_of: torch.Tensor  # [H, n] slot within that page
+    num_pages: int  # pages per head, padded to the largest head
+
+
+def _nearest(points: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest center (largest dot product of unit vectors) per point.
+    points: [H, m, E], centers: [H, c, E] -> (index [H, m], similarity [H, m])."""
+    H, m, _ = points.shape
+    rows = max(1, _MAX_SCORE_ELEMENTS // max(1, H * centers.shape[1]))
+    index, sim = [], []
+    for start in range(0, m, rows):
+        s = torch.einsum("hme,hce->hmc", points[:, start:start + rows], centers)  # [H, rows, c]
+        best = s.max(dim=-1)
+        index.append(best.indices)
+        sim.append(best.values)
+    return torch.cat(index, dim=1), torch.cat(sim, dim=1)
+
+
+def _promote(num: int, ratios: tuple[float, ...], top_level_max: int, H: int,
+             generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """Random promotion: members[j-1] = [H, n_j] level-0 indices of the level-j points."""
+    members, prev, level = [], torch.arange(num, device=device).expand(H, num), 0
+    while True:
+        ratio = ratios[min(level, len(ratios) - 1)]
+        size = prev.shape[1]
+        next_size = max(1, min(size - 1, round(size * ratio))) if size > 1 else 1
+        noise = torch.rand(H, size, generator=generator).to(device)
+        pick = noise.argsort(dim=1)[:, :next_size].sort(dim=1).values  # [H, next_size]
+        prev = prev.gather(1, pick)
+        members.append(prev)
+        level += 1
+        if next_size <= top_level_max or next_size == size:
+            return members
+
+
+def _page_summaries(keys: torch.Tensor, page_of: torch.Tensor, valid: torch.Tensor,
+                    num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and radius per page. keys: [H, n, D], page_of: [H, n], valid: [H, num_pages]."""
+    H, n, D = keys.shape
+    sums = torch.zeros(H, num_pages, D, dtype=torch.float32, device=keys.device)
+    sums.scatter_add_(1, page_of[..., None].expand(H, n, D), keys.float())
+    mean = sums / valid.clamp_min(1)[..., None].float()
+    dist = (keys.float() - mean.gather(1, page_of[..., None].expand(H, n, D))).norm(dim=-1)  # [H, n]
+    radius = torch.zeros(H, num_pages, dtype=torch.float32, device=keys.device)
+    radius.scatter_reduce_(1, page_of, dist, reduce="amax", include_self=True)
+    return mean, radius
+
+
+def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], top_level_max: int,
+               seed: int = 0) -> tuple[TreeIndex, PageLayout]:
+    """Index one layer's middle keys. keys: [H, n, D] (post-RoPE)."""
+    H, n, D = keys.shape
+    device = keys.device
+    generator = torch.Generator().manual_seed(seed)
+    scale = key_scale(keys)
+    if n == 0:
+        empty = torch.zeros(H, 0, dtype=torch.long, device=device)
+        tree = TreeIndex(scale, [], [], torch.zeros(H, 0, D + 1, device=device), empty,
+                         torch.zeros(H, 0, D, device=device), torch.zeros(H, 0, device=device),
+                         empty.clone())
+        return tree, PageLayout(empty, empty.clone(), 0)
+
+    tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
+    members = _promote(n, ratios, top_level_max, H, generator, device)
+
+    def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+    level_t = [gather_rows(tkeys, m) for m in members]  # T-space vectors per level
+    node_parent = [_nearest(level_t[j], level_t[j + 1])[0] for j in range(len(members) - 1)]
+    parent, sim = _nearest(tkeys, level_t[0])  # [H, n] level-1 cluster of every token
+
+    # Pack each cluster's tokens, most similar to the parent first, into whole pages.
+    n1 = members[0].shape[1]
+    order = sim.argsort(dim=1, descending=True, stable=True)
+    order = order.gather(1, parent.gather(1, order).argsort(dim=1, stable=True))  # by cluster, then sim
+    counts = torch.zeros(H, n1, dtype=torch.long, device=device).scatter_add_(1, parent, torch.ones_like(parent))
+    pages_per = (counts + page_size - 1) // page_size  # [H, n1]
+    page_start = pages_per.cumsum(1) - pages_per
+    cluster_start = counts.cumsum(1) - counts
+    sorted_parent = parent.gather(1, order)
+    rank = torch.arange(n, device=device) - cluster_start.gather(1, sorted_parent)  # [H, n]
+    page_sorted = page_start.gather(1, sorted_parent) + rank // page_size
+    page_of = torch.empty_like(order).scatter_(1, order, page_sorted)
+    slot_of = torch.empty_like(order).scatter_(1, order, rank % page_size)
+    num_pages = int(pages_per.sum(1).max())
+
+    page_parent = torch.full((H, num_pages), -1, dtype=torch.long, device=device)
+    page_parent.scatter_(1, page_sorted, sorted_parent)
+    valid = torch.zeros(H, num_pages, dtype=torch.long, device=device)
+    valid.scatter_add_(1, page_of, torch.ones_like(page_of))
+    mean, radius = _page_summaries(keys, page_of, valid, num_pages)
+
+    node_keys = [gather_rows(keys.float(), m) for m in members]
+    tree = TreeIndex(scale, node_keys, node_parent, level_t[0], page_parent, mean, radius, valid)
+    return tree, PageLayout(page_of, slot_of, num_pages)
+
+
+class PrivatePages:
+    """A request's own pages: tokens that left its recent window after the shared
+    context was indexed (question and generated tokens). They join the tree by
+    nearest level-1 parent, so the same query finds them, while the shared tree and
+    its pages stay immutable. Pages are grown in place, doubling capacity."""
+
+    def __init__(self, tree: TreeIndex, num_heads: int, page_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, capacity: int = 8) -> None:
+        self.tree = tree
+        self.page_size = page_size
+        H, P, D = num_heads, page_size, head_dim
+        self.keys = torch.zeros(H, capacity, P, D, dtype=dtype, device=device)  # [H, cap, P, D]
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((H, capacity, P), -1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(H, capacity, dtype=torch.long, device=device)
+        self.parent = torch.full((H, capacity), -1, dtype=torch.long, device=device)
+        self.mean = torch.zeros(H, capacity, D, dtype=torch.float32, device=device)
+        self.radius = torch.zeros(H, capacity, dtype=torch.float32, device=device)
+        # open page per (head, cluster); the extra last column is the cluster "none" (empty tree)
+        self.open_page = torch.full((H, tree.num_clusters + 1), -1, dtype=torch.long, device=device)
+        self.num_pages = torch.zeros(H, dtype=torch.long, device=device)  # pages used per head
+        self.num_tokens = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def used_pages(self) -> int:
+        return int(self.num_pages.max()) if self.num_tokens else 0
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        extra = max(needed, 2 * self.capacity) - self.capacity
+        for name, fill in (("keys", 0), ("values", 0), ("positions", -1), ("valid", 0), ("parent", -1),
+                           ("mean", 0), ("radius", 0)):
+            old = getattr(self, name)
+            pad = torch.full((old.shape[0], extra, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
+            setattr(self, name, torch.cat([old, pad], dim=1))
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add tokens. keys, values: [H, m, D]; positions: [m]."""
+        H, m, D = keys.shape
+        if m == 0:
+            return
+        P, device = self.page_size, keys.device
+        tree = self.tree
+        if tree.num_clusters:
+            tk = transform_keys(keys, tree.scale)  # [H, m, D + 1]
+            bucket = _nearest(tk, tree.level1_tkeys)[0]  # [H, m]
+        else:
+            bucket = torch.full((H, m), tree.num_clusters, dtype=torch.long, device=device)
+        nb = self.open_page.shape[1]
+        fill = torch.where(self.open_page >= 0, self.valid.gather(1, self.open_page.clamp_min(0)),
+                           torch.full_like(self.open_page, P))  # [H, nb]; P = no room
+        counts = torch.zeros(H, nb, dtype=torch.long, device=device).scatter_add_(1, bucket, torch.ones_like(bucket))
+        order = bucket.argsort(dim=1, stable=True)
+        sorted_bucket = bucket.gather(1, order)
+        starts = counts.cumsum(1) - counts
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(m, device=device) - starts.gather(1, sorted_bucket))  # [H, m]
+        pos_in = fill.gather(1, bucket) + rank
+        to_open = pos_in < P
+        new_per_bucket = (fill + counts - P).clamp_min(0).add(P - 1) // P  # [H, nb]
+        new_base = self.num_pages[:, None] + new_per_bucket.cumsum(1) - new_per_bucket
+        over = (pos_in - P).clamp_min(0)
+        page = torch.where(to_open, self.open_page.gather(1, bucket), new_base.gather(1, bucket) + over // P)
+        slot = torch.where(to_open, pos_in, over % P)
+        total_new = new_per_bucket.sum(1)  # [H]
+        self._grow(int((self.num_pages + total_new).max()))
+
+        h = torch.arange(H, device=device)[:, None].expand(H, m)
+        self.keys[h, page, slot] = keys.to(self.keys.dtype)
+        self.values[h, page, slot] = values.to(self.values.dtype)
+        self.positions[h, page, slot] = positions.to(device).expand(H, m)
+        self.valid.scatter_add_(1, page, torch.ones_like(page))
+        self.parent.scatter_(1, page, torch.where(bucket == tree.num_clusters, -1, bucket))
+        has_new = new_per_bucket > 0
+        self.open_page = torch.where(has_new, new_base + new_per_bucket - 1, self.open_page)
+        self.num_pages += total_new
+        self.num_tokens += m
+        self._summarise()
+
+    def _summarise(self) -> None:
+        used = self.used_pages
+        k = self.keys[:, :used].float()  # [H, used, P, D]
+        P = self.page_size
+        slot_ok = torch.arange(P, device=k.device) < self.valid[:, :used, None]  # [H, used, P]
+        mean = (k * slot_ok[..., None]).sum(2) / self.valid[:, :used, None].clamp_min(1)
+        dist = (k - mean[:, :, None]).norm(dim=-1).masked_fill(~slot_ok, 0)
+        self.mean[:, :used] = mean
+        self.radius[:, :used] = dist.amax(dim=2)
+
+
+def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, valid: torch.Tensor,
+                   scaling: float, radius_weight: float) -> torch.Tensor:
+    """log of the attention mass a page is expected to hold, per query head.
+    q: [H, g, D]; mean: [H, N, D] -> [H, g, N]."""
+    dot = torch.einsum("hgd,hnd->hgn", q, mean)
+    spread = q.norm(dim=-1)[..., None] * radius[:, None, :]  # [H, g, N]
+    return (dot + radius_weight * spread) * scaling + valid.clamp_min(1).float().log()[:, None, :]
+
+
+def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Union over the query heads of a KV head: each head's softmax share, summed.
+    scores: [H, g, N], candidate: [H, N] -> [H, N] (-1 where not a candidate)."""
+    scores = scores.masked_fill(~candidate[:, None, :], _NEG_INF)
+    share = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=1)
+    return share.masked_fill(~candidate, -1.0)
+
+
+def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor, num_pages: int,
+                 search_width: int, scaling: float, radius_weight: float) -> torch.Tensor:
+    """The best pages for one decode query, best first.
+
+    q: [H, g, D] (g query heads per KV head). Returns page ids [H, num_pages], -1 where
+    fewer pages qualify; ids >= tree.num_pages are private pages (id - tree.num_pages).
+    """
+    H = q.shape[0]
+    q = q.float()
+    keep = None  # [H, n_j] nodes kept on the level just scored
+    for j in range(tree.num_levels, 0, -1):
+        nodes = tree.node_keys[j - 1]  # [H, n_j, D]
+        s = torch.einsum("hgd,hnd->hgn", q, nodes) * scaling
+        if keep is not None:
+            candidate = keep.gather(1, tree.node_parent[j - 1])  # children of kept parents
+            s = s.masked_fill(~candidate[:, None, :], _NEG_INF)
+        combined = torch.log_softmax(s, dim=-1).amax(dim=1)  # [H, n_j]
+        top = combined.topk(min(search_width, combined.shape[1]), dim=1).indices
+        keep = torch.zeros_like(combined, dtype=torch.bool).scatter_(1, top, True) & (combined > _NEG_INF)
+
+    estimates, candidates = [], []
+    if tree.num_pages:
+        cand = keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)
+        estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_valid, scaling,
+                                        radius_weight))
+        candidates.append(cand)
+    if private is not None and private.num_tokens:
+        used = private.used_pages
+        parent = private.parent[:, :used]
+        cand = private.valid[:, :used] > 0
+        if keep is not None:
+            cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
+        estimates.append(_page_estimate(q, private.mean[:, :used], private.radius[:, :used],
+                                        private.valid[:, :used], scaling, radius_weight))
+        candidates.append(cand)
+    if not estimates:
+        return torch.full((H, 0), -1, dtype=torch.long, device=q.device)
+    weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
+    k = min(num_pages, weight.shape[1])
+    best = weight.topk(k, dim=1)
+    return torch.where(best.values >= 0, best.indices, -1)
+
+
+def all_pages(tree: TreeIndex, private: PrivatePages | None) -> torch.Tensor:
+    """Every valid page (full attention through the same path). -> [H, N] ids, -1 padding."""
+    parts = [torch.where(tree.page_valid > 0, torch.arange(tree.num_pages, device=tree.page_valid.device), -1)]
+    if private is not None and private.num_tokens:
+        used = private.used_pages
+        ids = torch.arange(used, device=private.valid.device) + tree.num_pages
+        parts.append(torch.where(private.valid[:, :used] > 0, ids, -1))
+    return torch.cat(parts, dim=1)
