@@ -117,6 +117,7 @@ class SparseLayerState:
         self.win_v = torch.cat([self.win_v, v[:, None]], dim=1)
         if self.win_k.shape[1] > self.window:
             self.private.insert(self.win_k[:, :1], self.win_v[:, :1], torch.tensor([self.win_first_pos]))
+            self.pool.invalidate(self.private.last_written + self.ctx.pages.num_pages)
             self.win_k, self.win_v = self.win_k[:, 1:], self.win_v[:, 1:]
             self.win_first_pos += 1
 
@@ -206,8 +207,9 @@ class RequestKV:
         state = self.sparse[layer]
         state.push(k, v)
         tree = state.ctx.tree
-        if self.config.mode == "full":
-            page_ids = all_pages(tree, state.private)
+        num_pages = tree.num_pages + state.private.used_pages
+        if self.config.mode == "full" or num_pages <= self.config.retrieved_pages:
+            page_ids = all_pages(tree, state.private)  # the budget covers everything: no search
         else:
             page_ids = select_pages(tree, state.private, qg, self.config.retrieved_pages,
                                     self.config.search_width, scaling, self.config.page_score_radius)

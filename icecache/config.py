@@ -31,7 +31,7 @@ class IceCacheConfig:
     sink_tokens: int = 32  # first tokens, always attended
     window_tokens: int = 32  # most recent tokens, always attended
     dense_layers: int = 2  # first layers keep full attention
-    promotion_ratio: tuple[float, ...] = (0.02, 0.2)  # level 0->1, then every level above
+    promotion_ratio: tuple[float, ...] = (0.03, 0.2)  # level 0->1, then every level above
     search_width: int = 64  # nodes kept per tree level during a query
     top_level_max: int = 64  # stop promoting once a level is at most this large
     page_score_radius: float = 0.0  # weight of a page's radius in its score (0 = mean key only)

@@ -34,6 +34,11 @@ class PagePool:
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.resident, self.valid, self.active = pad(self.resident, -1), pad(self.valid, 0), pad(self.active, False)
 
+    def invalidate(self, page_ids: torch.Tensor) -> None:
+        """Forget resident copies of pages whose content changed. page_ids: [H, m]."""
+        stale = (self.resident[:, :, None] == page_ids[:, None, :]).any(dim=2)  # [H, S]
+        self.resident.masked_fill_(stale, -1)
+
     def update(self, page_ids: torch.Tensor, fetch) -> int:
         """Make the selected pages resident and active; return how many were copied.
 

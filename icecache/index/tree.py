@@ -105,6 +105,23 @@ def _promote(num: int, ratios: tuple[float, ...], top_level_max: int, H: int,
             return members
 
 
+def _sub_parents(tkeys: torch.Tensor, parent: torch.Tensor, page_size: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Index of each token's nearest sub-parent within its own cluster ([H, n])."""
+    H, n, _ = tkeys.shape
+    count = max(1, n // page_size)
+    pick = torch.rand(H, n, generator=generator).to(tkeys.device).argsort(dim=1)[:, :count]  # [H, count]
+    centers = tkeys.gather(1, pick[..., None].expand(H, count, tkeys.shape[-1]))
+    center_cluster = parent.gather(1, pick)  # [H, count]
+    rows = max(1, _MAX_SCORE_ELEMENTS // max(1, H * count))
+    out = []
+    for start in range(0, n, rows):
+        s = torch.einsum("hme,hce->hmc", tkeys[:, start:start + rows], centers)
+        same = parent[:, start:start + rows, None] == center_cluster[:, None, :]
+        out.append(s.masked_fill(~same, float("-inf")).argmax(dim=-1))  # no center in cluster -> 0
+    return torch.cat(out, dim=1)
+
+
 def _page_summaries(keys: torch.Tensor, page_of: torch.Tensor, valid: torch.Tensor,
                     num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and radius per page. keys: [H, n, D], page_of: [H, n], valid: [H, num_pages]."""
@@ -142,10 +159,14 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     node_parent = [_nearest(level_t[j], level_t[j + 1])[0] for j in range(len(members) - 1)]
     parent, sim = _nearest(tkeys, level_t[0])  # [H, n] level-1 cluster of every token
 
-    # Pack each cluster's tokens, most similar to the parent first, into whole pages.
+    # Pack each cluster's tokens into whole pages. Inside a cluster, tokens are grouped by
+    # their nearest sub-parent (a random 1/page_size sample, same cluster only), so a run of
+    # page_size tokens is a tight group rather than a ring around the cluster's parent.
     n1 = members[0].shape[1]
+    sub = _sub_parents(tkeys, parent, page_size, generator)  # [H, n]
     order = sim.argsort(dim=1, descending=True, stable=True)
-    order = order.gather(1, parent.gather(1, order).argsort(dim=1, stable=True))  # by cluster, then sim
+    for key in (sub, parent):  # stable sorts: by cluster, then sub-parent, then similarity
+        order = order.gather(1, key.gather(1, order).argsort(dim=1, stable=True))
     counts = torch.zeros(H, n1, dtype=torch.long, device=device).scatter_add_(1, parent, torch.ones_like(parent))
     pages_per = (counts + page_size - 1) // page_size  # [H, n1]
     page_start = pages_per.cumsum(1) - pages_per
@@ -190,6 +211,7 @@ class PrivatePages:
         self.open_page = torch.full((H, tree.num_clusters + 1), -1, dtype=torch.long, device=device)
         self.num_pages = torch.zeros(H, dtype=torch.long, device=device)  # pages used per head
         self.num_tokens = 0
+        self.last_written = torch.zeros(H, 0, dtype=torch.long, device=device)  # pages the last insert changed
 
     @property
     def capacity(self) -> int:
@@ -250,6 +272,7 @@ class PrivatePages:
         self.open_page = torch.where(has_new, new_base + new_per_bucket - 1, self.open_page)
         self.num_pages += total_new
         self.num_tokens += m
+        self.last_written = page
         self._summarise()
 
     def _summarise(self) -> None:
