@@ -1,0 +1,162 @@
+"""The engine on the built-in model with real weights (SmolLM2-135M-Instruct)."""
+
+import pytest
+import torch
+
+from icecache import Engine, IceCacheConfig, SamplingParams
+from tests.icecache.haystack import QUESTION, passkey_document
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def document(engine):
+    return passkey_document(engine.tokenizer, 1500, 0.4, 48213)
+
+
+@pytest.fixture(scope="module")
+def context(engine, document):
+    return engine.index(document)
+
+
+class TokenCounter:
+    """Counts the tokens every forward pass of the model processes."""
+
+    def __init__(self, model):
+        self.model, self.tokens = model, 0
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.tokens += kwargs["input_ids"].numel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_budget_covering_the_context_gives_full_attention_tokens(engine, full_engine, document):
+    wide = engine.with_config(IceCacheConfig(token_budget=64 + 16 * 400))
+    ctx = wide.index(document)
+    a = wide.generate(QUESTION, GREEDY, context=ctx)
+    b = full_engine.generate(QUESTION, GREEDY, context=ctx)
+    assert a.token_ids == b.token_ids
+    assert "48213" in a.text
+
+
+def test_context_reuse_needs_no_second_prefill(engine, context):
+    questions = [QUESTION, "\nRepeat the pass key:", "\nThe special number in the text above is"]
+    with TokenCounter(engine.model) as counter:
+        reused = [engine.generate(q, GREEDY, context=context) for q in questions]
+    q_tokens = sum(len(engine.tokenizer(q, add_special_tokens=False).input_ids) for q in questions)
+    decode_tokens = sum(len(o.token_ids) - 1 for o in reused)
+    assert counter.tokens == q_tokens + decode_tokens  # the document was never run again
+    assert all(o.stats["context_reused"] for o in reused)
+    # fresh runs: index anew for every question; the answers are the same
+    fresh = [engine.generate(q, GREEDY, context=engine.index(context.token_ids)) for q in questions]
+    assert [o.token_ids for o in reused] == [o.token_ids for o in fresh]
+    assert "48213" in reused[0].text
+
+
+def test_requests_do_not_change_the_shared_context(engine, context):
+    layer = next(iter(context.sparse.values()))
+    before = (layer.pages.keys.sum().item(), layer.pages.valid.sum().item(), context.num_tokens)
+    engine.generate("\nSay something long about the text above.", SamplingParams(max_tokens=40, temperature=0.0),
+                    context=context)
+    assert (layer.pages.keys.sum().item(), layer.pages.valid.sum().item(), context.num_tokens) == before
+
+
+def test_context_plus_question_equals_the_whole_prompt_in_full_mode(full_engine, context):
+    q_ids = full_engine.tokenizer(QUESTION, add_special_tokens=False).input_ids
+    with_ctx = full_engine.generate(q_ids, GREEDY, context=context)
+    whole = full_engine.generate(list(context.token_ids) + q_ids, GREEDY)
+    assert with_ctx.token_ids == whole.token_ids
+
+
+def test_stream_yields_the_generated_text(engine, context):
+    pieces = list(engine.stream(QUESTION, GREEDY, context=context))
+    assert len(pieces) > 1
+    assert "".join(pieces) == engine.generate(QUESTION, GREEDY, context=context).text
+
+
+def test_stop_string_ends_generation_before_it(engine, context):
+    full_text = engine.generate(QUESTION, GREEDY, context=context).text
+    stop = full_text.strip()[2:4]
+    out = engine.generate(QUESTION, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]), context=context)
+    assert out.finish_reason == "stop"
+    assert stop not in out.text and full_text.startswith(out.text)
+
+
+def test_seeded_sampling_is_reproducible(engine, context):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    a = engine.generate(QUESTION, p, context=context)
+    b = engine.generate(QUESTION, p, context=context)
+    c = engine.generate(QUESTION, SamplingParams(max_tokens=16, temperature=1.0, seed=8), context=context)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_chat_uses_the_template_and_stops_at_eos(engine):
+    out = engine.chat([{"role": "user", "content": "What is the capital of France? One word."}],
+                      SamplingParams(max_tokens=20, temperature=0.0))
+    assert "Paris" in out.text
+    assert out.finish_reason == "eos"
+
+
+def test_stats_report_what_happened(engine, context):
+    out = engine.generate(QUESTION, GREEDY, context=context)
+    s = out.stats
+    assert s["ttft_s"] > 0 and s["tpot_s"] > 0 and s["output_tokens"] == len(out.token_ids)
+    assert s["context_tokens"] == context.num_tokens and s["host_bytes"] > 0
+    sparse_layers = engine.shape.num_layers - engine.config.dense_layers
+    # at most 12 pages per KV head and sparse layer per step
+    assert 0 < s["pages_selected_per_token"] <= 12 * engine.shape.num_kv_heads * sparse_layers
+    assert s["pages_loaded_per_token"] <= s["pages_selected_per_token"]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda e: e.generate(""), "prompt: empty"),
+    (lambda e: e.generate([]), "prompt: empty"),
+    (lambda e: e.generate(None), "prompt"),
+    (lambda e: e.generate([1, 2, 10**9]), "outside the vocabulary"),
+    (lambda e: e.generate(list(range(100, 8300))), "exceed the model's context of 8192"),
+    (lambda e: e.index(""), "document: empty"),
+    (lambda e: e.stream(""), "prompt: empty"),
+    (lambda e: e.generate("hi", SamplingParams(max_tokens=2), context="not a context"), "context"),
+    (lambda e: e.generate("hi", params={"max_tokens": 2}), "params"),
+    (lambda e: e.chat([]), "messages"),
+    (lambda e: e.chat([{"role": "user"}]), "messages"),
+])
+def test_bad_input_raises_value_error_naming_it(engine, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(engine)
+
+
+def test_over_long_question_on_a_context_is_refused(engine, context):
+    with pytest.raises(ValueError, match="context \\+ prompt"):
+        engine.generate(list(range(100, 100 + 8192 - context.num_tokens + 1)), GREEDY, context=context)
+
+
+def test_context_of_another_layout_is_refused(engine, context):
+    other = engine.with_config(IceCacheConfig(page_size=32, token_budget=512))
+    with pytest.raises(ValueError, match="layout"):
+        other.generate("hi", GREEDY, context=context)
+
+
+@pytest.mark.parametrize("model,match", [
+    ("/nonexistent/model/dir", "not found"),
+    ("./no/such.gguf", "GGUF file not found"),
+    ("no-such-org/no-such-model", "cannot load"),
+])
+def test_unknown_model_is_a_clear_error(model, match):
+    with pytest.raises(ValueError, match=match):
+        Engine.from_pretrained(model, device="cpu")
+
+
+def test_bad_device_and_config_are_refused():
+    with pytest.raises(ValueError, match="config"):
+        Engine.from_pretrained(config={"token_budget": 256}, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            Engine.from_pretrained(device="cuda")
