@@ -9,7 +9,8 @@ page transfer brings related tokens together.
 A query walks top-down: it scores a level, keeps the best `search_width` nodes
 (per KV head, union over its query heads), and descends to their children. The
 pages of the kept level-1 clusters are then ranked by an estimate of the attention
-mass they hold: log(valid) + q.mean / sqrt(d) + w * ||q|| * radius / sqrt(d).
+mass they hold (a Gaussian moment estimate from each page's mean and per-channel
+variance; see _page_estimate).
 
 Every tensor here is [H, ...] with H = number of KV heads; there is no Python loop
 over tokens or heads, so the same code runs on CPU and GPU.
@@ -38,6 +39,7 @@ class TreeIndex:
     page_parent: torch.Tensor  # [H, num_pages] level-1 cluster of each page; -1 on padding pages
     page_mean: torch.Tensor  # [H, num_pages, D] mean key of the page's valid slots
     page_radius: torch.Tensor  # [H, num_pages] max distance of a valid key from the mean
+    page_var: torch.Tensor  # [H, num_pages, D] per-channel variance of the page's keys
     page_valid: torch.Tensor  # [H, num_pages] valid slots; 0 on padding pages
 
     @property
@@ -123,16 +125,18 @@ def _sub_parents(tkeys: torch.Tensor, parent: torch.Tensor, page_size: int,
 
 
 def _page_summaries(keys: torch.Tensor, page_of: torch.Tensor, valid: torch.Tensor,
-                    num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and radius per page. keys: [H, n, D], page_of: [H, n], valid: [H, num_pages]."""
+                    num_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, radius and per-channel variance per page.
+    keys: [H, n, D], page_of: [H, n], valid: [H, num_pages]."""
     H, n, D = keys.shape
-    sums = torch.zeros(H, num_pages, D, dtype=torch.float32, device=keys.device)
-    sums.scatter_add_(1, page_of[..., None].expand(H, n, D), keys.float())
-    mean = sums / valid.clamp_min(1)[..., None].float()
-    dist = (keys.float() - mean.gather(1, page_of[..., None].expand(H, n, D))).norm(dim=-1)  # [H, n]
+    index = page_of[..., None].expand(H, n, D)
+    count = valid.clamp_min(1)[..., None].float()
+    mean = torch.zeros(H, num_pages, D, device=keys.device).scatter_add_(1, index, keys.float()) / count
+    centred = keys.float() - mean.gather(1, index)  # [H, n, D]
+    var = torch.zeros(H, num_pages, D, device=keys.device).scatter_add_(1, index, centred.square()) / count
     radius = torch.zeros(H, num_pages, dtype=torch.float32, device=keys.device)
-    radius.scatter_reduce_(1, page_of, dist, reduce="amax", include_self=True)
-    return mean, radius
+    radius.scatter_reduce_(1, page_of, centred.norm(dim=-1), reduce="amax", include_self=True)
+    return mean, radius, var
 
 
 def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], top_level_max: int,
@@ -146,7 +150,7 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
         empty = torch.zeros(H, 0, dtype=torch.long, device=device)
         tree = TreeIndex(scale, [], [], torch.zeros(H, 0, D + 1, device=device), empty,
                          torch.zeros(H, 0, D, device=device), torch.zeros(H, 0, device=device),
-                         empty.clone())
+                         torch.zeros(H, 0, D, device=device), empty.clone())
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
@@ -182,10 +186,10 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     page_parent.scatter_(1, page_sorted, sorted_parent)
     valid = torch.zeros(H, num_pages, dtype=torch.long, device=device)
     valid.scatter_add_(1, page_of, torch.ones_like(page_of))
-    mean, radius = _page_summaries(keys, page_of, valid, num_pages)
+    mean, radius, var = _page_summaries(keys, page_of, valid, num_pages)
 
     node_keys = [gather_rows(keys.float(), m) for m in members]
-    tree = TreeIndex(scale, node_keys, node_parent, level_t[0], page_parent, mean, radius, valid)
+    tree = TreeIndex(scale, node_keys, node_parent, level_t[0], page_parent, mean, radius, var, valid)
     return tree, PageLayout(page_of, slot_of, num_pages)
 
 
@@ -207,6 +211,7 @@ class PrivatePages:
         self.parent = torch.full((H, capacity), -1, dtype=torch.long, device=device)
         self.mean = torch.zeros(H, capacity, D, dtype=torch.float32, device=device)
         self.radius = torch.zeros(H, capacity, dtype=torch.float32, device=device)
+        self.var = torch.zeros(H, capacity, D, dtype=torch.float32, device=device)
         # open page per (head, cluster); the extra last column is the cluster "none" (empty tree)
         self.open_page = torch.full((H, tree.num_clusters + 1), -1, dtype=torch.long, device=device)
         self.num_pages = torch.zeros(H, dtype=torch.long, device=device)  # pages used per head
@@ -226,7 +231,7 @@ class PrivatePages:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
         for name, fill in (("keys", 0), ("values", 0), ("positions", -1), ("valid", 0), ("parent", -1),
-                           ("mean", 0), ("radius", 0)):
+                           ("mean", 0), ("radius", 0), ("var", 0)):
             old = getattr(self, name)
             pad = torch.full((old.shape[0], extra, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
             setattr(self, name, torch.cat([old, pad], dim=1))
@@ -280,19 +285,24 @@ class PrivatePages:
         k = self.keys[:, :used].float()  # [H, used, P, D]
         P = self.page_size
         slot_ok = torch.arange(P, device=k.device) < self.valid[:, :used, None]  # [H, used, P]
-        mean = (k * slot_ok[..., None]).sum(2) / self.valid[:, :used, None].clamp_min(1)
-        dist = (k - mean[:, :, None]).norm(dim=-1).masked_fill(~slot_ok, 0)
+        count = self.valid[:, :used, None].clamp_min(1)
+        mean = (k * slot_ok[..., None]).sum(2) / count
+        centred = (k - mean[:, :, None]) * slot_ok[..., None]  # [H, used, P, D]
+        dist = centred.norm(dim=-1)
         self.mean[:, :used] = mean
+        self.var[:, :used] = centred.square().sum(2) / count
         self.radius[:, :used] = dist.amax(dim=2)
 
 
-def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, valid: torch.Tensor,
-                   scaling: float, radius_weight: float) -> torch.Tensor:
-    """log of the attention mass a page is expected to hold, per query head.
-    q: [H, g, D]; mean: [H, N, D] -> [H, g, N]."""
+def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, var: torch.Tensor,
+                   valid: torch.Tensor, scaling: float, radius_weight: float) -> torch.Tensor:
+    """log of the attention mass a page is expected to hold, per query head: for keys
+    k ~ N(mean, diag(var)), log sum exp(s q.k) ~ log n + s q.mean + s^2/2 sum_d q_d^2 var_d.
+    q: [H, g, D]; mean, var: [H, N, D] -> [H, g, N]."""
     dot = torch.einsum("hgd,hnd->hgn", q, mean)
+    second = torch.einsum("hgd,hnd->hgn", q.square(), var) * (0.5 * scaling)
     spread = q.norm(dim=-1)[..., None] * radius[:, None, :]  # [H, g, N]
-    return (dot + radius_weight * spread) * scaling + valid.clamp_min(1).float().log()[:, None, :]
+    return (dot + second + radius_weight * spread) * scaling + valid.clamp_min(1).float().log()[:, None, :]
 
 
 def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -326,8 +336,8 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
     estimates, candidates = [], []
     if tree.num_pages:
         cand = keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)
-        estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_valid, scaling,
-                                        radius_weight))
+        estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_var, tree.page_valid,
+                                        scaling, radius_weight))
         candidates.append(cand)
     if private is not None and private.num_tokens:
         used = private.used_pages
@@ -336,7 +346,7 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
         if keep is not None:
             cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
         estimates.append(_page_estimate(q, private.mean[:, :used], private.radius[:, :used],
-                                        private.valid[:, :used], scaling, radius_weight))
+                                        private.var[:, :used], private.valid[:, :used], scaling, radius_weight))
         candidates.append(cand)
     if not estimates:
         return torch.full((H, 0), -1, dtype=torch.long, device=q.device)

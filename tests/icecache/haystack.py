@@ -12,11 +12,16 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 
 def passkey_document(tokenizer, num_tokens: int, depth: float, key: int) -> str:
     """A document of about `num_tokens` tokens with the key planted at `depth` (0..1)."""
-    per_filler = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
-    reps = max(1, (num_tokens - 60) // per_filler)
-    parts = [FILLER] * reps
-    parts.insert(int(depth * reps), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return INTRO + "".join(parts)
+    def build(reps: int) -> str:
+        parts = [FILLER] * reps
+        parts.insert(int(depth * reps), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+        return INTRO + "".join(parts)
+
+    reps = max(1, num_tokens // len(tokenizer(FILLER, add_special_tokens=False).input_ids))
+    for _ in range(3):  # the filler tokenises differently in context: calibrate on the real count
+        actual = len(tokenizer(build(reps), add_special_tokens=True).input_ids)
+        reps = max(1, round(reps * num_tokens / actual))
+    return build(reps)
 
 
 def random_keys(count: int, seed: int) -> list[int]:
