@@ -1,5 +1,8 @@
-"""Passkey retrieval with the real built-in model: ~4k and ~7k-token haystacks, 5 depths,
-IceCache at a 256-token budget and full attention, each on one shared prefill."""
+"""Passkey retrieval with the real built-in model: ~4k and ~6.5k-token haystacks, 5 depths,
+IceCache at a 256-token budget and full attention, each on one shared prefill.
+
+6.5k, not 7k: at 7.0k tokens full attention itself misses the key at depth 0.75 (the
+model's limit, measured 2026-11-23), so a 7k case would test the model, not the cache."""
 
 import pytest
 
@@ -11,7 +14,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_tokens", [4000, 7000])
+@pytest.mark.parametrize("num_tokens", [4000, 6500])
 def test_passkey_every_depth(engine, full_engine, num_tokens):
     failures = []
     for depth, key in zip(DEPTHS, random_keys(len(DEPTHS), seed=num_tokens)):
