@@ -124,19 +124,18 @@ def _sub_parents(tkeys: torch.Tensor, parent: torch.Tensor, page_size: int,
     return torch.cat(out, dim=1)
 
 
-def _page_summaries(keys: torch.Tensor, page_of: torch.Tensor, valid: torch.Tensor,
-                    num_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, radius and per-channel variance per page.
-    keys: [H, n, D], page_of: [H, n], valid: [H, num_pages]."""
-    H, n, D = keys.shape
-    index = page_of[..., None].expand(H, n, D)
-    count = valid.clamp_min(1)[..., None].float()
-    mean = torch.zeros(H, num_pages, D, device=keys.device).scatter_add_(1, index, keys.float()) / count
-    centred = keys.float() - mean.gather(1, index)  # [H, n, D]
-    var = torch.zeros(H, num_pages, D, device=keys.device).scatter_add_(1, index, centred.square()) / count
-    radius = torch.zeros(H, num_pages, dtype=torch.float32, device=keys.device)
-    radius.scatter_reduce_(1, page_of, centred.norm(dim=-1), reduce="amax", include_self=True)
-    return mean, radius, var
+def page_summaries(keys: torch.Tensor, valid: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, radius and per-channel variance of each page's valid slots.
+    keys: [H, N, P, D] paged keys; valid: [H, N] -> ([H, N, D], [H, N], [H, N, D])."""
+    P = keys.shape[2]
+    k = keys.float()
+    slot_ok = (torch.arange(P, device=k.device) < valid[..., None])[..., None]  # [H, N, P, 1]
+    count = valid.clamp_min(1)[..., None].float()  # [H, N, 1]
+    mean = (k * slot_ok).sum(2) / count
+    centred = (k - mean[:, :, None]) * slot_ok  # [H, N, P, D]
+    var = centred.square().sum(2) / count
+    return mean, centred.norm(dim=-1).amax(dim=2), var
 
 
 def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], top_level_max: int,
@@ -186,7 +185,10 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     page_parent.scatter_(1, page_sorted, sorted_parent)
     valid = torch.zeros(H, num_pages, dtype=torch.long, device=device)
     valid.scatter_add_(1, page_of, torch.ones_like(page_of))
-    mean, radius, var = _page_summaries(keys, page_of, valid, num_pages)
+    paged = torch.zeros(H, num_pages, page_size, D, dtype=keys.dtype, device=device)
+    paged[torch.arange(H, device=device)[:, None], page_of, slot_of] = keys
+    mean, radius, var = page_summaries(paged, valid)
+    del paged
 
     node_keys = [gather_rows(keys.float(), m) for m in members]
     tree = TreeIndex(scale, node_keys, node_parent, level_t[0], page_parent, mean, radius, var, valid)
@@ -278,20 +280,9 @@ class PrivatePages:
         self.num_pages += total_new
         self.num_tokens += m
         self.last_written = page
-        self._summarise()
-
-    def _summarise(self) -> None:
-        used = self.used_pages
-        k = self.keys[:, :used].float()  # [H, used, P, D]
-        P = self.page_size
-        slot_ok = torch.arange(P, device=k.device) < self.valid[:, :used, None]  # [H, used, P]
-        count = self.valid[:, :used, None].clamp_min(1)
-        mean = (k * slot_ok[..., None]).sum(2) / count
-        centred = (k - mean[:, :, None]) * slot_ok[..., None]  # [H, used, P, D]
-        dist = centred.norm(dim=-1)
-        self.mean[:, :used] = mean
-        self.var[:, :used] = centred.square().sum(2) / count
-        self.radius[:, :used] = dist.amax(dim=2)
+        # only the pages this insert wrote change their summaries ([H, m]; repeats agree)
+        mean, radius, var = page_summaries(self.keys[h, page], self.valid.gather(1, page))
+        self.mean[h, page], self.radius[h, page], self.var[h, page] = mean, radius, var
 
 
 def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, var: torch.Tensor,
@@ -299,10 +290,11 @@ def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, va
     """log of the attention mass a page is expected to hold, per query head: for keys
     k ~ N(mean, diag(var)), log sum exp(s q.k) ~ log n + s q.mean + s^2/2 sum_d q_d^2 var_d.
     q: [H, g, D]; mean, var: [H, N, D] -> [H, g, N]."""
-    dot = torch.einsum("hgd,hnd->hgn", q, mean)
-    second = torch.einsum("hgd,hnd->hgn", q.square(), var) * (0.5 * scaling)
-    spread = q.norm(dim=-1)[..., None] * radius[:, None, :]  # [H, g, N]
-    return (dot + second + radius_weight * spread) * scaling + valid.clamp_min(1).float().log()[:, None, :]
+    score = torch.einsum("hgd,hnd->hgn", q, mean)
+    score += torch.einsum("hgd,hnd->hgn", q.square(), var) * (0.5 * scaling)
+    if radius_weight:
+        score += radius_weight * q.norm(dim=-1)[..., None] * radius[:, None, :]  # [H, g, N]
+    return score * scaling + valid.clamp_min(1).float().log()[:, None, :]
 
 
 def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
