@@ -51,15 +51,12 @@ def cmd_generate(args) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = eng.chat_ids([{"role": "user", "content": args.prompt}])
-    items = eng._iterate(prompt, params, context)
-    out = None
-    for item in items:
-        if isinstance(item, str):
-            sys.stdout.write(item)
-            sys.stdout.flush()
-        else:
-            out = item
+    stream = eng.stream(prompt, params, context)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
+    out = stream.output
     s = out.stats
     prefill_s = context.prefill_s + context.build_s if context is not None else (s["prefill_s"] or 0) + (
         s["index_build_s"] or 0)

@@ -26,6 +26,25 @@ class GenerationOutput:
     stats: dict = field(default_factory=dict)
 
 
+class GenerationStream:
+    """Text pieces of one request as they are decoded; `output` once the stream ends."""
+
+    def __init__(self, items: Iterator) -> None:
+        self._items = items
+        self.output: GenerationOutput | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._items:
+            if isinstance(item, GenerationOutput):
+                self.output = item
+            else:
+                yield item
+
+    def close(self) -> None:
+        """Stop decoding; the request's memory is freed."""
+        self._items.close()
+
+
 class Engine:
     """A model plus the IceCache KV machinery. Stateless between requests except for the
     contexts it hands out, which callers own."""
@@ -118,7 +137,6 @@ class Engine:
 
     @torch.inference_mode()
     def _index_ids(self, ids: list[int], progress: Progress | None = None) -> Context:
-        self._check_length(len(ids), "document")
         t0 = time.perf_counter()
         req = RequestKV(self.shape, self.config, None)
         logits = self._prefill(req, ids, 0, progress)
@@ -137,7 +155,7 @@ class Engine:
             document: text (tokenised with the model's special tokens) or token ids.
             progress: optional callback (tokens done, tokens total) during prefill.
         """
-        return self._index_ids(self._encode(document, add_special=True, what="document"), progress)
+        return self._index_ids(self.tokenize(document), progress)
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                  context: Context | None = None) -> GenerationOutput:
@@ -149,11 +167,17 @@ class Engine:
         return result
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               context: Context | None = None) -> Iterator[str]:
-        """Like generate, yielding text pieces as they are decoded. Bad input raises
-        ValueError here, before the first piece."""
-        items = self._iterate(prompt, params, context)
-        return (item for item in items if isinstance(item, str))
+               context: Context | None = None) -> "GenerationStream":
+        """Like generate, yielding text pieces as they are decoded; once exhausted, the
+        stream's `output` holds the GenerationOutput (stats included). `close()` stops
+        decoding early. Bad input raises ValueError here, before the first piece."""
+        return GenerationStream(self._iterate(prompt, params, context))
+
+    def tokenize(self, document: str | Sequence[int]) -> list[int]:
+        """The token ids `index` would prefill for a document (validated, with special tokens)."""
+        ids = self._encode(document, add_special=True, what="document")
+        self._check_length(len(ids), "document")
+        return ids
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None,
              context: Context | None = None) -> GenerationOutput:

@@ -1,0 +1,117 @@
+"""Shared-memory segments: POSIX shm files under /dev/shm, one per cached context.
+
+The node cache creates (sizes) and unlinks them; replicas map them, writable only while
+filling a segment they reserved, read-only afterwards. A name carries the pid of the
+process that owns it, so a cache that starts after a crash can sweep what a dead owner
+left behind. Files are opened by path rather than through multiprocessing.shared_memory,
+whose resource tracker would unlink a segment when any process that merely attached exits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHM_DIR = Path(os.environ.get("ICECACHE_SHM_DIR", "/dev/shm"))
+PREFIX = "icecache_"
+_NAME = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+$")
+
+
+def segment_name(owner_pid: int, key: str, serial: int) -> str:
+    return f"{PREFIX}{owner_pid}_{key[:24]}{serial:08x}"
+
+
+def create(name: str, num_bytes: int) -> None:
+    """Create a zero-filled segment of `num_bytes` (sparse until written)."""
+    if num_bytes <= 0:
+        raise ValueError(f"num_bytes: must be positive, got {num_bytes}")
+    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, num_bytes)
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment; mappings that still exist stay valid until unmapped."""
+    try:
+        os.unlink(SHM_DIR / name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class Mapping:
+    """A mapped segment. `view` is a memoryview (read-only unless writable=True)."""
+
+    def __init__(self, name: str, writable: bool = False) -> None:
+        self.name = name
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        fd = os.open(SHM_DIR / name, flags)
+        try:
+            size = os.fstat(fd).st_size
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        finally:
+            os.close(fd)
+        self.num_bytes = size
+        self.view = memoryview(self._mmap)
+
+    def close(self) -> None:
+        """Drop this handle's references. The kernel unmaps once no tensor made from `view`
+        is alive either (each holds a reference to the buffer), so closing never
+        invalidates memory a request is still reading."""
+        self.view = self._mmap = None
+
+
+def list_segments() -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_owners() -> list[str]:
+    """Unlink segments whose owner process no longer exists; returns their names."""
+    removed = []
+    for name in list_segments():
+        match = _NAME.match(name)
+        if match and not pid_alive(int(match.group(1))) and unlink(name):
+            removed.append(name)
+    return removed
+
+
+
+def owned_by(pid: int) -> list[str]:
+    return [name for name in list_segments() if (m := _NAME.match(name)) and int(m.group(1)) == pid]
+
+
+def start_reaper(owner_pid: int) -> subprocess.Popen:
+    """A detached watcher that unlinks the owner's segments once the owner exits, however it
+    exits (SIGKILL, `ray stop`, a crash): no segment outlives the cache that made it."""
+    return subprocess.Popen([sys.executable, "-m", "cluster.shm", str(owner_pid)], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ICECACHE_SHM_DIR": str(SHM_DIR)})
+
+
+def _reap_when_gone(owner_pid: int, poll_s: float = 0.2) -> None:
+    while pid_alive(owner_pid):
+        time.sleep(poll_s)
+    for name in owned_by(owner_pid):
+        unlink(name)
+
+
+if __name__ == "__main__":
+    _reap_when_gone(int(sys.argv[1]))

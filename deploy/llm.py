@@ -1,0 +1,138 @@
+"""The model replica: one engine, its node's shared context cache, and the request methods
+the ingress calls through a deployment handle (routed by cluster.router)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.util import metrics
+
+from cluster.contexts import Lease, SharedContexts
+from deploy.config import AppArgs
+from deploy.errors import as_request_error
+from icecache import Engine, SamplingParams
+
+
+@serve.deployment(
+    request_router_config=RequestRouterConfig(request_router_class="cluster.router:ContextLocalityRouter"),
+    max_ongoing_requests=16,
+    health_check_period_s=5,
+)
+class IceCacheLLM:
+    def __init__(self, args: dict, tenant_secret: str) -> None:
+        self.args = AppArgs(**args)
+        self.engine = Engine.from_pretrained(self.args.model, self.args.engine_config(), device=self.args.device)
+        self.max_document_tokens = min(self.args.max_document_tokens or self.engine.max_context_tokens,
+                                       self.engine.max_context_tokens)
+        self.contexts = SharedContexts(self.engine, tenant_secret.encode(), self.args.cache_capacity)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # One request computes at a time; the others wait in threads (batching is the scheduler's job).
+        self._engine_lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="icecache-request")
+        self._ttft = metrics.Histogram("icecache_ttft_seconds", "Time to first token at the replica",
+                                       boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("reused",))
+        self._tokens = metrics.Counter("icecache_output_tokens", "Tokens generated")
+
+    # ------------------------------------------------------------------ helpers
+    def _document_ids(self, document: str | list[int]) -> list[int]:
+        ids = self.engine.tokenize(document)
+        if len(ids) > self.max_document_tokens:
+            raise ValueError(f"document: {len(ids)} tokens, over the limit of {self.max_document_tokens}")
+        return ids
+
+    def _lease(self, tenant: str, context_id: str | None, document: str | list[int] | None) -> Lease | None:
+        if context_id:
+            return self.contexts.open(tenant, context_id)
+        if document is not None:
+            return self.contexts.index(tenant, self._document_ids(document))
+        return None
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    # ------------------------------------------------------------------ requests
+    async def index(self, tenant: str, document: str | list[int]) -> dict:
+        """Prefill and publish a document in this node's cache (or find it there)."""
+        def work() -> dict:
+            try:
+                with self._engine_lock:  # the tokenizer is not safe to share between threads either
+                    lease = self.contexts.index(tenant, self._document_ids(document))
+                try:
+                    ctx = lease.context
+                    return {"context_id": lease.context_id, "num_tokens": ctx.num_tokens, "cached": lease.cached,
+                            "prefill_s": 0.0 if lease.cached else ctx.prefill_s,
+                            "index_build_s": 0.0 if lease.cached else ctx.build_s, "node_id": self.node_id}
+                finally:
+                    self.contexts.release(lease)
+            except Exception as e:
+                raise (as_request_error(e) or e) from None
+        return await self._in_thread(work)
+
+    async def generate(self, tenant: str, prompt: str, sampling: dict, context_id: str | None = None,
+                       document: str | list[int] | None = None) -> AsyncIterator[dict]:
+        """Stream {"text": piece} items, then one {"stats": {...}}. Cancelling the call stops
+        decoding at the next token and releases the context."""
+        arrived = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(kind: str, value) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+
+        def work() -> None:
+            lease = None
+            try:
+                params = SamplingParams(**sampling)
+                with self._engine_lock:
+                    if cancelled.is_set():
+                        return
+                    lease = self._lease(tenant, context_id, document)
+                    stream = self.engine.stream(prompt, params, lease.context if lease else None)
+                    first = True
+                    for piece in stream:
+                        if first:
+                            self._ttft.observe(time.perf_counter() - arrived,
+                                               tags={"reused": str(bool(lease and lease.cached))})
+                            first = False
+                        if cancelled.is_set():
+                            stream.close()
+                            return
+                        put("text", piece)
+                out = stream.output
+                self._tokens.inc(len(out.token_ids))
+                s = out.stats
+                put("stats", {
+                    "finish_reason": out.finish_reason, "output_tokens": s["output_tokens"],
+                    "context_tokens": s["context_tokens"], "prompt_tokens": s["prompt_tokens"],
+                    "context_reused": bool(lease.cached) if lease else False, "ttft_s": s["ttft_s"],
+                    "tpot_s": s["tpot_s"], "prefill_s": (lease.context.prefill_s if lease and not lease.cached
+                                                         else s["prefill_s"] or 0.0),
+                    "context_id": lease.context_id if lease else "", "node_id": self.node_id,
+                    "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"]})
+            except Exception as e:
+                put("error", as_request_error(e) or e)
+            finally:
+                if lease is not None:
+                    self.contexts.release(lease)
+                put("end", None)
+
+        self._threads.submit(work)
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield {kind: value}
+        finally:
+            cancelled.set()

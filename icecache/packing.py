@@ -1,0 +1,132 @@
+"""Flat byte layout of a Context, so one buffer (e.g. a shared-memory segment) holds an
+indexed document and other processes can map it without copying or deserialising.
+
+Layout: MAGIC | u64 header length | JSON header | tensor bytes, each 64-byte aligned.
+The header names every tensor (dtype, shape, offset) and carries the scalar fields.
+Unpacking returns a Context whose tensors are views of the buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from dataclasses import fields
+
+import torch
+
+from icecache.context import Context, SparseLayer
+from icecache.index.tree import TreeIndex
+from icecache.store import HostPageStore
+
+MAGIC = b"ICECTX01"
+_ALIGN = 64
+_PREFIX = struct.Struct("<8sQ")
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                               torch.int16, torch.uint8, torch.bool)}
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _tensors(ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every tensor of a context under a flat name, and the length of each list-valued field."""
+    out = {"token_ids": torch.tensor(ctx.token_ids, dtype=torch.int64), "last_logits": ctx.last_logits}
+    lists = {}
+    for layer, (k, v) in ctx.dense.items():
+        out[f"dense.{layer}.k"], out[f"dense.{layer}.v"] = k, v
+    for layer, s in ctx.sparse.items():
+        for name in ("sink_k", "sink_v", "tail_k", "tail_v"):
+            out[f"sparse.{layer}.{name}"] = getattr(s, name)
+        for f in fields(HostPageStore):
+            out[f"sparse.{layer}.pages.{f.name}"] = getattr(s.pages, f.name)
+        for f in fields(TreeIndex):
+            value, name = getattr(s.tree, f.name), f"sparse.{layer}.tree.{f.name}"
+            if isinstance(value, list):
+                lists[name] = len(value)
+                out.update({f"{name}.{i}": t for i, t in enumerate(value)})
+            else:
+                out[name] = value
+    return {name: t.detach().cpu().contiguous() for name, t in out.items()}, lists
+
+
+def _plan(ctx: Context) -> tuple[bytes, dict[str, torch.Tensor], int]:
+    """(header, tensors, total bytes). Tensor offsets are relative to the data start, which
+    follows the header at the next alignment boundary."""
+    tensors, lists = _tensors(ctx)
+    entries, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        entries[name] = (str(t.dtype), list(t.shape), offset, nbytes)
+        offset = _align(offset + nbytes)
+    meta = {"model_id": ctx.model_id, "layout": ctx.layout, "prefill_s": ctx.prefill_s, "build_s": ctx.build_s,
+            "dense": sorted(ctx.dense), "sparse": sorted(ctx.sparse), "lists": lists, "tensors": entries}
+    header = json.dumps(meta).encode()
+    return header, tensors, _data_start(len(header)) + offset
+
+
+def _data_start(header_len: int) -> int:
+    return _align(_PREFIX.size + header_len)
+
+
+def packed_size(ctx: Context) -> int:
+    """Bytes `pack_into` needs for this context."""
+    return _plan(ctx)[2]
+
+
+def pack_into(ctx: Context, buffer: memoryview) -> int:
+    """Write a context into a writable buffer of at least `packed_size(ctx)` bytes; returns bytes used."""
+    header, tensors, total = _plan(ctx)
+    if len(buffer) < total:
+        raise ValueError(f"buffer: {len(buffer)} bytes, the context needs {total}")
+    _PREFIX.pack_into(buffer, 0, MAGIC, len(header))
+    buffer[_PREFIX.size:_PREFIX.size + len(header)] = header
+    meta = json.loads(header)
+    target = torch.frombuffer(buffer, dtype=torch.uint8, count=total)
+    base = _data_start(len(header))
+    for name, t in tensors.items():
+        _, _, offset, nbytes = meta["tensors"][name]
+        if nbytes:
+            target[base + offset:base + offset + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+    return total
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def unpack(buffer: memoryview) -> Context:
+    """A Context whose tensors are views of `buffer` (no copy). The buffer may be read-only;
+    the engine never writes to a context's tensors."""
+    magic, header_len = _PREFIX.unpack_from(buffer, 0)
+    if magic != MAGIC:
+        raise ValueError("buffer: not a packed IceCache context (bad magic)")
+    meta = json.loads(bytes(buffer[_PREFIX.size:_PREFIX.size + header_len]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        whole = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
+
+    base = _data_start(header_len)
+
+    def get(name: str) -> torch.Tensor:
+        dtype, shape, offset, nbytes = meta["tensors"][name]
+        return whole[base + offset:base + offset + nbytes].view(_DTYPES[dtype]).reshape(shape)
+
+    dense = {l: (get(f"dense.{l}.k"), get(f"dense.{l}.v")) for l in meta["dense"]}
+    sparse = {}
+    for l in meta["sparse"]:
+        p = f"sparse.{l}"
+        tree = {}
+        for f in fields(TreeIndex):
+            name = f"{p}.tree.{f.name}"
+            if name in meta["lists"]:
+                tree[f.name] = [get(f"{name}.{i}") for i in range(meta["lists"][name])]
+            else:
+                tree[f.name] = get(name)
+        pages = HostPageStore(**{f.name: get(f"{p}.pages.{f.name}") for f in fields(HostPageStore)})
+        sparse[l] = SparseLayer(get(f"{p}.sink_k"), get(f"{p}.sink_v"), get(f"{p}.tail_k"), get(f"{p}.tail_v"),
+                                TreeIndex(**tree), pages)
+    token_ids = tuple(get("token_ids").tolist())
+    return Context(meta["model_id"], token_ids, _tuples(meta["layout"]), dense, sparse, get("last_logits"),
+                   meta["prefill_s"], meta["build_s"])
