@@ -49,11 +49,12 @@ class Lease:
 class SharedContexts:
     """Index-or-reuse of documents for one engine, through this node's cache actor."""
 
-    def __init__(self, engine: Engine, tenant_secret: bytes, capacity_bytes: int,
+    def __init__(self, engine: Engine, tenant_secret: bytes, capacity_bytes: int, cache=None,
                  pending_timeout_s: float = 600.0) -> None:
+        """`cache`: a node cache actor handle; default this node's (created if needed)."""
         self.engine = engine
         self.secret = tenant_secret
-        self.cache = get_node_cache(capacity_bytes=capacity_bytes)
+        self.cache = cache or get_node_cache(capacity_bytes=capacity_bytes)
         self.pid = os.getpid()
         self.pending_timeout_s = pending_timeout_s
         self._mapped: dict[str, tuple[Context, int]] = {}  # segment -> (context, requests using it)

@@ -62,7 +62,7 @@ class NodeCache:
         self._serial = itertools.count()
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "prefills": 0, "reaped_leases": 0}
         self.swept = shm.sweep_dead_owners()  # segments left by a cache that died before us
-        self._reaper = shm.start_reaper(self.pid)  # unlinks our segments however we exit
+        shm.start_reaper(self.pid)  # unlinks our segments however we exit
         tags = {"node_id": self.node_id}
         self._gauges = {name: metrics.Gauge(f"icecache_cache_{name}", description, tag_keys=("node_id",))
                         for name, description in (("contexts", "Contexts held in the node cache"),
@@ -169,7 +169,10 @@ class NodeCache:
                 f"the context needs {num_bytes} bytes; the node cache holds {self.capacity_bytes} bytes, "
                 f"{leased} of them leased by requests in flight")}
         segment = shm.segment_name(self.pid, key, next(self._serial))
-        shm.create(segment, num_bytes)
+        try:
+            shm.create(segment, num_bytes)
+        except OSError as e:
+            return {"status": "full", "message": str(e)}
         record = Record(key, tenant, model_id, num_tokens, segment, num_bytes)
         self.records[key] = record
         self._count("prefills")
@@ -216,6 +219,11 @@ class NodeCache:
         return {"node_id": self.node_id, "contexts": sum(r.ready for r in self.records.values()),
                 "bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes, "leases": len(self.leases),
                 "segments": len(self.records), **self.counts}
+
+    def lease_holders(self) -> list[int]:
+        """Process ids holding leases (for operators and fault tests)."""
+        self._reap()
+        return sorted({pid for _, pid in self.leases.values()})
 
     def shutdown(self) -> int:
         """Unlink every segment (mapped views in replicas stay valid until unmapped)."""

@@ -27,12 +27,16 @@ def segment_name(owner_pid: int, key: str, serial: int) -> str:
 
 
 def create(name: str, num_bytes: int) -> None:
-    """Create a zero-filled segment of `num_bytes` (sparse until written)."""
+    """Create a zero-filled segment of `num_bytes`; OSError if the shm filesystem lacks room."""
     if num_bytes <= 0:
         raise ValueError(f"num_bytes: must be positive, got {num_bytes}")
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, num_bytes)
+        # allocate now: a sparse file on a full tmpfs would kill the writer with SIGBUS later
+        os.posix_fallocate(fd, 0, num_bytes)
+    except OSError as e:
+        os.unlink(SHM_DIR / name)
+        raise OSError(e.errno, f"cannot allocate {num_bytes} bytes in {SHM_DIR}: {e.strerror}") from None
     finally:
         os.close(fd)
 
@@ -98,12 +102,13 @@ def owned_by(pid: int) -> list[str]:
     return [name for name in list_segments() if (m := _NAME.match(name)) and int(m.group(1)) == pid]
 
 
-def start_reaper(owner_pid: int) -> subprocess.Popen:
-    """A detached watcher that unlinks the owner's segments once the owner exits, however it
-    exits (SIGKILL, `ray stop`, a crash): no segment outlives the cache that made it."""
-    return subprocess.Popen([sys.executable, "-m", "cluster.shm", str(owner_pid)], start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ICECACHE_SHM_DIR": str(SHM_DIR)})
+def start_reaper(owner_pid: int) -> None:
+    """A watcher that unlinks the owner's segments once the owner exits, however it exits
+    (SIGKILL, `ray stop`, a crash): no segment outlives the cache that made it. The watcher
+    detaches (double fork, new session), because Ray kills a dead worker's child processes."""
+    subprocess.run([sys.executable, "-m", "cluster.shm", str(owner_pid)], check=True, start_new_session=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "ICECACHE_SHM_DIR": str(SHM_DIR)})
 
 
 def _reap_when_gone(owner_pid: int, poll_s: float = 0.2) -> None:
@@ -114,4 +119,5 @@ def _reap_when_gone(owner_pid: int, poll_s: float = 0.2) -> None:
 
 
 if __name__ == "__main__":
-    _reap_when_gone(int(sys.argv[1]))
+    if os.fork() == 0:  # the parent returns at once; the orphaned child is nobody's worker child
+        _reap_when_gone(int(sys.argv[1]))

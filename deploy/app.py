@@ -22,14 +22,17 @@ def replica_gpus(args: AppArgs) -> float:
     return 1.0 if has_gpu else 0.0
 
 
-def build_app(args: dict) -> Application:
-    """Serve builder: `import_path: deploy.app:build_app`."""
+def build_app(args: dict, llm_options: dict | None = None) -> Application:
+    """Serve builder: `import_path: deploy.app:build_app`. `llm_options` are extra Serve
+    deployment options of the model deployment (e.g. num_replicas) for callers in Python;
+    the yaml sets them in its `deployments:` block instead."""
     cfg = AppArgs(**(args or {}))
     gpus = replica_gpus(cfg)
     if cfg.device == "auto":
         cfg = cfg.model_copy(update={"device": "cuda" if gpus else "cpu"})
     # one secret for every replica of this deploy, so they agree on tenants' context ids
     cfg = cfg.model_copy(update={"tenant_secret": cfg.resolved_secret()})
-    llm = IceCacheLLM.options(ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": gpus})
+    llm = IceCacheLLM.options(ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": gpus},
+                              **(llm_options or {}))
     plain = cfg.model_dump()
     return IceCacheIngress.bind(llm.bind(plain, cfg.tenant_secret), plain)

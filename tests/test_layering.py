@@ -17,3 +17,11 @@ def test_engine_never_imports_ray():
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("ray", "cluster", "deploy")]
     assert list(ROOT.rglob("*.py")) and not offenders
+
+
+def test_cluster_never_imports_deploy():
+    root = ROOT.parent / "cluster"
+    offenders = [f"{path.name}: {node.module}" for path in root.rglob("*.py")
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "deploy"]
+    assert list(root.rglob("*.py")) and not offenders

@@ -1,0 +1,213 @@
+"""The Serve app end to end on one node: gRPC over loopback, two SmolLM2 replicas sharing
+one node cache. Tests run in file order; the last ones break the app on purpose."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from cluster import shm
+from cluster.node_cache import find_node_cache
+from icecache import SamplingParams
+from tests.deploy.conftest import stop_serve, wait_for_no_segments
+from tests.icecache.haystack import QUESTION, passkey_document
+
+pytestmark = pytest.mark.slow
+GREEDY = {"temperature": 0.0}
+
+
+def timed_ask(client, prompt: str, max_tokens: int, **kwargs):
+    """(text, stats, client-side time to first piece)."""
+    start, first, pieces, stats = time.perf_counter(), None, [], None
+    for reply in client.generate(prompt, max_tokens, **kwargs):
+        if reply.WhichOneof("kind") == "text":
+            first = first or time.perf_counter() - start
+            pieces.append(reply.text)
+        else:
+            stats = reply.stats
+    return "".join(pieces), stats, first
+
+
+def segments_of(context_id: str) -> list[str]:
+    return [s for s in shm.list_segments() if context_id[:24] in s]
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
+            list(result)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.fixture(scope="module")
+def document(engine) -> str:
+    return passkey_document(engine.tokenizer, 6000, 0.35, 61728)
+
+
+def test_reused_context_starts_5x_sooner_and_answers_like_the_engine(app, engine, document):
+    client = app.client(tenant="ttft")
+    cold_text, cold, cold_ttft = timed_ask(client, QUESTION, 8, document=document, **GREEDY)
+    second = "\nThe pass key mentioned in the text above is"
+    warm_text, warm, warm_ttft = timed_ask(client, second, 8, context_id=cold.context_id, **GREEDY)
+    print(f"\n[ttft] {cold.context_tokens}-token document: cold {cold_ttft:.2f}s (prefill {cold.prefill_s:.2f}s) | "
+          f"reused {warm_ttft:.3f}s | ratio {cold_ttft / warm_ttft:.1f}x")
+    assert not cold.context_reused and warm.context_reused and cold.context_tokens > 5500
+    assert cold_ttft >= 5 * warm_ttft
+
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    ctx = engine.index(document)
+    assert cold_text == engine.generate(QUESTION, params, context=ctx).text
+    assert warm_text == engine.generate(second, params, context=ctx).text
+    assert "61728" in cold_text
+
+
+def test_two_replicas_share_one_prefill(app, engine):
+    doc = passkey_document(engine.tokenizer, 1500, 0.6, 30417)
+    client = app.client(tenant="share")
+    indexed = client.index(doc)
+    assert not indexed.cached and indexed.num_tokens > 1000
+    prefills = sum(n.prefills for n in app.node_stats().values())
+
+    results = []
+    def ask():
+        results.append(app.client(tenant="share").ask(QUESTION, 4, context_id=indexed.context_id, **GREEDY))
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+
+    assert len(results) == 8 and all(stats.context_reused for _, stats in results)
+    assert len({stats.replica_id for _, stats in results}) == 2, "both replicas served the context"
+    assert len({text for text, _ in results}) == 1
+    assert client.index(doc).cached
+    assert sum(n.prefills for n in app.node_stats().values()) == prefills  # no second prefill anywhere
+    assert len(segments_of(indexed.context_id)) == 1
+
+
+def test_tenants_cannot_use_or_learn_of_each_others_contexts(app, engine):
+    doc = "Alice's contract: the fee is 4711 euros, payable in March. " * 20
+    alice, bob = app.client(tenant="alice"), app.client(tenant="bob")
+    own = alice.index(doc)
+    code, details = code_of(lambda: bob.generate("The fee is", 4, context_id=own.context_id))
+    unknown_code, unknown_details = code_of(lambda: bob.generate("The fee is", 4, context_id="f" * 32))
+    assert code == unknown_code == grpc.StatusCode.NOT_FOUND
+    assert details.replace(own.context_id, "X") == unknown_details.replace("f" * 32, "X")
+    assert code_of(lambda: bob.release(own.context_id))[0] == grpc.StatusCode.NOT_FOUND
+    assert bob.index(doc).context_id != own.context_id  # the same document gets another id
+    assert alice.ask("The fee is", 2, context_id=own.context_id)[1].context_reused  # still Alice's
+
+
+def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(app, engine):
+    client = app.client(tenant="bad")
+    good = client.index("A small document for the bad-input test. " * 10)
+    segments_before, leases_before = shm.list_segments(), sum(n.leases for n in app.node_stats().values())
+    long_doc = "word " * 7500
+    cases = {
+        "empty document": (lambda: client.index(""), "INVALID_ARGUMENT", "document: empty"),
+        "empty inline document": (lambda: client.generate("q", 4, document=b""), "INVALID_ARGUMENT", "empty"),
+        "unknown context": (lambda: client.generate("q", 4, context_id="0" * 32), "NOT_FOUND", "not found"),
+        "malformed context id": (lambda: client.generate("q", 4, context_id="xyz"), "INVALID_ARGUMENT",
+                                 "context_id: expected 32 hex digits"),
+        "max_tokens 0": (lambda: client.generate("q", 0, context_id=good.context_id), "INVALID_ARGUMENT",
+                         "max_tokens: must be positive"),
+        "max_tokens negative": (lambda: client.generate("q", -3), "INVALID_ARGUMENT", "max_tokens"),
+        "max_tokens over the limit": (lambda: client.generate("q", 257), "INVALID_ARGUMENT", "limit of 256"),
+        "invalid UTF-8": (lambda: client.index(b"caf\xc3 \xff\xfe"), "INVALID_ARGUMENT", "not valid UTF-8"),
+        "invalid UTF-8 inline": (lambda: client.generate("q", 4, document=b"\xff"), "INVALID_ARGUMENT", "UTF-8"),
+        "document over the token limit": (lambda: client.index(long_doc), "INVALID_ARGUMENT", "over the limit of 7000"),
+        "document over the byte limit": (lambda: client.index("x" * ((1 << 20) + 1)), "INVALID_ARGUMENT", "bytes"),
+        "token id outside the vocabulary": (lambda: client.index([1, 2, 10 ** 8]), "INVALID_ARGUMENT", "vocabulary"),
+        "temperature negative": (lambda: client.generate("q", 4, temperature=-1.0), "INVALID_ARGUMENT",
+                                 "sampling.temperature"),
+        "top_p above 1": (lambda: client.generate("q", 4, top_p=1.5), "INVALID_ARGUMENT", "sampling.top_p"),
+        "top_k negative": (lambda: client.generate("q", 4, top_k=-2), "INVALID_ARGUMENT", "sampling.top_k"),
+        "nothing to continue": (lambda: client.generate("", 4), "INVALID_ARGUMENT", "prompt: empty"),
+        "bad tenant": (lambda: app.client(tenant="a b").index("x"), "INVALID_ARGUMENT", "tenant"),
+    }
+    failures = []
+    for name, (call, code, fragment) in cases.items():
+        got, details = code_of(call)
+        if got.name != code or fragment not in details:
+            failures.append(f"{name}: {got.name} {details!r}")
+    assert not failures, failures
+
+    text, stats = client.ask(" It says", 3, context_id=good.context_id)
+    assert stats.output_tokens == 3 and stats.context_reused
+    assert shm.list_segments() == segments_before  # nothing leaked
+    assert sum(n.leases for n in app.node_stats().values()) == leases_before == 0
+
+
+def test_load_32_concurrent_streams_on_one_context(app, engine):
+    client = app.client(tenant="load")
+    indexed = client.index(passkey_document(engine.tokenizer, 1500, 0.5, 55001))
+    segments_before = shm.list_segments()
+    results, errors = [], []
+
+    def stream():
+        try:
+            start = time.perf_counter()
+            _, stats, ttft = timed_ask(app.client(tenant="load"), QUESTION, 4, context_id=indexed.context_id,
+                                       **GREEDY)
+            results.append((time.perf_counter() - start, ttft, stats))
+        except grpc.RpcError as e:
+            errors.append(f"{e.code().name}: {e.details()}")
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=stream) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    tokens = sum(r[2].output_tokens for r in results)
+    print(f"\n[load] 32 streams, {indexed.num_tokens}-token shared context: wall {wall:.1f}s | "
+          f"{tokens / wall:.1f} tok/s | latency p50 {statistics.median(latencies):.2f}s "
+          f"p99 {latencies[-1]:.2f}s | TTFT p50 {statistics.median(r[1] for r in results):.2f}s")
+    assert not errors and len(results) == 32
+    assert all(r[2].context_reused and r[2].output_tokens >= 1 for r in results)
+    assert shm.list_segments() == segments_before
+    assert sum(n.leases for n in app.node_stats().values()) == 0
+
+
+def test_a_replica_killed_mid_stream_ends_the_call_with_unavailable(app, engine, document):
+    client = app.client(tenant="ttft", timeout_s=120)
+    context_id = client.index(document).context_id
+    cache = find_node_cache(ray.get_runtime_context().get_node_id())
+    stream = client.generate("\nNow write a long story:", 200, context_id=context_id, ignore_eos=True, **GREEDY)
+    next(iter(stream))  # the first piece arrived: the replica holds a lease and is decoding
+    holders = ray.get(cache.lease_holders.remote())
+    assert len(holders) == 1
+    os.kill(holders[0], signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as failure:
+        for _ in stream:
+            pass
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value.details()
+    assert ray.get(cache.lease_holders.remote()) == []  # the dead replica's lease is gone
+
+    deadline = time.monotonic() + 240  # Serve replaces the replica; the app serves again
+    while True:
+        try:
+            _, stats = app.client(tenant="ttft").ask(QUESTION, 2, context_id=context_id)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "the app did not recover"
+            time.sleep(2)
+    assert stats.context_reused
+
+
+def test_shutdown_leaves_no_segment(app):
+    assert shm.list_segments()  # contexts of the tests above
+    stop_serve()
+    assert wait_for_no_segments() == []
