@@ -57,7 +57,7 @@ class SharedContexts:
         self.cache = cache or get_node_cache(capacity_bytes=capacity_bytes)
         self.pid = os.getpid()
         self.pending_timeout_s = pending_timeout_s
-        self._mapped: dict[str, tuple[Context, int]] = {}  # segment -> (context, requests using it)
+        self._mapped: dict[str, tuple[Context, shm.Mapping, int]] = {}  # segment -> (context, mapping, users)
         self._lock = threading.Lock()
 
     def context_id(self, tenant: str, token_ids: list[int]) -> str:
@@ -73,22 +73,25 @@ class SharedContexts:
     def _map(self, segment: str) -> Context:
         with self._lock:
             if segment in self._mapped:
-                ctx, users = self._mapped[segment]
-                self._mapped[segment] = (ctx, users + 1)
+                ctx, mapping, users = self._mapped[segment]
+                self._mapped[segment] = (ctx, mapping, users + 1)
                 return ctx
             mapping = shm.Mapping(segment)
-            ctx = unpack(mapping.view)  # tensors keep the mapping alive
-            mapping.close()
-            self._mapped[segment] = (ctx, 1)
+            if self.engine.device.type == "cuda":
+                mapping.register_cuda()  # pages go host -> GPU by DMA, straight from shared memory
+            # views of the segment (no copy); the tree moves to the engine's device once per mapping
+            ctx = unpack(mapping.view).with_index_on(self.engine.device)
+            self._mapped[segment] = (ctx, mapping, 1)
             return ctx
 
     def _unmap(self, segment: str) -> None:
         with self._lock:
-            ctx, users = self._mapped[segment]
+            ctx, mapping, users = self._mapped[segment]
             if users > 1:
-                self._mapped[segment] = (ctx, users - 1)
+                self._mapped[segment] = (ctx, mapping, users - 1)
             else:
-                del self._mapped[segment]  # the kernel unmaps once no tensor of it is alive
+                del self._mapped[segment]
+                mapping.close()  # the kernel unmaps once no tensor of it is alive
 
     def _leased(self, grant: dict, context_id: str, cached: bool) -> Lease:
         try:

@@ -6,6 +6,7 @@ queue lengths within the first rank that has a replica with room."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
@@ -47,5 +48,6 @@ class ContextLocalityRouter(FIFOMixin, RequestRouter):
             holders = await self.holder_nodes(tenant, context_id, {r.node_id for r in candidate_replicas})
             local = [r for r in candidate_replicas if r.node_id in holders]
             if local:  # only there: another node would have to prefill a document it never saw
-                return [local]
-        return [candidate_replicas]
+                return [random.sample(local, len(local))]
+        # the base class takes the shortest queue within a rank, the first on ties: shuffle the ties
+        return [random.sample(candidate_replicas, len(candidate_replicas))]

@@ -15,11 +15,13 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 SHM_DIR = Path(os.environ.get("ICECACHE_SHM_DIR", "/dev/shm"))
 PREFIX = "icecache_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+$")
+_CUDA_HOST_REGISTER_DEFAULT, _CUDA_HOST_REGISTER_READ_ONLY = 0, 8  # cudaHostRegister flags
 
 
 def segment_name(owner_pid: int, key: str, serial: int) -> str:
@@ -64,12 +66,31 @@ class Mapping:
         finally:
             os.close(fd)
         self.num_bytes = size
+        self.writable = writable
         self.view = memoryview(self._mmap)
+        self._cuda_ptr: int | None = None
+
+    def register_cuda(self) -> None:
+        """Page-lock the mapping with CUDA so copies to the GPU are DMA, not staged.
+        Raises RuntimeError with CUDA's error code if the driver refuses."""
+        import torch  # the cache actor itself never needs torch
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            ptr = torch.frombuffer(self.view, dtype=torch.uint8).data_ptr()
+        flags = _CUDA_HOST_REGISTER_DEFAULT if self.writable else _CUDA_HOST_REGISTER_READ_ONLY
+        err = torch.cuda.cudart().cudaHostRegister(ptr, self.num_bytes, flags)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {self.name} ({self.num_bytes} bytes) failed: {err}")
+        self._cuda_ptr = ptr
 
     def close(self) -> None:
-        """Drop this handle's references. The kernel unmaps once no tensor made from `view`
-        is alive either (each holds a reference to the buffer), so closing never
-        invalidates memory a request is still reading."""
+        """Unregister from CUDA and drop this handle's references. The kernel unmaps once no
+        tensor made from `view` is alive either (each holds a reference to the buffer), so
+        closing never invalidates memory a request is still reading."""
+        if self._cuda_ptr is not None:
+            import torch
+            torch.cuda.cudart().cudaHostUnregister(self._cuda_ptr)
+            self._cuda_ptr = None
         self.view = self._mmap = None
 
 

@@ -3,7 +3,7 @@ per layer; immutable once built and shared by every request that reuses it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -59,6 +59,18 @@ class Context:
                                                                   layer.tail_v))
             total += sum(t.numel() * t.element_size() for t in layer.tree.tensors())
         return total
+
+    @property
+    def index_device(self) -> torch.device | None:
+        return next(iter(self.sparse.values())).tree.scale.device if self.sparse else None
+
+    def with_index_on(self, device: torch.device) -> "Context":
+        """The same context with its trees (what page selection reads every step) on `device`;
+        pages, sinks and dense KV stay where they are (host). Returns self if already there."""
+        if self.index_device is None or self.index_device == device:
+            return self
+        sparse = {l: replace(s, tree=s.tree.to(device)) for l, s in self.sparse.items()}
+        return replace(self, sparse=sparse)
 
     def flat_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's (K, V) of a layer, [H, n, D] each; token order is irrelevant to attention."""

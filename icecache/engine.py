@@ -206,6 +206,7 @@ class Engine:
             ctx, own_ids, reused = self._index_ids(ids), [], False
         else:
             self._check_context(context)
+            context = context.with_index_on(self.device)  # e.g. mapped from shared memory: host-resident
             own_ids = self._encode(prompt, add_special=False)
             self._check_length(context.num_tokens + len(own_ids), "context + prompt")
             ctx, reused = context, True

@@ -77,6 +77,7 @@ def test_two_replicas_share_one_prefill(app, engine):
     indexed = client.index(doc)
     assert not indexed.cached and indexed.num_tokens > 1000
     prefills = sum(n.prefills for n in app.node_stats().values())
+    hits = sum(n.hits for n in app.node_stats().values())
 
     results = []
     def ask():
@@ -88,6 +89,7 @@ def test_two_replicas_share_one_prefill(app, engine):
         t.join(timeout=300)
 
     assert len(results) == 8 and all(stats.context_reused for _, stats in results)
+    assert sum(n.hits for n in app.node_stats().values()) >= hits + 8
     assert len({stats.replica_id for _, stats in results}) == 2, "both replicas served the context"
     assert len({text for text, _ in results}) == 1
     assert client.index(doc).cached
@@ -179,6 +181,20 @@ def test_load_32_concurrent_streams_on_one_context(app, engine):
     assert all(r[2].context_reused and r[2].output_tokens >= 1 for r in results)
     assert shm.list_segments() == segments_before
     assert sum(n.leases for n in app.node_stats().values()) == 0
+
+
+def test_a_cancelled_stream_stops_decoding_and_releases_its_context(app, engine, document):
+    client = app.client(tenant="ttft", timeout_s=120)
+    context_id = client.index(document).context_id
+    cache = find_node_cache(ray.get_runtime_context().get_node_id())
+    stream = client.generate("\nNow write a long story:", 200, context_id=context_id, ignore_eos=True, **GREEDY)
+    next(iter(stream))
+    assert len(ray.get(cache.lease_holders.remote())) == 1
+    stream.cancel()
+    deadline = time.monotonic() + 30  # the replica notices at its next token
+    while ray.get(cache.lease_holders.remote()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.get(cache.lease_holders.remote()) == []
 
 
 def test_a_replica_killed_mid_stream_ends_the_call_with_unavailable(app, engine, document):
