@@ -22,11 +22,16 @@ def replica_gpus(args: AppArgs) -> float:
     return 1.0 if has_gpu else 0.0
 
 
-def build_app(args: dict, llm_options: dict | None = None) -> Application:
-    """Serve builder: `import_path: deploy.app:build_app`. `llm_options` are extra Serve
-    deployment options of the model deployment (e.g. num_replicas) for callers in Python;
-    the yaml sets them in its `deployments:` block instead."""
-    cfg = AppArgs(**(args or {}))
+def build_app(args: AppArgs) -> Application:
+    """Serve builder (`import_path: deploy.app:build_app`): Serve validates the yaml's `args:`
+    into AppArgs. Replica counts and autoscaling come from the yaml's `deployments:`."""
+    return build_app_with(args)
+
+
+def build_app_with(args: AppArgs | dict, llm_options: dict | None = None) -> Application:
+    """The app, for callers in Python: `llm_options` are extra Serve options of the model
+    deployment (e.g. num_replicas), which the yaml sets in its `deployments:` block."""
+    cfg = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
     gpus = replica_gpus(cfg)
     if cfg.device == "auto":
         cfg = cfg.model_copy(update={"device": "cuda" if gpus else "cpu"})

@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cluster import shm
-from deploy.app import build_app
+from deploy.app import build_app_with
 from deploy.client import Client
 
 SERVICER = "protos.icecache_pb2_grpc.add_IceCacheServicer_to_server"
@@ -45,7 +45,7 @@ def start_serve(llm_options: dict, args: dict | None = None) -> App:
     port = free_port()
     serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER]),
                 http_options={"host": "127.0.0.1", "port": free_port()})
-    serve.run(build_app({**APP_ARGS, **(args or {})}, llm_options=llm_options), name="icecache",
+    serve.run(build_app_with({**APP_ARGS, **(args or {})}, llm_options=llm_options), name="icecache",
               route_prefix="/icecache")
     return App(f"localhost:{port}")
 
