@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, fields
 MODES = ("icecache", "full")
 
 
+DECODE_PATHS = ("auto", "static", "dynamic")
+
+
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {message}")
@@ -38,6 +41,7 @@ class IceCacheConfig:
     reuse_layers: int = 1  # layers sharing one page selection (1 = every layer selects)
     prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
+    decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -58,6 +62,8 @@ class IceCacheConfig:
         w = self.page_score_radius
         _require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
                  "page_score_radius", f"must be a finite number >= 0, got {w!r}")
+        _require(self.decode_path in DECODE_PATHS, "decode_path",
+                 f"must be one of {DECODE_PATHS}, got {self.decode_path!r}")
         _require(self.reuse_layers == 1, "reuse_layers",
                  "only 1 (no cross-layer reuse) is implemented so far")
         if self.mode == "icecache":

@@ -14,6 +14,7 @@ from icecache.config import IceCacheConfig, SamplingParams
 from icecache.context import Context, build_context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
 from icecache.sampling import TextStream, make_generator, sample
+from icecache.static_decode import StaticDecoder
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -212,17 +213,33 @@ class Engine:
             ctx, reused = context, True
         return self._decode_loop(ctx, own_ids, params, reused, t0)
 
+    def _static(self) -> bool:
+        path = self.config.decode_path
+        return path == "static" or (path == "auto" and self.device.type == "cuda")
+
     @torch.inference_mode()
     def _decode_loop(self, ctx: Context, own_ids: list[int], params: SamplingParams, reused: bool, t0: float):
         req = RequestKV(self.shape, self.config, ctx)
         logits = self._prefill(req, own_ids, ctx.num_tokens) if own_ids else ctx.last_logits
-        req.start_decode()
+        if self._static():
+            decoder = StaticDecoder(self.model, self.config, ctx, [(kv.k, kv.v) for kv in req.own], params.max_tokens)
+            req.own = None  # the decoder holds its own copies
+
+            def forward(token: int, position: int) -> torch.Tensor:
+                if decoder.steps_run == 1 and self.device.type == "cuda":
+                    decoder.capture()  # after one eager (warm-up) step
+                return decoder.step(token, position)
+        else:
+            req.start_decode()
+            batch = StepBatch([req])
+
+            def forward(token: int, position: int) -> torch.Tensor:
+                return self._forward(batch, torch.tensor([[token]]), torch.tensor([[position]]))[0]
         generator = make_generator(params)
         text = TextStream(self.tokenizer, params.stop)
         eos = set() if params.ignore_eos else self._eos_ids()
         position = ctx.num_tokens + len(own_ids)
         step_times, finish, ttft = [], "length", None
-        batch = StepBatch([req])
         while True:
             token = sample(logits, params, generator)
             if ttft is None:
@@ -239,11 +256,13 @@ class Engine:
             if len(text.ids) >= params.max_tokens or position >= self.max_context_tokens:
                 break
             ts = time.perf_counter()
-            logits = self._forward(batch, torch.tensor([[token]]), torch.tensor([[position]]))[0]
+            logits = forward(token, position)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - ts)
             position += 1
+        if self._static() and step_times:  # every selected page is gathered each step
+            req.pages_loaded = req.pages_selected = decoder.pages_per_step() * len(step_times)
         tail = text.flush()
         if tail:
             yield tail

@@ -305,6 +305,23 @@ def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tenso
     return share.masked_fill(~candidate, -1.0)
 
 
+def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: float) -> torch.Tensor | None:
+    """Walk the tree top-down, keeping the best `search_width` nodes per level (per KV head,
+    union over its query heads). q: [H, g, D] float -> level-1 nodes kept [H, n_1], or
+    None for a tree without levels. Fixed shapes: no host sync."""
+    keep = None  # [H, n_j] nodes kept on the level just scored
+    for j in range(tree.num_levels, 0, -1):
+        nodes = tree.node_keys[j - 1]  # [H, n_j, D]
+        s = torch.einsum("hgd,hnd->hgn", q, nodes.to(q.dtype)) * scaling
+        if keep is not None:
+            candidate = keep.gather(1, tree.node_parent[j - 1])  # children of kept parents
+            s = s.masked_fill(~candidate[:, None, :], _NEG_INF)
+        combined = torch.log_softmax(s, dim=-1).amax(dim=1)  # [H, n_j]
+        top = combined.topk(min(search_width, combined.shape[1]), dim=1).indices
+        keep = torch.zeros_like(combined, dtype=torch.bool).scatter_(1, top, True) & (combined > _NEG_INF)
+    return keep
+
+
 def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor, num_pages: int,
                  search_width: int, scaling: float, radius_weight: float) -> torch.Tensor:
     """The best pages for one decode query, best first.
@@ -314,17 +331,7 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
     """
     H = q.shape[0]
     q = q.float()
-    keep = None  # [H, n_j] nodes kept on the level just scored
-    for j in range(tree.num_levels, 0, -1):
-        nodes = tree.node_keys[j - 1]  # [H, n_j, D]
-        s = torch.einsum("hgd,hnd->hgn", q, nodes) * scaling
-        if keep is not None:
-            candidate = keep.gather(1, tree.node_parent[j - 1])  # children of kept parents
-            s = s.masked_fill(~candidate[:, None, :], _NEG_INF)
-        combined = torch.log_softmax(s, dim=-1).amax(dim=1)  # [H, n_j]
-        top = combined.topk(min(search_width, combined.shape[1]), dim=1).indices
-        keep = torch.zeros_like(combined, dtype=torch.bool).scatter_(1, top, True) & (combined > _NEG_INF)
-
+    keep = tree_keep(tree, q, search_width, scaling)
     estimates, candidates = [], []
     if tree.num_pages:
         cand = keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)

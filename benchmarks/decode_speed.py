@@ -1,0 +1,282 @@
+"""Decode speed and GPU memory at long context, side by side in one run (GPU).
+
+    python benchmarks/decode_speed.py                       # 16k..128k, budgets 256 and 1024
+
+Model: Llama-3.1-8B shape, random bf16 weights built on the GPU (timing does not depend
+on weight values). For each context length:
+  (a) transformers `generate`, full KV (sdpa)          -- the usual way to serve it
+  (b) our engine, mode="full" (same static decode path, all KV on the GPU)
+  (c) our engine, IceCache at each budget (pages stay in pinned host memory)
+Reported: TTFT, TPOT (median over the decoded tokens), peak GPU memory, GPU memory held
+for KV-side state, and for (c) a per-token breakdown (index query, page gather, attention,
+rest of the model). The weight-read floor is the model's bytes over the device copy
+bandwidth measured in the same run. Writes JSON and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.cache import RequestKV
+from icecache.static_decode import StaticDecoder, _DenseState, _SparseState
+
+GiB = 1 << 30
+
+
+def llama_8b(max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max_positions,
+                         rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s moved by a device-to-device copy (read + write)."""
+    src = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    bw = 2 * src.numel() * 5 / (time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return bw
+
+
+class _Clock:
+    """transformers streamer that timestamps each new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def run_hf(model, ids: list[int], tokens: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    clock = _Clock()
+    input_ids = torch.tensor([ids], device="cuda")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock,
+                       pad_token_id=0)
+    torch.cuda.synchronize()
+    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]  # times[0] is the prompt
+    c = model.config
+    kv = len(ids) * c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    return {"ttft_s": clock.times[1] - start, "tpot_s": statistics.median(steps),
+            "peak_gpu_gib": (torch.cuda.max_memory_allocated() - base) / GiB, "kv_gpu_gib": kv / GiB}
+
+
+def state_bytes(decoder: StaticDecoder, ctx) -> int:
+    total = 0
+    for s in decoder.states:
+        if isinstance(s, _DenseState):
+            total += 2 * s.k.numel() * s.k.element_size()
+        else:
+            for t in (s.sink_k, s.sink_v, s.win_k, s.win_v, s.priv_k, s.priv_v, s.priv_mean, s.priv_var,
+                      s.shared_valid):
+                total += t.numel() * t.element_size()
+            total += sum(t.numel() * t.element_size() for t in s.tree.tensors() if t.is_cuda)
+    return total
+
+
+def cuda_time(fn, reps: int = 20) -> float:
+    """GPU seconds of fn, captured as a CUDA graph like the decode step it is part of (so
+    host launch overhead, which the real step does not pay, is not counted)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 1000
+
+
+def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    question = [11, 12, 13, 14, 15, 16, 17, 18]
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    step_times = []
+    start = time.perf_counter()
+    first = None
+    stream = eng.stream(question, params, context=ctx)
+    for _ in stream:
+        now = time.perf_counter()
+        first = first or now - start
+        step_times.append(now)
+    out = stream.output
+    result = {"ttft_s": out.stats["ttft_s"], "tpot_s": out.stats["tpot_s"],
+              "tpot_median_s": statistics.median(b - a for a, b in zip(step_times[1:], step_times[2:]))
+              if len(step_times) > 3 else out.stats["tpot_s"],
+              "peak_gpu_gib": (torch.cuda.max_memory_allocated() - base) / GiB,
+              "pages_selected_per_token": out.stats["pages_selected_per_token"]}
+    # a decoder of our own, to size its state and time its parts in isolation
+    with torch.inference_mode():
+        req = RequestKV(eng.shape, eng.config, ctx.with_index_on(eng.device))
+        eng._prefill(req, question, ctx.num_tokens)
+        dec = StaticDecoder(eng.model, eng.config, ctx.with_index_on(eng.device), [(kv.k, kv.v) for kv in req.own],
+                            tokens)
+        result["kv_gpu_gib"] = state_bytes(dec, ctx) / GiB
+        if breakdown:
+            sparse = [s for s in dec.states if isinstance(s, _SparseState)]
+            H, D = eng.shape.num_kv_heads, eng.shape.head_dim
+            q = torch.randn(H, eng.shape.group, D, device="cuda")
+            scaling = D ** -0.5
+            ids = [s.select(q, scaling) for s in sparse]
+            parts = {
+                "index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),
+                "page_gather_s": cuda_time(lambda: [s.fetch(i) for s, i in zip(sparse, ids)]),
+            }
+            fetched = [s.fetch(i) for s, i in zip(sparse, ids)]
+
+            def attention():
+                for s, (pk, pv, valid) in zip(sparse, fetched):
+                    R, P = pk.shape[1], pk.shape[2]
+                    keys = torch.cat([s.sink_k, pk.reshape(H, R * P, D), s.win_k], dim=1)
+                    values = torch.cat([s.sink_v, pv.reshape(H, R * P, D), s.win_v], dim=1)
+                    torch.softmax(torch.einsum("hgd,hnd->hgn", q, keys.float()), -1) @ values.float()
+            parts["attention_s"] = cuda_time(attention)
+            parts["rest_of_model_s"] = max(0.0, result["tpot_median_s"] - sum(parts.values()))
+            result["breakdown"] = parts
+        del dec, req
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_speed.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_speed.py needs a CUDA GPU")
+
+    bw = copy_bandwidth()
+    model = llama_8b(max(args.contexts) + args.tokens + 64)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor_s = weight_bytes / bw
+    report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": "Llama-3.1-8B shape, random bf16",
+              "weight_gib": weight_bytes / GiB, "copy_bandwidth_gbs": bw / 1e9, "weight_read_floor_s": floor_s,
+              "tokens": args.tokens, "runs": []}
+    print(f"{report['gpu']}: weights {weight_bytes / GiB:.1f} GiB, copy {bw / 1e9:.0f} GB/s, "
+          f"floor {floor_s * 1e3:.2f} ms/token")
+    gen = torch.Generator().manual_seed(0)
+    for n in args.contexts:
+        ids = torch.randint(100, 120000, (n,), generator=gen).tolist()
+        row = {"context": n}
+        if not args.skip_hf:
+            model.config._attn_implementation = "sdpa"
+            row["hf_full"] = run_hf(model, ids, args.tokens)
+            print(f"[{n}] (a) HF full: {row['hf_full']}")
+        eng = Engine.from_model(model, config=IceCacheConfig(mode="full"), model_id="llama-8b-random")
+        t = time.perf_counter()
+        ctx = eng.index(ids)
+        row["prefill_s"], row["index_build_s"] = ctx.prefill_s, ctx.build_s
+        row["index_wall_s"] = time.perf_counter() - t
+        row["host_gib"] = ctx.host_bytes / GiB
+        print(f"[{n}] prefill {ctx.prefill_s:.1f}s + index build {ctx.build_s:.1f}s, host {row['host_gib']:.1f} GiB")
+        row["engine_full"] = run_engine(eng, ctx, args.tokens, breakdown=False)
+        print(f"[{n}] (b) engine full: {row['engine_full']}")
+        for budget in args.budgets:
+            sparse = eng.with_config(IceCacheConfig(token_budget=budget))
+            row[f"icecache_{budget}"] = run_engine(sparse, ctx, args.tokens, breakdown=True)
+            print(f"[{n}] (c) IceCache@{budget}: {row[f'icecache_{budget}']}")
+        report["runs"].append(row)
+        del ctx, eng
+        torch.cuda.empty_cache()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))  # partial results survive a timeout
+
+    summarise(report)
+    args.out.write_text(json.dumps(report, indent=1))
+    try:
+        plot(report, args.out.with_suffix(".png"))
+    except ImportError:
+        print(f"matplotlib is missing here: draw the plot with --plot-only --out {args.out}")
+    return 0
+
+
+def summarise(report: dict) -> None:
+    runs, floor = report["runs"], report["weight_read_floor_s"]
+    b = report["runs"][0]
+    budgets = [k for k in b if k.startswith("icecache_")]
+    ratios = {}
+    for key in budgets:
+        first, last = runs[0][key]["tpot_median_s"], runs[-1][key]["tpot_median_s"]
+        ratios[key] = {"tpot_last_over_first": last / first, "tpot_last_over_floor": last / floor}
+        if "hf_full" in runs[-1]:
+            ratios[key]["hf_tpot_over_ours_at_last"] = runs[-1]["hf_full"]["tpot_s"] / last
+    report["ratios"] = ratios
+    print(f"\n{'context':>8} | {'HF full TPOT':>12} | {'ours full':>9} | " +
+          " | ".join(f"{k:>13}" for k in budgets) + " | KV GiB: HF / ours full / " + " / ".join(budgets))
+    for r in runs:
+        hf = r.get("hf_full", {})
+        print(f"{r['context']:>8} | {hf.get('tpot_s', float('nan')) * 1e3:>10.1f}ms | "
+              f"{r['engine_full']['tpot_median_s'] * 1e3:>7.1f}ms | " +
+              " | ".join(f"{r[k]['tpot_median_s'] * 1e3:>11.1f}ms" for k in budgets) +
+              f" | {hf.get('kv_gpu_gib', float('nan')):.2f} / {r['engine_full']['kv_gpu_gib']:.2f} / " +
+              " / ".join(f"{r[k]['kv_gpu_gib']:.2f}" for k in budgets))
+    print(json.dumps(ratios, indent=1))
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = report["runs"]
+    x = [r["context"] // 1024 for r in runs]
+    keys = [k for k in runs[0] if k in ("hf_full", "engine_full") or k.startswith("icecache_")]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in keys:
+        tpot = [r[k].get("tpot_median_s", r[k]["tpot_s"]) * 1e3 for r in runs]
+        a1.plot(x, tpot, marker="o", label=k)
+        a2.plot(x, [r[k]["kv_gpu_gib"] for r in runs], marker="o", label=k)
+    a1.axhline(report["weight_read_floor_s"] * 1e3, ls="--", c="k", label="weight-read floor")
+    a1.set(xlabel="context (k tokens)", ylabel="TPOT (ms)", title=f"decode, {report['gpu']}")
+    a2.set(xlabel="context (k tokens)", ylabel="GPU GiB for KV-side state", yscale="log", title="KV memory")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
