@@ -19,6 +19,7 @@ from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
 from icecache.index.tree import PrivatePages, all_pages, select_pages
+from icecache.selectors import oracle_pages, quest_pages, random_pages
 
 ATTN_IMPLEMENTATION = "icecache"
 BATCH_KWARG = "icecache_batch"
@@ -90,6 +91,22 @@ def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor,
     return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling)
 
 
+def _recent_context(pages, end: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` context tokens just before position `end`, from the host pages, in
+    position order: ([H, m, D], [H, m, D])."""
+    H, _, _, D = pages.keys.shape
+    if count <= 0:
+        empty = pages.keys.new_zeros(H, 0, D)
+        return empty, empty
+    pos = pages.positions.reshape(H, -1)  # [H, N * P]
+    take = (pos >= end - count) & (pos < end)
+    m = int(take[0].sum())
+    order = torch.where(take, pos, torch.iinfo(pos.dtype).max).argsort(dim=1)[:, :m]  # [H, m] by position
+    k = pages.keys.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
+    v = pages.values.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
+    return k, v
+
+
 class SparseLayerState:
     """A request's view of one sparse layer: device sinks, recent window, private pages, slots."""
 
@@ -102,6 +119,15 @@ class SparseLayerState:
         recent_v = torch.cat([ctx_layer.tail_v.to(dev, dtype), own_v], dim=1)
         first = first_own_pos - ctx_layer.tail_k.shape[1]
         self.window = config.window_tokens
+        self.selector = config.selector
+        if self.selector == "streaming":  # StreamingLLM: the whole budget past the sinks is recent tokens
+            self.window = config.token_budget - config.sink_tokens
+            more_k, more_v = _recent_context(ctx_layer.pages, first, self.window - recent_k.shape[1])
+            recent_k = torch.cat([more_k.to(dev, dtype), recent_k], dim=1)
+            recent_v = torch.cat([more_v.to(dev, dtype), recent_v], dim=1)
+            first -= more_k.shape[1]
+        self.selector_cache: dict = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.private = PrivatePages(ctx_layer.tree, shape.num_kv_heads, config.page_size, shape.head_dim,
                                     dtype, dev)
         cut = max(0, recent_k.shape[1] - self.window)
@@ -109,6 +135,8 @@ class SparseLayerState:
         self.win_k, self.win_v = recent_k[:, cut:], recent_v[:, cut:]
         self.win_first_pos = first + cut  # position of the oldest window token
         num_slots = config.retrieved_pages if config.mode == "icecache" else ctx_layer.tree.num_pages
+        if self.selector == "streaming":
+            num_slots = 0
         self.pool = PagePool(shape.num_kv_heads, num_slots, config.page_size, shape.head_dim, dtype, dev)
 
     def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -208,11 +236,20 @@ class RequestKV:
         state.push(k, v)
         tree = state.ctx.tree
         num_pages = tree.num_pages + state.private.used_pages
-        if self.config.mode == "full" or num_pages <= self.config.retrieved_pages:
+        R = self.config.retrieved_pages
+        if state.selector == "streaming" and self.config.mode == "icecache":
+            page_ids = torch.full((H, 0), -1, dtype=torch.long, device=qg.device)  # sinks + window only
+        elif self.config.mode == "full" or num_pages <= R:
             page_ids = all_pages(tree, state.private)  # the budget covers everything: no search
+        elif state.selector == "oracle":
+            page_ids = oracle_pages(qg, state.ctx.pages, state.private, R, scaling)
+        elif state.selector == "quest":
+            page_ids = quest_pages(qg, state.ctx.pages, state.private, R, state.selector_cache)
+        elif state.selector == "random":
+            page_ids = random_pages(state.ctx.pages, state.private, R, state.generator).to(qg.device)
         else:
-            page_ids = select_pages(tree, state.private, qg, self.config.retrieved_pages,
-                                    self.config.search_width, scaling, self.config.page_score_radius)
+            page_ids = select_pages(tree, state.private, qg, R, self.config.search_width, scaling,
+                                    self.config.page_score_radius)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)
         self.pages_selected += int((page_ids >= 0).sum())
         pool = state.pool

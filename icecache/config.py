@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 MODES = ("icecache", "full")
+SELECTORS = ("icecache", "oracle", "quest", "streaming", "random")
 
 
 DECODE_PATHS = ("auto", "static", "dynamic")
@@ -42,6 +43,7 @@ class IceCacheConfig:
     prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
     decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
+    selector: str = "icecache"  # which pages fill the budget: icecache | oracle | quest | streaming | random
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -62,6 +64,7 @@ class IceCacheConfig:
         w = self.page_score_radius
         _require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
                  "page_score_radius", f"must be a finite number >= 0, got {w!r}")
+        _require(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",
                  f"must be one of {DECODE_PATHS}, got {self.decode_path!r}")
         _require(self.reuse_layers == 1, "reuse_layers",

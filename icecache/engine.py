@@ -215,6 +215,8 @@ class Engine:
 
     def _static(self) -> bool:
         path = self.config.decode_path
+        if self.config.selector != "icecache":
+            return False  # the comparison selectors are measured on the dynamic path
         return path == "static" or (path == "auto" and self.device.type == "cuda")
 
     @torch.inference_mode()

@@ -1,0 +1,274 @@
+"""Long-context accuracy of page selectors at equal budget, RULER-style, on the built-in model.
+
+    python benchmarks/accuracy.py --quick          # CI-sized: 2 tasks, 2k tokens, 3 cases
+    python benchmarks/accuracy.py                  # the suite (hours on 2 CPU cores)
+
+Tasks are generated locally from seeds (no download): passkey, single- and multi-key
+needles, a multi-value needle, variable tracking, common-word extraction and QA over
+synthetic facts. Every case is prefilled and indexed once; each method then answers from
+the same context at each budget, so only the choice of pages differs. Budgets below 256
+shrink sinks and window to 16 tokens each (64 = 16 + 16 + 2 pages). Reports accuracy mean
+and std over seeds per (task, length, method, budget), retention vs full attention, and
+wall time; writes JSON and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from icecache import Engine, IceCacheConfig, SamplingParams
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+WORDS = ("apple banana cherry delta echo falcon garden harbor island jungle kettle lemon marble nectar ocean "
+         "pepper quartz river saddle tiger umbrella violet walnut yonder zephyr anchor bridge candle dragon ember "
+         "forest glacier hammer ivory jasmine kayak lantern meadow nickel orchard pirate quiver ribbon silver "
+         "thunder velvet willow").split()
+CITIES = "Lisbon Oslo Nairobi Lima Hanoi Quito Dakar Riga Sofia Tunis Accra Bern Doha Kyiv Male Minsk".split()
+NAMES = "Ada Bo Cyd Dov Eli Fay Gus Hal Ira Jo Kai Lev Max Ned Oda Pia Rex Sol Tam Uma Vic Wes".split()
+
+
+class Task:
+    """A task builds (document, question, expected answers) for a seed; a case scores the
+    fraction of expected answers that appear in the generated text."""
+
+    name = "task"
+    max_tokens = 12
+
+    def build(self, tokenizer, num_tokens: int, rng: random.Random) -> tuple[str, str, list[str]]:
+        raise NotImplementedError
+
+
+def haystack(tokenizer, num_tokens: int, inserts: list[str], rng: random.Random, intro: str = "") -> str:
+    """Filler of about num_tokens tokens with the inserts at random depths (in order)."""
+    per_rep = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
+    spare = sum(len(tokenizer(s, add_special_tokens=False).input_ids) for s in inserts) + 40
+    reps = max(len(inserts) + 1, (num_tokens - spare) // per_rep)
+    depths = sorted(rng.sample(range(1, reps), len(inserts)))
+    parts = [FILLER] * reps
+    for d, text in zip(reversed(depths), reversed(inserts)):
+        parts.insert(d, text + " ")
+    return intro + "".join(parts)
+
+
+class Passkey(Task):
+    name = "passkey"
+
+    def build(self, tok, n, rng):
+        key = str(rng.randint(10000, 99999))
+        doc = haystack(tok, n, [f"The pass key is {key}. Remember it. {key} is the pass key."], rng,
+                       "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+                       "it. I will quiz you about the important information there.\n")
+        return doc, "\nWhat is the pass key? The pass key is", [key]
+
+
+class NeedleSingle(Task):
+    name = "niah_single"
+
+    def build(self, tok, n, rng):
+        word, num = rng.choice(WORDS), str(rng.randint(1000000, 9999999))
+        doc = haystack(tok, n, [f"One of the special magic numbers for {word} is: {num}."], rng)
+        return doc, f"\nWhat is the special magic number for {word}? The special magic number for {word} is", [num]
+
+
+class NeedleMultiKey(Task):
+    name = "niah_multikey"
+
+    def build(self, tok, n, rng):
+        words = rng.sample(WORDS, 4)
+        nums = [str(rng.randint(1000000, 9999999)) for _ in words]
+        doc = haystack(tok, n, [f"One of the special magic numbers for {w} is: {x}." for w, x in zip(words, nums)],
+                       rng)
+        i = rng.randrange(4)
+        return doc, f"\nWhat is the special magic number for {words[i]}? The special magic number for " \
+                    f"{words[i]} is", [nums[i]]
+
+
+class NeedleMultiValue(Task):
+    name = "niah_multivalue"
+    max_tokens = 24
+
+    def build(self, tok, n, rng):
+        word = rng.choice(WORDS)
+        nums = [str(rng.randint(1000000, 9999999)) for _ in range(2)]
+        doc = haystack(tok, n, [f"One of the special magic numbers for {word} is: {x}." for x in nums], rng)
+        return doc, f"\nWhat are all the special magic numbers for {word}? The special magic numbers for " \
+                    f"{word} are", nums
+
+
+class VariableTracking(Task):
+    name = "variable_tracking"
+    max_tokens = 16
+
+    def build(self, tok, n, rng):
+        names = rng.sample([f"{a}{b}" for a in "QWXZ" for b in "JKVY"], 3)
+        value = str(rng.randint(10000, 99999))
+        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in (1, 2)]
+        doc = haystack(tok, n, chain, rng)
+        return doc, f"\nFind all variables that are assigned the value {value}. They are: VAR", names
+
+
+class CommonWords(Task):
+    name = "common_words"
+    max_tokens = 24
+
+    def build(self, tok, n, rng):
+        common = rng.sample(WORDS, 3)
+        rare = [w for w in WORDS if w not in common]
+        per_word = max(1, len(tok(" apple", add_special_tokens=False).input_ids))
+        total = max(60, (n - 80) // (per_word + 1))
+        words = common * max(3, total // 10) + [rng.choice(rare) for _ in range(total - 3 * max(3, total // 10))]
+        rng.shuffle(words)
+        doc = "Below is a numbered list of words.\n" + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+        return doc, "\nQuestion: What are the 3 most common words in the above list? Answer: The 3 most common " \
+                    "words are", common
+
+
+class FactsQA(Task):
+    name = "facts_qa"
+
+    def build(self, tok, n, rng):
+        people = rng.sample(NAMES, 8)
+        cities = [rng.choice(CITIES) for _ in people]
+        doc = haystack(tok, n, [f"{p} lives in {c}." for p, c in zip(people, cities)], rng)
+        i = rng.randrange(len(people))
+        return doc, f"\nQuestion: In which city does {people[i]} live? Answer: {people[i]} lives in", [cities[i]]
+
+
+TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
+                             CommonWords(), FactsQA())}
+METHODS = ("full", "icecache", "oracle", "quest", "streaming", "random")
+
+
+def method_config(method: str, budget: int) -> IceCacheConfig:
+    if method == "full":
+        return IceCacheConfig(mode="full")
+    edge = 16 if budget < 256 else 32
+    return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, selector=method,
+                          decode_path="dynamic")
+
+
+def score(text: str, answers: list[str]) -> float:
+    return sum(a.lower() in text.lower() for a in answers) / len(answers)
+
+
+def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], cases: int, methods: list[str],
+        budgets: list[int], log=print) -> dict:
+    results = defaultdict(list)  # (task, length, method, budget, seed) -> case scores
+    timing = defaultdict(float)
+    layouts = {}
+    for task_name in tasks:
+        task = TASKS[task_name]
+        for n in lengths:
+            for seed in seeds:
+                rng = random.Random(f"{task_name}-{n}-{seed}")
+                for case in range(cases):
+                    doc, question, answers = task.build(engine.tokenizer, n, rng)
+                    params = SamplingParams(max_tokens=task.max_tokens, temperature=0.0)
+                    contexts = {}
+                    for method in methods:
+                        for budget in ([0] if method == "full" else budgets):
+                            cfg = method_config(method, budget or 256)
+                            eng = engine.with_config(cfg)
+                            key = (cfg.sink_tokens, cfg.window_tokens)
+                            if key not in contexts:  # one prefill per layout (sinks/window) per case
+                                t = time.perf_counter()
+                                contexts[key] = eng.index(doc)
+                                timing["prefill"] += time.perf_counter() - t
+                            t = time.perf_counter()
+                            out = eng.generate(question, params, context=contexts[key])
+                            timing[method] += time.perf_counter() - t
+                            results[(task_name, n, method, budget, seed)].append(score(out.text, answers))
+                    log(f"{task_name} {n} seed {seed} case {case}: " + ", ".join(
+                        f"{m}@{b}={results[(task_name, n, m, b, seed)][-1]:.2f}" for m in methods
+                        for b in ([0] if m == "full" else budgets)))
+    return summarise(results, timing)
+
+
+def summarise(results: dict, timing: dict) -> dict:
+    per_seed = defaultdict(dict)
+    for (task, n, method, budget, seed), scores in results.items():
+        per_seed[(task, n, method, budget)][seed] = statistics.mean(scores)
+    rows = []
+    for (task, n, method, budget), by_seed in sorted(per_seed.items()):
+        values = list(by_seed.values())
+        full = statistics.mean(per_seed[(task, n, "full", 0)].values())
+        mean = statistics.mean(values)
+        rows.append({"task": task, "length": n, "method": method, "budget": budget, "mean": mean,
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values),
+                     "full_mean": full, "retention": mean / full if full else None})
+    averages = defaultdict(list)
+    for r in rows:
+        averages[(r["method"], r["budget"])].append(r["mean"])
+    suite = {f"{m}@{b}": statistics.mean(v) for (m, b), v in sorted(averages.items())}
+    return {"rows": rows, "suite_average": suite, "wall_s": dict(timing)}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    by_method = defaultdict(dict)
+    for key, value in report["suite_average"].items():
+        method, budget = key.split("@")
+        by_method[method][int(budget)] = value
+    full = by_method.pop("full", {}).get(0)
+    for method, points in by_method.items():
+        budgets = sorted(points)
+        a1.plot(budgets, [points[b] for b in budgets], marker="o", label=method)
+    if full is not None:
+        a1.axhline(full, ls="--", c="k", label="full")
+    a1.set(xscale="log", xlabel="token budget", ylabel="suite accuracy", title="accuracy vs budget")
+    a1.legend(fontsize=7)
+    tasks = sorted({r["task"] for r in report["rows"]})
+    budget = 256 if any(r["budget"] == 256 for r in report["rows"]) else max(r["budget"] for r in report["rows"])
+    methods = ["full"] + [m for m in by_method]
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        vals = []
+        for task in tasks:
+            sel = [r["mean"] for r in report["rows"] if r["task"] == task and r["method"] == method
+                   and r["budget"] == (0 if method == "full" else budget)]
+            vals.append(statistics.mean(sel) if sel else 0.0)
+        a2.bar([t + i * width for t in range(len(tasks))], vals, width, label=method)
+    a2.set_xticks([t + 0.4 for t in range(len(tasks))], tasks, rotation=30, fontsize=7)
+    a2.set(ylabel="accuracy", title=f"per task at budget {budget}")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI size: passkey + single needle, 2k, 3 cases")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000, 7000])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tasks, args.lengths, args.seeds, args.cases = ["passkey", "niah_single"], [2000], [0], 3
+        args.methods, args.budgets = ["full", "icecache", "streaming"], [256]
+    start = time.perf_counter()
+    engine = Engine.from_pretrained(device="cpu")
+    report = run(engine, args.tasks, args.lengths, args.seeds, args.cases, args.methods, args.budgets)
+    report.update({"model": engine.model_id, "date": time.strftime("%Y-%m-%d"), "args": {
+        k: v for k, v in vars(args).items() if k != "out"}, "total_wall_s": time.perf_counter() - start})
+    print(json.dumps(report["suite_average"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
