@@ -120,13 +120,19 @@ class CommonWords(Task):
     def build(self, tok, n, rng):
         common = rng.sample(WORDS, 3)
         rare = [w for w in WORDS if w not in common]
-        per_word = max(1, len(tok(" apple", add_special_tokens=False).input_ids))
-        total = max(60, (n - 80) // (per_word + 1))
-        words = common * max(3, total // 10) + [rng.choice(rare) for _ in range(total - 3 * max(3, total // 10))]
-        rng.shuffle(words)
-        doc = "Below is a numbered list of words.\n" + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-        return doc, "\nQuestion: What are the 3 most common words in the above list? Answer: The 3 most common " \
-                    "words are", common
+
+        def make(total: int) -> str:
+            reps = max(3, total // 10)
+            words = common * reps + [rng.choice(rare) for _ in range(max(0, total - 3 * reps))]
+            rng.shuffle(words)
+            return "Below is a numbered list of words.\n" + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+
+        total = max(60, n // 4)
+        for _ in range(3):  # calibrate on the real token count (numbers tokenise in pieces)
+            actual = len(tok(make(total), add_special_tokens=True).input_ids)
+            total = max(60, int(total * (n - 40) / actual))
+        return make(total), "\nQuestion: What are the 3 most common words in the above list? Answer: The 3 most " \
+                            "common words are", common
 
 
 class FactsQA(Task):
@@ -158,7 +164,8 @@ def score(text: str, answers: list[str]) -> float:
 
 
 def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], cases: int, methods: list[str],
-        budgets: list[int], log=print) -> dict:
+        budgets: list[int], log=print, checkpoint=None) -> dict:
+    """Evaluate; `checkpoint(report)` is called after every case with the results so far."""
     results = defaultdict(list)  # (task, length, method, budget, seed) -> case scores
     timing = defaultdict(float)
     layouts = {}
@@ -184,6 +191,8 @@ def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], 
                             out = eng.generate(question, params, context=contexts[key])
                             timing[method] += time.perf_counter() - t
                             results[(task_name, n, method, budget, seed)].append(score(out.text, answers))
+                    if checkpoint is not None:
+                        checkpoint(summarise(results, timing))
                     log(f"{task_name} {n} seed {seed} case {case}: " + ", ".join(
                         f"{m}@{b}={results[(task_name, n, m, b, seed)][-1]:.2f}" for m in methods
                         for b in ([0] if m == "full" else budgets)))
@@ -260,11 +269,14 @@ def main(argv=None) -> int:
         args.methods, args.budgets = ["full", "icecache", "streaming"], [256]
     start = time.perf_counter()
     engine = Engine.from_pretrained(device="cpu")
-    report = run(engine, args.tasks, args.lengths, args.seeds, args.cases, args.methods, args.budgets)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.json")
+    report = run(engine, args.tasks, args.lengths, args.seeds, args.cases, args.methods, args.budgets,
+                 checkpoint=lambda r: partial.write_text(json.dumps(r, indent=1)))
+    partial.unlink(missing_ok=True)
     report.update({"model": engine.model_id, "date": time.strftime("%Y-%m-%d"), "args": {
         k: v for k, v in vars(args).items() if k != "out"}, "total_wall_s": time.perf_counter() - start})
     print(json.dumps(report["suite_average"], indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.out.with_suffix(".png"))
     return 0
