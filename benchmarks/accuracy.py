@@ -223,6 +223,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method in both panels
     by_method = defaultdict(dict)
     for key, value in report["suite_average"].items():
         method, budget = key.split("@")
@@ -230,9 +231,9 @@ def plot(report: dict, path: Path) -> None:
     full = by_method.pop("full", {}).get(0)
     for method, points in by_method.items():
         budgets = sorted(points)
-        a1.plot(budgets, [points[b] for b in budgets], marker="o", label=method)
+        a1.plot(budgets, [points[b] for b in budgets], marker="o", label=method, c=colour[method])
     if full is not None:
-        a1.axhline(full, ls="--", c="k", label="full")
+        a1.axhline(full, ls="--", c=colour["full"], label="full")
     a1.set(xscale="log", xlabel="token budget", ylabel="suite accuracy", title="accuracy vs budget")
     a1.legend(fontsize=7)
     tasks = sorted({r["task"] for r in report["rows"]})
@@ -245,7 +246,7 @@ def plot(report: dict, path: Path) -> None:
             sel = [r["mean"] for r in report["rows"] if r["task"] == task and r["method"] == method
                    and r["budget"] == (0 if method == "full" else budget)]
             vals.append(statistics.mean(sel) if sel else 0.0)
-        a2.bar([t + i * width for t in range(len(tasks))], vals, width, label=method)
+        a2.bar([t + i * width for t in range(len(tasks))], vals, width, label=method, color=colour[method])
     a2.set_xticks([t + 0.4 for t in range(len(tasks))], tasks, rotation=30, fontsize=7)
     a2.set(ylabel="accuracy", title=f"per task at budget {budget}")
     a2.legend(fontsize=7)
