@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, _combine_heads
+from icecache.index.tree import PrivatePages, _combine_heads, top_pages
 from icecache.store import HostPageStore
 
 
@@ -31,11 +31,6 @@ def _pages(shared: HostPageStore, private: PrivatePages | None, device: torch.de
     return torch.cat(keys, dim=1), torch.cat(valid, dim=1)
 
 
-def _top(weight: torch.Tensor, num_pages: int) -> torch.Tensor:
-    best = weight.topk(min(num_pages, weight.shape[1]), dim=1)
-    return torch.where(best.values >= 0, best.indices, -1)
-
-
 def oracle_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages | None, num_pages: int,
                  scaling: float) -> torch.Tensor:
     """Exact: each page's share of every query head's attention over all pages, summed over
@@ -46,7 +41,7 @@ def oracle_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages |
     ok = torch.arange(P, device=q.device) < valid[..., None]  # [H, N, P]
     s = s.masked_fill(~ok[:, None], float("-inf"))
     log_mass = torch.logsumexp(s, dim=-1)  # [H, g, N]
-    return _top(_combine_heads(log_mass, valid > 0), num_pages)
+    return top_pages(_combine_heads(log_mass, valid > 0), num_pages)
 
 
 def quest_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages | None, num_pages: int,
@@ -65,9 +60,9 @@ def quest_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages | 
         valid = torch.cat([valid, private.valid[:, :used].to(valid.device)], 1)
     qf = q.float()[:, :, None, :]  # [H, g, 1, D]
     bound = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1).amax(1)  # [H, N]
-    # _top wants weights >= 0 for candidates: shift the bounds up, keep invalid pages at -1
+    # top_pages wants weights >= 0 for candidates: shift the bounds up, keep invalid pages at -1
     weight = torch.where(valid > 0, bound - bound.amin() + 1.0, torch.full_like(bound, -1.0))
-    return _top(weight, num_pages)
+    return top_pages(weight, num_pages)
 
 
 def _min_max(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,4 +83,4 @@ def random_pages(shared: HostPageStore, private: PrivatePages | None, num_pages:
     if private is not None and private.num_tokens:
         valid = torch.cat([valid, private.valid[:, :private.used_pages].cpu()], 1)
     noise = torch.rand(valid.shape, generator=generator)
-    return _top(torch.where(valid > 0, noise, torch.full_like(noise, -1.0)), num_pages)
+    return top_pages(torch.where(valid > 0, noise, torch.full_like(noise, -1.0)), num_pages)

@@ -27,34 +27,25 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.index.tree import TreeIndex, _combine_heads, _page_estimate, tree_keep
-
-_NEG = float("-inf")
+from icecache.index.tree import TreeIndex, _combine_heads, _page_estimate, page_summaries, top_pages, tree_keep
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CUDA tensor aliasing pinned/registered host memory (no copy): kernels read it over PCIe."""
     if device.type != "cuda":
         return host
-    raw = host.view(torch.int16) if host.element_size() == 2 else host.view(torch.int32) \
-        if host.element_size() == 4 else host.view(torch.int64)
-    typestr = {torch.int16: "<i2", torch.int32: "<i4", torch.int64: "<i8"}[raw.dtype]
+    size = host.element_size()  # reinterpret as an int type the interface can name (bf16 has no typestr)
+    raw = host.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    typestr = f"<i{size}"
 
     class _Iface:
         __cuda_array_interface__ = {"shape": tuple(raw.shape), "typestr": typestr, "data": (raw.data_ptr(), False),
                                     "version": 3, "strides": tuple(s * raw.element_size() for s in raw.stride())}
 
     return torch.as_tensor(_Iface(), device=device).view(host.dtype)
-
-
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scaling: float) -> torch.Tensor:
-    """q: [H, g, D]; k, v: [H, n, D]; mask: [H, n] -> [H, g, D] (float32 softmax)."""
-    s = torch.einsum("hgd,hnd->hgn", q.float(), k.float()) * scaling
-    s = s.masked_fill(~mask[:, None, :], _NEG)
-    return torch.einsum("hgn,hnd->hgd", torch.softmax(s, dim=-1), v.float()).to(v.dtype)
 
 
 class _DenseState:
@@ -136,14 +127,8 @@ class _SparseState:
 
     def _summarise(self, page_ids: torch.Tensor) -> None:
         """Recompute mean/var/radius of private pages page_ids [m] from their valid slots."""
-        keys = self.priv_k[:, page_ids].float()  # [H, m, P, D]
-        valid = self.priv_valid[:, page_ids]  # [H, m]
-        ok = (torch.arange(self.P, device=keys.device) < valid[..., None]).float()[..., None]  # [H, m, P, 1]
-        n = ok.sum(2).clamp_min(1)
-        mean = (keys * ok).sum(2) / n
-        var = ((keys - mean[:, :, None]).square() * ok).sum(2) / n
-        self.priv_mean[:, page_ids], self.priv_var[:, page_ids] = mean, var
-        self.priv_radius[:, page_ids] = ((keys - mean[:, :, None]).norm(dim=-1) * ok[..., 0]).amax(2)
+        mean, radius, var = page_summaries(self.priv_k[:, page_ids], self.priv_valid[:, page_ids])
+        self.priv_mean[:, page_ids], self.priv_radius[:, page_ids], self.priv_var[:, page_ids] = mean, radius, var
 
     def _push(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """New token into the ring; the token it replaces (once full) into private pages.
@@ -182,8 +167,7 @@ class _SparseState:
                                         scaling, self.radius_weight))
         candidates.append(self.priv_valid > 0)
         weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
-        best = weight.topk(min(self.R, weight.shape[1]), dim=1)
-        return torch.where(best.values >= 0, best.indices, -1)
+        return top_pages(weight, self.R)
 
     def fetch(self, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of the selected pages."""
@@ -216,7 +200,7 @@ class _SparseState:
         values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v], dim=1)
         mask = torch.cat([torch.ones(H, self.sink_k.shape[1], dtype=torch.bool, device=q.device), slot_ok,
                           self.win_filled.expand(H, -1)], dim=1)
-        return _masked_attention(q, keys, values, mask, scaling), page_ids
+        return decode_attention(q, keys, values, mask, scaling), page_ids
 
 
 # On CUDA a sparse layer's step (push, tree walk, page estimate, gather, attention) is

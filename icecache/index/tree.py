@@ -305,6 +305,13 @@ def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tenso
     return share.masked_fill(~candidate, -1.0)
 
 
+def top_pages(weight: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """The best pages by weight [H, N], best first; -1 where the weight is negative (not a
+    candidate) or fewer pages exist. -> [H, min(num_pages, N)]."""
+    best = weight.topk(min(num_pages, weight.shape[1]), dim=1)
+    return torch.where(best.values >= 0, best.indices, -1)
+
+
 def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: float) -> torch.Tensor | None:
     """Walk the tree top-down, keeping the best `search_width` nodes per level (per KV head,
     union over its query heads). q: [H, g, D] float -> level-1 nodes kept [H, n_1], or
@@ -350,9 +357,7 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
     if not estimates:
         return torch.full((H, 0), -1, dtype=torch.long, device=q.device)
     weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
-    k = min(num_pages, weight.shape[1])
-    best = weight.topk(k, dim=1)
-    return torch.where(best.values >= 0, best.indices, -1)
+    return top_pages(weight, num_pages)
 
 
 def all_pages(tree: TreeIndex, private: PrivatePages | None) -> torch.Tensor:
