@@ -102,31 +102,40 @@ class SharedContexts:
         return Lease(grant["lease"], context_id, ctx, cached, grant["segment"])
 
     # ------------------------------------------------------------------ protocol
-    def open(self, tenant: str, context_id: str) -> Lease:
-        """Lease a cached context by id; ContextNotFound if this tenant has none by that id."""
+    def _await_published(self, tenant: str, context_id: str) -> dict | None:
+        """The lease grant of a published context, waiting while another replica writes it;
+        None if there is none. TimeoutError if it stays in preparation too long."""
         deadline = time.monotonic() + self.pending_timeout_s
         while True:
             grant = ray.get(self.cache.acquire.remote(tenant, context_id, self.pid))
             if grant["status"] == "ready":
-                return self._leased(grant, context_id, cached=True)
-            if grant["status"] == "missing" or time.monotonic() > deadline:
-                raise ContextNotFound(context_id)
+                return grant
+            if grant["status"] == "missing":
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"context {context_id} has been in preparation for {self.pending_timeout_s} s")
             time.sleep(_PENDING_POLL_S)
+
+    def open(self, tenant: str, context_id: str) -> Lease:
+        """Lease a cached context by id; ContextNotFound if this tenant has none by that id."""
+        try:
+            grant = self._await_published(tenant, context_id)
+        except TimeoutError:
+            grant = None
+        if grant is None:
+            raise ContextNotFound(context_id)
+        return self._leased(grant, context_id, cached=True)
 
     def index(self, tenant: str, token_ids: list[int], progress=None) -> Lease:
         """Lease the context of a document, prefilling and publishing it if no replica on this
         node has. Raises ValueError for bad documents and CacheFull if it cannot be stored."""
         context_id = self.context_id(tenant, token_ids)
-        deadline = time.monotonic() + self.pending_timeout_s
-        while True:
-            grant = ray.get(self.cache.acquire.remote(tenant, context_id, self.pid))
-            if grant["status"] == "ready":
-                return self._leased(grant, context_id, cached=True)
-            if grant["status"] == "missing":
-                break
-            if time.monotonic() > deadline:
-                raise CacheFull(f"context {context_id} has been in preparation for {self.pending_timeout_s} s")
-            time.sleep(_PENDING_POLL_S)  # another replica is prefilling the same document
+        try:
+            grant = self._await_published(tenant, context_id)  # another replica may be prefilling it
+        except TimeoutError as e:
+            raise CacheFull(str(e)) from None
+        if grant is not None:
+            return self._leased(grant, context_id, cached=True)
         ctx = self.engine.index(token_ids, progress)
         num_bytes = packed_size(ctx)
         grant = ray.get(self.cache.reserve.remote(tenant, context_id, ctx.model_id, ctx.num_tokens, num_bytes,

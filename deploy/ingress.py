@@ -46,6 +46,11 @@ def decode_text(data: bytes, what: str) -> str:
         raise RequestError("INVALID_ARGUMENT", f"{what}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
+def check_document_size(num_bytes: int, limit: int) -> None:
+    if num_bytes > limit:
+        raise RequestError("INVALID_ARGUMENT", f"document: over the limit of {limit} bytes")
+
+
 def sampling_of(msg: pb.Sampling, max_new_tokens: int) -> dict:
     """Proto sampling -> SamplingParams kwargs, validated (the replica rebuilds them)."""
     if msg.max_tokens <= 0:
@@ -79,16 +84,13 @@ class IceCacheIngress:
         """Client-streamed document chunks -> an indexed context."""
         try:
             tenant = tenant_of(grpc_context)
-            text, token_ids, size = bytearray(), [], 0
+            text, token_ids = bytearray(), []
             async for chunk in chunks:
                 if isinstance(chunk, bytes):
                     chunk = pb.DocumentChunk.FromString(chunk)
                 text += chunk.text
                 token_ids += chunk.token_ids
-                size = len(text) + 4 * len(token_ids)
-                if size > self.args.max_document_bytes:
-                    raise RequestError("INVALID_ARGUMENT", f"document: over the limit of "
-                                                           f"{self.args.max_document_bytes} bytes")
+                check_document_size(len(text) + 4 * len(token_ids), self.args.max_document_bytes)
             if text and token_ids:
                 raise RequestError("INVALID_ARGUMENT", "document: send text or token_ids, not both")
             if not text and not token_ids:
@@ -109,12 +111,12 @@ class IceCacheIngress:
             sampling = sampling_of(request.sampling, self.args.max_new_tokens)
             source = request.WhichOneof("source")
             context_id = check_context_id(request.context_id) if source == "context_id" else None
-            document = decode_text(request.document, "document") if source == "document" else None
-            if source == "document" and not document:
-                raise RequestError("INVALID_ARGUMENT", "document: empty")
-            if document is not None and len(request.document) > self.args.max_document_bytes:
-                raise RequestError("INVALID_ARGUMENT",
-                                   f"document: over the limit of {self.args.max_document_bytes} bytes")
+            document = None
+            if source == "document":
+                check_document_size(len(request.document), self.args.max_document_bytes)  # before decoding it
+                document = decode_text(request.document, "document")
+                if not document:
+                    raise RequestError("INVALID_ARGUMENT", "document: empty")
             if not request.prompt and source is None:
                 raise RequestError("INVALID_ARGUMENT", "prompt: empty (and no context_id or document)")
             stream = self.llm.options(stream=True).generate.remote(

@@ -64,7 +64,7 @@ class IceCacheLLM:
         def work() -> dict:
             try:
                 with self._engine_lock:  # the tokenizer is not safe to share between threads either
-                    lease = self.contexts.index(tenant, self._document_ids(document))
+                    lease = self._lease(tenant, None, document)
                 try:
                     ctx = lease.context
                     return {"context_id": lease.context_id, "num_tokens": ctx.num_tokens, "cached": lease.cached,
