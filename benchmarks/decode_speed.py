@@ -90,16 +90,21 @@ def run_hf(model, ids: list[int], tokens: int) -> dict:
             "peak_gpu_gib": (torch.cuda.max_memory_allocated() - base) / GiB, "kv_gpu_gib": kv / GiB}
 
 
-def state_bytes(decoder: StaticDecoder, ctx) -> int:
-    total = 0
+def state_bytes(decoder: StaticDecoder) -> int:
+    """GPU bytes a request's decoder holds for KV-side state (pages on the host not counted)."""
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size() if t.is_cuda else 0
+
+    total = sum(size(t) for t in decoder.scratch.buffers.values()) if decoder.scratch is not None else 0
     for s in decoder.states:
         if isinstance(s, _DenseState):
-            total += 2 * s.k.numel() * s.k.element_size()
+            total += size(s.k) + size(s.v)
         else:
-            for t in (s.sink_k, s.sink_v, s.win_k, s.win_v, s.priv_k, s.priv_v, s.priv_mean, s.priv_var,
-                      s.shared_valid):
-                total += t.numel() * t.element_size()
-            total += sum(t.numel() * t.element_size() for t in s.tree.tensors() if t.is_cuda)
+            for t in (s.sink_k, s.sink_v, s.win_k, s.win_v, s.priv_k, s.priv_v, s.priv_valid, s.priv_sum,
+                      s.priv_sumsq, s.shared_valid, *s.tree.tensors()):
+                total += size(t)
+            total += sum(size(t) for t in (getattr(s, "cluster_start", None), getattr(s, "cluster_count", None))
+                         if t is not None)
     return total
 
 
@@ -148,26 +153,26 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
         eng._prefill(req, question, ctx.num_tokens)
         dec = StaticDecoder(eng.model, eng.config, ctx.with_index_on(eng.device), [(kv.k, kv.v) for kv in req.own],
                             tokens)
-        result["kv_gpu_gib"] = state_bytes(dec, ctx) / GiB
+        result["kv_gpu_gib"] = state_bytes(dec) / GiB
         if breakdown:
+            from icecache import kernels
             sparse = [s for s in dec.states if isinstance(s, _SparseState)]
-            H, D = eng.shape.num_kv_heads, eng.shape.head_dim
-            q = torch.randn(H, eng.shape.group, D, device="cuda")
+            H, D, G = eng.shape.num_kv_heads, eng.shape.head_dim, eng.shape.group
+            q = torch.randn(H, G, D, device="cuda")
             scaling = D ** -0.5
             ids = [s.select(q, scaling) for s in sparse]
-            parts = {
-                "index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),
-                "page_gather_s": cuda_time(lambda: [s.fetch(i) for s, i in zip(sparse, ids)]),
-            }
-            fetched = [s.fetch(i) for s, i in zip(sparse, ids)]
+            none = torch.full_like(ids[0], -1)
+            out = torch.empty(H, G, D, dtype=torch.bfloat16, device="cuda")
 
-            def attention():
-                for s, (pk, pv, valid) in zip(sparse, fetched):
-                    R, P = pk.shape[1], pk.shape[2]
-                    keys = torch.cat([s.sink_k, pk.reshape(H, R * P, D), s.win_k], dim=1)
-                    values = torch.cat([s.sink_v, pv.reshape(H, R * P, D), s.win_v], dim=1)
-                    torch.softmax(torch.einsum("hgd,hnd->hgn", q, keys.float()), -1) @ values.float()
-            parts["attention_s"] = cuda_time(attention)
+            def attention(page_ids):
+                for s, i in zip(sparse, page_ids):
+                    kernels.sparse_attention(q, s.sink_k, s.sink_v, i, s.shared_k, s.shared_v, s.shared_valid,
+                                             s.priv_k, s.priv_v, s.priv_valid, s.win_k, s.win_v, s.ring.counts,
+                                             scaling, dec.scratch["att_parts"], dec.scratch["att_acc"], out)
+            with_pages = cuda_time(lambda: attention(ids))
+            without = cuda_time(lambda: attention([none] * len(sparse)))
+            parts = {"index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),
+                     "page_read_s": max(0.0, with_pages - without), "attention_s": without}
             parts["rest_of_model_s"] = max(0.0, result["tpot_median_s"] - sum(parts.values()))
             result["breakdown"] = parts
         del dec, req

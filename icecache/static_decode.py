@@ -11,6 +11,9 @@ What differs from the dynamic path (cache.py), by design:
 * a request's own tokens that leave the window go to private pages in arrival order
   (page = n // page_size), which keeps shapes static; they are always candidates and are
   ranked by the same page estimate as shared pages;
+* on CUDA a sparse layer runs as ~20 Triton kernels (kernels.py: push, tree walk, page
+  ranking over the kept clusters' pages only, attention reading pages in place); the
+  torch code here is their reference and the CPU path;
 * the window is a ring buffer; dense layers (and every layer in mode="full") attend over
   a preallocated on-device buffer of the whole context plus the request's own tokens.
 
@@ -22,15 +25,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.index.tree import TreeIndex, _combine_heads, _page_estimate, page_summaries, top_pages, tree_keep
+from icecache.index.tree import TreeIndex, _combine_heads, _page_estimate, top_pages, tree_keep
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -73,86 +74,161 @@ class _DenseState:
         return out.view(H, g, D)
 
 
-def _pad_pages(tree: TreeIndex, num_pages: int) -> TreeIndex:
-    """The tree with its page tables padded to num_pages invalid pages (no parent, no tokens)."""
-    extra = num_pages - tree.num_pages
-    if extra <= 0:
-        return tree
-    return replace(tree, page_parent=F.pad(tree.page_parent, (0, extra), value=-1),
-                   page_mean=F.pad(tree.page_mean, (0, 0, 0, extra)), page_var=F.pad(tree.page_var, (0, 0, 0, extra)),
-                   page_radius=F.pad(tree.page_radius, (0, extra)), page_valid=F.pad(tree.page_valid, (0, extra)))
+class _Ring:
+    """The counters every sparse layer of a request shares (they push the same tokens):
+    tokens ever put in the window ring, tokens moved on to private pages. Layers read
+    them during a step; advance() moves them once at its end."""
+
+    def __init__(self, in_window: int, in_private: int, window: int, device: torch.device) -> None:
+        self.counts = torch.tensor([in_window, in_private], dtype=torch.long, device=device)  # [2]
+        self.window = window
+
+    def advance(self) -> None:
+        self.counts[1:] += (self.counts[:1] >= self.window).long()
+        self.counts[:1] += 1
+
+
+class _Scratch:
+    """fp32 work buffers of the Triton path, one set shared by the layers (they run in turn)."""
+
+    def __init__(self, device: torch.device, group: int) -> None:
+        self.device, self.group, self.sizes, self.buffers = device, group, {}, {}
+
+    def need(self, name: str, numel: int) -> None:
+        self.sizes[name] = max(self.sizes.get(name, 0), numel)
+
+    def allocate(self) -> None:
+        self.buffers = {n: torch.empty(size, dtype=torch.float32, device=self.device) for n, size in self.sizes.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
 
 
 class _SparseState:
     """Sinks, window ring, private pages and the shared tree/pages of one sparse layer."""
 
-    def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, max_new: int,
-                 config: IceCacheConfig, dtype: torch.dtype, device: torch.device, pad_pages_to: int = 0) -> None:
+    def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, max_new: int, ring_cut: int,
+                 config: IceCacheConfig, dtype: torch.dtype, device: torch.device, ring: _Ring,
+                 scratch: _Scratch | None) -> None:
         H, _, D = own_k.shape
         P, W = config.page_size, config.window_tokens
         self.P, self.W, self.R = P, W, config.retrieved_pages
-        self.search_width, self.radius_weight = config.search_width, config.page_score_radius
+        self.search_width = config.search_width
+        self.ring, self.scratch = ring, scratch
         pages = ctx_layer.pages
-        # every layer gets the same page count (padding pages are never candidates), so one
-        # compiled step serves all layers
-        self.num_shared = max(pages.num_pages, pad_pages_to)
-        self.tree: TreeIndex = _pad_pages(ctx_layer.tree, self.num_shared)
+        self.tree: TreeIndex = ctx_layer.tree
+        self.num_shared = pages.num_pages
         self.shared_k, self.shared_v = uva_view(pages.keys, device), uva_view(pages.values, device)
-        self.shared_valid = F.pad(pages.valid.to(device), (0, self.num_shared - pages.num_pages))
-        self.sink_k, self.sink_v = ctx_layer.sink_k.to(device, dtype), ctx_layer.sink_v.to(device, dtype)
+        self.shared_valid = pages.valid.to(device)
+        self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
+        self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
 
         recent_k = torch.cat([ctx_layer.tail_k.to(device, dtype), own_k.to(device, dtype)], dim=1)
         recent_v = torch.cat([ctx_layer.tail_v.to(device, dtype), own_v.to(device, dtype)], dim=1)
-        cut = max(0, recent_k.shape[1] - W)  # older recent tokens start in private pages
+        cut = ring_cut  # older recent tokens start in private pages
         cap = (cut + max_new) // P + 2
-        self.priv_k = torch.zeros(H, cap, P, D, dtype=dtype, device=device)
+        self.priv_k = torch.zeros(H, cap, P, D, dtype=dtype, device=device)  # [H, cap, P, D] token n at n // P
         self.priv_v = torch.zeros_like(self.priv_k)
-        self.priv_valid = torch.zeros(H, cap, dtype=torch.long, device=device)
-        self.priv_mean = torch.zeros(H, cap, D, dtype=torch.float32, device=device)
-        self.priv_var = torch.zeros_like(self.priv_mean)
-        self.priv_radius = torch.zeros(H, cap, dtype=torch.float32, device=device)
+        self.priv_valid = torch.zeros(H, cap, dtype=torch.long, device=device)  # [H, cap]
+        self.priv_sum = torch.zeros(H, cap, D, dtype=torch.float32, device=device)  # running sums: mean, var
+        self.priv_sumsq = torch.zeros_like(self.priv_sum)
         if cut:
             n = torch.arange(cut, device=device)
             self.priv_k[:, n // P, n % P] = recent_k[:, :cut]
             self.priv_v[:, n // P, n % P] = recent_v[:, :cut]
-            self.priv_valid[:, :(cut + P - 1) // P] = torch.bincount(n // P).to(device)
-            self._summarise(torch.arange((cut + P - 1) // P, device=device))
-        self.priv_count = torch.tensor(cut, device=device)
+            self.priv_valid.index_add_(1, n // P, torch.ones(H, cut, dtype=torch.long, device=device))
+            x = recent_k[:, :cut].float()
+            self.priv_sum.index_add_(1, n // P, x)
+            self.priv_sumsq.index_add_(1, n // P, x.square())
         w = recent_k.shape[1] - cut
         self.win_k = torch.zeros(H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_k[:, :w], self.win_v[:, :w] = recent_k[:, cut:], recent_v[:, cut:]
-        self.win_filled = torch.arange(W, device=device) < w
-        self.win_count = torch.tensor(w, device=device)  # tokens ever put in the ring
+        if scratch is not None:
+            self._plan_kernels(H, own_k.shape[1], D, config)
 
-    def _summarise(self, page_ids: torch.Tensor) -> None:
-        """Recompute mean/var/radius of private pages page_ids [m] from their valid slots."""
-        mean, radius, var = page_summaries(self.priv_k[:, page_ids], self.priv_valid[:, page_ids])
-        self.priv_mean[:, page_ids], self.priv_radius[:, page_ids], self.priv_var[:, page_ids] = mean, radius, var
+    # ------------------------------------------------------------ the Triton path (CUDA)
+    def _plan_kernels(self, H: int, _own: int, D: int, config: IceCacheConfig) -> None:
+        from icecache.kernels import scratch_sizes
+        self.cluster_start, self.cluster_count = self.tree.cluster_pages()
+        self.max_cluster_pages = int(self.cluster_count.max()) if self.cluster_count.numel() else 0  # once: a sync
+        group = self.scratch.group
+        for name, numel in scratch_sizes(H, group, D, [k.shape[1] for k in self.tree.node_keys],
+                                         min(self.search_width, self.tree.num_clusters),
+                                         self.num_shared + self.priv_valid.shape[1], self.sink_k.shape[1],
+                                         self.R, self.W, self.P).items():
+            self.scratch.need(name, numel)
 
+    def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        from icecache import kernels
+        tree, S = self.tree, self.scratch
+        keep = parent = None
+        top = None
+        for j in range(tree.num_levels, 0, -1):
+            nodes = tree.node_keys[j - 1]
+            if j < tree.num_levels:
+                parent = tree.node_parent[j - 1]
+            score = kernels.level_scores(q, nodes, parent, keep, scaling, S["raw"], S["parts"], S["out"])  # [H, n_j]
+            top = score.topk(min(self.search_width, score.shape[1]), dim=1)
+            if j > 1:
+                keep = torch.zeros(score.shape, dtype=torch.uint8, device=q.device)
+                keep.scatter_(1, top.indices, (top.values > float("-inf")).to(torch.uint8))
+        H = q.shape[0]
+        if top is None:
+            top_idx = torch.zeros(H, 0, dtype=torch.long, device=q.device)
+            top_val = torch.zeros(H, 0, dtype=torch.float32, device=q.device)
+        else:
+            top_idx, top_val = top.indices, top.values
+        weight = kernels.page_weights(q, top_idx, top_val, self.cluster_start, self.cluster_count,
+                                      self.max_cluster_pages, tree.page_mean,
+                                      tree.page_var, tree.page_valid, self.priv_sum, self.priv_sumsq,
+                                      self.priv_valid, scaling, S["raw"], S["parts"], S["out"])
+        return top_pages(weight, self.R)
+
+    def _attend_kernels(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from icecache import kernels
+        kernels.push(k.contiguous(), v.contiguous(), self.win_k, self.win_v, self.ring.counts, self.priv_k,
+                     self.priv_v, self.priv_valid, self.priv_sum, self.priv_sumsq)
+        qf = q.float().contiguous()
+        page_ids = self._select_kernels(qf, scaling)
+        S = self.scratch
+        H, G, D = q.shape
+        out = kernels.sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
+                                       self.shared_valid, self.priv_k, self.priv_v, self.priv_valid, self.win_k,
+                                       self.win_v, self.ring.counts, scaling, S["att_parts"], S["att_acc"],
+                                       torch.empty(H, G, D, dtype=q.dtype, device=q.device))
+        return out, page_ids
+
+    # ------------------------------------------------------------ the torch path (reference, CPU)
     def _push(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """New token into the ring; the token it replaces (once full) into private pages.
         Indices stay 1-element tensors: a 0-d tensor index would be read back to the host."""
         H, D = k.shape
-        slot = (self.win_count % self.W).view(1)
-        full = self.win_count >= self.W
+        slot = self.ring.counts[:1] % self.W
+        full = self.ring.counts[:1] >= self.W
         flat_k = self.priv_k.view(H, -1, D)  # [H, cap * P, D]: private slot n is token n
         flat_v = self.priv_v.view(H, -1, D)
-        at = self.priv_count.view(1)
+        at = self.ring.counts[1:]
         old_k, old_v = self.win_k.index_select(1, slot), self.win_v.index_select(1, slot)  # [H, 1, D]
         flat_k.index_copy_(1, at, torch.where(full, old_k, flat_k.index_select(1, at)))
         flat_v.index_copy_(1, at, torch.where(full, old_v, flat_v.index_select(1, at)))
         page = at // self.P
         self.priv_valid.index_add_(1, page, full.long().expand(H, 1))
-        self.priv_count += full.long()
-        self._summarise(page)
+        x = old_k.float() * full
+        self.priv_sum.index_add_(1, page, x)
+        self.priv_sumsq.index_add_(1, page, x.square())
         self.win_k.index_copy_(1, slot, k[:, None])
         self.win_v.index_copy_(1, slot, v[:, None])
-        self.win_filled |= torch.arange(self.W, device=k.device) == slot
-        self.win_count += 1
+
+    def _private_summaries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.priv_valid.clamp_min(1)[..., None].float()
+        mean = self.priv_sum / count
+        return mean, (self.priv_sumsq / count - mean.square()).clamp_min(0)
 
     def select(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Page ids [H, R] (private pages offset by num_shared), -1 where none."""
+        """Page ids [H, R] (private pages offset by num_shared), -1 where none. q: [H, G, D] fp32."""
+        if self.scratch is not None:
+            return self._select_kernels(q, scaling)
         tree = self.tree
         estimates, candidates = [], []
         if tree.num_pages:
@@ -161,10 +237,10 @@ class _SparseState:
             if keep is not None:
                 cand = cand & keep.gather(1, tree.page_parent.clamp_min(0))
             estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_var, tree.page_valid,
-                                            scaling, self.radius_weight))
+                                            scaling, 0.0))
             candidates.append(cand)
-        estimates.append(_page_estimate(q, self.priv_mean, self.priv_radius, self.priv_var, self.priv_valid,
-                                        scaling, self.radius_weight))
+        mean, var = self._private_summaries()
+        estimates.append(_page_estimate(q, mean, None, var, self.priv_valid, scaling, 0.0))  # no radius
         candidates.append(self.priv_valid > 0)
         weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
         return top_pages(weight, self.R)
@@ -186,31 +262,31 @@ class _SparseState:
         return k, v, valid.masked_fill(page_ids < 0, 0)
 
     def attend(self, q, k, v, step, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.is_cuda and _COMPILE:
-            return _compiled_attend(self, q, k, v, scaling)
-        return self._attend(q, k, v, scaling)
-
-    def _attend(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scratch is not None:
+            return self._attend_kernels(q, k, v, scaling)
         self._push(k, v)
         page_ids = self.select(q.float(), scaling)
         pk, pv, valid = self.fetch(page_ids)
         H, R, P, D = pk.shape
         slot_ok = (torch.arange(P, device=q.device) < valid[..., None]).reshape(H, R * P)
+        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[:1] + 1).clamp(max=self.W)
         keys = torch.cat([self.sink_k, pk.reshape(H, R * P, D), self.win_k], dim=1)
         values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v], dim=1)
         mask = torch.cat([torch.ones(H, self.sink_k.shape[1], dtype=torch.bool, device=q.device), slot_ok,
-                          self.win_filled.expand(H, -1)], dim=1)
+                          filled.expand(H, -1)], dim=1)
         return decode_attention(q, keys, values, mask, scaling), page_ids
 
 
-# On CUDA a sparse layer's step (push, tree walk, page estimate, gather, attention) is
-# hundreds of tiny kernels; torch.compile fuses them. Layers are padded to one shape, so one
-# compile serves every layer of a context. Opt-in (ICECACHE_COMPILE=1): in isolation it took
-# a 32k step from 22.6 to 14.5 ms on an H100, but inside the engine's loop it ran at
-# 1.4-2.6 s a token (it seems to recompile every step), which is not understood yet.
-_COMPILE = os.environ.get("ICECACHE_COMPILE", "0") == "1"
-_compiled_attend = torch.compile(_SparseState._attend, dynamic=False) if _COMPILE else None
-torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int) -> bool:
+    """Whether sparse layers run as Triton kernels: on CUDA, for shapes they support
+    (ICECACHE_KERNELS=0 forces the torch path, =1 forces them, e.g. interpreted on CPU)."""
+    forced = os.environ.get("ICECACHE_KERNELS")
+    if forced is not None:
+        return forced == "1"
+    if device.type != "cuda":
+        return False
+    from icecache.kernels import supported
+    return supported(head_dim, config.page_size, group)
 
 
 class StaticDecoder:
@@ -229,14 +305,23 @@ class StaticDecoder:
         self.num_kv_heads = model.config.num_key_value_heads
         self.group = model.config.num_attention_heads // self.num_kv_heads
         self.states = []
-        max_pages = max((layer.pages.num_pages for layer in context.sparse.values()), default=0)
+        sparse_layers = [i for i in range(len(own_kv)) if i not in context.dense and config.mode != "full"]
+        self.ring = self.scratch = None
+        if sparse_layers:
+            recent = context.num_tail + own_kv[0][0].shape[1]  # tokens that start in the window or behind it
+            cut = max(0, recent - config.window_tokens)  # the oldest of them start in private pages
+            self.ring = _Ring(recent - cut, cut, config.window_tokens, self.device)
+            if use_kernels(self.device, config, self.head_dim, self.group):
+                self.scratch = _Scratch(self.device, self.group)
         for i, (own_k, own_v) in enumerate(own_kv):
-            if i in context.dense or config.mode == "full":
+            if i in sparse_layers:
+                self.states.append(_SparseState(context.sparse[i], own_k, own_v, max_new_tokens + 1, cut, config,
+                                                self.dtype, self.device, self.ring, self.scratch))
+            else:
                 ck, cv = context.flat_kv(i)
                 self.states.append(_DenseState(ck, cv, own_k, own_v, max_new_tokens + 1, self.dtype, self.device))
-            else:
-                self.states.append(_SparseState(context.sparse[i], own_k, own_v, max_new_tokens + 1, config,
-                                                self.dtype, self.device, pad_pages_to=max_pages))
+        if self.scratch is not None:
+            self.scratch.allocate()
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)  # decoded tokens so far
         self.last_pages: list[torch.Tensor | None] = [None] * len(self.states)
         self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
@@ -266,6 +351,8 @@ class StaticDecoder:
             h = h + attn.o_proj(out.reshape(1, 1, H * g * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.step_index += 1
+        if self.ring is not None:
+            self.ring.advance()
         return self.model.lm_head(self.norm(h))[0, -1].float()
 
     def step(self, token: int, position: int) -> torch.Tensor:

@@ -35,7 +35,6 @@ class TreeIndex:
     scale: torch.Tensor  # [H] c = max key norm at build time
     node_keys: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] keys of the promoted points
     node_parent: list[torch.Tensor]  # level j = 1..L-1: [H, n_j] index of the parent on level j+1
-    level1_tkeys: torch.Tensor  # [H, n_1, D + 1] level-1 nodes in T-space (insertion finds parents here)
     page_parent: torch.Tensor  # [H, num_pages] level-1 cluster of each page; -1 on padding pages
     page_mean: torch.Tensor  # [H, num_pages, D] mean key of the page's valid slots
     page_radius: torch.Tensor  # [H, num_pages] max distance of a valid key from the mean
@@ -52,7 +51,22 @@ class TreeIndex:
 
     @property
     def num_clusters(self) -> int:
-        return self.level1_tkeys.shape[1]
+        return self.node_keys[0].shape[1] if self.node_keys else 0
+
+    def level1_tkeys(self) -> torch.Tensor:
+        """[H, n_1, D + 1] level-1 nodes in T-space (where inserted tokens find their parent);
+        derived, not stored, so the decode-time index holds only what a query reads."""
+        if not self.node_keys:
+            return torch.zeros(self.page_valid.shape[0], 0, 1, device=self.page_valid.device)
+        return transform_keys(self.node_keys[0], self.scale)
+
+    def cluster_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First page and page count of every level-1 cluster ([H, n_1] each): build_tree
+        packs a cluster's pages contiguously, in cluster order."""
+        parent = self.page_parent
+        count = torch.zeros(parent.shape[0], self.num_clusters, dtype=torch.long, device=parent.device)
+        count.scatter_add_(1, parent.clamp_min(0), (parent >= 0).long())
+        return count.cumsum(1) - count, count
 
     def to(self, device: torch.device) -> "TreeIndex":
         def move(x):
@@ -147,9 +161,9 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     scale = key_scale(keys)
     if n == 0:
         empty = torch.zeros(H, 0, dtype=torch.long, device=device)
-        tree = TreeIndex(scale, [], [], torch.zeros(H, 0, D + 1, device=device), empty,
-                         torch.zeros(H, 0, D, device=device), torch.zeros(H, 0, device=device),
-                         torch.zeros(H, 0, D, device=device), empty.clone())
+        tree = TreeIndex(scale, [], [], empty, torch.zeros(H, 0, D, dtype=keys.dtype, device=device),
+                         torch.zeros(H, 0, dtype=keys.dtype, device=device),
+                         torch.zeros(H, 0, D, dtype=keys.dtype, device=device), empty.clone())
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
@@ -190,8 +204,10 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     mean, radius, var = page_summaries(paged, valid)
     del paged
 
-    node_keys = [gather_rows(keys.float(), m) for m in members]
-    tree = TreeIndex(scale, node_keys, node_parent, level_t[0], page_parent, mean, radius, var, valid)
+    # stored in the keys' own dtype (bf16 on a bf16 model): as precise as the keys they sum up
+    node_keys = [gather_rows(keys, m) for m in members]
+    tree = TreeIndex(scale, node_keys, node_parent, page_parent, mean.to(keys.dtype), radius.to(keys.dtype),
+                     var.to(keys.dtype), valid)
     return tree, PageLayout(page_of, slot_of, num_pages)
 
 
@@ -204,6 +220,7 @@ class PrivatePages:
     def __init__(self, tree: TreeIndex, num_heads: int, page_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, capacity: int = 8) -> None:
         self.tree = tree
+        self.level1_tkeys = tree.level1_tkeys()  # [H, n_1, D + 1]
         self.page_size = page_size
         H, P, D = num_heads, page_size, head_dim
         self.keys = torch.zeros(H, capacity, P, D, dtype=dtype, device=device)  # [H, cap, P, D]
@@ -247,7 +264,7 @@ class PrivatePages:
         tree = self.tree
         if tree.num_clusters:
             tk = transform_keys(keys, tree.scale)  # [H, m, D + 1]
-            bucket = _nearest(tk, tree.level1_tkeys)[0]  # [H, m]
+            bucket = _nearest(tk, self.level1_tkeys)[0]  # [H, m]
         else:
             bucket = torch.full((H, m), tree.num_clusters, dtype=torch.long, device=device)
         nb = self.open_page.shape[1]
@@ -290,10 +307,10 @@ def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, va
     """log of the attention mass a page is expected to hold, per query head: for keys
     k ~ N(mean, diag(var)), log sum exp(s q.k) ~ log n + s q.mean + s^2/2 sum_d q_d^2 var_d.
     q: [H, g, D]; mean, var: [H, N, D] -> [H, g, N]."""
-    score = torch.einsum("hgd,hnd->hgn", q, mean)
-    score += torch.einsum("hgd,hnd->hgn", q.square(), var) * (0.5 * scaling)
+    score = torch.einsum("hgd,hnd->hgn", q, mean.to(q.dtype))
+    score += torch.einsum("hgd,hnd->hgn", q.square(), var.to(q.dtype)) * (0.5 * scaling)
     if radius_weight:
-        score += radius_weight * q.norm(dim=-1)[..., None] * radius[:, None, :]  # [H, g, N]
+        score += radius_weight * q.norm(dim=-1)[..., None] * radius[:, None, :].to(q.dtype)  # [H, g, N]
     return score * scaling + valid.clamp_min(1).float().log()[:, None, :]
 
 

@@ -1,0 +1,385 @@
+"""Triton kernels for one sparse layer's decode step: push the new token, walk the tree,
+rank pages, attend over sinks + selected pages + window.
+
+Why: written in torch ops, a sparse layer's step is ~400 tiny kernels, and on an H100 a
+CUDA graph of them costs more than reading the 8B model's weights. Here a layer is about
+20 kernels whose cost does not grow with the context: only the children of kept tree
+nodes are ranked, and pages are read where they lie (host memory, through a UVA view).
+
+The torch code in static_decode.py is the reference these kernels are tested against.
+Without CUDA they can run in Triton's interpreter (slow, exact), which is how CPU CI
+checks them: TRITON_INTERPRET=1 must be set before torch is imported (torch imports
+triton, and the flag is read then); tests/conftest.py does that.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_NODES = 64  # tree nodes per program of a level score
+_BLOCK_PAGES = 16  # pages per inner step of a page score (tl.dot needs >= 16)
+_BLOCK_WEIGHTS = 256  # pages per program of the head-combine
+
+
+def supported(head_dim: int, page_size: int, group: int) -> bool:
+    """Shapes the kernels handle (tl.dot tiles are powers of two >= 16)."""
+    pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
+    return pow2(head_dim) and pow2(page_size) and group <= 64
+
+
+def _rows(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))
+
+
+def _check_contiguous(*tensors: torch.Tensor) -> None:
+    """The kernels index with row-major offsets computed from shapes."""
+    for t in tensors:
+        assert t.is_contiguous(), f"kernel input of shape {tuple(t.shape)} is not contiguous"
+
+
+def scratch_sizes(H: int, G: int, D: int, level_sizes: list[int], num_top: int, num_pages: int, num_sink: int,
+                  retrieved: int, window: int, page_size: int) -> dict[str, int]:
+    """fp32 elements of each work buffer one sparse layer's step needs (see the wrappers)."""
+    GP = _rows(G)
+    widest = max([num_pages, *level_sizes])
+    chunks = max([triton.cdiv(n, _BLOCK_NODES) for n in level_sizes] + [num_top + 1])
+    blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size)
+    return {"raw": H * G * widest, "parts": H * chunks * GP * 2, "out": H * widest,
+            "att_parts": H * blocks * GP * 2, "att_acc": H * blocks * GP * D}
+
+
+# ---------------------------------------------------------------------------- tree walk
+@triton.jit
+def _level_scores(q_ptr, node_ptr, parent_ptr, keep_ptr, raw_ptr, part_ptr, n, n_parent, scaling,
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                  HAS_PARENT: tl.constexpr):
+    """raw[h, g, i] = scaling * q_g . node_i (-inf unless i's parent is kept); per-program
+    (max, sum exp) per query head into part[h, c, :, 0/1]."""
+    h, c = tl.program_id(0), tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    i = c * BLOCK + tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    node = tl.load(node_ptr + (h * n + i[:, None]) * D + d[None, :], mask=i[:, None] < n, other=0.0)
+    s = tl.dot(q, tl.trans(node.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
+    ok = i < n
+    if HAS_PARENT:
+        parent = tl.load(parent_ptr + h * n + i, mask=ok, other=0)
+        ok = ok & (tl.load(keep_ptr + h * n_parent + parent, mask=ok, other=0) != 0)
+    s = tl.where(ok[None, :] & (g[:, None] < G), s, -float("inf"))
+    tl.store(raw_ptr + (h * G + g[:, None]) * n + i[None, :], s, mask=(g[:, None] < G) & (i[None, :] < n))
+    m = tl.max(s, axis=1)  # [GP]
+    l = tl.sum(tl.where(s > -float("inf"), tl.exp(s - m[:, None]), 0.0), axis=1)
+    base = part_ptr + ((h * num_chunks + c) * GP + g) * 2
+    tl.store(base, m)
+    tl.store(base + 1, l)
+
+
+@triton.jit
+def _level_combine(raw_ptr, part_ptr, out_ptr, n, num_chunks, G: tl.constexpr, GP: tl.constexpr,
+                   CP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[h, i] = max_g (raw[h, g, i] - logsumexp_i raw[h, g, :]): each query head's
+    log-softmax, the best over the heads of a KV head."""
+    h, c = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, GP)
+    k = tl.arange(0, CP)
+    pm = tl.load(part_ptr + ((h * num_chunks + k[:, None]) * GP + g[None, :]) * 2, mask=k[:, None] < num_chunks,
+                 other=-float("inf"))  # [CP, GP]
+    pl = tl.load(part_ptr + ((h * num_chunks + k[:, None]) * GP + g[None, :]) * 2 + 1,
+                 mask=k[:, None] < num_chunks, other=0.0)
+    big = tl.max(pm, axis=0)  # [GP]
+    safe = tl.where(big > -float("inf"), big, 0.0)
+    total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe[None, :]), 0.0), axis=0)
+    lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))  # +inf: no candidate -> -inf
+    i = c * BLOCK + tl.arange(0, BLOCK)
+    raw = tl.load(raw_ptr + (h * G + g[:, None]) * n + i[None, :], mask=(g[:, None] < G) & (i[None, :] < n),
+                  other=-float("inf"))
+    best = tl.max(raw - lse[:, None], axis=0)
+    tl.store(out_ptr + h * n + i, best, mask=i < n)
+
+
+def level_scores(q: torch.Tensor, nodes: torch.Tensor, parent: torch.Tensor | None, keep: torch.Tensor | None,
+                 scaling: float, raw: torch.Tensor, parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The tree walk's score of one level (see index.tree.tree_keep).
+
+    q: [H, G, D] fp32; nodes: [H, n, D]; parent: [H, n] index into keep: [H, n_parent]
+    (uint8, 1 = kept), both None on the top level. raw [>= H*G*n], parts [>= H*chunks*GP*2]
+    and out [>= H*n] are fp32 scratch. Returns out as [H, n]."""
+    _check_contiguous(q, nodes, *([parent, keep] if parent is not None else []))
+    H, G, D = q.shape
+    n = nodes.shape[1]
+    GP = _rows(G)
+    chunks = triton.cdiv(n, _BLOCK_NODES)
+    has_parent = parent is not None
+    _level_scores[(H, chunks)](q, nodes, parent if has_parent else q, keep if has_parent else q, raw, parts, n,
+                               keep.shape[1] if has_parent else 0, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_NODES,
+                               HAS_PARENT=has_parent)
+    _level_combine[(H, chunks)](raw, parts, out, n, chunks, G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)),
+                                BLOCK=_BLOCK_NODES)
+    return out[:H * n].view(H, n)
+
+
+# ---------------------------------------------------------------------------- page ranking
+@triton.jit
+def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, count):
+    """log of the attention mass a page is expected to hold (index.tree._page_estimate,
+    radius weight 0): scaling q.mean + scaling^2 / 2 q^2.var + log count. -> [GP, BLOCK]"""
+    est = tl.dot(q, tl.trans(mean), input_precision="ieee") * scaling
+    est += tl.dot(q * q, tl.trans(var), input_precision="ieee") * (0.5 * scaling * scaling)
+    return est + tl.log(tl.maximum(count, 1).to(tl.float32))[None, :]
+
+
+@triton.jit
+def _page_scores(q_ptr, top_idx_ptr, top_val_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_ptr,
+                 psum_ptr, psq_ptr, pvalid_ptr, raw_ptr, part_ptr, num_top, n_clusters, max_count, n_shared,
+                 n_private, n_total, scaling, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """raw[h, g, p] = page estimate of each candidate page p: the pages of kept level-1
+    cluster top_idx[h, j] for program j < num_top, the request's private pages for the
+    last program. Non-candidates are left as they are (the caller fills -inf)."""
+    h, j = tl.program_id(0), tl.program_id(1)
+    programs = tl.num_programs(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    b = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    m_run = tl.full((GP,), -float("inf"), tl.float32)
+    l_run = tl.zeros((GP,), tl.float32)
+    if j < num_top:
+        cluster = tl.load(top_idx_ptr + h * num_top + j)
+        kept = tl.load(top_val_ptr + h * num_top + j) > -float("inf")
+        first = tl.load(start_ptr + h * n_clusters + cluster)
+        cnt = tl.load(count_ptr + h * n_clusters + cluster) * kept.to(tl.int64)
+        for p0 in range(0, max_count, BLOCK):  # a loop bound read from memory would not be a scalar
+            page = first + p0 + b
+            inside = (p0 + b) < cnt
+            row = (h * n_shared + page[:, None]) * D + d[None, :]
+            mean = tl.load(mean_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
+            var = tl.load(var_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
+            count = tl.load(valid_ptr + h * n_shared + page, mask=inside, other=0)
+            est = _page_estimates(q, scaling, G, GP, mean, var, count)
+            ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
+            est = tl.where(ok, est, -float("inf"))
+            tl.store(raw_ptr + (h * G + g[:, None]) * n_total + page[None, :], est, mask=ok)
+            m_new = tl.maximum(m_run, tl.max(est, axis=1))
+            safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+            l_run = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
+            m_run = m_new
+    else:
+        for p0 in range(0, n_private, BLOCK):
+            page = p0 + b
+            inside = page < n_private
+            row = (h * n_private + page[:, None]) * D + d[None, :]
+            count = tl.load(pvalid_ptr + h * n_private + page, mask=inside, other=0)
+            denom = tl.maximum(count, 1).to(tl.float32)[:, None]
+            mean = tl.load(psum_ptr + row, mask=inside[:, None], other=0.0) / denom
+            var = tl.maximum(tl.load(psq_ptr + row, mask=inside[:, None], other=0.0) / denom - mean * mean, 0.0)
+            est = _page_estimates(q, scaling, G, GP, mean, var, count)
+            ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
+            est = tl.where(ok, est, -float("inf"))
+            tl.store(raw_ptr + (h * G + g[:, None]) * n_total + n_shared + page[None, :], est, mask=ok)
+            m_new = tl.maximum(m_run, tl.max(est, axis=1))
+            safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+            l_run = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
+            m_run = m_new
+    base = part_ptr + ((h * programs + j) * GP + g) * 2
+    tl.store(base, m_run)
+    tl.store(base + 1, l_run)
+
+
+@triton.jit
+def _page_weights(raw_ptr, part_ptr, out_ptr, n_total, num_parts, G: tl.constexpr, GP: tl.constexpr,
+                  CP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[h, p] = sum_g softmax_p(raw[h, g, :])[p]: each query head's share of the
+    candidates' expected mass, summed over the heads of a KV head; -1 on non-candidates."""
+    h, c = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, GP)
+    k = tl.arange(0, CP)
+    pm = tl.load(part_ptr + ((h * num_parts + k[:, None]) * GP + g[None, :]) * 2, mask=k[:, None] < num_parts,
+                 other=-float("inf"))
+    pl = tl.load(part_ptr + ((h * num_parts + k[:, None]) * GP + g[None, :]) * 2 + 1, mask=k[:, None] < num_parts,
+                 other=0.0)
+    big = tl.max(pm, axis=0)
+    safe = tl.where(big > -float("inf"), big, 0.0)
+    total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe[None, :]), 0.0), axis=0)
+    lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))
+    i = c * BLOCK + tl.arange(0, BLOCK)
+    raw = tl.load(raw_ptr + (h * G + g[:, None]) * n_total + i[None, :], mask=(g[:, None] < G) & (i[None, :] < n_total),
+                  other=-float("inf"))
+    share = tl.sum(tl.where(raw > -float("inf"), tl.exp(raw - lse[:, None]), 0.0), axis=0)
+    candidate = tl.max(raw, axis=0) > -float("inf")
+    tl.store(out_ptr + h * n_total + i, tl.where(candidate, share, -1.0), mask=i < n_total)
+
+
+def page_weights(q: torch.Tensor, top_idx: torch.Tensor, top_val: torch.Tensor, cluster_start: torch.Tensor,
+                 cluster_count: torch.Tensor, max_count: int, page_mean: torch.Tensor, page_var: torch.Tensor,
+                 page_valid: torch.Tensor, priv_sum: torch.Tensor, priv_sumsq: torch.Tensor,
+                 priv_valid: torch.Tensor, scaling: float, raw: torch.Tensor, parts: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Weight of every page (shared ids first, then private) for top_pages; -1 = not a candidate.
+
+    q: [H, G, D] fp32; top_idx/top_val: [H, K] kept level-1 clusters (value -inf = none);
+    cluster_start/count: [H, n_clusters] their page ranges, max_count the largest count; page_mean/var: [H, N, D],
+    page_valid: [H, N]; priv_sum/sumsq: [H, M, D] fp32 running sums of private pages,
+    priv_valid: [H, M]. raw/parts/out: fp32 scratch. -> [H, N + M]."""
+    _check_contiguous(q, top_idx, top_val, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum,
+                      priv_sumsq, priv_valid)
+    H, G, D = q.shape
+    n_shared, n_private = page_valid.shape[1], priv_valid.shape[1]
+    n_total = n_shared + n_private
+    GP = _rows(G)
+    K = top_idx.shape[1]
+    raw_view = raw[:H * G * n_total]
+    raw_view.fill_(-float("inf"))
+    _page_scores[(H, K + 1)](q, top_idx, top_val, cluster_start, cluster_count, page_mean, page_var, page_valid,
+                             priv_sum, priv_sumsq, priv_valid, raw_view, parts, K, cluster_start.shape[1], max_count, n_shared,
+                             n_private, n_total, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_PAGES)
+    chunks = triton.cdiv(n_total, _BLOCK_WEIGHTS)
+    _page_weights[(H, chunks)](raw_view, parts, out, n_total, K + 1, G=G, GP=GP,
+                               CP=max(16, triton.next_power_of_2(K + 1)), BLOCK=_BLOCK_WEIGHTS)
+    return out[:H * n_total].view(H, n_total)
+
+
+# ---------------------------------------------------------------------------- window push
+@triton.jit
+def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, psum_ptr, psq_ptr,
+          W, n_private, D: tl.constexpr, P: tl.constexpr):
+    """Put the new token in the window ring; once the ring is full, the token it
+    replaces moves to the next private page slot, whose running sums it joins."""
+    h = tl.program_id(0)
+    d = tl.arange(0, D)
+    win_count = tl.load(count_ptr)
+    priv_count = tl.load(count_ptr + 1)
+    slot = win_count % W
+    if win_count >= W:
+        old_k = tl.load(win_k_ptr + (h * W + slot) * D + d)
+        old_v = tl.load(win_v_ptr + (h * W + slot) * D + d)
+        page = priv_count // P
+        tl.store(priv_k_ptr + ((h * n_private + page) * P + priv_count % P) * D + d, old_k)
+        tl.store(priv_v_ptr + ((h * n_private + page) * P + priv_count % P) * D + d, old_v)
+        tl.store(pvalid_ptr + h * n_private + page, tl.load(pvalid_ptr + h * n_private + page) + 1)
+        x = old_k.to(tl.float32)
+        row = (h * n_private + page) * D + d
+        tl.store(psum_ptr + row, tl.load(psum_ptr + row) + x)
+        tl.store(psq_ptr + row, tl.load(psq_ptr + row) + x * x)
+    tl.store(win_k_ptr + (h * W + slot) * D + d, tl.load(k_ptr + h * D + d))
+    tl.store(win_v_ptr + (h * W + slot) * D + d, tl.load(v_ptr + h * D + d))
+
+
+def push(k: torch.Tensor, v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, counts: torch.Tensor,
+         priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, priv_sum: torch.Tensor,
+         priv_sumsq: torch.Tensor) -> None:
+    """k, v: [H, D]; win_k/v: [H, W, D]; counts: [2] (tokens ever in the ring, tokens in
+    private pages), read here and advanced by the caller once per step; priv_k/v:
+    [H, M, P, D]; priv_valid: [H, M]; priv_sum/sumsq: [H, M, D] fp32."""
+    _check_contiguous(k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_sum, priv_sumsq)
+    H, W, D = win_k.shape
+    _push[(H,)](k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_sum, priv_sumsq, W, priv_k.shape[1],
+                D=D, P=priv_k.shape[2])
+
+
+# ---------------------------------------------------------------------------- attention
+@triton.jit
+def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
+                      priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr, acc_ptr,
+                      num_sink, R, n_shared, n_private, W, scaling, G: tl.constexpr, GP: tl.constexpr,
+                      D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
+    """One block of P keys per program (a sink block, a selected page, or a window
+    block): partial softmax (max, sum) and weighted values for flash-decoding's merge.
+    Shared pages are read where they lie (a UVA view of host memory on CUDA)."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    blocks = tl.num_programs(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    t = tl.arange(0, P)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    if b < SINK_BLOCKS:
+        tok = b * P + t
+        ok = tok < num_sink
+        rows = (h * num_sink + tok[:, None]) * D + d[None, :]
+        k = tl.load(sink_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(sink_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+    elif b < SINK_BLOCKS + R:
+        page = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
+        if page < 0:
+            ok = t < 0
+            k = tl.zeros((P, D), tl.float32)
+            v = tl.zeros((P, D), tl.float32)
+        elif page < n_shared:
+            ok = t < tl.load(shared_valid_ptr + h * n_shared + page)
+            rows = ((h * n_shared + page) * P + t[:, None]) * D + d[None, :]
+            k = tl.load(shared_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(shared_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        else:
+            own = page - n_shared
+            ok = t < tl.load(pvalid_ptr + h * n_private + own)
+            rows = ((h * n_private + own) * P + t[:, None]) * D + d[None, :]
+            k = tl.load(priv_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(priv_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+    else:
+        tok = (b - SINK_BLOCKS - R) * P + t
+        filled = tl.minimum(tl.load(count_ptr) + 1, W)  # the ring after this step's push
+        ok = tok < filled
+        rows = (h * W + tok[:, None]) * D + d[None, :]
+        k = tl.load(win_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(win_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [GP, P]
+    s = tl.where(ok[None, :], s, -float("inf"))
+    m = tl.max(s, axis=1)
+    safe = tl.where(m > -float("inf"), m, 0.0)
+    p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
+    acc = tl.dot(p, v, input_precision="ieee")  # [GP, D]
+    base = (h * blocks + b) * GP + g
+    tl.store(part_ptr + base * 2, m)
+    tl.store(part_ptr + base * 2 + 1, tl.sum(p, axis=1))
+    tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _merge_attention(part_ptr, acc_ptr, out_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                     BP: tl.constexpr, blocks):
+    """out[h, g] = sum_b e^(m_b - M) acc_b / sum_b e^(m_b - M) l_b (one program per KV head)."""
+    h = tl.program_id(0)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    b = tl.arange(0, BP)
+    base = (h * blocks + b[:, None]) * GP + g[None, :]  # [BP, GP]
+    m = tl.load(part_ptr + base * 2, mask=b[:, None] < blocks, other=-float("inf"))
+    l = tl.load(part_ptr + base * 2 + 1, mask=b[:, None] < blocks, other=0.0)
+    big = tl.max(m, axis=0)
+    scale = tl.where(m > -float("inf"), tl.exp(m - tl.where(big > -float("inf"), big, 0.0)[None, :]), 0.0)  # [BP, GP]
+    total = tl.sum(scale * l, axis=0)  # [GP]
+    out = tl.zeros((GP, D), tl.float32)
+    for i in range(0, blocks):
+        w = tl.load(part_ptr + ((h * blocks + i) * GP + g) * 2)
+        w = tl.where(w > -float("inf"), tl.exp(w - tl.where(big > -float("inf"), big, 0.0)), 0.0)
+        out += w[:, None] * tl.load(acc_ptr + ((h * blocks + i) * GP + g[:, None]) * D + d[None, :])
+    out = out / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + (h * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
+
+
+def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, page_ids: torch.Tensor,
+                     shared_k: torch.Tensor, shared_v: torch.Tensor, shared_valid: torch.Tensor,
+                     priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
+                     win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
+                     acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Decode attention of q [H, G, D] (fp32) over sinks [H, S, D], the pages page_ids
+    [H, R] (< N: shared [H, N, P, D], else private [H, M, P, D]; -1 = none) and the
+    window ring [H, W, D] holding min(counts[0] + 1, W) tokens. -> out [H, G, D]."""
+    _check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v, priv_valid,
+                      win_k, win_v)
+    H, G, D = q.shape
+    P = priv_k.shape[2]
+    R = page_ids.shape[1]
+    W = win_k.shape[1]
+    GP = _rows(G)
+    sink_blocks = triton.cdiv(sink_k.shape[1], P)
+    blocks = sink_blocks + R + triton.cdiv(W, P)
+    _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v,
+                                   priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R,
+                                   shared_k.shape[1], priv_k.shape[1], W, scaling, G=G, GP=GP, D=D, P=P,
+                                   SINK_BLOCKS=sink_blocks)
+    _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
+    return out
