@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -274,6 +275,8 @@ class Engine:
             stats={
                 "ttft_s": ttft,
                 "tpot_s": sum(step_times) / n_steps if step_times else 0.0,
+                # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
+                "tpot_median_s": statistics.median(step_times) if step_times else 0.0,
                 "context_tokens": ctx.num_tokens,
                 "prompt_tokens": len(own_ids),
                 "output_tokens": len(text.ids),

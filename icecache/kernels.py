@@ -20,7 +20,8 @@ import triton.language as tl
 
 _BLOCK_NODES = 64  # tree nodes per program of a level score
 _BLOCK_PAGES = 16  # pages per inner step of a page score (tl.dot needs >= 16)
-_BLOCK_WEIGHTS = 256  # pages per program of the head-combine
+_SPLIT = 4  # programs sharing one kept cluster's pages
+MAX_SELECT = 32768  # widest row a single program ranks in registers (a tree level, a layer's pages)
 
 
 def supported(head_dim: int, page_size: int, group: int) -> bool:
@@ -33,21 +34,62 @@ def _rows(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
+def _warps(n: int) -> int:
+    """Warps for a program that holds a row of n fp32 values in registers."""
+    return 4 if n <= 2048 else 8 if n <= 8192 else 16
+
+
 def _check_contiguous(*tensors: torch.Tensor) -> None:
     """The kernels index with row-major offsets computed from shapes."""
     for t in tensors:
         assert t.is_contiguous(), f"kernel input of shape {tuple(t.shape)} is not contiguous"
 
 
+SCRATCH_DTYPES = {"keep": torch.uint8}  # the rest are fp32
+
+
 def scratch_sizes(H: int, G: int, D: int, level_sizes: list[int], num_top: int, num_pages: int, num_sink: int,
                   retrieved: int, window: int, page_size: int) -> dict[str, int]:
-    """fp32 elements of each work buffer one sparse layer's step needs (see the wrappers)."""
+    """Elements of each work buffer one sparse layer's step needs (see the wrappers);
+    "keep" holds two levels' keep masks (one read while the next is written)."""
     GP = _rows(G)
     widest = max([num_pages, *level_sizes])
-    chunks = max([triton.cdiv(n, _BLOCK_NODES) for n in level_sizes] + [num_top + 1])
+    chunks = max([triton.cdiv(n, _BLOCK_NODES) for n in level_sizes] + [(num_top + 1) * _SPLIT])
     blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size)
-    return {"raw": H * G * widest, "parts": H * chunks * GP * 2, "out": H * widest,
+    return {"raw": H * G * widest, "parts": H * chunks * GP * 2, "keep": 2 * H * max(level_sizes, default=1),
             "att_parts": H * blocks * GP * 2, "att_acc": H * blocks * GP * D}
+
+
+# ---------------------------------------------------------------------------- top-k by threshold
+@triton.jit
+def _kth_largest(x, k):
+    """The k-th largest of x (fp32, any shape) as an order-preserving int key, found by
+    bisecting the 32-bit key range: 32 passes over registers instead of a sort. Keep
+    `_key(x) >= result`: exactly the top k unless values tie at the threshold."""
+    key = _key(x)
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in tl.static_range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32)) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _key(x):
+    """fp32 -> int64 with the same order (IEEE bits, negatives' magnitude bits flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _store_selected(out_ptr, selected, index, k):
+    """out[r] = index of the r-th selected element (ascending); out holds k slots the
+    caller filled with -1, and at most k are written."""
+    pos = tl.cumsum(selected.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + pos, index, mask=selected & (pos < k))
 
 
 # ---------------------------------------------------------------------------- tree walk
@@ -79,47 +121,54 @@ def _level_scores(q_ptr, node_ptr, parent_ptr, keep_ptr, raw_ptr, part_ptr, n, n
 
 
 @triton.jit
-def _level_combine(raw_ptr, part_ptr, out_ptr, n, num_chunks, G: tl.constexpr, GP: tl.constexpr,
-                   CP: tl.constexpr, BLOCK: tl.constexpr):
-    """out[h, i] = max_g (raw[h, g, i] - logsumexp_i raw[h, g, :]): each query head's
-    log-softmax, the best over the heads of a KV head."""
-    h, c = tl.program_id(0), tl.program_id(1)
-    g = tl.arange(0, GP)
-    k = tl.arange(0, CP)
-    pm = tl.load(part_ptr + ((h * num_chunks + k[:, None]) * GP + g[None, :]) * 2, mask=k[:, None] < num_chunks,
-                 other=-float("inf"))  # [CP, GP]
-    pl = tl.load(part_ptr + ((h * num_chunks + k[:, None]) * GP + g[None, :]) * 2 + 1,
-                 mask=k[:, None] < num_chunks, other=0.0)
-    big = tl.max(pm, axis=0)  # [GP]
-    safe = tl.where(big > -float("inf"), big, 0.0)
-    total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe[None, :]), 0.0), axis=0)
-    lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))  # +inf: no candidate -> -inf
-    i = c * BLOCK + tl.arange(0, BLOCK)
-    raw = tl.load(raw_ptr + (h * G + g[:, None]) * n + i[None, :], mask=(g[:, None] < G) & (i[None, :] < n),
-                  other=-float("inf"))
-    best = tl.max(raw - lse[:, None], axis=0)
-    tl.store(out_ptr + h * n + i, best, mask=i < n)
+def _level_select(raw_ptr, part_ptr, keep_ptr, top_ptr, n, num_chunks, width, G: tl.constexpr, GP: tl.constexpr,
+                  CP: tl.constexpr, NB: tl.constexpr, WRITE_TOP: tl.constexpr):
+    """Per KV head: each query head's log-softmax over the level, the best over the heads,
+    then the `width` best nodes: keep[h, i] = 1 for them (and top[h, :] their indices,
+    on level 1). Nodes that are no candidate (-inf) are never kept."""
+    h = tl.program_id(0)
+    c = tl.arange(0, CP)
+    i = tl.arange(0, NB)
+    best = tl.full((NB,), -float("inf"), tl.float32)
+    for g in tl.static_range(G):
+        pm = tl.load(part_ptr + ((h * num_chunks + c) * GP + g) * 2, mask=c < num_chunks, other=-float("inf"))
+        pl = tl.load(part_ptr + ((h * num_chunks + c) * GP + g) * 2 + 1, mask=c < num_chunks, other=0.0)
+        big = tl.max(pm, axis=0)
+        safe = tl.where(big > -float("inf"), big, 0.0)
+        total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe), 0.0), axis=0)
+        lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))  # +inf: no candidate
+        raw = tl.load(raw_ptr + (h * G + g) * n + i, mask=i < n, other=-float("inf"))
+        best = tl.maximum(best, raw - lse)
+    keep = (_key(best) >= _kth_largest(best, width)) & (best > -float("inf")) & (i < n)
+    tl.store(keep_ptr + h * n + i, keep.to(tl.uint8), mask=i < n)
+    if WRITE_TOP:
+        _store_selected(top_ptr + h * width, keep, i, width)
 
 
 def level_scores(q: torch.Tensor, nodes: torch.Tensor, parent: torch.Tensor | None, keep: torch.Tensor | None,
-                 scaling: float, raw: torch.Tensor, parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The tree walk's score of one level (see index.tree.tree_keep).
+                 scaling: float, width: int, raw: torch.Tensor, parts: torch.Tensor, keep_out: torch.Tensor,
+                 top: torch.Tensor | None = None) -> torch.Tensor:
+    """One level of the tree walk (index.tree.tree_keep): score the children of kept
+    parents, keep the `width` best per KV head.
 
     q: [H, G, D] fp32; nodes: [H, n, D]; parent: [H, n] index into keep: [H, n_parent]
-    (uint8, 1 = kept), both None on the top level. raw [>= H*G*n], parts [>= H*chunks*GP*2]
-    and out [>= H*n] are fp32 scratch. Returns out as [H, n]."""
+    (uint8, 1 = kept), both None on the top level. raw [>= H*G*n] and parts are fp32
+    scratch; keep_out: uint8 [>= H*n]; top: [H, width] long, filled with -1 by the
+    caller, receives the kept indices (level 1). Returns keep_out as [H, n]."""
     _check_contiguous(q, nodes, *([parent, keep] if parent is not None else []))
     H, G, D = q.shape
     n = nodes.shape[1]
+    assert n <= MAX_SELECT, f"a tree level of {n} nodes is over the kernels' {MAX_SELECT}"
     GP = _rows(G)
     chunks = triton.cdiv(n, _BLOCK_NODES)
     has_parent = parent is not None
     _level_scores[(H, chunks)](q, nodes, parent if has_parent else q, keep if has_parent else q, raw, parts, n,
                                keep.shape[1] if has_parent else 0, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_NODES,
                                HAS_PARENT=has_parent)
-    _level_combine[(H, chunks)](raw, parts, out, n, chunks, G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)),
-                                BLOCK=_BLOCK_NODES)
-    return out[:H * n].view(H, n)
+    _level_select[(H,)](raw, parts, keep_out, top if top is not None else keep_out, n, chunks, width, G=G, GP=GP,
+                        CP=max(16, triton.next_power_of_2(chunks)), NB=max(16, triton.next_power_of_2(n)),
+                        WRITE_TOP=top is not None, num_warps=_warps(n))
+    return keep_out[:H * n].view(H, n)
 
 
 # ---------------------------------------------------------------------------- page ranking
@@ -133,14 +182,14 @@ def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, co
 
 
 @triton.jit
-def _page_scores(q_ptr, top_idx_ptr, top_val_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_ptr,
-                 psum_ptr, psq_ptr, pvalid_ptr, raw_ptr, part_ptr, num_top, n_clusters, max_count, n_shared,
-                 n_private, n_total, scaling, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+def _page_scores(q_ptr, top_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr,
+                 raw_ptr, part_ptr, num_top, n_clusters, n_shared, n_private, n_total, scaling, G: tl.constexpr,
+                 GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """raw[h, g, p] = page estimate of each candidate page p: the pages of kept level-1
-    cluster top_idx[h, j] for program j < num_top, the request's private pages for the
-    last program. Non-candidates are left as they are (the caller fills -inf)."""
-    h, j = tl.program_id(0), tl.program_id(1)
-    programs = tl.num_programs(1)
+    cluster top[h, j] (-1 = none) for programs j < num_top, the request's private pages
+    for j = num_top; SPLIT programs share a cluster's pages. Non-candidates are left
+    as they are (the caller fills -inf). Per program (max, sum exp) per query head."""
+    h, j, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     b = tl.arange(0, BLOCK)
@@ -148,11 +197,11 @@ def _page_scores(q_ptr, top_idx_ptr, top_val_ptr, start_ptr, count_ptr, mean_ptr
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
     if j < num_top:
-        cluster = tl.load(top_idx_ptr + h * num_top + j)
-        kept = tl.load(top_val_ptr + h * num_top + j) > -float("inf")
-        first = tl.load(start_ptr + h * n_clusters + cluster)
-        cnt = tl.load(count_ptr + h * n_clusters + cluster) * kept.to(tl.int64)
-        for p0 in range(0, max_count, BLOCK):  # a loop bound read from memory would not be a scalar
+        cluster = tl.load(top_ptr + h * num_top + j)
+        # int32 like the private branch's bounds: Triton needs one type for the loop variable
+        first = tl.load(start_ptr + h * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
+        cnt = tl.load(count_ptr + h * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
+        for p0 in range(split * BLOCK, cnt, SPLIT * BLOCK):
             page = first + p0 + b
             inside = (p0 + b) < cnt
             row = (h * n_shared + page[:, None]) * D + d[None, :]
@@ -168,7 +217,7 @@ def _page_scores(q_ptr, top_idx_ptr, top_val_ptr, start_ptr, count_ptr, mean_ptr
             l_run = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
             m_run = m_new
     else:
-        for p0 in range(0, n_private, BLOCK):
+        for p0 in range(split * BLOCK, n_private, SPLIT * BLOCK):
             page = p0 + b
             inside = page < n_private
             row = (h * n_private + page[:, None]) * D + d[None, :]
@@ -184,62 +233,66 @@ def _page_scores(q_ptr, top_idx_ptr, top_val_ptr, start_ptr, count_ptr, mean_ptr
             safe = tl.where(m_new > -float("inf"), m_new, 0.0)
             l_run = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
             m_run = m_new
-    base = part_ptr + ((h * programs + j) * GP + g) * 2
+    base = part_ptr + (((h * tl.num_programs(1) + j) * SPLIT + split) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
 
 
 @triton.jit
-def _page_weights(raw_ptr, part_ptr, out_ptr, n_total, num_parts, G: tl.constexpr, GP: tl.constexpr,
-                  CP: tl.constexpr, BLOCK: tl.constexpr):
-    """out[h, p] = sum_g softmax_p(raw[h, g, :])[p]: each query head's share of the
-    candidates' expected mass, summed over the heads of a KV head; -1 on non-candidates."""
-    h, c = tl.program_id(0), tl.program_id(1)
-    g = tl.arange(0, GP)
-    k = tl.arange(0, CP)
-    pm = tl.load(part_ptr + ((h * num_parts + k[:, None]) * GP + g[None, :]) * 2, mask=k[:, None] < num_parts,
-                 other=-float("inf"))
-    pl = tl.load(part_ptr + ((h * num_parts + k[:, None]) * GP + g[None, :]) * 2 + 1, mask=k[:, None] < num_parts,
-                 other=0.0)
-    big = tl.max(pm, axis=0)
-    safe = tl.where(big > -float("inf"), big, 0.0)
-    total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe[None, :]), 0.0), axis=0)
-    lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))
-    i = c * BLOCK + tl.arange(0, BLOCK)
-    raw = tl.load(raw_ptr + (h * G + g[:, None]) * n_total + i[None, :], mask=(g[:, None] < G) & (i[None, :] < n_total),
-                  other=-float("inf"))
-    share = tl.sum(tl.where(raw > -float("inf"), tl.exp(raw - lse[:, None]), 0.0), axis=0)
-    candidate = tl.max(raw, axis=0) > -float("inf")
-    tl.store(out_ptr + h * n_total + i, tl.where(candidate, share, -1.0), mask=i < n_total)
+def _page_select(raw_ptr, part_ptr, ids_ptr, n_total, num_parts, R, G: tl.constexpr, GP: tl.constexpr,
+                 CP: tl.constexpr, NB: tl.constexpr):
+    """Per KV head: weight[p] = sum_g softmax_p(raw[h, g, :])[p] (each query head's share
+    of the candidates' expected mass, summed over the heads of a KV head), then the R
+    heaviest candidate pages into ids[h, :] (ascending page id)."""
+    h = tl.program_id(0)
+    c = tl.arange(0, CP)
+    i = tl.arange(0, NB)
+    share = tl.zeros((NB,), tl.float32)
+    candidate = i < 0
+    for g in tl.static_range(G):
+        pm = tl.load(part_ptr + ((h * num_parts + c) * GP + g) * 2, mask=c < num_parts, other=-float("inf"))
+        pl = tl.load(part_ptr + ((h * num_parts + c) * GP + g) * 2 + 1, mask=c < num_parts, other=0.0)
+        big = tl.max(pm, axis=0)
+        safe = tl.where(big > -float("inf"), big, 0.0)
+        total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe), 0.0), axis=0)
+        lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))
+        raw = tl.load(raw_ptr + (h * G + g) * n_total + i, mask=i < n_total, other=-float("inf"))
+        share += tl.where(raw > -float("inf"), tl.exp(raw - lse), 0.0)
+        candidate = candidate | (raw > -float("inf"))
+    weight = tl.where(candidate, share, -1.0)
+    selected = (_key(weight) >= _kth_largest(weight, R)) & candidate
+    _store_selected(ids_ptr + h * R, selected, i, R)
 
 
-def page_weights(q: torch.Tensor, top_idx: torch.Tensor, top_val: torch.Tensor, cluster_start: torch.Tensor,
-                 cluster_count: torch.Tensor, max_count: int, page_mean: torch.Tensor, page_var: torch.Tensor,
-                 page_valid: torch.Tensor, priv_sum: torch.Tensor, priv_sumsq: torch.Tensor,
-                 priv_valid: torch.Tensor, scaling: float, raw: torch.Tensor, parts: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
-    """Weight of every page (shared ids first, then private) for top_pages; -1 = not a candidate.
+def select_pages(q: torch.Tensor, top: torch.Tensor, cluster_start: torch.Tensor, cluster_count: torch.Tensor,
+                 page_mean: torch.Tensor, page_var: torch.Tensor, page_valid: torch.Tensor, priv_sum: torch.Tensor,
+                 priv_sumsq: torch.Tensor, priv_valid: torch.Tensor, scaling: float, num_pages: int,
+                 raw: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """The `num_pages` best pages per KV head (index.tree.select_pages, radius weight 0),
+    ascending, -1 where fewer qualify; ids >= N are private pages (id - N).
 
-    q: [H, G, D] fp32; top_idx/top_val: [H, K] kept level-1 clusters (value -inf = none);
-    cluster_start/count: [H, n_clusters] their page ranges, max_count the largest count; page_mean/var: [H, N, D],
-    page_valid: [H, N]; priv_sum/sumsq: [H, M, D] fp32 running sums of private pages,
-    priv_valid: [H, M]. raw/parts/out: fp32 scratch. -> [H, N + M]."""
-    _check_contiguous(q, top_idx, top_val, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum,
-                      priv_sumsq, priv_valid)
+    q: [H, G, D] fp32; top: [H, K] kept level-1 clusters (-1 = none); cluster_start/count:
+    [H, n_clusters] their page ranges; page_mean/var: [H, N, D], page_valid: [H, N];
+    priv_sum/sumsq: [H, M, D] fp32 running sums of private pages, priv_valid: [H, M].
+    raw/parts: fp32 scratch. -> [H, num_pages]."""
+    _check_contiguous(q, top, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum, priv_sumsq,
+                      priv_valid)
     H, G, D = q.shape
     n_shared, n_private = page_valid.shape[1], priv_valid.shape[1]
     n_total = n_shared + n_private
+    assert n_total <= MAX_SELECT, f"{n_total} pages per head are over the kernels' {MAX_SELECT}"
     GP = _rows(G)
-    K = top_idx.shape[1]
+    K = top.shape[1]
     raw_view = raw[:H * G * n_total]
     raw_view.fill_(-float("inf"))
-    _page_scores[(H, K + 1)](q, top_idx, top_val, cluster_start, cluster_count, page_mean, page_var, page_valid,
-                             priv_sum, priv_sumsq, priv_valid, raw_view, parts, K, cluster_start.shape[1], max_count, n_shared,
-                             n_private, n_total, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_PAGES)
-    chunks = triton.cdiv(n_total, _BLOCK_WEIGHTS)
-    _page_weights[(H, chunks)](raw_view, parts, out, n_total, K + 1, G=G, GP=GP,
-                               CP=max(16, triton.next_power_of_2(K + 1)), BLOCK=_BLOCK_WEIGHTS)
-    return out[:H * n_total].view(H, n_total)
+    _page_scores[(H, K + 1, _SPLIT)](q, top, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum,
+                                     priv_sumsq, priv_valid, raw_view, parts, K, cluster_start.shape[1], n_shared,
+                                     n_private, n_total, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_PAGES, SPLIT=_SPLIT)
+    ids = torch.full((H, num_pages), -1, dtype=torch.long, device=q.device)
+    NB = max(16, triton.next_power_of_2(n_total))
+    _page_select[(H,)](raw_view, parts, ids, n_total, (K + 1) * _SPLIT, num_pages, G=G, GP=GP,
+                       CP=max(16, triton.next_power_of_2((K + 1) * _SPLIT)), NB=NB, num_warps=_warps(NB))
+    return ids
 
 
 # ---------------------------------------------------------------------------- window push

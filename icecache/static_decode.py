@@ -89,7 +89,7 @@ class _Ring:
 
 
 class _Scratch:
-    """fp32 work buffers of the Triton path, one set shared by the layers (they run in turn)."""
+    """Work buffers of the Triton path, one set shared by the layers (they run in turn)."""
 
     def __init__(self, device: torch.device, group: int) -> None:
         self.device, self.group, self.sizes, self.buffers = device, group, {}, {}
@@ -98,7 +98,9 @@ class _Scratch:
         self.sizes[name] = max(self.sizes.get(name, 0), numel)
 
     def allocate(self) -> None:
-        self.buffers = {n: torch.empty(size, dtype=torch.float32, device=self.device) for n, size in self.sizes.items()}
+        from icecache.kernels import SCRATCH_DTYPES
+        self.buffers = {n: torch.empty(size, dtype=SCRATCH_DTYPES.get(n, torch.float32), device=self.device)
+                        for n, size in self.sizes.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.buffers[name]
@@ -145,16 +147,15 @@ class _SparseState:
         self.win_v = torch.zeros_like(self.win_k)
         self.win_k[:, :w], self.win_v[:, :w] = recent_k[:, cut:], recent_v[:, cut:]
         if scratch is not None:
-            self._plan_kernels(H, own_k.shape[1], D, config)
+            self._plan_kernels(H, D)
 
     # ------------------------------------------------------------ the Triton path (CUDA)
-    def _plan_kernels(self, H: int, _own: int, D: int, config: IceCacheConfig) -> None:
+    def _plan_kernels(self, H: int, D: int) -> None:
         from icecache.kernels import scratch_sizes
         self.cluster_start, self.cluster_count = self.tree.cluster_pages()
-        self.max_cluster_pages = int(self.cluster_count.max()) if self.cluster_count.numel() else 0  # once: a sync
         group = self.scratch.group
         for name, numel in scratch_sizes(H, group, D, [k.shape[1] for k in self.tree.node_keys],
-                                         min(self.search_width, self.tree.num_clusters),
+                                         self.search_width,
                                          self.num_shared + self.priv_valid.shape[1], self.sink_k.shape[1],
                                          self.R, self.W, self.P).items():
             self.scratch.need(name, numel)
@@ -162,28 +163,15 @@ class _SparseState:
     def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         from icecache import kernels
         tree, S = self.tree, self.scratch
-        keep = parent = None
-        top = None
-        for j in range(tree.num_levels, 0, -1):
-            nodes = tree.node_keys[j - 1]
-            if j < tree.num_levels:
-                parent = tree.node_parent[j - 1]
-            score = kernels.level_scores(q, nodes, parent, keep, scaling, S["raw"], S["parts"], S["out"])  # [H, n_j]
-            top = score.topk(min(self.search_width, score.shape[1]), dim=1)
-            if j > 1:
-                keep = torch.zeros(score.shape, dtype=torch.uint8, device=q.device)
-                keep.scatter_(1, top.indices, (top.values > float("-inf")).to(torch.uint8))
-        H = q.shape[0]
-        if top is None:
-            top_idx = torch.zeros(H, 0, dtype=torch.long, device=q.device)
-            top_val = torch.zeros(H, 0, dtype=torch.float32, device=q.device)
-        else:
-            top_idx, top_val = top.indices, top.values
-        weight = kernels.page_weights(q, top_idx, top_val, self.cluster_start, self.cluster_count,
-                                      self.max_cluster_pages, tree.page_mean,
-                                      tree.page_var, tree.page_valid, self.priv_sum, self.priv_sumsq,
-                                      self.priv_valid, scaling, S["raw"], S["parts"], S["out"])
-        return top_pages(weight, self.R)
+        top = torch.full((q.shape[0], self.search_width), -1, dtype=torch.long, device=q.device)  # kept clusters
+        keep, masks = None, S["keep"].view(2, -1)
+        for depth, j in enumerate(range(tree.num_levels, 0, -1)):
+            parent = tree.node_parent[j - 1] if j < tree.num_levels else None
+            keep = kernels.level_scores(q, tree.node_keys[j - 1], parent, keep, scaling, self.search_width, S["raw"],
+                                        S["parts"], masks[depth % 2], top if j == 1 else None)
+        return kernels.select_pages(q, top, self.cluster_start, self.cluster_count, tree.page_mean, tree.page_var,
+                                    tree.page_valid, self.priv_sum, self.priv_sumsq, self.priv_valid, scaling, self.R,
+                                    S["raw"], S["parts"])
 
     def _attend_kernels(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         from icecache import kernels
@@ -277,16 +265,17 @@ class _SparseState:
         return decode_attention(q, keys, values, mask, scaling), page_ids
 
 
-def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int) -> bool:
-    """Whether sparse layers run as Triton kernels: on CUDA, for shapes they support
-    (ICECACHE_KERNELS=0 forces the torch path, =1 forces them, e.g. interpreted on CPU)."""
+def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int, widest_row: int) -> bool:
+    """Whether sparse layers run as Triton kernels: on CUDA, for shapes they support and
+    rows (a tree level, a layer's pages) they rank in registers; otherwise the torch path
+    (ICECACHE_KERNELS=0 forces the torch path, =1 the kernels, e.g. interpreted on CPU)."""
     forced = os.environ.get("ICECACHE_KERNELS")
     if forced is not None:
         return forced == "1"
     if device.type != "cuda":
         return False
-    from icecache.kernels import supported
-    return supported(head_dim, config.page_size, group)
+    from icecache.kernels import MAX_SELECT, supported
+    return supported(head_dim, config.page_size, group) and widest_row <= MAX_SELECT
 
 
 class StaticDecoder:
@@ -311,7 +300,10 @@ class StaticDecoder:
             recent = context.num_tail + own_kv[0][0].shape[1]  # tokens that start in the window or behind it
             cut = max(0, recent - config.window_tokens)  # the oldest of them start in private pages
             self.ring = _Ring(recent - cut, cut, config.window_tokens, self.device)
-            if use_kernels(self.device, config, self.head_dim, self.group):
+            layers = [context.sparse[i] for i in sparse_layers]
+            widest = max(max(l.pages.num_pages for l in layers) + (cut + max_new_tokens + 1) // config.page_size + 2,
+                         max((k.shape[1] for l in layers for k in l.tree.node_keys), default=0))
+            if use_kernels(self.device, config, self.head_dim, self.group, widest):
                 self.scratch = _Scratch(self.device, self.group)
         for i, (own_k, own_v) in enumerate(own_kv):
             if i in sparse_layers:
@@ -322,6 +314,8 @@ class StaticDecoder:
                 self.states.append(_DenseState(ck, cv, own_k, own_v, max_new_tokens + 1, self.dtype, self.device))
         if self.scratch is not None:
             self.scratch.allocate()
+        # the model's norms and rotary embedding as fused kernels wherever the sparse kernels could run
+        self.fused = use_kernels(self.device, config, self.head_dim, self.group, 0)
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)  # decoded tokens so far
         self.last_pages: list[torch.Tensor | None] = [None] * len(self.states)
         self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
@@ -330,30 +324,41 @@ class StaticDecoder:
         self._graph = None
         self.steps_run = 0
 
+    def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from icecache.model_kernels import can_fuse_norm, rms_norm
+            if can_fuse_norm(module, x):
+                return rms_norm(x, module)
+        return module(x)
+
     @torch.inference_mode()
     def _forward(self) -> torch.Tensor:
         h = self.embed(self._token)  # [1, 1, hidden]
-        cos, sin = self.rotary(h, self._position)
+        cos, sin = self.rotary(h, self._position)  # [1, 1, D]
         H, g, D = self.num_kv_heads, self.group, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = self._norm(layer.input_layernorm, h)
             q = attn.q_proj(x).view(1, 1, H * g, D)
             k = attn.k_proj(x).view(1, 1, H, D)
             v = attn.v_proj(x).view(1, 1, H, D)
             if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, 1, D]
-            out = self.states[i].attend(q[0, :, 0].view(H, g, D), k[0, :, 0], v[0, 0], self.step_index,
-                                        attn.scaling)
+                q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
+            if self.fused:
+                from icecache.model_kernels import rope
+                q, k = rope(q.view(H * g, D), k.view(H, D), cos.view(D), sin.view(D))  # [H * g, D], [H, D]
+            else:
+                q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, 1, D]
+                q, k = q[0, :, 0], k[0, :, 0]
+            out = self.states[i].attend(q.view(H, g, D), k, v[0, 0], self.step_index, attn.scaling)
             if isinstance(out, tuple):
                 out, self.last_pages[i] = out
             h = h + attn.o_proj(out.reshape(1, 1, H * g * D))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
         self.step_index += 1
         if self.ring is not None:
             self.ring.advance()
-        return self.model.lm_head(self.norm(h))[0, -1].float()
+        return self.model.lm_head(self._norm(self.norm, h))[0, -1].float()
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Run one token; returns logits [vocab] (a static buffer when graphed: copy to keep)."""

@@ -92,7 +92,8 @@ def record_static(hf, ids, steps, graph: bool):
             if graph and i == 1:
                 decoder.capture()
             logits = decoder.step(int(logits.argmax()), pos)
-            pages.append(torch.stack([p.cpu() for p in decoder.last_pages if p is not None]))
+            # as sets: the GPU kernels list a layer's pages by id, the torch path best first
+            pages.append(torch.stack([p.sort(dim=1).values.cpu() for p in decoder.last_pages if p is not None]))
             pos += 1
     return pages, torch.stack(logits_seen)
 
