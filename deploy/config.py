@@ -42,6 +42,8 @@ class AppArgs(BaseModel):
     max_new_tokens: int = Field(1024, description="upper limit on a request's max_tokens")
     replica_gpus: float | Literal["auto"] = Field("auto", description="GPUs per replica; auto = 1 if any")
     replica_cpus: float = Field(1.0, description="CPUs reserved per replica")
+    max_batch: int = Field(16, description="requests one replica decodes together (continuous batching)")
+    max_waiting: int = Field(256, description="requests a replica queues beyond max_batch before refusing")
     tenant_secret: str | None = Field(
         None, description="keys tenants' context ids; default: $ICECACHE_TENANT_SECRET, else random per deploy")
 
@@ -53,7 +55,7 @@ class AppArgs(BaseModel):
             raise ValueError("must be positive")
         return n
 
-    @field_validator("max_new_tokens", "token_budget")
+    @field_validator("max_new_tokens", "token_budget", "max_batch", "max_waiting")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

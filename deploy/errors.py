@@ -5,6 +5,7 @@ turns them into the call's status."""
 from __future__ import annotations
 
 from cluster.contexts import CacheFull, ContextNotFound
+from icecache.scheduler import SchedulerFull
 
 
 class RequestError(Exception):
@@ -29,7 +30,7 @@ def as_request_error(error: BaseException) -> RequestError | None:
         return error
     if isinstance(error, ContextNotFound):
         return not_found(error.args[0])
-    if isinstance(error, CacheFull):
+    if isinstance(error, (CacheFull, SchedulerFull)):
         return RequestError("RESOURCE_EXHAUSTED", str(error))
     if isinstance(error, ValueError):
         return RequestError("INVALID_ARGUMENT", str(error))

@@ -34,7 +34,10 @@ class IceCacheLLM:
         self.contexts = SharedContexts(self.engine, tenant_secret.encode(), self.args.cache_capacity)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        # One request computes at a time; the others wait in threads (batching is the scheduler's job).
+        # Requests decode together in the engine's continuous-batching scheduler, driven by
+        # its own thread; documents are prefilled and published one at a time under the lock.
+        self.scheduler = self.engine.scheduler(max_batch=self.args.max_batch, max_waiting=self.args.max_waiting)
+        self.scheduler.start()
         self._engine_lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="icecache-request")
         self._ttft = metrics.Histogram("icecache_ttft_seconds", "Time to first token at the replica",
@@ -88,41 +91,58 @@ class IceCacheLLM:
         def put(kind: str, value) -> None:
             loop.call_soon_threadsafe(items.put_nowait, (kind, value))
 
+        submitted: list = []
+
+        def stats(out, lease: Lease | None) -> dict:
+            s = out.stats
+            return {
+                "finish_reason": out.finish_reason, "output_tokens": s["output_tokens"],
+                "context_tokens": s["context_tokens"], "prompt_tokens": s["prompt_tokens"],
+                "context_reused": bool(lease.cached) if lease else False, "ttft_s": s["ttft_s"],
+                "tpot_s": s["tpot_s"], "prefill_s": (lease.context.prefill_s if lease and not lease.cached
+                                                     else s["prefill_s"] or 0.0),
+                "context_id": lease.context_id if lease else "", "node_id": self.node_id,
+                "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"],
+                "peak_batch": s["peak_batch"]}
+
         def work() -> None:
+            """Lease the context (may prefill a document), then hand the request to the scheduler."""
             lease = None
             try:
                 params = SamplingParams(**sampling)
                 with self._engine_lock:
                     if cancelled.is_set():
+                        put("end", None)
                         return
                     lease = self._lease(tenant, context_id, document)
-                    stream = self.engine.stream(prompt, params, lease.context if lease else None)
-                    first = True
-                    for piece in stream:
-                        if first:
+                first = [True]
+
+                def sink(item) -> None:
+                    if isinstance(item, str):
+                        if first[0]:
                             self._ttft.observe(time.perf_counter() - arrived,
                                                tags={"reused": str(bool(lease and lease.cached))})
-                            first = False
-                        if cancelled.is_set():
-                            stream.close()
-                            return
-                        put("text", piece)
-                out = stream.output
-                self._tokens.inc(len(out.token_ids))
-                s = out.stats
-                put("stats", {
-                    "finish_reason": out.finish_reason, "output_tokens": s["output_tokens"],
-                    "context_tokens": s["context_tokens"], "prompt_tokens": s["prompt_tokens"],
-                    "context_reused": bool(lease.cached) if lease else False, "ttft_s": s["ttft_s"],
-                    "tpot_s": s["tpot_s"], "prefill_s": (lease.context.prefill_s if lease and not lease.cached
-                                                         else s["prefill_s"] or 0.0),
-                    "context_id": lease.context_id if lease else "", "node_id": self.node_id,
-                    "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"]})
+                            first[0] = False
+                        put("text", item)
+                    elif isinstance(item, Exception):
+                        put("error", as_request_error(item) or item)
+                    else:
+                        self._tokens.inc(len(item.token_ids))
+                        put("stats", stats(item, lease))
+
+                def on_done() -> None:  # the scheduler no longer reads the context
+                    if lease is not None:
+                        self.contexts.release(lease)
+                    put("end", None)
+
+                submitted.append(self.scheduler.submit(prompt, params, lease.context if lease else None, sink=sink,
+                                                       on_done=on_done))
+                if cancelled.is_set():
+                    submitted[0].cancel()
             except Exception as e:
-                put("error", as_request_error(e) or e)
-            finally:
                 if lease is not None:
                     self.contexts.release(lease)
+                put("error", as_request_error(e) or e)
                 put("end", None)
 
         self._threads.submit(work)
@@ -136,3 +156,5 @@ class IceCacheLLM:
                 yield {kind: value}
         finally:
             cancelled.set()
+            if submitted:
+                submitted[0].cancel()  # freed at the scheduler's next step

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,8 +14,6 @@ from icecache.cache import ATTN_IMPLEMENTATION, BATCH_KWARG, ModelShape, Request
 from icecache.config import IceCacheConfig, SamplingParams
 from icecache.context import Context, build_context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
-from icecache.sampling import TextStream, make_generator, sample
-from icecache.static_decode import StaticDecoder
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -56,6 +54,7 @@ class Engine:
         if not isinstance(self.config, IceCacheConfig):
             raise ValueError(f"config: expected IceCacheConfig, got {type(self.config).__name__}")
         self.model, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
+        self.tokenizer_lock = threading.Lock()  # HF fast tokenizers refuse concurrent use
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.shape = ModelShape.of(self.model)
         if self.config.dense_layers > self.shape.num_layers:
@@ -90,7 +89,8 @@ class Engine:
                 raise ValueError(f"{what}: empty")
             if self.tokenizer is None:
                 raise ValueError(f"{what}: this engine has no tokenizer; pass token ids")
-            ids = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
+            with self.tokenizer_lock:
+                ids = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             vocab = self.model.config.vocab_size
@@ -193,102 +193,68 @@ class Engine:
             raise ValueError("messages: expected a non-empty list of {'role': str, 'content': str}")
         if self.tokenizer is None:
             raise ValueError("messages: this engine has no tokenizer")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self._encode(text, add_special=False, what="messages")
 
     # ---------------------------------------------------------------- the request loop
-    def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):
+    def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | None = None):
+        """A continuous-batching scheduler over this engine (see icecache.scheduler)."""
+        from icecache.scheduler import Scheduler
+        return Scheduler(self, max_batch, max_waiting, device_bytes)
+
+    def _sequence(self, prompt, params: SamplingParams | None, context: Context | None, sink=None, on_done=None):
+        """A validated request, ready for a scheduler. Raises ValueError for bad input."""
+        from icecache.scheduler import Sequence
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
-        t0 = time.perf_counter()
         if context is None:
             ids = self._encode(prompt, add_special=True)
             self._check_length(len(ids), "prompt")
-            ctx, own_ids, reused = self._index_ids(ids), [], False
         else:
             self._check_context(context)
             context = context.with_index_on(self.device)  # e.g. mapped from shared memory: host-resident
-            own_ids = self._encode(prompt, add_special=False)
-            self._check_length(context.num_tokens + len(own_ids), "context + prompt")
-            ctx, reused = context, True
-        return self._decode_loop(ctx, own_ids, params, reused, t0)
+            ids = self._encode(prompt, add_special=False)
+            self._check_length(context.num_tokens + len(ids), "context + prompt")
+        return Sequence(self, params, context, ids, sink, on_done)
+
+    def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):
+        scheduler = self.scheduler(max_batch=1)
+        scheduler.device_bytes = None  # a request alone is never refused for memory: it may still fit
+        seq = scheduler.submit(prompt, params, context)  # validates now, before the first piece
+        return self._drive(scheduler, seq)
+
+    def _drive(self, scheduler, seq):
+        try:
+            while not seq.done or seq.items:
+                if not seq.items:
+                    scheduler.step()
+                while seq.items:
+                    item = seq.items.popleft()
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+        finally:
+            seq.cancel()
+            seq.release()
 
     def _static(self) -> bool:
         path = self.config.decode_path
-        if self.config.selector != "icecache":
-            return False  # the comparison selectors are measured on the dynamic path
+        if self.config.selector != "icecache" or self.config.page_score_radius:
+            return False  # the comparison selectors and page radii run on the dynamic path
         return path == "static" or (path == "auto" and self.device.type == "cuda")
 
-    @torch.inference_mode()
-    def _decode_loop(self, ctx: Context, own_ids: list[int], params: SamplingParams, reused: bool, t0: float):
-        req = RequestKV(self.shape, self.config, ctx)
-        logits = self._prefill(req, own_ids, ctx.num_tokens) if own_ids else ctx.last_logits
-        if self._static():
-            decoder = StaticDecoder(self.model, self.config, ctx, [(kv.k, kv.v) for kv in req.own], params.max_tokens)
-            req.own = None  # the decoder holds its own copies
-
-            def forward(token: int, position: int) -> torch.Tensor:
-                if decoder.steps_run == 1 and self.device.type == "cuda":
-                    decoder.capture()  # after one eager (warm-up) step
-                return decoder.step(token, position)
-        else:
-            req.start_decode()
-            batch = StepBatch([req])
-
-            def forward(token: int, position: int) -> torch.Tensor:
-                return self._forward(batch, torch.tensor([[token]]), torch.tensor([[position]]))[0]
-        generator = make_generator(params)
-        text = TextStream(self.tokenizer, params.stop)
-        eos = set() if params.ignore_eos else self._eos_ids()
-        position = ctx.num_tokens + len(own_ids)
-        step_times, finish, ttft = [], "length", None
-        while True:
-            token = sample(logits, params, generator)
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            if token in eos:
-                finish = "eos"
-                break
-            piece = text.add(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                finish = "stop"
-                break
-            if len(text.ids) >= params.max_tokens or position >= self.max_context_tokens:
-                break
-            ts = time.perf_counter()
-            logits = forward(token, position)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - ts)
-            position += 1
-        if self._static() and step_times:  # every selected page is gathered each step
-            req.pages_loaded = req.pages_selected = decoder.pages_per_step() * len(step_times)
-        tail = text.flush()
-        if tail:
-            yield tail
-        n_steps = max(1, len(step_times))
-        yield GenerationOutput(
-            text=text.text, token_ids=list(text.ids), finish_reason=finish,
-            stats={
-                "ttft_s": ttft,
-                "tpot_s": sum(step_times) / n_steps if step_times else 0.0,
-                # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
-                "tpot_median_s": statistics.median(step_times) if step_times else 0.0,
-                "context_tokens": ctx.num_tokens,
-                "prompt_tokens": len(own_ids),
-                "output_tokens": len(text.ids),
-                "context_reused": reused,
-                "prefill_s": ctx.prefill_s if not reused else None,
-                "index_build_s": ctx.build_s if not reused else None,
-                "pages_loaded": req.pages_loaded,
-                "pages_loaded_per_token": req.pages_loaded / n_steps,
-                "pages_selected_per_token": req.pages_selected / n_steps,
-                "host_bytes": ctx.host_bytes,
-                "mode": self.config.mode,
-            })
+    def request_device_bytes(self, context_tokens: int, own_tokens: int, max_tokens: int) -> int:
+        """Device bytes a request's KV state takes while it decodes (an upper estimate):
+        dense layers hold the whole context, sparse layers sinks, window, page slots and
+        the request's own tokens."""
+        s, c = self.shape, self.config
+        per_token = 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=s.dtype).element_size()
+        dense = s.num_layers if c.mode == "full" else min(c.dense_layers, s.num_layers)
+        own = own_tokens + max_tokens
+        sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own
+        return per_token * (dense * (context_tokens + own) + (s.num_layers - dense) * sparse_tokens)
 
     def _eos_ids(self) -> set[int]:
         ids = set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from icecache.config import SamplingParams
@@ -35,8 +37,9 @@ class TextStream:
     """Turns generated token ids into text pieces, holding back what may still become
     a stop string or an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...], lock=None) -> None:
         self.tokenizer, self.stop = tokenizer, stop
+        self.lock = lock or contextlib.nullcontext()  # shared with the engine's other tokenizer calls
         self.ids: list[int] = []
         self.emitted = 0  # characters of the text already handed out
         self.stopped = False
@@ -46,7 +49,8 @@ class TextStream:
         self.ids.append(token_id)
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        with self.lock:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         for s in self.stop:
             at = text.find(s)
             if at >= 0:

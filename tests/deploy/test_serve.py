@@ -179,6 +179,9 @@ def test_load_32_concurrent_streams_on_one_context(app, engine):
           f"p99 {latencies[-1]:.2f}s | TTFT p50 {statistics.median(r[1] for r in results):.2f}s")
     assert not errors and len(results) == 32
     assert all(r[2].context_reused and r[2].output_tokens >= 1 for r in results)
+    peak = max(r[2].peak_batch for r in results)
+    print(f"[load] most streams decoded in one step: {peak}")
+    assert peak >= 4  # the replicas batch concurrent streams instead of serialising them
     assert shm.list_segments() == segments_before
     assert sum(n.leases for n in app.node_stats().values()) == 0
 

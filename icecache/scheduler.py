@@ -1,0 +1,354 @@
+"""Continuous batching: requests join and leave between decode steps.
+
+A step prefills at most `prefill_chunk_tokens` prompt tokens, from the oldest requests
+still prefilling (several short questions fit in one step, a long document takes many),
+so running streams keep flowing while newcomers go in. Then it runs one decode token for every decoding request. On the dynamic path
+(CPU) that is a single forward pass over all of them: the weights are read once per
+step, and each request attends over its own context, window and page slots. On the
+static path (CUDA graphs, one graph per request) the requests take turns in the same
+step; a batched static step is the open part of issue 7.
+
+Admission: at most `max_batch` requests are in flight and their estimated device bytes
+stay under `device_bytes`; the rest wait in FIFO order. A request that could never fit
+is refused at submit() with a ValueError that says why, and a full waiting queue raises
+SchedulerFull. Cancelling a request frees its state at the next step.
+
+submit() and cancel() may be called from any thread. step() belongs to one driver: the
+caller's own loop (Engine.generate / stream) or the thread start() runs (the Serve replica).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from icecache.cache import RequestKV, StepBatch
+from icecache.config import SamplingParams
+from icecache.context import Context, build_context
+from icecache.sampling import TextStream, make_generator, sample
+from icecache.static_decode import StaticDecoder
+
+if TYPE_CHECKING:
+    from icecache.engine import Engine, GenerationOutput
+
+Sink = Callable[[object], None]  # receives text pieces (str), then a GenerationOutput, or an Exception
+
+
+class SchedulerFull(RuntimeError):
+    """The waiting queue is full; the request was not taken (try again later)."""
+
+
+class Sequence:
+    """One request in flight: its phase, KV state, sampling state and output so far."""
+
+    def __init__(self, engine: "Engine", params: SamplingParams, context: Context | None, prompt_ids: list[int],
+                 sink: Sink | None, on_done: Callable[[], None] | None = None) -> None:
+        self.engine, self.params, self.context = engine, params, context
+        self.sink, self.on_done = sink, on_done
+        self.items: collections.deque = collections.deque()  # when there is no sink
+        self.t0 = time.perf_counter()
+        self.prompt_ids = prompt_ids
+        self.reused = context is not None
+        if context is None:  # the prompt itself is prefilled and indexed, then decoded from
+            self.phase, self.own_ids, self.pending = "index", [], list(prompt_ids)
+            self.req = RequestKV(engine.shape, engine.config, None)
+            self.next_pos = 0
+        else:  # the prompt continues an indexed context
+            self.phase, self.own_ids, self.pending = "prompt", prompt_ids, list(prompt_ids)
+            self.req = RequestKV(engine.shape, engine.config, context)
+            self.next_pos = context.num_tokens
+        self.prefill_started: float | None = None
+        self.logits: torch.Tensor | None = None
+        if not self.pending:  # nothing to prefill: decode from the context's last logits
+            self.logits, self.phase = context.last_logits, "start"
+        self.decoder: StaticDecoder | None = None
+        self.position = 0
+        self.generator = make_generator(params)
+        self.text = TextStream(engine.tokenizer, params.stop, engine.tokenizer_lock)
+        self.eos = set() if params.ignore_eos else engine._eos_ids()
+        self.step_times: list[float] = []
+        self.ttft: float | None = None
+        self.last_token_at = 0.0
+        self.finish = "length"
+        self.peak_batch = 0  # most requests one decode pass carried along with this one
+        self.done = False
+        self.cancelled = False
+        self.device_bytes = engine.request_device_bytes(
+            context.num_tokens if context else len(prompt_ids), len(self.own_ids), params.max_tokens)
+
+    # ---------------------------------------------------------------- output
+    def _emit(self, item) -> None:
+        if self.sink is not None:
+            self.sink(item)
+        else:
+            self.items.append(item)
+
+    def cancel(self) -> None:
+        """Stop at the next step; the request's memory is freed then."""
+        self.cancelled = True
+
+    # ---------------------------------------------------------------- phases
+    def prefill_chunk(self, limit: int) -> int:
+        """Prefill the next chunk of the prompt, at most `limit` tokens (exact attention).
+        Returns the tokens prefilled."""
+        eng = self.engine
+        if self.prefill_started is None:
+            self.prefill_started = time.perf_counter()
+        piece, self.pending = self.pending[:limit], self.pending[limit:]
+        ids = torch.tensor([piece])
+        pos = torch.arange(self.next_pos, self.next_pos + len(piece))[None]
+        logits = eng._forward(StepBatch([self.req]), ids, pos)[0]
+        self.next_pos += len(piece)
+        if self.pending:
+            return len(piece)
+        if self.phase == "index":
+            if eng.device.type == "cuda":
+                torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - self.prefill_started
+            t = time.perf_counter()
+            ctx = build_context(eng.model_id, self.prompt_ids, [(kv.k, kv.v) for kv in self.req.own], logits,
+                                eng.config, eng.device)
+            ctx.prefill_s, ctx.build_s = prefill_s, time.perf_counter() - t
+            self.context = ctx
+            self.req = RequestKV(eng.shape, eng.config, ctx)
+            self.logits = ctx.last_logits
+        else:
+            self.logits = logits
+        self.phase = "start"
+        return len(piece)
+
+    def start_decode(self) -> None:
+        eng, ctx = self.engine, self.context
+        if eng._static():
+            self.decoder = StaticDecoder(eng.model, eng.config, ctx, [(kv.k, kv.v) for kv in self.req.own],
+                                         self.params.max_tokens)
+            self.req.own = None  # the decoder holds its own copies
+        else:
+            self.req.start_decode()
+        self.position = ctx.num_tokens + len(self.own_ids)
+        self.phase = "decode"
+
+    def next_token(self) -> int | None:
+        """Sample from the last logits and hand out text; the token to feed next, or None
+        when the request is finished (its output has then been emitted)."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.t0
+        else:
+            self.step_times.append(now - self.last_token_at)
+        self.last_token_at = now
+        token = sample(self.logits, self.params, self.generator)
+        if token in self.eos:
+            self.finish = "eos"
+            return self._finish()
+        piece = self.text.add(token)
+        if piece:
+            self._emit(piece)
+        if self.text.stopped:
+            self.finish = "stop"
+            return self._finish()
+        if len(self.text.ids) >= self.params.max_tokens or self.position >= self.engine.max_context_tokens:
+            return self._finish()
+        return token
+
+    def step_static(self, token: int) -> None:
+        if self.decoder.steps_run == 1 and self.engine.device.type == "cuda":
+            self.decoder.capture()  # after one eager (warm-up) step
+        self.logits = self.decoder.step(token, self.position)
+        self.position += 1
+
+    def _finish(self) -> None:  # returns None: no token to feed
+        from icecache.engine import GenerationOutput
+        tail = self.text.flush()
+        if tail:
+            self._emit(tail)
+        steps = len(self.step_times)
+        if self.decoder is not None and steps:  # every selected page is gathered each step
+            self.req.pages_loaded = self.req.pages_selected = self.decoder.pages_per_step() * steps
+        ctx, n = self.context, max(1, steps)
+        reused = self.reused
+        self._emit(GenerationOutput(
+            text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
+            stats={
+                "ttft_s": self.ttft,
+                "tpot_s": sum(self.step_times) / n if steps else 0.0,
+                # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
+                "tpot_median_s": statistics.median(self.step_times) if steps else 0.0,
+                "context_tokens": ctx.num_tokens,
+                "prompt_tokens": len(self.own_ids),
+                "output_tokens": len(self.text.ids),
+                "context_reused": reused,
+                "prefill_s": ctx.prefill_s if not reused else None,
+                "index_build_s": ctx.build_s if not reused else None,
+                "pages_loaded": self.req.pages_loaded,
+                "pages_loaded_per_token": self.req.pages_loaded / n,
+                "pages_selected_per_token": self.req.pages_selected / n,
+                "host_bytes": ctx.host_bytes,
+                "mode": self.engine.config.mode,
+                "peak_batch": self.peak_batch,
+            }))
+        self.release()
+        return None
+
+    def release(self) -> None:
+        """Drop every tensor the request holds, then call on_done (once): from then on the
+        scheduler no longer reads the request's context."""
+        if self.done:
+            return
+        self.done = True
+        self.req = self.decoder = self.logits = None
+        if self.on_done is not None:
+            self.on_done()
+
+
+class Scheduler:
+    """Runs many requests on one engine with continuous batching (see the module doc)."""
+
+    def __init__(self, engine: "Engine", max_batch: int = 32, max_waiting: int = 1024,
+                 device_bytes: int | None = None) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch: must be a positive int, got {max_batch!r}")
+        if not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ValueError(f"max_waiting: must be an int >= 0, got {max_waiting!r}")
+        if device_bytes is None and engine.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(engine.device)
+            device_bytes = int(free * 0.8)  # leave room for activations and graph pools
+        self.engine, self.max_batch, self.max_waiting, self.device_bytes = engine, max_batch, max_waiting, device_bytes
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self.active: list[Sequence] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+        self.largest_batch = 0  # most requests one decode pass has carried
+
+    # ---------------------------------------------------------------- any thread
+    def submit(self, prompt, params: SamplingParams | None = None, context: Context | None = None,
+               sink: Sink | None = None, on_done: Callable[[], None] | None = None) -> Sequence:
+        """Validate and queue a request. Raises ValueError for bad input or a request that
+        can never fit the device budget, SchedulerFull when the queue is full. Its text
+        pieces and final GenerationOutput (or an Exception) go to `sink`, else to the
+        returned sequence's items; `on_done` runs once the scheduler has let go of it
+        (finished, failed or cancelled), e.g. to release the context it reads."""
+        seq = self.engine._sequence(prompt, params, context, sink, on_done)
+        if self.device_bytes is not None and seq.device_bytes > self.device_bytes:
+            raise ValueError(f"request: its KV state needs {seq.device_bytes / 2**20:.0f} MiB of device memory, "
+                             f"over this scheduler's budget of {self.device_bytes / 2**20:.0f} MiB")
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise SchedulerFull(f"{len(self._waiting)} requests are already waiting; try again later")
+            self._waiting.append(seq)
+            self._lock.notify()
+        return seq
+
+    def start(self) -> None:
+        """Drive steps from a daemon thread until stop()."""
+        self._thread = threading.Thread(target=self._run, name="icecache-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.active and not self._waiting:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    # ---------------------------------------------------------------- the driver
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active or self._waiting)
+
+    def _admit(self) -> None:
+        with self._lock:
+            used = sum(s.device_bytes for s in self.active)
+            while self._waiting and len(self.active) < self.max_batch:
+                seq = self._waiting[0]
+                if self.device_bytes is not None and self.active and used + seq.device_bytes > self.device_bytes:
+                    break  # FIFO: wait for memory rather than let later, smaller requests pass
+                self._waiting.popleft()
+                if seq.cancelled:
+                    seq.release()
+                    continue
+                self.active.append(seq)
+                used += seq.device_bytes
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit, prefill up to one chunk of tokens, then decode one token for every decoding request."""
+        self._admit()
+        self.steps += 1
+        for seq in self.active:
+            if seq.cancelled:
+                seq.release()
+        self.active = [s for s in self.active if not s.done]
+        try:
+            budget = self.engine.config.prefill_chunk_tokens  # prefill tokens per step, oldest first
+            for seq in self.active:
+                if budget <= 0:
+                    break
+                if seq.phase in ("index", "prompt"):
+                    budget -= self._guard(seq, lambda: seq.prefill_chunk(budget)) or budget
+            feeding: list[tuple[Sequence, int]] = []
+            for seq in self.active:
+                if seq.done:
+                    continue
+                if seq.phase == "start":
+                    self._guard(seq, seq.start_decode)
+                if seq.phase == "decode" and not seq.done:
+                    token = self._guard(seq, seq.next_token)
+                    if token is not None:
+                        feeding.append((seq, token))
+            self._decode(feeding)
+        finally:
+            self.active = [s for s in self.active if not s.done]
+
+    def _guard(self, seq: Sequence, fn):
+        """Run one request's part of the step; an error ends that request, not the others."""
+        try:
+            return fn()
+        except Exception as e:  # the request fails with its error; the rest of the batch goes on
+            seq._emit(e)
+            seq.release()
+            return None
+
+    def _decode(self, feeding: list[tuple[Sequence, int]]) -> None:
+        if not feeding:
+            return
+        self.largest_batch = max(self.largest_batch, len(feeding))
+        for seq, _ in feeding:
+            seq.peak_batch = max(seq.peak_batch, len(feeding))
+        eng = self.engine
+        if eng._static():
+            for seq, token in feeding:
+                self._guard(seq, lambda: seq.step_static(token))
+        else:
+            batch = StepBatch([seq.req for seq, _ in feeding])
+            ids = torch.tensor([[token] for _, token in feeding])
+            pos = torch.tensor([[seq.position] for seq, _ in feeding])
+            try:
+                logits = eng._forward(batch, ids, pos)  # [B, vocab]: one pass, weights read once
+            except Exception as e:  # the pass failed for all of them
+                for seq, _ in feeding:
+                    seq._emit(e)
+                    seq.release()
+                return
+            for b, (seq, _) in enumerate(feeding):
+                seq.logits = logits[b]
+                seq.position += 1
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()

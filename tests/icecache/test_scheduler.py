@@ -1,0 +1,151 @@
+"""Continuous batching: batched decode gives each request the tokens it gets alone;
+admission control queues or refuses cleanly; cancelling frees a request mid-batch."""
+
+import threading
+
+import pytest
+import torch
+
+from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.engine import GenerationOutput
+from icecache.models import random_model, tiny_config
+from icecache.scheduler import SchedulerFull
+
+SMALL = IceCacheConfig(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,
+                       prefill_chunk_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def eng():
+    model = random_model(tiny_config("llama", num_hidden_layers=3), torch.device("cpu"), torch.float32)
+    return Engine.from_model(model, config=SMALL, model_id="tiny")
+
+
+def doc(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def drain(scheduler, seqs) -> None:
+    while scheduler.has_work:
+        scheduler.step()
+        assert len(scheduler.active) <= scheduler.max_batch
+    for s in seqs:
+        assert s.done
+
+
+def output(seq):
+    items = list(seq.items)
+    errors = [i for i in items if isinstance(i, Exception)]
+    assert not errors, errors
+    return items[-1]
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_batched_decode_gives_each_request_its_tokens_alone(eng, path):
+    """Five requests: two shared contexts of different lengths, different questions and
+    lengths, one raw prompt that is indexed inside the batch, joining at different steps.
+    (The static path takes the requests in turn within a step: one CUDA graph each.)"""
+    eng = eng.with_config(SMALL.replace(decode_path=path))
+    ctx_a, ctx_b = eng.index(doc(700, 1)), eng.index(doc(260, 2))
+    plan = [  # (context, prompt, max_tokens, joins after this many steps)
+        (ctx_a, [5, 6, 7], 12, 0), (ctx_b, list(range(10, 40)), 9, 0), (ctx_a, [8], 15, 3),
+        (None, doc(300, 3), 7, 5), (ctx_b, list(range(40, 300)), 10, 6)]
+    alone = [eng.generate(p, greedy(n), context=c).token_ids for c, p, n, _ in plan]
+
+    scheduler = eng.scheduler(max_batch=8)
+    seqs = []
+    for step in range(40):
+        for c, p, n, at in plan:
+            if at == step:
+                seqs.append(scheduler.submit(p, greedy(n), context=c))
+        if scheduler.has_work or len(seqs) < len(plan):
+            scheduler.step()
+    drain(scheduler, seqs)
+    batched = [output(s).token_ids for s in seqs]
+    assert batched == alone
+    assert scheduler.largest_batch >= 4  # they did decode together
+    assert scheduler.steps < sum(n for _, _, n, _ in plan)  # fewer steps than tokens
+    assert [output(s).stats["context_reused"] for s in seqs] == [True, True, True, False, True]
+
+
+def test_admission_queues_by_device_memory_and_refuses_what_never_fits(eng):
+    ctx = eng.index(doc(400, 4))
+    need = eng.request_device_bytes(ctx.num_tokens, 3, 6)
+    scheduler = eng.scheduler(max_batch=8, device_bytes=int(need * 1.5))  # room for one at a time
+    seqs = [scheduler.submit([5, 6, 7], greedy(6), context=ctx) for _ in range(3)]
+    active_seen = 0
+    while scheduler.has_work:
+        scheduler.step()
+        active_seen = max(active_seen, len(scheduler.active))
+        assert len(scheduler.active) <= 1
+    assert active_seen == 1 and all(len(output(s).token_ids) == 6 for s in seqs)
+
+    with pytest.raises(ValueError, match="device memory"):
+        scheduler.submit([5, 6, 7], greedy(5000), context=ctx)
+    assert not scheduler.has_work  # nothing was queued
+
+
+def test_full_queue_is_refused_and_bad_input_never_queues(eng):
+    ctx = eng.index(doc(200, 5))
+    scheduler = eng.scheduler(max_batch=1, max_waiting=1)
+    scheduler.submit([5], greedy(3), context=ctx)
+    with pytest.raises(SchedulerFull, match="waiting"):
+        scheduler.submit([6], greedy(3), context=ctx)
+    with pytest.raises(ValueError, match="token id"):
+        eng.scheduler().submit([10**9], greedy(3), context=ctx)
+    with pytest.raises(ValueError, match="context"):
+        eng.scheduler().submit([5], greedy(3), context="not a context")
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.scheduler().submit([5], SamplingParams(max_tokens=0), context=ctx)
+
+
+def test_cancel_frees_a_request_and_the_others_finish(eng):
+    ctx = eng.index(doc(300, 6))
+    scheduler = eng.scheduler(max_batch=4)
+    keep = scheduler.submit([5, 6], greedy(10), context=ctx)
+    drop = scheduler.submit([7, 8], greedy(10), context=ctx)
+    for _ in range(4):
+        scheduler.step()
+    drop.cancel()
+    scheduler.step()
+    assert drop.done and drop.req is None and drop not in scheduler.active
+    drain(scheduler, [keep])
+    assert output(keep).token_ids == eng.generate([5, 6], greedy(10), context=ctx).token_ids
+    assert not any(isinstance(i, GenerationOutput) for i in drop.items)  # it never finished
+
+
+def test_background_thread_serves_concurrent_submitters(eng):
+    """The Serve replica's way: a driver thread steps, other threads submit with sinks."""
+    ctx = eng.index(doc(350, 7))
+    scheduler = eng.scheduler(max_batch=8)
+    scheduler.start()
+    results, done = {}, threading.Event()
+
+    def ask(i: int) -> None:
+        box = []
+        finished = threading.Event()
+
+        def sink(item):
+            box.append(item)
+            if not isinstance(item, str):
+                finished.set()
+        scheduler.submit([5 + i, 6], greedy(5 + i), context=ctx, sink=sink)
+        assert finished.wait(120)
+        results[i] = box[-1]
+        if len(results) == 6:
+            done.set()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    assert done.wait(180)
+    scheduler.stop()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        assert results[i].token_ids == eng.generate([5 + i, 6], greedy(5 + i), context=ctx).token_ids
+    assert scheduler.largest_batch >= 2
