@@ -148,13 +148,16 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "oracle", "quest", "streaming", "random")
+METHODS = ("full", "icecache", "icecache_reuse", "oracle", "quest", "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
     if method == "full":
         return IceCacheConfig(mode="full")
     edge = 16 if budget < 256 else 32
+    if method == "icecache_reuse":  # IceCache-reuse: cycles of 2 sparse layers share one selection
+        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, reuse_layers=2,
+                              decode_path="static")
     return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, selector=method,
                           decode_path="dynamic")
 
@@ -182,8 +185,8 @@ def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], 
                         for budget in ([0] if method == "full" else budgets):
                             cfg = method_config(method, budget or 256)
                             eng = engine.with_config(cfg)
-                            key = (cfg.sink_tokens, cfg.window_tokens)
-                            if key not in contexts:  # one prefill per layout (sinks/window) per case
+                            key = (cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
+                            if key not in contexts:  # one prefill per layout (sinks/window/reuse) per case
                                 t = time.perf_counter()
                                 contexts[key] = eng.index(doc)
                                 timing["prefill"] += time.perf_counter() - t

@@ -96,12 +96,15 @@ def state_bytes(decoder: StaticDecoder) -> int:
         return t.numel() * t.element_size() if t.is_cuda else 0
 
     total = sum(size(t) for t in decoder.scratch.buffers.values()) if decoder.scratch is not None else 0
+    seen = set()  # a reuse cycle's layers share one tree
     for s in decoder.states:
         if isinstance(s, _DenseState):
             total += size(s.k) + size(s.v)
         else:
+            trees = [] if id(s.tree) in seen else s.tree.tensors()
+            seen.add(id(s.tree))
             for t in (s.sink_k, s.sink_v, s.win_k, s.win_v, s.priv_k, s.priv_v, s.priv_valid, s.priv_sum,
-                      s.priv_sumsq, s.shared_valid, *s.tree.tensors()):
+                      s.priv_sumsq, s.shared_valid, *trees):
                 total += size(t)
             total += sum(size(t) for t in (getattr(s, "cluster_start", None), getattr(s, "cluster_count", None))
                          if t is not None)
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--reuse-layers", type=int, default=0,
+                    help="also run IceCache-reuse with cycles of this many sparse layers (own index)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_speed.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON")
     args = ap.parse_args(argv)
@@ -218,6 +223,18 @@ def main(argv=None) -> int:
             sparse = eng.with_config(IceCacheConfig(token_budget=budget))
             row[f"icecache_{budget}"] = run_engine(sparse, ctx, args.tokens, breakdown=True)
             print(f"[{n}] (c) IceCache@{budget}: {row[f'icecache_{budget}']}")
+        if args.reuse_layers > 1:  # its own context: followers are stored in their leader's page layout
+            reuse_eng = eng.with_config(IceCacheConfig(reuse_layers=args.reuse_layers))
+            t = time.perf_counter()
+            reuse_ctx = reuse_eng.index(ids)
+            row["reuse_index_build_s"], row["reuse_index_wall_s"] = reuse_ctx.build_s, time.perf_counter() - t
+            for budget in args.budgets:
+                key = f"icecache_{budget}_reuse{args.reuse_layers}"
+                row[key] = run_engine(reuse_eng.with_config(IceCacheConfig(token_budget=budget,
+                                                                           reuse_layers=args.reuse_layers)),
+                                      reuse_ctx, args.tokens, breakdown=True)
+                print(f"[{n}] (c') IceCache-reuse@{budget}: index build {reuse_ctx.build_s:.1f}s, {row[key]}")
+            del reuse_ctx
         report["runs"].append(row)
         del ctx, eng
         torch.cuda.empty_cache()

@@ -39,7 +39,7 @@ class IceCacheConfig:
     search_width: int = 64  # nodes kept per tree level during a query
     top_level_max: int = 64  # stop promoting once a level is at most this large
     page_score_radius: float = 0.0  # weight of a page's radius in its score (0 = mean key only)
-    reuse_layers: int = 1  # layers sharing one page selection (1 = every layer selects)
+    reuse_layers: int = 1  # sparse layers per cycle sharing the first one's page layout and selection (1 = off)
     prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
     decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
@@ -67,8 +67,11 @@ class IceCacheConfig:
         _require(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",
                  f"must be one of {DECODE_PATHS}, got {self.decode_path!r}")
-        _require(self.reuse_layers == 1, "reuse_layers",
-                 "only 1 (no cross-layer reuse) is implemented so far")
+        if self.reuse_layers > 1:
+            _require(self.selector == "icecache" and self.page_score_radius == 0, "reuse_layers",
+                     "cross-layer reuse works with selector='icecache' and page_score_radius=0")
+            _require(self.decode_path != "dynamic", "reuse_layers",
+                     "cross-layer reuse runs on the static decode path (decode_path 'auto' or 'static')")
         if self.mode == "icecache":
             fixed = self.sink_tokens + self.window_tokens
             _require(self.token_budget >= fixed + self.page_size, "token_budget",

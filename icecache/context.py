@@ -69,8 +69,18 @@ class Context:
         pages, sinks and dense KV stay where they are (host). Returns self if already there."""
         if self.index_device is None or self.index_device == device:
             return self
-        sparse = {l: replace(s, tree=s.tree.to(device)) for l, s in self.sparse.items()}
+        moved: dict[int, TreeIndex] = {}  # a tree shared by a reuse cycle moves once
+        for s in self.sparse.values():
+            if id(s.tree) not in moved:
+                moved[id(s.tree)] = s.tree.to(device)
+        sparse = {l: replace(s, tree=moved[id(s.tree)]) for l, s in self.sparse.items()}
         return replace(self, sparse=sparse)
+
+    def cycle_leader(self, layer: int) -> int:
+        """The sparse layer whose page selection `layer` uses (itself unless IceCache-reuse)."""
+        reuse = self.layout[7]
+        dense = self.layout[3]
+        return layer - (layer - dense) % reuse
 
     def flat_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's (K, V) of a layer, [H, n, D] each; token order is irrelevant to attention."""
@@ -83,7 +93,7 @@ class Context:
 
 def layout_of(config: IceCacheConfig) -> tuple:
     return (config.page_size, config.sink_tokens, config.window_tokens, config.dense_layers,
-            config.promotion_ratio, config.top_level_max, config.seed)
+            config.promotion_ratio, config.top_level_max, config.seed, config.reuse_layers)
 
 
 def build_context(model_id: str, token_ids, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -100,8 +110,11 @@ def build_context(model_id: str, token_ids, layer_kv: list[tuple[torch.Tensor, t
         if layer < config.dense_layers:
             dense[layer] = (k.cpu(), v.cpu())
             continue
-        tree, page_layout = build_tree(k[:, mid].to(index_device), config.page_size, config.promotion_ratio,
-                                       config.top_level_max, seed=config.seed + layer)
+        if (layer - config.dense_layers) % config.reuse_layers == 0:  # a cycle's first layer: its own index
+            tree, page_layout = build_tree(k[:, mid].to(index_device), config.page_size, config.promotion_ratio,
+                                           config.top_level_max, seed=config.seed + layer)
+        # else IceCache-reuse: the cycle's later layers store their KV in the first one's page
+        # layout, so its page selection names the same tokens in them (and they need no tree)
         pages = HostPageStore.from_layout(k[:, mid], v[:, mid], positions, page_layout, config.page_size,
                                           allocator)
         sparse[layer] = SparseLayer(k[:, :num_sink].cpu(), v[:, :num_sink].cpu(), k[:, n - num_tail:].cpu(),

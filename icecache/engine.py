@@ -241,6 +241,8 @@ class Engine:
 
     def _static(self) -> bool:
         path = self.config.decode_path
+        if self.config.reuse_layers > 1:
+            return True  # IceCache-reuse is built on the static path only
         if self.config.selector != "icecache" or self.config.page_score_radius:
             return False  # the comparison selectors and page radii run on the dynamic path
         return path == "static" or (path == "auto" and self.device.type == "cuda")

@@ -111,8 +111,10 @@ class _SparseState:
 
     def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, max_new: int, ring_cut: int,
                  config: IceCacheConfig, dtype: torch.dtype, device: torch.device, ring: _Ring,
-                 scratch: _Scratch | None) -> None:
+                 scratch: _Scratch | None, leader: "_SparseState | None" = None) -> None:
         H, _, D = own_k.shape
+        self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
+        self.last_ids: torch.Tensor | None = None  # this step's page ids (read by the cycle's followers)
         P, W = config.page_size, config.window_tokens
         self.P, self.W, self.R = P, W, config.retrieved_pages
         self.search_width = config.search_width
@@ -146,7 +148,7 @@ class _SparseState:
         self.win_k = torch.zeros(H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_k[:, :w], self.win_v[:, :w] = recent_k[:, cut:], recent_v[:, cut:]
-        if scratch is not None:
+        if scratch is not None and leader is None:
             self._plan_kernels(H, D)
 
     # ------------------------------------------------------------ the Triton path (CUDA)
@@ -178,7 +180,7 @@ class _SparseState:
         kernels.push(k.contiguous(), v.contiguous(), self.win_k, self.win_v, self.ring.counts, self.priv_k,
                      self.priv_v, self.priv_valid, self.priv_sum, self.priv_sumsq)
         qf = q.float().contiguous()
-        page_ids = self._select_kernels(qf, scaling)
+        page_ids = self.select(qf, scaling)
         S = self.scratch
         H, G, D = q.shape
         out = kernels.sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
@@ -215,8 +217,11 @@ class _SparseState:
 
     def select(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Page ids [H, R] (private pages offset by num_shared), -1 where none. q: [H, G, D] fp32."""
+        if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
+            return self.leader.last_ids
         if self.scratch is not None:
-            return self._select_kernels(q, scaling)
+            self.last_ids = self._select_kernels(q, scaling)
+            return self.last_ids
         tree = self.tree
         estimates, candidates = [], []
         if tree.num_pages:
@@ -231,7 +236,8 @@ class _SparseState:
         estimates.append(_page_estimate(q, mean, None, var, self.priv_valid, scaling, 0.0))  # no radius
         candidates.append(self.priv_valid > 0)
         weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
-        return top_pages(weight, self.R)
+        self.last_ids = top_pages(weight, self.R)
+        return self.last_ids
 
     def fetch(self, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of the selected pages."""
@@ -307,8 +313,10 @@ class StaticDecoder:
                 self.scratch = _Scratch(self.device, self.group)
         for i, (own_k, own_v) in enumerate(own_kv):
             if i in sparse_layers:
+                leader = context.cycle_leader(i)
                 self.states.append(_SparseState(context.sparse[i], own_k, own_v, max_new_tokens + 1, cut, config,
-                                                self.dtype, self.device, self.ring, self.scratch))
+                                                self.dtype, self.device, self.ring, self.scratch,
+                                                self.states[leader] if leader != i else None))
             else:
                 ck, cv = context.flat_kv(i)
                 self.states.append(_DenseState(ck, cv, own_k, own_v, max_new_tokens + 1, self.dtype, self.device))

@@ -50,14 +50,16 @@ def run(decoder: StaticDecoder, logits: torch.Tensor, start: int, steps: int):
     return pages, torch.stack(seen)
 
 
-@pytest.mark.parametrize("arch,doc_tokens,question", [("llama", 1500, [5, 6, 7]), ("qwen3", 700, []),
-                                                      ("llama", 60, list(range(3, 40)))])
-def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question):
+@pytest.mark.parametrize("arch,doc_tokens,question,reuse", [("llama", 1500, [5, 6, 7], 1), ("qwen3", 700, [], 1),
+                                                            ("llama", 60, list(range(3, 40)), 1),
+                                                            ("llama", 900, [5, 6], 2)])
+def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question, reuse):
     """Same pages every layer and step, same logits: documents with a tree, without one
     (60 tokens: all sinks and tail), questions long enough to start in private pages,
-    and decoding past the window so tokens move into private pages mid-run."""
+    decoding past the window so tokens move into private pages mid-run, and IceCache-reuse."""
     steps = 24
-    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, arch, doc_tokens, question, steps)
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, arch, doc_tokens, question, steps,
+                                                    reuse_layers=reuse)
     assert fast.scratch is not None and ref.scratch is None
     start = ctx.num_tokens + len(question)
     ref_pages, ref_logits = run(ref, logits, start, steps)
