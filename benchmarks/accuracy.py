@@ -148,13 +148,16 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_reuse", "oracle", "quest", "streaming", "random")
+METHODS = ("full", "icecache", "icecache_wide", "icecache_reuse", "oracle", "quest", "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
     if method == "full":
         return IceCacheConfig(mode="full")
     edge = 16 if budget < 256 else 32
+    if method == "icecache_wide":  # a variant under study: twice the tree-walk beam, plus each page's radius
+        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=128,
+                              page_score_radius=1.0, decode_path="dynamic")
     if method == "icecache_reuse":  # IceCache-reuse: cycles of 2 sparse layers share one selection
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, reuse_layers=2,
                               decode_path="static")
