@@ -142,11 +142,15 @@ class Engine:
         t0 = time.perf_counter()
         req = RequestKV(self.shape, self.config, None)
         logits = self._prefill(req, ids, 0, progress)
+        return self._context_of(req, ids, logits, t0)
+
+    def _context_of(self, req: RequestKV, ids: list[int], logits: torch.Tensor, prefill_started: float) -> Context:
+        """Index a finished prefill of `ids` (req holds its KV) into a Context, with its timings."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         ctx = build_context(self.model_id, ids, [(kv.k, kv.v) for kv in req.own], logits, self.config, self.device)
-        ctx.prefill_s, ctx.build_s = t1 - t0, time.perf_counter() - t1
+        ctx.prefill_s, ctx.build_s = t1 - prefill_started, time.perf_counter() - t1
         return ctx
 
     # ---------------------------------------------------------------- public API
@@ -198,9 +202,15 @@ class Engine:
         return self._encode(text, add_special=False, what="messages")
 
     # ---------------------------------------------------------------- the request loop
-    def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | None = None):
-        """A continuous-batching scheduler over this engine (see icecache.scheduler)."""
+    def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto"):
+        """A continuous-batching scheduler over this engine (see icecache.scheduler).
+        device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
+        free now on CUDA (room for activations and graph pools), no limit on CPU; None = no limit."""
         from icecache.scheduler import Scheduler
+        if device_bytes == "auto":
+            device_bytes = None
+            if self.device.type == "cuda":
+                device_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
         return Scheduler(self, max_batch, max_waiting, device_bytes)
 
     def _sequence(self, prompt, params: SamplingParams | None, context: Context | None, sink=None, on_done=None):
@@ -220,8 +230,7 @@ class Engine:
         return Sequence(self, params, context, ids, sink, on_done)
 
     def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):
-        scheduler = self.scheduler(max_batch=1)
-        scheduler.device_bytes = None  # a request alone is never refused for memory: it may still fit
+        scheduler = self.scheduler(max_batch=1, device_bytes=None)  # alone, a request is never refused for memory
         seq = scheduler.submit(prompt, params, context)  # validates now, before the first piece
         return self._drive(scheduler, seq)
 
@@ -252,7 +261,7 @@ class Engine:
         dense layers hold the whole context, sparse layers sinks, window, page slots and
         the request's own tokens."""
         s, c = self.shape, self.config
-        per_token = 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=s.dtype).element_size()
+        per_token = 2 * s.num_kv_heads * s.head_dim * s.dtype.itemsize
         dense = s.num_layers if c.mode == "full" else min(c.dense_layers, s.num_layers)
         own = own_tokens + max_tokens
         sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own

@@ -30,7 +30,7 @@ import torch
 
 from icecache.cache import RequestKV, StepBatch
 from icecache.config import SamplingParams
-from icecache.context import Context, build_context
+from icecache.context import Context
 from icecache.sampling import TextStream, make_generator, sample
 from icecache.static_decode import StaticDecoder
 
@@ -108,13 +108,7 @@ class Sequence:
         if self.pending:
             return len(piece)
         if self.phase == "index":
-            if eng.device.type == "cuda":
-                torch.cuda.synchronize()
-            prefill_s = time.perf_counter() - self.prefill_started
-            t = time.perf_counter()
-            ctx = build_context(eng.model_id, self.prompt_ids, [(kv.k, kv.v) for kv in self.req.own], logits,
-                                eng.config, eng.device)
-            ctx.prefill_s, ctx.build_s = prefill_s, time.perf_counter() - t
+            ctx = eng._context_of(self.req, self.prompt_ids, logits, self.prefill_started)
             self.context = ctx
             self.req = RequestKV(eng.shape, eng.config, ctx)
             self.logits = ctx.last_logits
@@ -172,7 +166,6 @@ class Sequence:
         if self.decoder is not None and steps:  # every selected page is gathered each step
             self.req.pages_loaded = self.req.pages_selected = self.decoder.pages_per_step() * steps
         ctx, n = self.context, max(1, steps)
-        reused = self.reused
         self._emit(GenerationOutput(
             text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
             stats={
@@ -183,9 +176,9 @@ class Sequence:
                 "context_tokens": ctx.num_tokens,
                 "prompt_tokens": len(self.own_ids),
                 "output_tokens": len(self.text.ids),
-                "context_reused": reused,
-                "prefill_s": ctx.prefill_s if not reused else None,
-                "index_build_s": ctx.build_s if not reused else None,
+                "context_reused": self.reused,
+                "prefill_s": ctx.prefill_s if not self.reused else None,
+                "index_build_s": ctx.build_s if not self.reused else None,
                 "pages_loaded": self.req.pages_loaded,
                 "pages_loaded_per_token": self.req.pages_loaded / n,
                 "pages_selected_per_token": self.req.pages_selected / n,
@@ -212,13 +205,11 @@ class Scheduler:
 
     def __init__(self, engine: "Engine", max_batch: int = 32, max_waiting: int = 1024,
                  device_bytes: int | None = None) -> None:
+        """device_bytes: the KV budget of admitted requests (None = no limit); see Engine.scheduler."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: must be a positive int, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting: must be an int >= 0, got {max_waiting!r}")
-        if device_bytes is None and engine.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(engine.device)
-            device_bytes = int(free * 0.8)  # leave room for activations and graph pools
         self.engine, self.max_batch, self.max_waiting, self.device_bytes = engine, max_batch, max_waiting, device_bytes
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
