@@ -92,6 +92,29 @@ def _store_selected(out_ptr, selected, index, k):
     tl.store(out_ptr + pos, index, mask=selected & (pos < k))
 
 
+@triton.jit
+def _lse_of_parts(part_ptr, h, num_parts, g, GP: tl.constexpr, CP: tl.constexpr):
+    """log sum exp of query head g over a KV head's rows, from the (max, sum exp) pairs
+    that num_parts programs wrote to part[h, :, g]; +inf when no row was a candidate
+    (so row - lse stays -inf)."""
+    c = tl.arange(0, CP)
+    pm = tl.load(part_ptr + ((h * num_parts + c) * GP + g) * 2, mask=c < num_parts, other=-float("inf"))
+    pl = tl.load(part_ptr + ((h * num_parts + c) * GP + g) * 2 + 1, mask=c < num_parts, other=0.0)
+    big = tl.max(pm, axis=0)
+    safe = tl.where(big > -float("inf"), big, 0.0)
+    total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe), 0.0), axis=0)
+    return tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))
+
+
+@triton.jit
+def _online_lse(m_run, l_run, est, ok):
+    """Fold a [GP, BLOCK] tile of scores (valid where ok) into running (max, sum exp) per row."""
+    m_new = tl.maximum(m_run, tl.max(est, axis=1))
+    safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+    l_new = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
+    return m_new, l_new
+
+
 # ---------------------------------------------------------------------------- tree walk
 @triton.jit
 def _level_scores(q_ptr, node_ptr, parent_ptr, keep_ptr, raw_ptr, part_ptr, n, n_parent, scaling,
@@ -127,16 +150,10 @@ def _level_select(raw_ptr, part_ptr, keep_ptr, top_ptr, n, num_chunks, width, G:
     then the `width` best nodes: keep[h, i] = 1 for them (and top[h, :] their indices,
     on level 1). Nodes that are no candidate (-inf) are never kept."""
     h = tl.program_id(0)
-    c = tl.arange(0, CP)
     i = tl.arange(0, NB)
     best = tl.full((NB,), -float("inf"), tl.float32)
     for g in tl.static_range(G):
-        pm = tl.load(part_ptr + ((h * num_chunks + c) * GP + g) * 2, mask=c < num_chunks, other=-float("inf"))
-        pl = tl.load(part_ptr + ((h * num_chunks + c) * GP + g) * 2 + 1, mask=c < num_chunks, other=0.0)
-        big = tl.max(pm, axis=0)
-        safe = tl.where(big > -float("inf"), big, 0.0)
-        total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe), 0.0), axis=0)
-        lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))  # +inf: no candidate
+        lse = _lse_of_parts(part_ptr, h, num_chunks, g, GP, CP)
         raw = tl.load(raw_ptr + (h * G + g) * n + i, mask=i < n, other=-float("inf"))
         best = tl.maximum(best, raw - lse)
     keep = (_key(best) >= _kth_largest(best, width)) & (best > -float("inf")) & (i < n)
@@ -212,10 +229,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_
             ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
             est = tl.where(ok, est, -float("inf"))
             tl.store(raw_ptr + (h * G + g[:, None]) * n_total + page[None, :], est, mask=ok)
-            m_new = tl.maximum(m_run, tl.max(est, axis=1))
-            safe = tl.where(m_new > -float("inf"), m_new, 0.0)
-            l_run = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
-            m_run = m_new
+            m_run, l_run = _online_lse(m_run, l_run, est, ok)
     else:
         for p0 in range(split * BLOCK, n_private, SPLIT * BLOCK):
             page = p0 + b
@@ -229,10 +243,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_
             ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
             est = tl.where(ok, est, -float("inf"))
             tl.store(raw_ptr + (h * G + g[:, None]) * n_total + n_shared + page[None, :], est, mask=ok)
-            m_new = tl.maximum(m_run, tl.max(est, axis=1))
-            safe = tl.where(m_new > -float("inf"), m_new, 0.0)
-            l_run = l_run * tl.exp(m_run - safe) + tl.sum(tl.where(ok, tl.exp(est - safe[:, None]), 0.0), axis=1)
-            m_run = m_new
+            m_run, l_run = _online_lse(m_run, l_run, est, ok)
     base = part_ptr + (((h * tl.num_programs(1) + j) * SPLIT + split) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
@@ -245,17 +256,11 @@ def _page_select(raw_ptr, part_ptr, ids_ptr, n_total, num_parts, R, G: tl.conste
     of the candidates' expected mass, summed over the heads of a KV head), then the R
     heaviest candidate pages into ids[h, :] (ascending page id)."""
     h = tl.program_id(0)
-    c = tl.arange(0, CP)
     i = tl.arange(0, NB)
     share = tl.zeros((NB,), tl.float32)
     candidate = i < 0
     for g in tl.static_range(G):
-        pm = tl.load(part_ptr + ((h * num_parts + c) * GP + g) * 2, mask=c < num_parts, other=-float("inf"))
-        pl = tl.load(part_ptr + ((h * num_parts + c) * GP + g) * 2 + 1, mask=c < num_parts, other=0.0)
-        big = tl.max(pm, axis=0)
-        safe = tl.where(big > -float("inf"), big, 0.0)
-        total = tl.sum(tl.where(pm > -float("inf"), pl * tl.exp(pm - safe), 0.0), axis=0)
-        lse = tl.where(big > -float("inf"), safe + tl.log(total), float("inf"))
+        lse = _lse_of_parts(part_ptr, h, num_parts, g, GP, CP)
         raw = tl.load(raw_ptr + (h * G + g) * n_total + i, mask=i < n_total, other=-float("inf"))
         share += tl.where(raw > -float("inf"), tl.exp(raw - lse), 0.0)
         candidate = candidate | (raw > -float("inf"))
