@@ -117,22 +117,24 @@ def _online_lse(m_run, l_run, est, ok):
 
 # ---------------------------------------------------------------------------- tree walk
 @triton.jit
-def _level_scores(q_ptr, node_ptr, parent_ptr, keep_ptr, raw_ptr, part_ptr, n, n_parent, scaling,
+def _level_scores(q_ptr, node_ptr, parent_ptr, keep_ptr, raw_ptr, part_ptr, n, n_parent, scaling, HS,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                   HAS_PARENT: tl.constexpr):
     """raw[h, g, i] = scaling * q_g . node_i (-inf unless i's parent is kept); per-program
-    (max, sum exp) per query head into part[h, c, :, 0/1]."""
+    (max, sum exp) per query head into part[h, c, :, 0/1]. Row h is (request h // HS, KV
+    head h % HS): the tree is shared by the requests, q, keep, raw and part are per row."""
     h, c = tl.program_id(0), tl.program_id(1)
+    hs = h % HS
     num_chunks = tl.num_programs(1)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     i = c * BLOCK + tl.arange(0, BLOCK)
     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
-    node = tl.load(node_ptr + (h * n + i[:, None]) * D + d[None, :], mask=i[:, None] < n, other=0.0)
+    node = tl.load(node_ptr + (hs * n + i[:, None]) * D + d[None, :], mask=i[:, None] < n, other=0.0)
     s = tl.dot(q, tl.trans(node.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
     ok = i < n
     if HAS_PARENT:
-        parent = tl.load(parent_ptr + h * n + i, mask=ok, other=0)
+        parent = tl.load(parent_ptr + hs * n + i, mask=ok, other=0)
         ok = ok & (tl.load(keep_ptr + h * n_parent + parent, mask=ok, other=0) != 0)
     s = tl.where(ok[None, :] & (g[:, None] < G), s, -float("inf"))
     tl.store(raw_ptr + (h * G + g[:, None]) * n + i[None, :], s, mask=(g[:, None] < G) & (i[None, :] < n))
@@ -168,10 +170,11 @@ def level_scores(q: torch.Tensor, nodes: torch.Tensor, parent: torch.Tensor | No
     """One level of the tree walk (index.tree.tree_keep): score the children of kept
     parents, keep the `width` best per KV head.
 
-    q: [H, G, D] fp32; nodes: [H, n, D]; parent: [H, n] index into keep: [H, n_parent]
-    (uint8, 1 = kept), both None on the top level. raw [>= H*G*n] and parts are fp32
-    scratch; keep_out: uint8 [>= H*n]; top: [H, width] long, filled with -1 by the
-    caller, receives the kept indices (level 1). Returns keep_out as [H, n]."""
+    q: [H, G, D] fp32, H = B * HS rows for B requests sharing a tree of HS KV heads;
+    nodes: [HS, n, D]; parent: [HS, n] index into keep: [H, n_parent] (uint8, 1 = kept),
+    both None on the top level. raw [>= H*G*n] and parts are fp32 scratch; keep_out:
+    uint8 [>= H*n]; top: [H, width] long, filled with -1 by the caller, receives the
+    kept indices (level 1). Returns keep_out as [H, n]."""
     _check_contiguous(q, nodes, *([parent, keep] if parent is not None else []))
     H, G, D = q.shape
     n = nodes.shape[1]
@@ -180,7 +183,8 @@ def level_scores(q: torch.Tensor, nodes: torch.Tensor, parent: torch.Tensor | No
     chunks = triton.cdiv(n, _BLOCK_NODES)
     has_parent = parent is not None
     _level_scores[(H, chunks)](q, nodes, parent if has_parent else q, keep if has_parent else q, raw, parts, n,
-                               keep.shape[1] if has_parent else 0, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_NODES,
+                               keep.shape[1] if has_parent else 0, scaling, nodes.shape[0], G=G, GP=GP, D=D,
+                               BLOCK=_BLOCK_NODES,
                                HAS_PARENT=has_parent)
     _level_select[(H,)](raw, parts, keep_out, top if top is not None else keep_out, n, chunks, width, G=G, GP=GP,
                         CP=max(16, triton.next_power_of_2(chunks)), NB=max(16, triton.next_power_of_2(n)),
@@ -200,13 +204,16 @@ def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, co
 
 @triton.jit
 def _page_scores(q_ptr, top_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr,
-                 raw_ptr, part_ptr, num_top, n_clusters, n_shared, n_private, n_total, scaling, G: tl.constexpr,
+                 raw_ptr, part_ptr, num_top, n_clusters, n_shared, n_private, n_total, scaling, HS,
+                 G: tl.constexpr,
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """raw[h, g, p] = page estimate of each candidate page p: the pages of kept level-1
     cluster top[h, j] (-1 = none) for programs j < num_top, the request's private pages
     for j = num_top; SPLIT programs share a cluster's pages. Non-candidates are left
-    as they are (the caller fills -inf). Per program (max, sum exp) per query head."""
+    as they are (the caller fills -inf). Per program (max, sum exp) per query head.
+    Row h: KV head h % HS of the shared tree and pages, private pages per row."""
     h, j, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     b = tl.arange(0, BLOCK)
@@ -216,15 +223,15 @@ def _page_scores(q_ptr, top_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_
     if j < num_top:
         cluster = tl.load(top_ptr + h * num_top + j)
         # int32 like the private branch's bounds: Triton needs one type for the loop variable
-        first = tl.load(start_ptr + h * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
-        cnt = tl.load(count_ptr + h * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
+        first = tl.load(start_ptr + hs * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
+        cnt = tl.load(count_ptr + hs * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
         for p0 in range(split * BLOCK, cnt, SPLIT * BLOCK):
             page = first + p0 + b
             inside = (p0 + b) < cnt
-            row = (h * n_shared + page[:, None]) * D + d[None, :]
+            row = (hs * n_shared + page[:, None]) * D + d[None, :]
             mean = tl.load(mean_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
             var = tl.load(var_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
-            count = tl.load(valid_ptr + h * n_shared + page, mask=inside, other=0)
+            count = tl.load(valid_ptr + hs * n_shared + page, mask=inside, other=0)
             est = _page_estimates(q, scaling, G, GP, mean, var, count)
             ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
             est = tl.where(ok, est, -float("inf"))
@@ -276,9 +283,10 @@ def select_pages(q: torch.Tensor, top: torch.Tensor, cluster_start: torch.Tensor
     """The `num_pages` best pages per KV head (index.tree.select_pages, radius weight 0),
     ascending, -1 where fewer qualify; ids >= N are private pages (id - N).
 
-    q: [H, G, D] fp32; top: [H, K] kept level-1 clusters (-1 = none); cluster_start/count:
-    [H, n_clusters] their page ranges; page_mean/var: [H, N, D], page_valid: [H, N];
-    priv_sum/sumsq: [H, M, D] fp32 running sums of private pages, priv_valid: [H, M].
+    q: [H, G, D] fp32, H = B * HS rows (requests sharing the tree, HS KV heads); top:
+    [H, K] kept level-1 clusters (-1 = none); cluster_start/count: [HS, n_clusters] their
+    page ranges; page_mean/var: [HS, N, D], page_valid: [HS, N]; priv_sum/sumsq: [H, M, D]
+    fp32 running sums of the rows' private pages, priv_valid: [H, M].
     raw/parts: fp32 scratch. -> [H, num_pages]."""
     _check_contiguous(q, top, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum, priv_sumsq,
                       priv_valid)
@@ -292,7 +300,8 @@ def select_pages(q: torch.Tensor, top: torch.Tensor, cluster_start: torch.Tensor
     raw_view.fill_(-float("inf"))
     _page_scores[(H, K + 1, _SPLIT)](q, top, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum,
                                      priv_sumsq, priv_valid, raw_view, parts, K, cluster_start.shape[1], n_shared,
-                                     n_private, n_total, scaling, G=G, GP=GP, D=D, BLOCK=_BLOCK_PAGES, SPLIT=_SPLIT)
+                                     n_private, n_total, scaling, page_valid.shape[0], G=G, GP=GP, D=D,
+                                     BLOCK=_BLOCK_PAGES, SPLIT=_SPLIT)
     ids = torch.full((H, num_pages), -1, dtype=torch.long, device=q.device)
     NB = max(16, triton.next_power_of_2(n_total))
     _page_select[(H,)](raw_view, parts, ids, n_total, (K + 1) * _SPLIT, num_pages, G=G, GP=GP,
@@ -303,13 +312,14 @@ def select_pages(q: torch.Tensor, top: torch.Tensor, cluster_start: torch.Tensor
 # ---------------------------------------------------------------------------- window push
 @triton.jit
 def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, psum_ptr, psq_ptr,
-          W, n_private, D: tl.constexpr, P: tl.constexpr):
+          W, n_private, HS, D: tl.constexpr, P: tl.constexpr):
     """Put the new token in the window ring; once the ring is full, the token it
-    replaces moves to the next private page slot, whose running sums it joins."""
+    replaces moves to the next private page slot, whose running sums it joins. Row h is
+    KV head h % HS of request h // HS, whose counters are count[h // HS]."""
     h = tl.program_id(0)
     d = tl.arange(0, D)
-    win_count = tl.load(count_ptr)
-    priv_count = tl.load(count_ptr + 1)
+    win_count = tl.load(count_ptr + (h // HS) * 2)
+    priv_count = tl.load(count_ptr + (h // HS) * 2 + 1)
     slot = win_count % W
     if win_count >= W:
         old_k = tl.load(win_k_ptr + (h * W + slot) * D + d)
@@ -329,25 +339,28 @@ def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr,
 def push(k: torch.Tensor, v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, counts: torch.Tensor,
          priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, priv_sum: torch.Tensor,
          priv_sumsq: torch.Tensor) -> None:
-    """k, v: [H, D]; win_k/v: [H, W, D]; counts: [2] (tokens ever in the ring, tokens in
-    private pages), read here and advanced by the caller once per step; priv_k/v:
-    [H, M, P, D]; priv_valid: [H, M]; priv_sum/sumsq: [H, M, D] fp32."""
+    """k, v: [H, D], H = B * HS rows (B requests, HS KV heads); win_k/v: [H, W, D];
+    counts: [B, 2] (per request: tokens ever in the ring, tokens in private pages), read
+    here and advanced by the caller once per step; priv_k/v: [H, M, P, D]; priv_valid:
+    [H, M]; priv_sum/sumsq: [H, M, D] fp32."""
     _check_contiguous(k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_sum, priv_sumsq)
     H, W, D = win_k.shape
     _push[(H,)](k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_sum, priv_sumsq, W, priv_k.shape[1],
-                D=D, P=priv_k.shape[2])
+                H // (counts.numel() // 2), D=D, P=priv_k.shape[2])
 
 
 # ---------------------------------------------------------------------------- attention
 @triton.jit
 def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
                       priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr, acc_ptr,
-                      num_sink, R, n_shared, n_private, W, scaling, G: tl.constexpr, GP: tl.constexpr,
+                      num_sink, R, n_shared, n_private, W, scaling, HS, G: tl.constexpr, GP: tl.constexpr,
                       D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
     """One block of P keys per program (a sink block, a selected page, or a window
     block): partial softmax (max, sum) and weighted values for flash-decoding's merge.
-    Shared pages are read where they lie (a UVA view of host memory on CUDA)."""
+    Shared pages are read where they lie (a UVA view of host memory on CUDA). Row h:
+    sinks and shared pages of KV head h % HS, the rest of request h // HS's row."""
     h, b = tl.program_id(0), tl.program_id(1)
+    hs = h % HS
     blocks = tl.num_programs(1)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
@@ -356,7 +369,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     if b < SINK_BLOCKS:
         tok = b * P + t
         ok = tok < num_sink
-        rows = (h * num_sink + tok[:, None]) * D + d[None, :]
+        rows = (hs * num_sink + tok[:, None]) * D + d[None, :]
         k = tl.load(sink_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
         v = tl.load(sink_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
     elif b < SINK_BLOCKS + R:
@@ -366,8 +379,8 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
             k = tl.zeros((P, D), tl.float32)
             v = tl.zeros((P, D), tl.float32)
         elif page < n_shared:
-            ok = t < tl.load(shared_valid_ptr + h * n_shared + page)
-            rows = ((h * n_shared + page) * P + t[:, None]) * D + d[None, :]
+            ok = t < tl.load(shared_valid_ptr + hs * n_shared + page)
+            rows = ((hs * n_shared + page) * P + t[:, None]) * D + d[None, :]
             k = tl.load(shared_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             v = tl.load(shared_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
         else:
@@ -378,7 +391,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
             v = tl.load(priv_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
     else:
         tok = (b - SINK_BLOCKS - R) * P + t
-        filled = tl.minimum(tl.load(count_ptr) + 1, W)  # the ring after this step's push
+        filled = tl.minimum(tl.load(count_ptr + (h // HS) * 2) + 1, W)  # the ring after this step's push
         ok = tok < filled
         rows = (h * W + tok[:, None]) * D + d[None, :]
         k = tl.load(win_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -423,9 +436,10 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
                      priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
                      win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
                      acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Decode attention of q [H, G, D] (fp32) over sinks [H, S, D], the pages page_ids
-    [H, R] (< N: shared [H, N, P, D], else private [H, M, P, D]; -1 = none) and the
-    window ring [H, W, D] holding min(counts[0] + 1, W) tokens. -> out [H, G, D]."""
+    """Decode attention of q [H, G, D] (fp32; H = B * HS rows: B requests, HS KV heads)
+    over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared
+    [HS, N, P, D], else the row's private [H, M, P, D]; -1 = none) and the row's window
+    ring [H, W, D] holding min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]."""
     _check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v, priv_valid,
                       win_k, win_v)
     H, G, D = q.shape
@@ -437,7 +451,130 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
     blocks = sink_blocks + R + triton.cdiv(W, P)
     _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v,
                                    priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R,
-                                   shared_k.shape[1], priv_k.shape[1], W, scaling, G=G, GP=GP, D=D, P=P,
+                                   shared_k.shape[1], priv_k.shape[1], W, scaling, sink_k.shape[0], G=G, GP=GP,
+                                   D=D, P=P,
                                    SINK_BLOCKS=sink_blocks)
     _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
+    return out
+
+
+# ---------------------------------------------------------------------------- dense layers
+_BLOCK_KEYS = 64  # context keys per inner step of the shared-context attention
+_PREFIX_PROGRAMS = 1024  # programs to spread a context's keys over (several waves on a big GPU)
+
+
+def dense_plan(batch: int, HS: int, G: int, n: int) -> tuple[int, int, int, int]:
+    """(rows per program, row tiles, splits, keys per split) of dense_attention's grid."""
+    rows = batch * G
+    RP = min(64, max(16, triton.next_power_of_2(rows)))
+    tiles = triton.cdiv(rows, RP)
+    splits = max(1, min(triton.cdiv(n, _BLOCK_KEYS), triton.cdiv(_PREFIX_PROGRAMS, HS * tiles)))
+    span = triton.cdiv(triton.cdiv(max(n, 1), splits), _BLOCK_KEYS) * _BLOCK_KEYS
+    return RP, tiles, triton.cdiv(max(n, 1), span), span
+
+
+def dense_scratch_sizes(max_batch: int, HS: int, G: int, D: int, n: int) -> dict[str, int]:
+    """Work buffers of dense_attention for any batch up to max_batch."""
+    cells = max(HS * s * t * rp for rp, t, s, _ in (dense_plan(b, HS, G, n) for b in range(1, max_batch + 1)))
+    return {"dense_parts": cells * 2, "dense_acc": cells * D}
+
+
+@triton.jit
+def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, G: tl.constexpr,
+                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+    """Flash-decoding over a context's keys [HS, n, D] that every request shares: program
+    (row tile t, split s, KV head h) takes the query rows r = b * G + g of all requests b
+    in tile t and the keys of split s, so a key block is read once for the whole batch.
+    -> per row (max, sum exp) into part and the weighted values into acc."""
+    t, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r = t * RP + tl.arange(0, RP)
+    d = tl.arange(0, D)
+    b, g = r // G, r % G
+    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None], other=0.0)
+    m_run = tl.full((RP,), -float("inf"), tl.float32)
+    l_run = tl.zeros((RP,), tl.float32)
+    acc = tl.zeros((RP, D), tl.float32)
+    end = tl.minimum(s * span + span, n)
+    for k0 in range(s * span, end, BLOCK):
+        tok = k0 + tl.arange(0, BLOCK)
+        ok = tok < end
+        at = (h * n + tok[:, None]) * D + d[None, :]
+        k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v)
+    base = (h * tl.num_programs(1) + s) * tl.num_programs(0) * RP + r
+    tl.store(part_ptr + base * 2, m_run)
+    tl.store(part_ptr + base * 2 + 1, l_run)
+    tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _online_softmax(m_run, l_run, acc, sc, ok, v):
+    """Fold a tile of scores sc [rows, BLOCK] (keys valid where ok) and their values
+    v [BLOCK, D] into the running (max, sum exp, weighted values) of each row."""
+    m_new = tl.maximum(m_run, tl.max(sc, axis=1))
+    safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
+    p = tl.where(ok[None, :], tl.exp(sc - safe[:, None]), 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    return m_new, l_run * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_ptr, splits, rows_pad, T, scaling,
+                 HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+    """Request b, KV head h: the shared context's partials merged, then the request's own
+    tokens own[b, h, :count[b] + 1] (this step's included) folded in. -> out[b, h]."""
+    x = tl.program_id(0)
+    b, h = x // HS, x % HS
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    r = b * G + g
+    sp = tl.arange(0, SP)
+    at = (h * splits + sp[:, None]) * rows_pad + r[None, :]  # [SP, GP]
+    valid = (sp[:, None] < splits) & (g[None, :] < G)
+    m = tl.load(part_ptr + at * 2, mask=valid, other=-float("inf"))
+    l = tl.load(part_ptr + at * 2 + 1, mask=valid, other=0.0)
+    m_run = tl.max(m, axis=0)  # [GP]
+    safe = tl.where(m_run > -float("inf"), m_run, 0.0)
+    l_run = tl.sum(tl.where(m > -float("inf"), l * tl.exp(m - safe[None, :]), 0.0), axis=0)
+    acc = tl.zeros((GP, D), tl.float32)
+    for i in range(0, splits):
+        row = (h * splits + i) * rows_pad + r
+        w = tl.load(part_ptr + row * 2, mask=g < G, other=-float("inf"))
+        w = tl.where(w > -float("inf"), tl.exp(w - safe), 0.0)
+        acc += w[:, None] * tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    filled = tl.load(count_ptr + b) + 1
+    for k0 in range(0, filled, BLOCK):
+        tok = k0 + tl.arange(0, BLOCK)
+        ok = tok < filled
+        own = ((b * HS + h) * T + tok[:, None]) * D + d[None, :]
+        k = tl.load(own_k_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(own_v_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v)
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    tl.store(out_ptr + ((b * HS + h) * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(g < G)[:, None])
+
+
+def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, own_k: torch.Tensor,
+                    own_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
+                    acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Exact decode attention of B requests over a context they share plus their own tokens.
+
+    q: [B, HS, G, D] fp32; ctx_k/v: [HS, n, D], read once for the whole batch; own_k/v:
+    [>= B, HS, T, D] the requests' own tokens, of which counts[b] + 1 are filled (this
+    step's token at counts[b]); parts/acc: fp32 scratch (dense_scratch_sizes). -> out
+    [B, HS, G, D]."""
+    _check_contiguous(q, ctx_k, ctx_v, own_k, own_v, counts)
+    B, HS, G, D = q.shape
+    n, T = ctx_k.shape[1], own_k.shape[2]
+    RP, tiles, splits, span = dense_plan(B, HS, G, n)
+    _prefix_attention[(tiles, splits, HS)](q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, G=G, D=D,
+                                           RP=RP, BLOCK=_BLOCK_KEYS)
+    _dense_merge[(B * HS,)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G,
+                            GP=_rows(G), D=D, SP=max(16, triton.next_power_of_2(splits)), BLOCK=_BLOCK_KEYS)
     return out

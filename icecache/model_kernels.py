@@ -55,31 +55,33 @@ def _rotate(x, x_rot, cos, sin, dtype, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _rope(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_q, D: tl.constexpr, ROUND: tl.constexpr):
-    """x * cos + rotate_half(x) * sin for one head row; rotate_half(x) = [-x2, x1]."""
-    r = tl.program_id(0)
+def _rope(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_q, num_k, D: tl.constexpr, ROUND: tl.constexpr):
+    """x * cos + rotate_half(x) * sin for one head row of token t; rotate_half(x) = [-x2, x1]."""
+    t, r = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D)
     partner = (d + D // 2) % D
     sign = tl.where(d < D // 2, -1.0, 1.0)
-    cos = tl.load(cos_ptr + d).to(tl.float32)
-    sin = tl.load(sin_ptr + d).to(tl.float32)
+    cos = tl.load(cos_ptr + t * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + t * D + d).to(tl.float32)
     dtype = q_out_ptr.dtype.element_ty
     if r < num_q:
-        x = tl.load(q_ptr + r * D + d).to(tl.float32)
-        x_rot = tl.load(q_ptr + r * D + partner).to(tl.float32) * sign
-        tl.store(q_out_ptr + r * D + d, _rotate(x, x_rot, cos, sin, dtype, ROUND))
+        row = (t * num_q + r) * D
+        x = tl.load(q_ptr + row + d).to(tl.float32)
+        x_rot = tl.load(q_ptr + row + partner).to(tl.float32) * sign
+        tl.store(q_out_ptr + row + d, _rotate(x, x_rot, cos, sin, dtype, ROUND))
     else:
-        x = tl.load(k_ptr + (r - num_q) * D + d).to(tl.float32)
-        x_rot = tl.load(k_ptr + (r - num_q) * D + partner).to(tl.float32) * sign
-        tl.store(k_out_ptr + (r - num_q) * D + d, _rotate(x, x_rot, cos, sin, dtype, ROUND))
+        row = (t * num_k + r - num_q) * D
+        x = tl.load(k_ptr + row + d).to(tl.float32)
+        x_rot = tl.load(k_ptr + row + partner).to(tl.float32) * sign
+        tl.store(k_out_ptr + row + d, _rotate(x, x_rot, cos, sin, dtype, ROUND))
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' apply_rotary_pos_emb for one token: q [Hq, D], k [Hk, D] (contiguous),
-    cos/sin [D] in their dtype. -> (q, k) rotated, new tensors."""
+    """transformers' apply_rotary_pos_emb for B tokens: q [B, Hq, D], k [B, Hk, D]
+    (contiguous), cos/sin [B, D] in their dtype. -> (q, k) rotated, new tensors."""
     assert q.is_contiguous() and k.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
     assert cos.dtype == q.dtype == k.dtype, "rope: q, k and cos/sin must share a dtype"
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    _rope[(q.shape[0] + k.shape[0],)](q, k, cos, sin, q_out, k_out, q.shape[0], D=q.shape[1],
-                                      ROUND=q.dtype != torch.float32)
+    B, Hq, D = q.shape
+    _rope[(B, Hq + k.shape[1])](q, k, cos, sin, q_out, k_out, Hq, k.shape[1], D=D, ROUND=q.dtype != torch.float32)
     return q_out, k_out

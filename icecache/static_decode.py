@@ -50,42 +50,68 @@ def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _DenseState:
-    """Whole context plus own tokens on the device: [H, capacity, D]."""
+    """A dense layer: the context's whole KV on the device, once for every request (read
+    once per step for the whole batch), plus each slot's own tokens [B, H, T, D]."""
 
-    def __init__(self, ctx_k: torch.Tensor, ctx_v: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
-                 capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, ctx_k: torch.Tensor, ctx_v: torch.Tensor, slots: int, slot_tokens: int, dtype: torch.dtype,
+                 device: torch.device, own: torch.Tensor, scratch: "_Scratch | None") -> None:
         H, n, D = ctx_k.shape
-        m = own_k.shape[1]
-        self.k = torch.zeros(H, n + m + capacity, D, dtype=dtype, device=device)  # zeros: 0 * garbage may be NaN
-        self.v = torch.zeros_like(self.k)
-        self.k[:, :n], self.v[:, :n] = ctx_k.to(device, dtype), ctx_v.to(device, dtype)
-        self.k[:, n:n + m], self.v[:, n:n + m] = own_k.to(device, dtype), own_v.to(device, dtype)
-        self.base = n + m  # slot of the first decoded token
+        self.ctx_k = ctx_k.to(device, dtype).contiguous()
+        self.ctx_v = ctx_v.to(device, dtype).contiguous()
+        self.own_k = torch.zeros(slots, H, slot_tokens, D, dtype=dtype, device=device)  # zeros: 0 * garbage = NaN
+        self.own_v = torch.zeros_like(self.own_k)
+        self.own = own  # [B] the slots' own tokens before this step (shared by the dense layers)
+        self.scratch = scratch
+        if scratch is not None:
+            from icecache.kernels import dense_scratch_sizes
+            for name, numel in dense_scratch_sizes(slots, H, scratch.group, D, n).items():
+                scratch.need(name, numel)
 
-    def attend(self, q, k, v, step: torch.Tensor, scaling: float) -> torch.Tensor:
-        idx = self.base + step  # 0-d tensor
-        self.k.index_copy_(1, idx[None], k[:, None])
-        self.v.index_copy_(1, idx[None], v[:, None])
-        H, g, D = q.shape
-        mask = torch.arange(self.k.shape[1], device=self.k.device) <= idx  # [n]
-        # [1, H*g, 1, D] over [1, H, n, D] in the model dtype: no float copy of the whole context
-        out = F.scaled_dot_product_attention(q.reshape(1, H * g, 1, D).to(self.k.dtype), self.k[None], self.v[None],
-                                             attn_mask=mask[None, None, None], scale=scaling, enable_gqa=True)
-        return out.view(H, g, D)
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return [self.own_k, self.own_v]
+
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor) -> None:
+        m = own_k.shape[1]
+        self.own_k[slot, :, :m] = own_k.to(self.own_k.device, self.own_k.dtype)
+        self.own_v[slot, :, :m] = own_v.to(self.own_v.device, self.own_v.dtype)
+
+    def attend(self, q, k, v, scaling: float) -> torch.Tensor:
+        """q: [B, H, g, D]; k, v: [B, H, D] this step's token, stored at own[b]."""
+        B = q.shape[0]
+        rows = torch.arange(B, device=q.device)
+        at = self.own[:B]
+        self.own_k[rows, :, at] = k.to(self.own_k.dtype)
+        self.own_v[rows, :, at] = v.to(self.own_v.dtype)
+        if self.scratch is not None:
+            from icecache.kernels import dense_attention
+            S = self.scratch
+            return dense_attention(q.float().contiguous(), self.ctx_k, self.ctx_v, self.own_k, self.own_v, at,
+                                   scaling, S["dense_parts"], S["dense_acc"], torch.empty_like(q))
+        H, n = self.ctx_k.shape[:2]
+        T = self.own_k.shape[2]
+        outs = []
+        for b in range(B):
+            keys = torch.cat([self.ctx_k, self.own_k[b]], dim=1)
+            values = torch.cat([self.ctx_v, self.own_v[b]], dim=1)
+            mask = torch.cat([torch.ones(n, dtype=torch.bool, device=q.device),
+                              torch.arange(T, device=q.device) <= at[b]])
+            outs.append(decode_attention(q[b], keys, values, mask.expand(H, -1), scaling))
+        return torch.stack(outs)
 
 
 class _Ring:
-    """The counters every sparse layer of a request shares (they push the same tokens):
+    """The counters every sparse layer shares (they push the same tokens), per slot:
     tokens ever put in the window ring, tokens moved on to private pages. Layers read
-    them during a step; advance() moves them once at its end."""
+    them during a step; advance() moves the first B slots' once at its end."""
 
-    def __init__(self, in_window: int, in_private: int, window: int, device: torch.device) -> None:
-        self.counts = torch.tensor([in_window, in_private], dtype=torch.long, device=device)  # [2]
+    def __init__(self, slots: int, window: int, device: torch.device) -> None:
+        self.counts = torch.zeros(slots, 2, dtype=torch.long, device=device)  # [B, 2]
         self.window = window
 
-    def advance(self) -> None:
-        self.counts[1:] += (self.counts[:1] >= self.window).long()
-        self.counts[:1] += 1
+    def advance(self, B: int) -> None:
+        c = self.counts[:B]
+        c[:, 1:] += (c[:, :1] >= self.window).long()
+        c[:, :1] += 1
 
 
 class _Scratch:
@@ -107,16 +133,17 @@ class _Scratch:
 
 
 class _SparseState:
-    """Sinks, window ring, private pages and the shared tree/pages of one sparse layer."""
+    """A sparse layer: the context's shared tree, host pages and sinks, and per slot a
+    window ring and private pages. Per-slot tensors lead with the slot: [B, H, ...]."""
 
-    def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, max_new: int, ring_cut: int,
-                 config: IceCacheConfig, dtype: torch.dtype, device: torch.device, ring: _Ring,
-                 scratch: _Scratch | None, leader: "_SparseState | None" = None) -> None:
-        H, _, D = own_k.shape
+    def __init__(self, ctx_layer, slots: int, private_pages: int, config: IceCacheConfig, dtype: torch.dtype,
+                 device: torch.device, ring: _Ring, scratch: _Scratch | None,
+                 leader: "_SparseState | None" = None) -> None:
+        H, _, D = ctx_layer.sink_k.shape
         self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
-        self.last_ids: torch.Tensor | None = None  # this step's page ids (read by the cycle's followers)
+        self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
         P, W = config.page_size, config.window_tokens
-        self.P, self.W, self.R = P, W, config.retrieved_pages
+        self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
         self.ring, self.scratch = ring, scratch
         pages = ctx_layer.pages
@@ -126,45 +153,54 @@ class _SparseState:
         self.shared_valid = pages.valid.to(device)
         self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
         self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
-
-        recent_k = torch.cat([ctx_layer.tail_k.to(device, dtype), own_k.to(device, dtype)], dim=1)
-        recent_v = torch.cat([ctx_layer.tail_v.to(device, dtype), own_v.to(device, dtype)], dim=1)
-        cut = ring_cut  # older recent tokens start in private pages
-        cap = (cut + max_new) // P + 2
-        self.priv_k = torch.zeros(H, cap, P, D, dtype=dtype, device=device)  # [H, cap, P, D] token n at n // P
+        self.tail_k = ctx_layer.tail_k.to(device, dtype)  # [H, num_tail, D]: where every slot's window starts
+        self.tail_v = ctx_layer.tail_v.to(device, dtype)
+        cap = private_pages
+        self.priv_k = torch.zeros(slots, H, cap, P, D, dtype=dtype, device=device)  # token n at page n // P
         self.priv_v = torch.zeros_like(self.priv_k)
-        self.priv_valid = torch.zeros(H, cap, dtype=torch.long, device=device)  # [H, cap]
-        self.priv_sum = torch.zeros(H, cap, D, dtype=torch.float32, device=device)  # running sums: mean, var
+        self.priv_valid = torch.zeros(slots, H, cap, dtype=torch.long, device=device)
+        self.priv_sum = torch.zeros(slots, H, cap, D, dtype=torch.float32, device=device)  # running sums: mean, var
         self.priv_sumsq = torch.zeros_like(self.priv_sum)
-        if cut:
-            n = torch.arange(cut, device=device)
-            self.priv_k[:, n // P, n % P] = recent_k[:, :cut]
-            self.priv_v[:, n // P, n % P] = recent_v[:, :cut]
-            self.priv_valid.index_add_(1, n // P, torch.ones(H, cut, dtype=torch.long, device=device))
-            x = recent_k[:, :cut].float()
-            self.priv_sum.index_add_(1, n // P, x)
-            self.priv_sumsq.index_add_(1, n // P, x.square())
-        w = recent_k.shape[1] - cut
-        self.win_k = torch.zeros(H, W, D, dtype=dtype, device=device)
+        self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
-        self.win_k[:, :w], self.win_v[:, :w] = recent_k[:, cut:], recent_v[:, cut:]
         if scratch is not None and leader is None:
-            self._plan_kernels(H, D)
+            self._plan_kernels(slots, H, D)
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_sum, self.priv_sumsq, self.win_k, self.win_v]
+
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int) -> None:
+        """A request's recent tokens (the context's tail, then its own prompt) into slot:
+        the oldest `cut` of them into private pages, the rest into the window ring."""
+        dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
+        recent_k = torch.cat([self.tail_k, own_k.to(dev, dtype)], dim=1)
+        recent_v = torch.cat([self.tail_v, own_v.to(dev, dtype)], dim=1)
+        for t in (self.priv_valid, self.priv_sum, self.priv_sumsq):
+            t[slot].zero_()
+        if cut:
+            n = torch.arange(cut, device=dev)
+            self.priv_k[slot][:, n // P, n % P] = recent_k[:, :cut]
+            self.priv_v[slot][:, n // P, n % P] = recent_v[:, :cut]
+            self.priv_valid[slot].index_add_(1, n // P, torch.ones(self.H, cut, dtype=torch.long, device=dev))
+            x = recent_k[:, :cut].float()
+            self.priv_sum[slot].index_add_(1, n // P, x)
+            self.priv_sumsq[slot].index_add_(1, n // P, x.square())
+        w = recent_k.shape[1] - cut
+        self.win_k[slot, :, :w], self.win_v[slot, :, :w] = recent_k[:, cut:], recent_v[:, cut:]
 
     # ------------------------------------------------------------ the Triton path (CUDA)
-    def _plan_kernels(self, H: int, D: int) -> None:
+    def _plan_kernels(self, slots: int, H: int, D: int) -> None:
         from icecache.kernels import scratch_sizes
         self.cluster_start, self.cluster_count = self.tree.cluster_pages()
-        group = self.scratch.group
-        for name, numel in scratch_sizes(H, group, D, [k.shape[1] for k in self.tree.node_keys],
-                                         self.search_width,
-                                         self.num_shared + self.priv_valid.shape[1], self.sink_k.shape[1],
-                                         self.R, self.W, self.P).items():
+        for name, numel in scratch_sizes(slots * H, self.scratch.group, D, [k.shape[1] for k in self.tree.node_keys],
+                                         self.search_width, self.num_shared + self.priv_valid.shape[2],
+                                         self.sink_k.shape[1], self.R, self.W, self.P).items():
             self.scratch.need(name, numel)
 
     def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         from icecache import kernels
         tree, S = self.tree, self.scratch
+        B = q.shape[0] // self.H
         top = torch.full((q.shape[0], self.search_width), -1, dtype=torch.long, device=q.device)  # kept clusters
         keep, masks = None, S["keep"].view(2, -1)
         for depth, j in enumerate(range(tree.num_levels, 0, -1)):
@@ -172,56 +208,66 @@ class _SparseState:
             keep = kernels.level_scores(q, tree.node_keys[j - 1], parent, keep, scaling, self.search_width, S["raw"],
                                         S["parts"], masks[depth % 2], top if j == 1 else None)
         return kernels.select_pages(q, top, self.cluster_start, self.cluster_count, tree.page_mean, tree.page_var,
-                                    tree.page_valid, self.priv_sum, self.priv_sumsq, self.priv_valid, scaling, self.R,
-                                    S["raw"], S["parts"])
+                                    tree.page_valid, self.priv_sum[:B].flatten(0, 1), self.priv_sumsq[:B].flatten(0, 1),
+                                    self.priv_valid[:B].flatten(0, 1), scaling, self.R, S["raw"], S["parts"])
 
-    def _attend_kernels(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache import kernels
-        kernels.push(k.contiguous(), v.contiguous(), self.win_k, self.win_v, self.ring.counts, self.priv_k,
-                     self.priv_v, self.priv_valid, self.priv_sum, self.priv_sumsq)
-        qf = q.float().contiguous()
+        B, H, G, D = q.shape
+        rows = lambda t: t[:B].flatten(0, 1)  # noqa: E731  [B, H, ...] -> [B * H, ...]
+        kernels.push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
+                     self.ring.counts[:B], rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
+                     rows(self.priv_sum), rows(self.priv_sumsq))
+        qf = q.float().reshape(B * H, G, D)
         page_ids = self.select(qf, scaling)
         S = self.scratch
-        H, G, D = q.shape
         out = kernels.sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
-                                       self.shared_valid, self.priv_k, self.priv_v, self.priv_valid, self.win_k,
-                                       self.win_v, self.ring.counts, scaling, S["att_parts"], S["att_acc"],
-                                       torch.empty(H, G, D, dtype=q.dtype, device=q.device))
-        return out, page_ids
+                                       self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
+                                       rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling,
+                                       S["att_parts"], S["att_acc"],
+                                       torch.empty(B * H, G, D, dtype=q.dtype, device=q.device))
+        return out.view(B, H, G, D), page_ids
 
     # ------------------------------------------------------------ the torch path (reference, CPU)
-    def _push(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """New token into the ring; the token it replaces (once full) into private pages.
-        Indices stay 1-element tensors: a 0-d tensor index would be read back to the host."""
+    def _push(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Slot b's new token into its ring; the token it replaces (once full) into private
+        pages. Indices stay 1-element tensors: a 0-d tensor index would be read back to the host."""
         H, D = k.shape
-        slot = self.ring.counts[:1] % self.W
-        full = self.ring.counts[:1] >= self.W
-        flat_k = self.priv_k.view(H, -1, D)  # [H, cap * P, D]: private slot n is token n
-        flat_v = self.priv_v.view(H, -1, D)
-        at = self.ring.counts[1:]
-        old_k, old_v = self.win_k.index_select(1, slot), self.win_v.index_select(1, slot)  # [H, 1, D]
+        counts = self.ring.counts[b]
+        win_k, win_v = self.win_k[b], self.win_v[b]
+        slot = counts[:1] % self.W
+        full = counts[:1] >= self.W
+        flat_k = self.priv_k[b].view(H, -1, D)  # [H, cap * P, D]: private slot n is token n
+        flat_v = self.priv_v[b].view(H, -1, D)
+        at = counts[1:]
+        old_k, old_v = win_k.index_select(1, slot), win_v.index_select(1, slot)  # [H, 1, D]
         flat_k.index_copy_(1, at, torch.where(full, old_k, flat_k.index_select(1, at)))
         flat_v.index_copy_(1, at, torch.where(full, old_v, flat_v.index_select(1, at)))
         page = at // self.P
-        self.priv_valid.index_add_(1, page, full.long().expand(H, 1))
+        self.priv_valid[b].index_add_(1, page, full.long().expand(H, 1))
         x = old_k.float() * full
-        self.priv_sum.index_add_(1, page, x)
-        self.priv_sumsq.index_add_(1, page, x.square())
-        self.win_k.index_copy_(1, slot, k[:, None])
-        self.win_v.index_copy_(1, slot, v[:, None])
+        self.priv_sum[b].index_add_(1, page, x)
+        self.priv_sumsq[b].index_add_(1, page, x.square())
+        win_k.index_copy_(1, slot, k[:, None])
+        win_v.index_copy_(1, slot, v[:, None])
 
-    def _private_summaries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        count = self.priv_valid.clamp_min(1)[..., None].float()
-        mean = self.priv_sum / count
-        return mean, (self.priv_sumsq / count - mean.square()).clamp_min(0)
+    def _private_summaries(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.priv_valid[b].clamp_min(1)[..., None].float()
+        mean = self.priv_sum[b] / count
+        return mean, (self.priv_sumsq[b] / count - mean.square()).clamp_min(0)
 
     def select(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Page ids [H, R] (private pages offset by num_shared), -1 where none. q: [H, G, D] fp32."""
+        """Page ids [B * H, R] (private pages offset by num_shared), -1 where none.
+        q: [B * H, G, D] fp32, slot-major."""
         if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
             return self.leader.last_ids
         if self.scratch is not None:
             self.last_ids = self._select_kernels(q, scaling)
             return self.last_ids
+        self.last_ids = torch.cat([self._select_slot(b, qb, scaling) for b, qb in enumerate(q.split(self.H))])
+        return self.last_ids
+
+    def _select_slot(self, b: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         tree = self.tree
         estimates, candidates = [], []
         if tree.num_pages:
@@ -232,43 +278,50 @@ class _SparseState:
             estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_var, tree.page_valid,
                                             scaling, 0.0))
             candidates.append(cand)
-        mean, var = self._private_summaries()
-        estimates.append(_page_estimate(q, mean, None, var, self.priv_valid, scaling, 0.0))  # no radius
-        candidates.append(self.priv_valid > 0)
+        mean, var = self._private_summaries(b)
+        estimates.append(_page_estimate(q, mean, None, var, self.priv_valid[b], scaling, 0.0))  # no radius
+        candidates.append(self.priv_valid[b] > 0)
         weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
-        self.last_ids = top_pages(weight, self.R)
-        return self.last_ids
+        return top_pages(weight, self.R)
 
-    def fetch(self, page_ids: torch.Tensor):
-        """-> keys, values [H, R, P, D], valid [H, R] of the selected pages."""
+    def fetch(self, b: int, page_ids: torch.Tensor):
+        """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""
         H, R = page_ids.shape
         h = torch.arange(H, device=page_ids.device)[:, None].expand(H, R)
+        priv_k, priv_v, priv_valid = self.priv_k[b], self.priv_v[b], self.priv_valid[b]
         shared = page_ids < self.num_shared
         sid = page_ids.clamp(0, max(self.shared_k.shape[1] - 1, 0))  # a real host page, even for private ids
-        pid = (page_ids - self.num_shared).clamp(0, self.priv_k.shape[1] - 1)
+        pid = (page_ids - self.num_shared).clamp(0, priv_k.shape[1] - 1)
         pick = shared[..., None, None]
         if self.shared_k.shape[1]:
-            k = torch.where(pick, self.shared_k[h, sid].to(self.priv_k.dtype), self.priv_k[h, pid])
-            v = torch.where(pick, self.shared_v[h, sid].to(self.priv_v.dtype), self.priv_v[h, pid])
-            valid = torch.where(shared, self.shared_valid[h, sid], self.priv_valid[h, pid])
+            k = torch.where(pick, self.shared_k[h, sid].to(priv_k.dtype), priv_k[h, pid])
+            v = torch.where(pick, self.shared_v[h, sid].to(priv_v.dtype), priv_v[h, pid])
+            valid = torch.where(shared, self.shared_valid[h, sid], priv_valid[h, pid])
         else:
-            k, v, valid = self.priv_k[h, pid], self.priv_v[h, pid], self.priv_valid[h, pid]
+            k, v, valid = priv_k[h, pid], priv_v[h, pid], priv_valid[h, pid]
         return k, v, valid.masked_fill(page_ids < 0, 0)
 
-    def attend(self, q, k, v, step, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [B, H, G, D]; k, v: [B, H, D] for the first B slots. -> (out [B, H, G, D], page ids [B * H, R])."""
         if self.scratch is not None:
             return self._attend_kernels(q, k, v, scaling)
-        self._push(k, v)
-        page_ids = self.select(q.float(), scaling)
-        pk, pv, valid = self.fetch(page_ids)
+        B, H = q.shape[:2]
+        for b in range(B):
+            self._push(b, k[b], v[b])
+        page_ids = self.select(q.float().flatten(0, 1), scaling)
+        return torch.stack([self._attend_slot(b, q[b], ids, scaling)
+                            for b, ids in enumerate(page_ids.split(H))]), page_ids
+
+    def _attend_slot(self, b: int, q: torch.Tensor, page_ids: torch.Tensor, scaling: float) -> torch.Tensor:
+        pk, pv, valid = self.fetch(b, page_ids)
         H, R, P, D = pk.shape
         slot_ok = (torch.arange(P, device=q.device) < valid[..., None]).reshape(H, R * P)
-        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[:1] + 1).clamp(max=self.W)
-        keys = torch.cat([self.sink_k, pk.reshape(H, R * P, D), self.win_k], dim=1)
-        values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v], dim=1)
+        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[b, :1] + 1).clamp(max=self.W)
+        keys = torch.cat([self.sink_k, pk.reshape(H, R * P, D), self.win_k[b]], dim=1)
+        values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v[b]], dim=1)
         mask = torch.cat([torch.ones(H, self.sink_k.shape[1], dtype=torch.bool, device=q.device), slot_ok,
                           filled.expand(H, -1)], dim=1)
-        return decode_attention(q, keys, values, mask, scaling), page_ids
+        return decode_attention(q, keys, values, mask, scaling)
 
 
 def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int, widest_row: int) -> bool:
@@ -285,11 +338,21 @@ def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, gro
 
 
 class StaticDecoder:
-    """Decode steps for one request after its prefill. step(token, position) -> logits."""
+    """Decode steps for up to `slots` requests on one context, batched: a step runs the
+    first B slots' next tokens through the model at once (the weights are read once, the
+    shared context's tree, pages and dense KV serve every slot). A request is load()ed
+    into a slot after its prefill; when one leaves, move() the last slot into its place,
+    so the active requests always hold slots 0..B-1.
 
-    def __init__(self, model: torch.nn.Module, config: IceCacheConfig, context: Context, own_kv: list,
-                 max_new_tokens: int) -> None:
-        self.model, self.config = model, config
+    StaticDecoder(model, config, context, own_kv, max_new_tokens) is the one-request case:
+    one slot, loaded, stepped with step(token, position)."""
+
+    def __init__(self, model: torch.nn.Module, config: IceCacheConfig, context: Context,
+                 own_kv: list | None = None, max_new_tokens: int = 0, *, slots: int = 1,
+                 slot_tokens: int | None = None) -> None:
+        """slot_tokens: the most own tokens (prompt + decoded) a slot holds; with own_kv,
+        at least its prompt plus max_new_tokens."""
+        self.model, self.config, self.context = model, config, context
         inner = model.model
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
         attn0 = self.layers[0].self_attn
@@ -299,39 +362,72 @@ class StaticDecoder:
         self.head_dim = attn0.head_dim
         self.num_kv_heads = model.config.num_key_value_heads
         self.group = model.config.num_attention_heads // self.num_kv_heads
-        self.states = []
-        sparse_layers = [i for i in range(len(own_kv)) if i not in context.dense and config.mode != "full"]
-        self.ring = self.scratch = None
-        if sparse_layers:
-            recent = context.num_tail + own_kv[0][0].shape[1]  # tokens that start in the window or behind it
-            cut = max(0, recent - config.window_tokens)  # the oldest of them start in private pages
-            self.ring = _Ring(recent - cut, cut, config.window_tokens, self.device)
-            layers = [context.sparse[i] for i in sparse_layers]
-            widest = max(max(l.pages.num_pages for l in layers) + (cut + max_new_tokens + 1) // config.page_size + 2,
-                         max((k.shape[1] for l in layers for k in l.tree.node_keys), default=0))
-            if use_kernels(self.device, config, self.head_dim, self.group, widest):
-                self.scratch = _Scratch(self.device, self.group)
-        for i, (own_k, own_v) in enumerate(own_kv):
+        own_len = own_kv[0][0].shape[1] if own_kv else 0
+        need = own_len + max_new_tokens + 1
+        self.slots, self.slot_tokens = slots, max(slot_tokens or 0, need)
+        num_layers = len(self.layers)
+        sparse_layers = [i for i in range(num_layers) if i not in context.dense and config.mode != "full"]
+        self.ring = _Ring(slots, config.window_tokens, self.device) if sparse_layers else None
+        self.own = torch.zeros(slots, dtype=torch.long, device=self.device)  # own tokens per slot (dense layers)
+        # a slot's tokens that leave the window go to private pages: at most tail + own of them
+        private_pages = (context.num_tail + self.slot_tokens) // config.page_size + 2
+        widest = max([max((context.sparse[i].pages.num_pages for i in sparse_layers), default=0) + private_pages] +
+                     [k.shape[1] for i in sparse_layers for k in context.sparse[i].tree.node_keys])
+        # the model's norms and rotary embedding as fused kernels wherever the sparse kernels could run
+        self.fused = use_kernels(self.device, config, self.head_dim, self.group, 0)
+        kernel_layers = use_kernels(self.device, config, self.head_dim, self.group, widest)
+        self.scratch = _Scratch(self.device, self.group) if kernel_layers else None
+        self.states: list[_SparseState | _DenseState] = []
+        for i in range(num_layers):
             if i in sparse_layers:
                 leader = context.cycle_leader(i)
-                self.states.append(_SparseState(context.sparse[i], own_k, own_v, max_new_tokens + 1, cut, config,
-                                                self.dtype, self.device, self.ring, self.scratch,
+                self.states.append(_SparseState(context.sparse[i], slots, private_pages, config, self.dtype,
+                                                self.device, self.ring, self.scratch,
                                                 self.states[leader] if leader != i else None))
             else:
                 ck, cv = context.flat_kv(i)
-                self.states.append(_DenseState(ck, cv, own_k, own_v, max_new_tokens + 1, self.dtype, self.device))
+                self.states.append(_DenseState(ck, cv, slots, self.slot_tokens, self.dtype, self.device, self.own,
+                                               self.scratch))
         if self.scratch is not None:
             self.scratch.allocate()
-        # the model's norms and rotary embedding as fused kernels wherever the sparse kernels could run
-        self.fused = use_kernels(self.device, config, self.head_dim, self.group, 0)
-        self.step_index = torch.zeros((), dtype=torch.long, device=self.device)  # decoded tokens so far
-        self.last_pages: list[torch.Tensor | None] = [None] * len(self.states)
-        self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self._position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self._logits = None
-        self._graph = None
+        self._slot_tensors = [t for s in self.states for t in s.slot_tensors()] + [self.own] + (
+            [self.ring.counts] if self.ring is not None else [])
+        self.last_pages: list[torch.Tensor | None] = [None] * num_layers
+        self._token = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self._position = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> graph, its logits
+        self._pool = None  # one memory pool for every batch size's graph (they never run at once)
         self.steps_run = 0
+        if own_kv is not None:
+            self.load(0, own_kv, max_new_tokens)
 
+    # ---------------------------------------------------------------- slots
+    def load(self, slot: int, own_kv: list, max_new_tokens: int) -> None:
+        """Put a prefilled request (its prompt's KV per layer, [H, m, D] each) in `slot`."""
+        m = own_kv[0][0].shape[1]
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot: {slot} outside this decoder's {self.slots} slots")
+        if m + max_new_tokens + 1 > self.slot_tokens:
+            raise ValueError(f"request: {m} prompt + {max_new_tokens} new tokens exceed a slot's "
+                             f"{self.slot_tokens - 1} tokens")
+        self.own[slot] = m
+        if self.ring is not None:
+            recent = self.context.num_tail + m  # tokens that start in the window or behind it
+            cut = max(0, recent - self.config.window_tokens)  # the oldest of them start in private pages
+            self.ring.counts[slot, 0], self.ring.counts[slot, 1] = recent - cut, cut
+        for state, (k, v) in zip(self.states, own_kv):
+            if isinstance(state, _SparseState):
+                state.load(slot, k, v, cut)
+            else:
+                state.load(slot, k, v)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot src's request into slot dst (e.g. the last slot into a freed one)."""
+        if src != dst:
+            for t in self._slot_tensors:
+                t[dst].copy_(t[src])
+
+    # ---------------------------------------------------------------- steps
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             from icecache.model_kernels import can_fuse_norm, rms_norm
@@ -340,55 +436,70 @@ class StaticDecoder:
         return module(x)
 
     @torch.inference_mode()
-    def _forward(self) -> torch.Tensor:
-        h = self.embed(self._token)  # [1, 1, hidden]
-        cos, sin = self.rotary(h, self._position)  # [1, 1, D]
+    def _forward(self, B: int) -> torch.Tensor:
+        """The next token of slots 0..B-1 (in _token/_position). -> logits [B, vocab]."""
+        h = self.embed(self._token[:B])  # [B, 1, hidden]
+        cos, sin = self.rotary(h, self._position[:B])  # [B, 1, D]
         H, g, D = self.num_kv_heads, self.group, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
-            q = attn.q_proj(x).view(1, 1, H * g, D)
-            k = attn.k_proj(x).view(1, 1, H, D)
-            v = attn.v_proj(x).view(1, 1, H, D)
+            q = attn.q_proj(x).view(B, 1, H * g, D)
+            k = attn.k_proj(x).view(B, 1, H, D)
+            v = attn.v_proj(x).view(B, H, D)
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
             if self.fused:
                 from icecache.model_kernels import rope
-                q, k = rope(q.view(H * g, D), k.view(H, D), cos.view(D), sin.view(D))  # [H * g, D], [H, D]
+                q, k = rope(q.view(B, H * g, D), k.view(B, H, D), cos.view(B, D), sin.view(B, D))
             else:
-                q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, 1, D]
-                q, k = q[0, :, 0], k[0, :, 0]
-            out = self.states[i].attend(q.view(H, g, D), k, v[0, 0], self.step_index, attn.scaling)
+                q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, heads, 1, D]
+            out = self.states[i].attend(q.reshape(B, H, g, D), k.reshape(B, H, D), v, attn.scaling)
             if isinstance(out, tuple):
                 out, self.last_pages[i] = out
-            h = h + attn.o_proj(out.reshape(1, 1, H * g * D))
+            h = h + attn.o_proj(out.reshape(B, 1, H * g * D))
             h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
-        self.step_index += 1
+        self.own[:B] += 1
         if self.ring is not None:
-            self.ring.advance()
-        return self.model.lm_head(self._norm(self.norm, h))[0, -1].float()
+            self.ring.advance(B)
+        return self.model.lm_head(self._norm(self.norm, h))[:, -1].float()
+
+    def step_batch(self, tokens: list[int], positions: list[int], graph: bool = False) -> torch.Tensor:
+        """One token for each of slots 0..len(tokens)-1; returns logits [B, vocab] (a
+        static buffer when graphed: read before the next step). graph: on CUDA, replay a
+        CUDA graph of this batch size, recorded after one eager (warm-up) step of it."""
+        B = len(tokens)
+        if not 0 < B <= self.slots:
+            raise ValueError(f"tokens: {B} for a decoder of {self.slots} slots")
+        self._token[:B, 0] = torch.tensor(tokens)
+        self._position[:B, 0] = torch.tensor(positions)
+        self.steps_run += 1
+        if B in self._graphs:
+            self._graphs[B][0].replay()
+            return self._graphs[B][1]
+        logits = self._forward(B)
+        if graph and self.device.type == "cuda":
+            self.capture(B)
+        return logits
 
     def step(self, token: int, position: int) -> torch.Tensor:
-        """Run one token; returns logits [vocab] (a static buffer when graphed: copy to keep)."""
-        self._token.fill_(token)
-        self._position.fill_(position)
-        self.steps_run += 1
-        if self._graph is not None:
-            self._graph.replay()
-            return self._logits
-        return self._forward()
+        """Run one token of slot 0; returns logits [vocab] (a static buffer when graphed: copy to keep)."""
+        return self.step_batch([token], [position])[0]
 
-    def pages_per_step(self) -> int:
-        """Pages the last step selected, summed over sparse layers and KV heads (one sync)."""
-        return int(sum(int((p >= 0).sum()) for p in self.last_pages if p is not None))
+    def pages_per_step(self, slot: int = 0) -> int:
+        """Pages the last step selected for `slot`, summed over sparse layers and KV heads (one sync)."""
+        H = self.num_kv_heads
+        return int(sum(int((p[slot * H:(slot + 1) * H] >= 0).sum()) for p in self.last_pages if p is not None))
 
-    def capture(self) -> None:
-        """Record a step as a CUDA graph; later steps replay it. Recording runs nothing, so
-        the state is untouched; call it after at least one eager step (the warm-up that
-        initialises cuBLAS and friends)."""
+    def capture(self, B: int = 1) -> None:
+        """Record a step of slots 0..B-1 as a CUDA graph; later steps of B slots replay it.
+        Recording runs nothing, so the state is untouched; call it after at least one
+        eager step (the warm-up that initialises cuBLAS and friends)."""
         assert self.device.type == "cuda", "CUDA graphs need a CUDA device"
         torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._forward()
-        self._graph = graph
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(B)
+        self._graphs[B] = (graph, logits)
