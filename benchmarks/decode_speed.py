@@ -25,7 +25,7 @@ import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV
-from icecache.static_decode import StaticDecoder, _DenseState, _SparseState
+from icecache.static_decode import StaticDecoder, _SparseState
 
 GiB = 1 << 30
 
@@ -91,24 +91,21 @@ def run_hf(model, ids: list[int], tokens: int) -> dict:
 
 
 def state_bytes(decoder: StaticDecoder) -> int:
-    """GPU bytes a request's decoder holds for KV-side state (pages on the host not counted)."""
+    """GPU bytes a decoder holds for KV-side state, all its slots (pages on the host, read
+    through UVA views, not counted)."""
     def size(t: torch.Tensor) -> int:
         return t.numel() * t.element_size() if t.is_cuda else 0
 
-    total = sum(size(t) for t in decoder.scratch.buffers.values()) if decoder.scratch is not None else 0
-    seen = set()  # a reuse cycle's layers share one tree
+    tensors = {}  # by address: a reuse cycle's layers share one tree
     for s in decoder.states:
-        if isinstance(s, _DenseState):
-            total += size(s.k) + size(s.v)
-        else:
-            trees = [] if id(s.tree) in seen else s.tree.tensors()
-            seen.add(id(s.tree))
-            for t in (s.sink_k, s.sink_v, s.win_k, s.win_v, s.priv_k, s.priv_v, s.priv_valid, s.priv_sum,
-                      s.priv_sumsq, s.shared_valid, *trees):
-                total += size(t)
-            total += sum(size(t) for t in (getattr(s, "cluster_start", None), getattr(s, "cluster_count", None))
-                         if t is not None)
-    return total
+        for name, t in vars(s).items():
+            if isinstance(t, torch.Tensor) and name not in ("shared_k", "shared_v"):
+                tensors[t.data_ptr()] = t
+        if isinstance(s, _SparseState):
+            tensors.update((t.data_ptr(), t) for t in s.tree.tensors())
+    if decoder.scratch is not None:
+        tensors.update((t.data_ptr(), t) for t in decoder.scratch.buffers.values())
+    return sum(size(t) for t in tensors.values())
 
 
 def cuda_time(fn, reps: int = 20) -> float:
@@ -164,8 +161,9 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
             def attention(page_ids):
                 for s, i in zip(sparse, page_ids):
                     kernels.sparse_attention(q, s.sink_k, s.sink_v, i, s.shared_k, s.shared_v, s.shared_valid,
-                                             s.priv_k, s.priv_v, s.priv_valid, s.win_k, s.win_v, s.ring.counts,
-                                             scaling, dec.scratch["att_parts"], dec.scratch["att_acc"], out)
+                                             s.priv_k[0], s.priv_v[0], s.priv_valid[0], s.win_k[0], s.win_v[0],
+                                             s.ring.counts[:1], scaling, dec.scratch["att_parts"],
+                                             dec.scratch["att_acc"], out)
             with_pages = cuda_time(lambda: attention(ids))
             without = cuda_time(lambda: attention([none] * len(sparse)))
             parts = {"index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),

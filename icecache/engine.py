@@ -256,16 +256,27 @@ class Engine:
             return False  # the comparison selectors and page radii run on the dynamic path
         return path == "static" or (path == "auto" and self.device.type == "cuda")
 
+    def _dense_kv(self) -> tuple[int, int]:
+        """(layers that keep the whole context on the device, KV bytes a token takes in one layer)."""
+        s, c = self.shape, self.config
+        dense = s.num_layers if c.mode == "full" else min(c.dense_layers, s.num_layers)
+        return dense, 2 * s.num_kv_heads * s.head_dim * s.dtype.itemsize
+
     def request_device_bytes(self, context_tokens: int, own_tokens: int, max_tokens: int) -> int:
         """Device bytes a request's KV state takes while it decodes (an upper estimate):
         dense layers hold the whole context, sparse layers sinks, window, page slots and
         the request's own tokens."""
-        s, c = self.shape, self.config
-        per_token = 2 * s.num_kv_heads * s.head_dim * s.dtype.itemsize
-        dense = s.num_layers if c.mode == "full" else min(c.dense_layers, s.num_layers)
+        c = self.config
+        dense, per_token = self._dense_kv()
         own = own_tokens + max_tokens
         sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own
-        return per_token * (dense * (context_tokens + own) + (s.num_layers - dense) * sparse_tokens)
+        return per_token * (dense * (context_tokens + own) + (self.shape.num_layers - dense) * sparse_tokens)
+
+    def context_device_bytes(self, context_tokens: int) -> int:
+        """Of request_device_bytes, the part that every request on one context shares on
+        the static path (where they decode as one batch): the dense layers' context KV."""
+        dense, per_token = self._dense_kv()
+        return per_token * dense * context_tokens if self._static() else 0
 
     def _eos_ids(self) -> set[int]:
         ids = set()

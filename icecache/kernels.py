@@ -481,11 +481,12 @@ def dense_scratch_sizes(max_batch: int, HS: int, G: int, D: int, n: int) -> dict
 
 @triton.jit
 def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, G: tl.constexpr,
-                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
     """Flash-decoding over a context's keys [HS, n, D] that every request shares: program
     (row tile t, split s, KV head h) takes the query rows r = b * G + g of all requests b
     in tile t and the keys of split s, so a key block is read once for the whole batch.
-    -> per row (max, sum exp) into part and the weighted values into acc."""
+    -> per row (max, sum exp) into part and the weighted values into acc. LOW: a bf16/fp16
+    context is multiplied on tensor cores in its own dtype (fp32 sums), as flash attention does."""
     t, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = t * RP + tl.arange(0, RP)
     d = tl.arange(0, D)
@@ -499,10 +500,13 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
         tok = k0 + tl.arange(0, BLOCK)
         ok = tok < end
         at = (h * n + tok[:, None]) * D + d[None, :]
-        k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v)
+        k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
+        if LOW:
+            sc = tl.dot(q.to(k.dtype), tl.trans(k)) * scaling
+        else:
+            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v, LOW)
     base = (h * tl.num_programs(1) + s) * tl.num_programs(0) * RP + r
     tl.store(part_ptr + base * 2, m_run)
     tl.store(part_ptr + base * 2 + 1, l_run)
@@ -510,14 +514,18 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
 
 
 @triton.jit
-def _online_softmax(m_run, l_run, acc, sc, ok, v):
+def _online_softmax(m_run, l_run, acc, sc, ok, v, LOW: tl.constexpr):
     """Fold a tile of scores sc [rows, BLOCK] (keys valid where ok) and their values
-    v [BLOCK, D] into the running (max, sum exp, weighted values) of each row."""
+    v [BLOCK, D] into the running (max, sum exp, weighted values) of each row (LOW: the
+    weights times v in v's dtype, on tensor cores)."""
     m_new = tl.maximum(m_run, tl.max(sc, axis=1))
     safe = tl.where(m_new > -float("inf"), m_new, 0.0)
     alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
     p = tl.where(ok[None, :], tl.exp(sc - safe[:, None]), 0.0)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    if LOW:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     return m_new, l_run * alpha + tl.sum(p, axis=1), acc
 
 
@@ -552,9 +560,10 @@ def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_
         ok = tok < filled
         own = ((b * HS + h) * T + tok[:, None]) * D + d[None, :]
         k = tl.load(own_k_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(own_v_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(own_v_ptr + own, mask=ok[:, None], other=0.0)
         sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v)
+        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v,
+                                            False)
     out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
     tl.store(out_ptr + ((b * HS + h) * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(g < G)[:, None])
@@ -574,7 +583,7 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     n, T = ctx_k.shape[1], own_k.shape[2]
     RP, tiles, splits, span = dense_plan(B, HS, G, n)
     _prefix_attention[(tiles, splits, HS)](q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, G=G, D=D,
-                                           RP=RP, BLOCK=_BLOCK_KEYS)
+                                           RP=RP, BLOCK=_BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32)
     _dense_merge[(B * HS,)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G,
                             GP=_rows(G), D=D, SP=max(16, triton.next_power_of_2(splits)), BLOCK=_BLOCK_KEYS)
     return out

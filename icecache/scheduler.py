@@ -2,14 +2,17 @@
 
 A step prefills at most `prefill_chunk_tokens` prompt tokens, from the oldest requests
 still prefilling (several short questions fit in one step, a long document takes many),
-so running streams keep flowing while newcomers go in. Then it runs one decode token for every decoding request. On the dynamic path
-(CPU) that is a single forward pass over all of them: the weights are read once per
-step, and each request attends over its own context, window and page slots. On the
-static path (CUDA graphs, one graph per request) the requests take turns in the same
-step; a batched static step is the open part of issue 7.
+so running streams keep flowing while newcomers go in. Then it runs one decode token
+for every decoding request. On the dynamic path (CPU) that is a single forward pass
+over all of them: the weights are read once per step, and each request attends over its
+own context, window and page slots. On the static path (CUDA graphs) the requests on one
+context decode together in one batched StaticDecoder (a group): one pass, one CUDA graph
+per batch size, the context's tree, host pages and dense KV read once for all of them;
+groups on different contexts take turns within the step.
 
 Admission: at most `max_batch` requests are in flight and their estimated device bytes
-stay under `device_bytes`; the rest wait in FIFO order. A request that could never fit
+stay under `device_bytes` (a context's device state counted once, however many requests
+share it); the rest wait in FIFO order. A request that could never fit
 is refused at submit() with a ValueError that says why, and a full waiting queue raises
 SchedulerFull. Cancelling a request frees its state at the next step.
 
@@ -37,6 +40,7 @@ from icecache.static_decode import StaticDecoder
 if TYPE_CHECKING:
     from icecache.engine import Engine, GenerationOutput
 
+_SLOT_TOKENS = 512  # a group's slots hold a multiple of this many own tokens (prompt + decoded)
 Sink = Callable[[object], None]  # receives text pieces (str), then a GenerationOutput, or an Exception
 
 
@@ -67,7 +71,7 @@ class Sequence:
         self.logits: torch.Tensor | None = None
         if not self.pending:  # nothing to prefill: decode from the context's last logits
             self.logits, self.phase = context.last_logits, "start"
-        self.decoder: StaticDecoder | None = None
+        self.group: _Group | None = None  # static path: the batch it decodes in
         self.position = 0
         self.generator = make_generator(params)
         self.text = TextStream(engine.tokenizer, params.stop, engine.tokenizer_lock)
@@ -79,8 +83,14 @@ class Sequence:
         self.peak_batch = 0  # most requests one decode pass carried along with this one
         self.done = False
         self.cancelled = False
-        self.device_bytes = engine.request_device_bytes(
-            context.num_tokens if context else len(prompt_ids), len(self.own_ids), params.max_tokens)
+        context_tokens = context.num_tokens if context else len(prompt_ids)
+        self.device_bytes = engine.request_device_bytes(context_tokens, len(self.own_ids), params.max_tokens)
+        self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
+
+    @property
+    def context_key(self) -> int:
+        """Requests with the same key share their context's device state."""
+        return id(self.context) if self.context is not None else id(self)
 
     # ---------------------------------------------------------------- output
     def _emit(self, item) -> None:
@@ -117,15 +127,14 @@ class Sequence:
         self.phase = "start"
         return len(piece)
 
-    def start_decode(self) -> None:
-        eng, ctx = self.engine, self.context
-        if eng._static():
-            self.decoder = StaticDecoder(eng.model, eng.config, ctx, [(kv.k, kv.v) for kv in self.req.own],
-                                         self.params.max_tokens)
+    def start_decode(self, group: "_Group | None") -> None:
+        """Into the decode phase: on the static path in a slot of `group`."""
+        if group is not None:
+            group.add(self, [(kv.k, kv.v) for kv in self.req.own])
             self.req.own = None  # the decoder holds its own copies
         else:
             self.req.start_decode()
-        self.position = ctx.num_tokens + len(self.own_ids)
+        self.position = self.context.num_tokens + len(self.own_ids)
         self.phase = "decode"
 
     def next_token(self) -> int | None:
@@ -151,20 +160,14 @@ class Sequence:
             return self._finish()
         return token
 
-    def step_static(self, token: int) -> None:
-        if self.decoder.steps_run == 1 and self.engine.device.type == "cuda":
-            self.decoder.capture()  # after one eager (warm-up) step
-        self.logits = self.decoder.step(token, self.position)
-        self.position += 1
-
     def _finish(self) -> None:  # returns None: no token to feed
         from icecache.engine import GenerationOutput
         tail = self.text.flush()
         if tail:
             self._emit(tail)
         steps = len(self.step_times)
-        if self.decoder is not None and steps:  # every selected page is gathered each step
-            self.req.pages_loaded = self.req.pages_selected = self.decoder.pages_per_step() * steps
+        if self.group is not None and steps:  # every selected page is gathered each step
+            self.req.pages_loaded = self.req.pages_selected = self.group.pages_per_step(self) * steps
         ctx, n = self.context, max(1, steps)
         self._emit(GenerationOutput(
             text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
@@ -195,9 +198,48 @@ class Sequence:
         if self.done:
             return
         self.done = True
-        self.req = self.decoder = self.logits = None
+        if self.group is not None:
+            self.group.remove(self)
+        self.req = self.group = self.logits = None
         if self.on_done is not None:
             self.on_done()
+
+
+class _Group:
+    """Requests decoding together on one context: a batched StaticDecoder whose slot i
+    holds seqs[i]. A leaving request's slot takes the last one's, so slots stay dense."""
+
+    def __init__(self, decoder: StaticDecoder, on_empty: Callable[["_Group"], None]) -> None:
+        self.decoder, self.on_empty = decoder, on_empty
+        self.seqs: list[Sequence] = []
+
+    def fits(self, seq: Sequence) -> bool:
+        return (len(self.seqs) < self.decoder.slots
+                and len(seq.own_ids) + seq.params.max_tokens + 1 <= self.decoder.slot_tokens)
+
+    def add(self, seq: Sequence, own_kv: list) -> None:
+        self.decoder.load(len(self.seqs), own_kv, seq.params.max_tokens)
+        self.seqs.append(seq)
+        seq.group = self
+
+    def remove(self, seq: Sequence) -> None:
+        i, last = self.seqs.index(seq), len(self.seqs) - 1
+        self.decoder.move(last, i)
+        self.seqs[i] = self.seqs[last]
+        self.seqs.pop()
+        if not self.seqs:
+            self.on_empty(self)
+
+    def pages_per_step(self, seq: Sequence) -> int:
+        return self.decoder.pages_per_step(self.seqs.index(seq))
+
+    def step(self, tokens: dict[Sequence, int]) -> None:
+        """One token for every request of the group (all are decoding)."""
+        logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
+                                         graph=self.decoder.device.type == "cuda")
+        for b, seq in enumerate(self.seqs):
+            seq.logits = logits[b]
+            seq.position += 1
 
 
 class Scheduler:
@@ -218,6 +260,7 @@ class Scheduler:
         self._stop = False
         self.steps = 0
         self.largest_batch = 0  # most requests one decode pass has carried
+        self._groups: dict[int, list[_Group]] = {}  # static path: context key -> its decoding groups
 
     # ---------------------------------------------------------------- any thread
     def submit(self, prompt, params: SamplingParams | None = None, context: Context | None = None,
@@ -266,17 +309,21 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self._lock:
-            used = sum(s.device_bytes for s in self.active)
+            contexts = {s.context_key for s in self.active}
+            used = sum(s.device_bytes - s.context_bytes for s in self.active)
+            used += sum(s.context_bytes for s in {s.context_key: s for s in self.active}.values())
             while self._waiting and len(self.active) < self.max_batch:
                 seq = self._waiting[0]
-                if self.device_bytes is not None and self.active and used + seq.device_bytes > self.device_bytes:
+                need = seq.device_bytes - (seq.context_bytes if seq.context_key in contexts else 0)
+                if self.device_bytes is not None and self.active and used + need > self.device_bytes:
                     break  # FIFO: wait for memory rather than let later, smaller requests pass
                 self._waiting.popleft()
                 if seq.cancelled:
                     seq.release()
                     continue
                 self.active.append(seq)
-                used += seq.device_bytes
+                contexts.add(seq.context_key)
+                used += need
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -299,7 +346,7 @@ class Scheduler:
                 if seq.done:
                     continue
                 if seq.phase == "start":
-                    self._guard(seq, seq.start_decode)
+                    self._guard(seq, lambda: seq.start_decode(self._group_for(seq)))
                 if seq.phase == "decode" and not seq.done:
                     token = self._guard(seq, seq.next_token)
                     if token is not None:
@@ -317,17 +364,48 @@ class Scheduler:
             seq.release()
             return None
 
+    def _group_for(self, seq: Sequence) -> _Group | None:
+        """Static path: a group on seq's context with a free slot that fits it (a new one,
+        with max_batch slots, if none has). None on the dynamic path."""
+        if not self.engine._static():
+            return None
+        groups = self._groups.setdefault(seq.context_key, [])
+        for group in groups:
+            if group.fits(seq):
+                return group
+        need = len(seq.own_ids) + seq.params.max_tokens + 1
+        slot_tokens = -(-need // _SLOT_TOKENS) * _SLOT_TOKENS
+        eng = self.engine
+        group = _Group(StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens),
+                       lambda g, key=seq.context_key: self._drop_group(key, g))
+        groups.append(group)
+        return group
+
+    def _drop_group(self, key: int, group: _Group) -> None:
+        self._groups[key].remove(group)
+        if not self._groups[key]:
+            del self._groups[key]
+
     def _decode(self, feeding: list[tuple[Sequence, int]]) -> None:
         if not feeding:
             return
-        self.largest_batch = max(self.largest_batch, len(feeding))
-        for seq, _ in feeding:
-            seq.peak_batch = max(seq.peak_batch, len(feeding))
         eng = self.engine
         if eng._static():
-            for seq, token in feeding:
-                self._guard(seq, lambda: seq.step_static(token))
+            tokens = dict(feeding)
+            for group in {id(s.group): s.group for s, _ in feeding}.values():
+                self.largest_batch = max(self.largest_batch, len(group.seqs))
+                for seq in group.seqs:
+                    seq.peak_batch = max(seq.peak_batch, len(group.seqs))
+                try:
+                    group.step(tokens)
+                except Exception as e:  # the pass failed for the whole group
+                    for seq in list(group.seqs):
+                        seq._emit(e)
+                        seq.release()
         else:
+            self.largest_batch = max(self.largest_batch, len(feeding))
+            for seq, _ in feeding:
+                seq.peak_batch = max(seq.peak_batch, len(feeding))
             batch = StepBatch([seq.req for seq, _ in feeding])
             ids = torch.tensor([[token] for _, token in feeding])
             pos = torch.tensor([[seq.position] for seq, _ in feeding])
