@@ -12,7 +12,10 @@ Compared at each context length and N:
                   step for the whole batch (what a prefix-sharing full-KV server does)
   full, separate  mode="full", one KV copy per session (what N different documents, or a
                   server without prefix sharing, cost): as many as fit, in turn
-  IceCache@256    pages in pinned host memory, page selection batched over (session, KV head)
+  IceCache@256    pages in pinned host memory, read in place over PCIe; page selection
+                  batched over (session, KV head)
+  IceCache@256, device pages   the same with the document's pages copied to GPU memory
+                  once for all sessions (a hot document's page cache)
 Reported per row: output tokens/s, TPOT p50/p99 (one step of the batch), GPU memory held
 for KV-side state and the peak. The question's prefill (TTFT) is not part of the figure:
 each session's question KV is prefilled once and loaded into its slot. Writes JSON + PNG.
@@ -55,7 +58,7 @@ def measure(decoders: list[StaticDecoder], sessions: int, steps: int, first_toke
             "tpot_p99_s": steady[min(len(steady) - 1, int(0.99 * len(steady)))]}
 
 
-def run(eng: Engine, ctx, own_kv, sessions: int, steps: int, separate: bool) -> dict:
+def run(eng: Engine, ctx, own_kv, sessions: int, steps: int, separate: bool, device_pages: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -64,7 +67,7 @@ def run(eng: Engine, ctx, own_kv, sessions: int, steps: int, separate: bool) -> 
         with torch.inference_mode():
             for _ in range(sessions if separate else 1):
                 d = StaticDecoder(eng.model, eng.config, ctx, slots=1 if separate else sessions,
-                                  slot_tokens=8 + steps + 8)
+                                  slot_tokens=8 + steps + 8, device_pages=device_pages)
                 for slot in range(d.slots):
                     d.load(slot, own_kv, steps + 4)
                 decoders.append(d)
@@ -112,11 +115,12 @@ def main(argv=None) -> int:
                  "question_prefill_s": question_s, "host_gib": ctx.host_bytes / GiB}
         print(f"[{n}] prefill {ctx.prefill_s:.1f}s, index {ctx.build_s:.1f}s, question {question_s:.2f}s")
         for name, eng, counts, separate in (("icecache", sparse, args.sessions, False),
+                                            ("icecache_device_pages", sparse, args.sessions, False),
                                             ("full_shared", full, args.sessions, False),
                                             ("full_separate", full, args.separate, True)):
             entry[name] = []
             for sessions in counts:
-                row = run(eng, ctx, own_kv, sessions, args.steps, separate)
+                row = run(eng, ctx, own_kv, sessions, args.steps, separate, name == "icecache_device_pages")
                 entry[name].append(row)
                 print(f"[{n}] {name} x{sessions}: {row}", flush=True)
                 if not row["fits"]:
@@ -135,6 +139,9 @@ def main(argv=None) -> int:
     return 0
 
 
+NAMES = ("icecache", "icecache_device_pages", "full_shared", "full_separate")
+
+
 def best(rows: list[dict]) -> dict | None:
     fitting = [r for r in rows if r.get("fits")]
     return max(fitting, key=lambda r: r["tokens_per_s"]) if fitting else None
@@ -143,20 +150,21 @@ def best(rows: list[dict]) -> dict | None:
 def summarise(report: dict) -> None:
     ratios = {}
     for entry in report["runs"]:
-        ice = best(entry["icecache"])
-        one = next(r for r in entry["icecache"] if r["sessions"] == 1)
-        at32 = next((r for r in entry["icecache"] if r["sessions"] == 32 and r.get("fits")), None)
-        r = {"icecache_best_tokens_per_s": ice["tokens_per_s"], "icecache_best_sessions": ice["sessions"]}
+        r = ratios[entry["context"]] = {}
         for base in ("full_shared", "full_separate"):
             b = best(entry[base])
-            r[f"over_{base}"] = ice["tokens_per_s"] / b["tokens_per_s"] if b else None
             r[f"{base}_best_tokens_per_s"] = b["tokens_per_s"] if b else None
             r[f"{base}_most_sessions"] = max((x["sessions"] for x in entry[base] if x.get("fits")), default=0)
-        if at32:
-            r["tpot_p50_32_over_1"] = at32["tpot_p50_s"] / one["tpot_p50_s"]
-        ratios[entry["context"]] = r
+        for name in ("icecache", "icecache_device_pages"):
+            ice, one = best(entry[name]), entry[name][0]
+            at32 = next((x for x in entry[name] if x["sessions"] == 32 and x.get("fits")), None)
+            r[name] = {"best_tokens_per_s": ice["tokens_per_s"], "best_sessions": ice["sessions"],
+                       "tpot_p50_32_over_1": at32["tpot_p50_s"] / one["tpot_p50_s"] if at32 else None}
+            for base in ("full_shared", "full_separate"):
+                if r[f"{base}_best_tokens_per_s"]:
+                    r[name][f"over_{base}"] = ice["tokens_per_s"] / r[f"{base}_best_tokens_per_s"]
         print(f"\ncontext {entry['context']}: sessions | tokens/s | TPOT p50 / p99 ms | KV GiB")
-        for name in ("icecache", "full_shared", "full_separate"):
+        for name in NAMES:
             for x in entry[name]:
                 if x.get("fits"):
                     print(f"  {name:>13} x{x['sessions']:>3} | {x['tokens_per_s']:>8.0f} | "
@@ -174,7 +182,7 @@ def plot(report: dict, path: Path) -> None:
     runs = report["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
     for ax, entry in zip(axes[0], runs):
-        for name in ("icecache", "full_shared", "full_separate"):
+        for name in NAMES:
             rows = [r for r in entry[name] if r.get("fits")]
             ax.plot([r["sessions"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=name)
         ax.set(xlabel="concurrent sessions", ylabel="output tokens/s", xscale="log", yscale="log",

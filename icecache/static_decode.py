@@ -138,7 +138,7 @@ class _SparseState:
 
     def __init__(self, ctx_layer, slots: int, private_pages: int, config: IceCacheConfig, dtype: torch.dtype,
                  device: torch.device, ring: _Ring, scratch: _Scratch | None,
-                 leader: "_SparseState | None" = None) -> None:
+                 leader: "_SparseState | None" = None, device_pages: bool = False) -> None:
         H, _, D = ctx_layer.sink_k.shape
         self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
         self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
@@ -149,7 +149,10 @@ class _SparseState:
         pages = ctx_layer.pages
         self.tree: TreeIndex = ctx_layer.tree
         self.num_shared = pages.num_pages
-        self.shared_k, self.shared_v = uva_view(pages.keys, device), uva_view(pages.values, device)
+        if device_pages:  # a copy in device memory: page reads at memory speed instead of over PCIe
+            self.shared_k, self.shared_v = pages.keys.to(device), pages.values.to(device)
+        else:
+            self.shared_k, self.shared_v = uva_view(pages.keys, device), uva_view(pages.values, device)
         self.shared_valid = pages.valid.to(device)
         self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
         self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
@@ -349,9 +352,12 @@ class StaticDecoder:
 
     def __init__(self, model: torch.nn.Module, config: IceCacheConfig, context: Context,
                  own_kv: list | None = None, max_new_tokens: int = 0, *, slots: int = 1,
-                 slot_tokens: int | None = None) -> None:
+                 slot_tokens: int | None = None, device_pages: bool = False) -> None:
         """slot_tokens: the most own tokens (prompt + decoded) a slot holds; with own_kv,
-        at least its prompt plus max_new_tokens."""
+        at least its prompt plus max_new_tokens. device_pages: copy the context's host
+        pages into device memory (for a document many requests read at once: one copy
+        serves them all, and page reads stop being bound by PCIe); by default they are
+        read in place from host memory."""
         self.model, self.config, self.context = model, config, context
         inner = model.model
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
@@ -383,7 +389,7 @@ class StaticDecoder:
                 leader = context.cycle_leader(i)
                 self.states.append(_SparseState(context.sparse[i], slots, private_pages, config, self.dtype,
                                                 self.device, self.ring, self.scratch,
-                                                self.states[leader] if leader != i else None))
+                                                self.states[leader] if leader != i else None, device_pages))
             else:
                 ck, cv = context.flat_kv(i)
                 self.states.append(_DenseState(ck, cv, slots, self.slot_tokens, self.dtype, self.device, self.own,
