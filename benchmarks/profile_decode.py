@@ -1,7 +1,9 @@
 """Where a static decode step's GPU time goes (GPU): kernel totals per step from the
 profiler (eager, so kernels are attributed), next to the CUDA-graph TPOT of the same step.
 
-    python benchmarks/profile_decode.py --context 32768
+    python benchmarks/profile_decode.py --context 32768 [--slots 32]
+
+--slots N profiles the batched step of N sessions on the context (StaticDecoder slots).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--mode", default="icecache")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--slots", type=int, default=1, help="sessions decoding together")
     args = ap.parse_args(argv)
     model = llama_8b(args.context + 256)
     c = model.config
@@ -43,16 +46,22 @@ def main(argv=None) -> int:
     del kv
     print(f"context {args.context}: synthetic index built in {time.perf_counter() - t:.1f}s")
     empty = torch.zeros(H, 0, D, dtype=torch.bfloat16, device="cuda")
-    dec = StaticDecoder(model, config, ctx, [(empty, empty)] * L, 64)
+    dec = StaticDecoder(model, config, ctx, slots=args.slots, slot_tokens=128)
+    for slot in range(args.slots):
+        dec.load(slot, [(empty, empty)] * L, 100)
     pos = args.context
+
+    def step(pos: int) -> None:
+        dec.step_batch([5 + i for i in range(args.slots)], [pos] * args.slots)
+
     for _ in range(3):
-        dec.step(5, pos)
+        step(pos)
         pos += 1
     torch.cuda.synchronize()
     steps = 3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            dec.step(5, pos)
+            step(pos)
             pos += 1
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -60,15 +69,15 @@ def main(argv=None) -> int:
     kernels = sum(e.count for e in events) / steps
     print(f"eager step: {total:.2f} ms of GPU kernel time, {kernels:.0f} kernels")
     print(events.table(sort_by="device_time_total", row_limit=args.top))
-    dec.capture()
+    dec.capture(args.slots)
     for _ in range(3):
-        dec.step(5, pos)
+        step(pos)
         pos += 1
     torch.cuda.synchronize()
     t = time.perf_counter()
     n = 20
     for _ in range(n):
-        dec.step(5, pos)
+        step(pos)
         pos += 1
     torch.cuda.synchronize()
     print(f"CUDA-graph step: {(time.perf_counter() - t) / n * 1e3:.2f} ms")

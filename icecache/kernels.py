@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_NODES = 64  # tree nodes per program of a level score
-_BLOCK_PAGES = 16  # pages per inner step of a page score (tl.dot needs >= 16)
-_SPLIT = 4  # programs sharing one kept cluster's pages
+_BLOCK_CHILDREN = 16  # tree nodes per inner step of a level score (tl.dot needs >= 16)
+_BLOCK_PAGES = 16  # pages per inner step of a page score
 MAX_SELECT = 32768  # widest row a single program ranks in registers (a tree level, a layer's pages)
 
 
@@ -45,19 +44,19 @@ def _check_contiguous(*tensors: torch.Tensor) -> None:
         assert t.is_contiguous(), f"kernel input of shape {tuple(t.shape)} is not contiguous"
 
 
-SCRATCH_DTYPES = {"keep": torch.uint8}  # the rest are fp32
+SCRATCH_DTYPES = {"cand": torch.int32, "tops": torch.int32}  # the rest are fp32
 
 
-def scratch_sizes(H: int, G: int, D: int, level_sizes: list[int], num_top: int, num_pages: int, num_sink: int,
-                  retrieved: int, window: int, page_size: int) -> dict[str, int]:
-    """Elements of each work buffer one sparse layer's step needs (see the wrappers);
-    "keep" holds two levels' keep masks (one read while the next is written)."""
+def scratch_sizes(rows: int, G: int, D: int, plan: "WalkPlan", num_private: int, num_sink: int, retrieved: int,
+                  window: int, page_size: int) -> dict[str, int]:
+    """Elements of each work buffer one sparse layer's step needs for `rows` (request, KV
+    head) rows (see the wrappers); "tops" holds two levels' kept-node lists (one read
+    while the next is written)."""
     GP = _rows(G)
-    widest = max([num_pages, *level_sizes])
-    chunks = max([triton.cdiv(n, _BLOCK_NODES) for n in level_sizes] + [(num_top + 1) * _SPLIT])
+    widest = max(plan.widest_level, plan.widest_pages + num_private)
     blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size)
-    return {"raw": H * G * widest, "parts": H * chunks * GP * 2, "keep": 2 * H * max(level_sizes, default=1),
-            "att_parts": H * blocks * GP * 2, "att_acc": H * blocks * GP * D}
+    return {"raw": rows * G * widest, "cand": rows * widest, "parts": rows * (plan.width + 1) * GP * 2,
+            "tops": 2 * rows * plan.width, "att_parts": rows * blocks * GP * 2, "att_acc": rows * blocks * GP * D}
 
 
 # ---------------------------------------------------------------------------- top-k by threshold
@@ -116,80 +115,152 @@ def _online_lse(m_run, l_run, est, ok):
 
 
 # ---------------------------------------------------------------------------- tree walk
+class WalkPlan:
+    """What the kernel tree walk reads besides the tree: every level's nodes listed by
+    parent (CSR: order, start), so a level scores only the children of the nodes its
+    parent level kept, and the pages' CSR over level-1 clusters (a cluster's pages are
+    contiguous). Built once per tree; `widest_*` bound the candidates a row can have."""
+
+    def __init__(self, tree, width: int) -> None:
+        self.width = width
+        self.levels = []  # top first: (nodes [HS, n, D], order [HS, n], start [HS, parents + 1], parents)
+        self.widest_level = 1
+        for j in range(tree.num_levels, 0, -1):
+            nodes = tree.node_keys[j - 1]
+            HS, n = nodes.shape[:2]
+            if j == tree.num_levels:  # the top level: children of one virtual root
+                parent = torch.zeros(HS, n, dtype=torch.long, device=nodes.device)
+            else:
+                parent = tree.node_parent[j - 1]
+            order, start, count = _csr(parent, 1 if j == tree.num_levels else tree.node_keys[j].shape[1])
+            self.levels.append((nodes, order, start, start.shape[1] - 1))
+            kept = 1 if j == tree.num_levels else width  # parents a row keeps above this level
+            self.widest_level = max(self.widest_level, _most_children(count, kept))
+        self.widest_pages = 0
+        if tree.num_levels:
+            first, count = tree.cluster_pages()
+            self.page_start = torch.cat([first, (first + count)[:, -1:]], dim=1).to(torch.int32).contiguous()
+            self.widest_pages = _most_children(count, width)
+
+
+def _csr(parent: torch.Tensor, num_parents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Children listed by parent: (order [HS, n] child ids, start [HS, P + 1], count [HS, P])."""
+    order = torch.argsort(parent, dim=1, stable=True).to(torch.int32).contiguous()
+    count = torch.zeros(parent.shape[0], num_parents, dtype=torch.long, device=parent.device)
+    count.scatter_add_(1, parent, torch.ones_like(parent))
+    start = torch.cat([torch.zeros_like(count[:, :1]), count.cumsum(1)], dim=1).to(torch.int32).contiguous()
+    return order, start, count
+
+
+def _most_children(count: torch.Tensor, kept: int) -> int:
+    """The most children `kept` parents of one head can have together."""
+    return int(count.topk(min(kept, count.shape[1]), dim=1).values.sum(1).max()) if count.numel() else 0
+
+
 @triton.jit
-def _level_scores(q_ptr, node_ptr, parent_ptr, keep_ptr, raw_ptr, part_ptr, n, n_parent, scaling, HS,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  HAS_PARENT: tl.constexpr):
-    """raw[h, g, i] = scaling * q_g . node_i (-inf unless i's parent is kept); per-program
-    (max, sum exp) per query head into part[h, c, :, 0/1]. Row h is (request h // HS, KV
-    head h % HS): the tree is shared by the requests, q, keep, raw and part are per row."""
-    h, c = tl.program_id(0), tl.program_id(1)
+def _kept_children(parents_ptr, start_ptr, h, hs, j, K, n_parents, KP: tl.constexpr):
+    """For row h's kept parent j (of K, -1 = none): its first child in the CSR, its child
+    count, and where its children start in the row's compact candidate list; with j = K,
+    that start is the row's total."""
+    kk = tl.arange(0, KP)
+    par = tl.load(parents_ptr + h * K + kk, mask=kk < K, other=-1)
+    ok = par >= 0
+    base = start_ptr + hs * (n_parents + 1)
+    lo = tl.load(base + par, mask=ok, other=0)
+    cnt = tl.load(base + par + 1, mask=ok, other=0) - lo
+    first = tl.sum(tl.where(kk == j, lo, 0), axis=0)
+    count = tl.sum(tl.where(kk == j, cnt, 0), axis=0)
+    return first, count, tl.sum(tl.where(kk < j, cnt, 0), axis=0)
+
+
+@triton.jit
+def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n, n_parents, K,
+                  stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                  KP: tl.constexpr):
+    """Row h (request h // HS, KV head h % HS), program j: the children of the row's kept
+    parent j, scored per query head (scaling * q_g . node) into the row's compact list
+    raw[h, g, off + c] with their node ids in cand[h, off + c]; (max, sum exp) per query
+    head into part[h, j]. The tree is shared by the requests."""
+    h, j = tl.program_id(0), tl.program_id(1)
     hs = h % HS
-    num_chunks = tl.num_programs(1)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    i = c * BLOCK + tl.arange(0, BLOCK)
+    first, count, off = _kept_children(parents_ptr, start_ptr, h, hs, j, K, n_parents, KP)
     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
-    node = tl.load(node_ptr + (hs * n + i[:, None]) * D + d[None, :], mask=i[:, None] < n, other=0.0)
-    s = tl.dot(q, tl.trans(node.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
-    ok = i < n
-    if HAS_PARENT:
-        parent = tl.load(parent_ptr + hs * n + i, mask=ok, other=0)
-        ok = ok & (tl.load(keep_ptr + h * n_parent + parent, mask=ok, other=0) != 0)
-    s = tl.where(ok[None, :] & (g[:, None] < G), s, -float("inf"))
-    tl.store(raw_ptr + (h * G + g[:, None]) * n + i[None, :], s, mask=(g[:, None] < G) & (i[None, :] < n))
-    m = tl.max(s, axis=1)  # [GP]
-    l = tl.sum(tl.where(s > -float("inf"), tl.exp(s - m[:, None]), 0.0), axis=1)
-    base = part_ptr + ((h * num_chunks + c) * GP + g) * 2
-    tl.store(base, m)
-    tl.store(base + 1, l)
+    m_run = tl.full((GP,), -float("inf"), tl.float32)
+    l_run = tl.zeros((GP,), tl.float32)
+    for c0 in range(0, count, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        inside = c < count
+        node = tl.load(order_ptr + hs * n + first + c, mask=inside, other=0)
+        keys = tl.load(node_ptr + (hs * n + node[:, None]) * D + d[None, :], mask=inside[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
+        ok = (g[:, None] < G) & inside[None, :]
+        sc = tl.where(ok, sc, -float("inf"))
+        tl.store(raw_ptr + (h * G + g[:, None]) * stride + off + c[None, :], sc, mask=ok)
+        tl.store(cand_ptr + h * stride + off + c, node, mask=inside)
+        m_run, l_run = _online_lse(m_run, l_run, sc, ok)
+    base = part_ptr + ((h * tl.num_programs(1) + j) * GP + g) * 2
+    tl.store(base, m_run)
+    tl.store(base + 1, l_run)
 
 
 @triton.jit
-def _level_select(raw_ptr, part_ptr, keep_ptr, top_ptr, n, num_chunks, width, G: tl.constexpr, GP: tl.constexpr,
-                  CP: tl.constexpr, NB: tl.constexpr, WRITE_TOP: tl.constexpr):
-    """Per KV head: each query head's log-softmax over the level, the best over the heads,
-    then the `width` best nodes: keep[h, i] = 1 for them (and top[h, :] their indices,
-    on level 1). Nodes that are no candidate (-inf) are never kept."""
+def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr, K, n_parents, stride, num_parts,
+                    extra, width, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
+                    KP: tl.constexpr, PAGES: tl.constexpr):
+    """Per row, over its compact candidates (children of its kept parents, plus `extra`
+    private pages): each query head's softmax over them, then the `width` best into
+    out[h, :] as ids from cand. A tree level (PAGES=0) ranks by the best log-share over
+    the query heads; pages (PAGES=1) by the shares summed over the query heads."""
     h = tl.program_id(0)
+    _, _, total = _kept_children(parents_ptr, start_ptr, h, h % HS, K, K, n_parents, KP)
     i = tl.arange(0, NB)
-    best = tl.full((NB,), -float("inf"), tl.float32)
+    inside = i < total + extra
+    score = tl.full((NB,), -float("inf"), tl.float32)
+    if PAGES:
+        score = tl.zeros((NB,), tl.float32)
+    candidate = i < 0
     for g in tl.static_range(G):
-        lse = _lse_of_parts(part_ptr, h, num_chunks, g, GP, CP)
-        raw = tl.load(raw_ptr + (h * G + g) * n + i, mask=i < n, other=-float("inf"))
-        best = tl.maximum(best, raw - lse)
-    keep = (_key(best) >= _kth_largest(best, width)) & (best > -float("inf")) & (i < n)
-    tl.store(keep_ptr + h * n + i, keep.to(tl.uint8), mask=i < n)
-    if WRITE_TOP:
-        _store_selected(top_ptr + h * width, keep, i, width)
+        lse = _lse_of_parts(part_ptr, h, num_parts, g, GP, CP)
+        raw = tl.load(raw_ptr + (h * G + g) * stride + i, mask=inside, other=-float("inf"))
+        if PAGES:
+            score += tl.where(raw > -float("inf"), tl.exp(raw - lse), 0.0)
+        else:
+            score = tl.maximum(score, raw - lse)
+        candidate = candidate | (raw > -float("inf"))
+    if PAGES:
+        score = tl.where(candidate, score, -1.0)
+    selected = (_key(score) >= _kth_largest(score, width)) & candidate
+    ids = tl.load(cand_ptr + h * stride + i, mask=inside, other=-1)
+    _store_selected(out_ptr + h * width, selected, ids, width)
 
 
-def level_scores(q: torch.Tensor, nodes: torch.Tensor, parent: torch.Tensor | None, keep: torch.Tensor | None,
-                 scaling: float, width: int, raw: torch.Tensor, parts: torch.Tensor, keep_out: torch.Tensor,
-                 top: torch.Tensor | None = None) -> torch.Tensor:
-    """One level of the tree walk (index.tree.tree_keep): score the children of kept
-    parents, keep the `width` best per KV head.
+def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: float, raw: torch.Tensor,
+              cand: torch.Tensor, parts: torch.Tensor, tops: torch.Tensor) -> torch.Tensor:
+    """The tree walk (index.tree.tree_keep) for every row: per level, score the children of
+    the nodes kept on the level above, keep the `plan.width` best per row.
 
-    q: [H, G, D] fp32, H = B * HS rows for B requests sharing a tree of HS KV heads;
-    nodes: [HS, n, D]; parent: [HS, n] index into keep: [H, n_parent] (uint8, 1 = kept),
-    both None on the top level. raw [>= H*G*n] and parts are fp32 scratch; keep_out:
-    uint8 [>= H*n]; top: [H, width] long, filled with -1 by the caller, receives the
-    kept indices (level 1). Returns keep_out as [H, n]."""
-    _check_contiguous(q, nodes, *([parent, keep] if parent is not None else []))
+    q: [H, G, D] fp32, H = B * HS rows (B requests sharing the tree of HS KV heads); root:
+    int32 zeros [>= H] (the top level's virtual parent); raw, parts fp32 and cand, tops
+    int32 scratch (scratch_sizes). -> the kept level-1 clusters [H, width] int32 (-1 = none)."""
+    _check_contiguous(q)
     H, G, D = q.shape
-    n = nodes.shape[1]
-    assert n <= MAX_SELECT, f"a tree level of {n} nodes is over the kernels' {MAX_SELECT}"
-    GP = _rows(G)
-    chunks = triton.cdiv(n, _BLOCK_NODES)
-    has_parent = parent is not None
-    _level_scores[(H, chunks)](q, nodes, parent if has_parent else q, keep if has_parent else q, raw, parts, n,
-                               keep.shape[1] if has_parent else 0, scaling, nodes.shape[0], G=G, GP=GP, D=D,
-                               BLOCK=_BLOCK_NODES,
-                               HAS_PARENT=has_parent)
-    _level_select[(H,)](raw, parts, keep_out, top if top is not None else keep_out, n, chunks, width, G=G, GP=GP,
-                        CP=max(16, triton.next_power_of_2(chunks)), NB=max(16, triton.next_power_of_2(n)),
-                        WRITE_TOP=top is not None, num_warps=_warps(n))
-    return keep_out[:H * n].view(H, n)
+    GP, width = _rows(G), plan.width
+    stride = raw.numel() // (H * G)
+    parents, K = root[:H], 1
+    for depth, (nodes, order, start, n_parents) in enumerate(plan.levels):
+        out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
+        out.fill_(-1)
+        _child_scores[(H, K)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
+                              stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK_CHILDREN,
+                              KP=max(16, triton.next_power_of_2(K)))
+        NB = max(16, triton.next_power_of_2(plan.widest_level))
+        _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, K, 0, width,
+                              nodes.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(K)), NB=NB,
+                              KP=max(16, triton.next_power_of_2(K)), PAGES=False, num_warps=_warps(NB))
+        parents, K = out, width
+    return parents
 
 
 # ---------------------------------------------------------------------------- page ranking
@@ -203,109 +274,94 @@ def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, co
 
 
 @triton.jit
-def _page_scores(q_ptr, top_ptr, start_ptr, count_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr,
-                 raw_ptr, part_ptr, num_top, n_clusters, n_shared, n_private, n_total, scaling, HS,
-                 G: tl.constexpr,
-                 GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-    """raw[h, g, p] = page estimate of each candidate page p: the pages of kept level-1
-    cluster top[h, j] (-1 = none) for programs j < num_top, the request's private pages
-    for j = num_top; SPLIT programs share a cluster's pages. Non-candidates are left
-    as they are (the caller fills -inf). Per program (max, sum exp) per query head.
-    Row h: KV head h % HS of the shared tree and pages, private pages per row."""
-    h, j, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr, raw_ptr,
+                 cand_ptr, part_ptr, K, n_clusters, n_shared, n_private, stride, scaling, HS, G: tl.constexpr,
+                 GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+    """Row h, program j < K: the pages of the row's kept level-1 cluster j (contiguous),
+    page estimates into the row's compact list raw[h, g, off + i] (-inf for empty pages),
+    page ids into cand; program K: the row's private pages after them (ids n_shared + p).
+    Per program (max, sum exp) per query head into part[h, j]."""
+    h, j = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     b = tl.arange(0, BLOCK)
+    first, count, off = _kept_children(top_ptr, start_ptr, h, hs, j, K, n_clusters, KP)
     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    if j < num_top:
-        cluster = tl.load(top_ptr + h * num_top + j)
-        # int32 like the private branch's bounds: Triton needs one type for the loop variable
-        first = tl.load(start_ptr + hs * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
-        cnt = tl.load(count_ptr + hs * n_clusters + cluster, mask=cluster >= 0, other=0).to(tl.int32)
-        for p0 in range(split * BLOCK, cnt, SPLIT * BLOCK):
-            page = first + p0 + b
-            inside = (p0 + b) < cnt
+    if j < K:
+        for p0 in range(0, count, BLOCK):
+            i = p0 + b
+            inside = i < count
+            page = first + i
             row = (hs * n_shared + page[:, None]) * D + d[None, :]
             mean = tl.load(mean_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
             var = tl.load(var_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
-            count = tl.load(valid_ptr + hs * n_shared + page, mask=inside, other=0)
-            est = _page_estimates(q, scaling, G, GP, mean, var, count)
-            ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
+            n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=inside, other=0)
+            est = _page_estimates(q, scaling, G, GP, mean, var, n_tok)
+            ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
             est = tl.where(ok, est, -float("inf"))
-            tl.store(raw_ptr + (h * G + g[:, None]) * n_total + page[None, :], est, mask=ok)
+            tl.store(raw_ptr + (h * G + g[:, None]) * stride + off + i[None, :], est,
+                     mask=(g[:, None] < G) & inside[None, :])
+            tl.store(cand_ptr + h * stride + off + i, page, mask=inside)
             m_run, l_run = _online_lse(m_run, l_run, est, ok)
     else:
-        for p0 in range(split * BLOCK, n_private, SPLIT * BLOCK):
+        for p0 in range(0, n_private, BLOCK):
             page = p0 + b
             inside = page < n_private
             row = (h * n_private + page[:, None]) * D + d[None, :]
-            count = tl.load(pvalid_ptr + h * n_private + page, mask=inside, other=0)
-            denom = tl.maximum(count, 1).to(tl.float32)[:, None]
+            n_tok = tl.load(pvalid_ptr + h * n_private + page, mask=inside, other=0)
+            denom = tl.maximum(n_tok, 1).to(tl.float32)[:, None]
             mean = tl.load(psum_ptr + row, mask=inside[:, None], other=0.0) / denom
             var = tl.maximum(tl.load(psq_ptr + row, mask=inside[:, None], other=0.0) / denom - mean * mean, 0.0)
-            est = _page_estimates(q, scaling, G, GP, mean, var, count)
-            ok = (g[:, None] < G) & (inside & (count > 0))[None, :]
+            est = _page_estimates(q, scaling, G, GP, mean, var, n_tok)
+            ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
             est = tl.where(ok, est, -float("inf"))
-            tl.store(raw_ptr + (h * G + g[:, None]) * n_total + n_shared + page[None, :], est, mask=ok)
+            tl.store(raw_ptr + (h * G + g[:, None]) * stride + off + page[None, :], est,
+                     mask=(g[:, None] < G) & inside[None, :])
+            tl.store(cand_ptr + h * stride + off + page, n_shared + page, mask=inside)
             m_run, l_run = _online_lse(m_run, l_run, est, ok)
-    base = part_ptr + (((h * tl.num_programs(1) + j) * SPLIT + split) * GP + g) * 2
+    base = part_ptr + ((h * (K + 1) + j) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
 
 
-@triton.jit
-def _page_select(raw_ptr, part_ptr, ids_ptr, n_total, num_parts, R, G: tl.constexpr, GP: tl.constexpr,
-                 CP: tl.constexpr, NB: tl.constexpr):
-    """Per KV head: weight[p] = sum_g softmax_p(raw[h, g, :])[p] (each query head's share
-    of the candidates' expected mass, summed over the heads of a KV head), then the R
-    heaviest candidate pages into ids[h, :] (ascending page id)."""
-    h = tl.program_id(0)
-    i = tl.arange(0, NB)
-    share = tl.zeros((NB,), tl.float32)
-    candidate = i < 0
-    for g in tl.static_range(G):
-        lse = _lse_of_parts(part_ptr, h, num_parts, g, GP, CP)
-        raw = tl.load(raw_ptr + (h * G + g) * n_total + i, mask=i < n_total, other=-float("inf"))
-        share += tl.where(raw > -float("inf"), tl.exp(raw - lse), 0.0)
-        candidate = candidate | (raw > -float("inf"))
-    weight = tl.where(candidate, share, -1.0)
-    selected = (_key(weight) >= _kth_largest(weight, R)) & candidate
-    _store_selected(ids_ptr + h * R, selected, i, R)
+def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_mean: torch.Tensor,
+                 page_var: torch.Tensor, page_valid: torch.Tensor, priv_sum: torch.Tensor, priv_sumsq: torch.Tensor,
+                 priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
+                 parts: torch.Tensor) -> torch.Tensor:
+    """The `num_pages` best pages per row (index.tree.select_pages, radius weight 0),
+    -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
+    the row's kept level-1 clusters and its private pages.
 
-
-def select_pages(q: torch.Tensor, top: torch.Tensor, cluster_start: torch.Tensor, cluster_count: torch.Tensor,
-                 page_mean: torch.Tensor, page_var: torch.Tensor, page_valid: torch.Tensor, priv_sum: torch.Tensor,
-                 priv_sumsq: torch.Tensor, priv_valid: torch.Tensor, scaling: float, num_pages: int,
-                 raw: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """The `num_pages` best pages per KV head (index.tree.select_pages, radius weight 0),
-    ascending, -1 where fewer qualify; ids >= N are private pages (id - N).
-
-    q: [H, G, D] fp32, H = B * HS rows (requests sharing the tree, HS KV heads); top:
-    [H, K] kept level-1 clusters (-1 = none); cluster_start/count: [HS, n_clusters] their
-    page ranges; page_mean/var: [HS, N, D], page_valid: [HS, N]; priv_sum/sumsq: [H, M, D]
-    fp32 running sums of the rows' private pages, priv_valid: [H, M].
-    raw/parts: fp32 scratch. -> [H, num_pages]."""
-    _check_contiguous(q, top, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum, priv_sumsq,
-                      priv_valid)
+    q: [H, G, D] fp32, H = B * HS rows; top: [H, K] int32 kept clusters (walk_tree; None
+    for a tree without levels, hence without pages); page_mean/var: [HS, N, D],
+    page_valid: [HS, N]; priv_sum/sumsq: [H, M, D] fp32 running sums of the rows' private
+    pages, priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. -> [H, num_pages] long."""
+    _check_contiguous(q, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid)
     H, G, D = q.shape
-    n_shared, n_private = page_valid.shape[1], priv_valid.shape[1]
-    n_total = n_shared + n_private
-    assert n_total <= MAX_SELECT, f"{n_total} pages per head are over the kernels' {MAX_SELECT}"
     GP = _rows(G)
+    n_shared, n_private = page_valid.shape[1], priv_valid.shape[1]
+    if top is None:
+        assert n_shared == 0, "a tree with pages has levels"
+        top = torch.full((H, 1), -1, dtype=torch.int32, device=q.device)
+        start = torch.zeros(page_valid.shape[0], 2, dtype=torch.int32, device=q.device)
+    else:
+        start = plan.page_start
     K = top.shape[1]
-    raw_view = raw[:H * G * n_total]
-    raw_view.fill_(-float("inf"))
-    _page_scores[(H, K + 1, _SPLIT)](q, top, cluster_start, cluster_count, page_mean, page_var, page_valid, priv_sum,
-                                     priv_sumsq, priv_valid, raw_view, parts, K, cluster_start.shape[1], n_shared,
-                                     n_private, n_total, scaling, page_valid.shape[0], G=G, GP=GP, D=D,
-                                     BLOCK=_BLOCK_PAGES, SPLIT=_SPLIT)
+    n = plan.widest_pages + n_private
+    assert n <= MAX_SELECT, f"{n} candidate pages per row are over the kernels' {MAX_SELECT}"
+    stride = raw.numel() // (H * G)
+    KP = max(16, triton.next_power_of_2(K))
+    _page_scores[(H, K + 1)](q, top, start, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid, raw,
+                             cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
+                             page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK_PAGES, KP=KP)
     ids = torch.full((H, num_pages), -1, dtype=torch.long, device=q.device)
-    NB = max(16, triton.next_power_of_2(n_total))
-    _page_select[(H,)](raw_view, parts, ids, n_total, (K + 1) * _SPLIT, num_pages, G=G, GP=GP,
-                       CP=max(16, triton.next_power_of_2((K + 1) * _SPLIT)), NB=NB, num_warps=_warps(NB))
+    NB = max(16, triton.next_power_of_2(n))
+    _select_compact[(H,)](raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, K + 1, n_private,
+                          num_pages, page_valid.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(K + 1)),
+                          NB=NB, KP=KP, PAGES=True, num_warps=_warps(NB))
     return ids
 
 

@@ -193,10 +193,10 @@ class _SparseState:
 
     # ------------------------------------------------------------ the Triton path (CUDA)
     def _plan_kernels(self, slots: int, H: int, D: int) -> None:
-        from icecache.kernels import scratch_sizes
-        self.cluster_start, self.cluster_count = self.tree.cluster_pages()
-        for name, numel in scratch_sizes(slots * H, self.scratch.group, D, [k.shape[1] for k in self.tree.node_keys],
-                                         self.search_width, self.num_shared + self.priv_valid.shape[2],
+        from icecache.kernels import WalkPlan, scratch_sizes
+        self.plan = WalkPlan(self.tree, self.search_width)
+        self.root = torch.zeros(slots * H, dtype=torch.int32, device=self.win_k.device)  # the top level's parent
+        for name, numel in scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
                                          self.sink_k.shape[1], self.R, self.W, self.P).items():
             self.scratch.need(name, numel)
 
@@ -204,15 +204,13 @@ class _SparseState:
         from icecache import kernels
         tree, S = self.tree, self.scratch
         B = q.shape[0] // self.H
-        top = torch.full((q.shape[0], self.search_width), -1, dtype=torch.long, device=q.device)  # kept clusters
-        keep, masks = None, S["keep"].view(2, -1)
-        for depth, j in enumerate(range(tree.num_levels, 0, -1)):
-            parent = tree.node_parent[j - 1] if j < tree.num_levels else None
-            keep = kernels.level_scores(q, tree.node_keys[j - 1], parent, keep, scaling, self.search_width, S["raw"],
-                                        S["parts"], masks[depth % 2], top if j == 1 else None)
-        return kernels.select_pages(q, top, self.cluster_start, self.cluster_count, tree.page_mean, tree.page_var,
-                                    tree.page_valid, self.priv_sum[:B].flatten(0, 1), self.priv_sumsq[:B].flatten(0, 1),
-                                    self.priv_valid[:B].flatten(0, 1), scaling, self.R, S["raw"], S["parts"])
+        top = None  # kept level-1 clusters
+        if self.plan.levels:
+            top = kernels.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
+        return kernels.select_pages(q, top, self.plan, tree.page_mean, tree.page_var, tree.page_valid,
+                                    self.priv_sum[:B].flatten(0, 1), self.priv_sumsq[:B].flatten(0, 1),
+                                    self.priv_valid[:B].flatten(0, 1), scaling, self.R, S["raw"], S["cand"],
+                                    S["parts"])
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache import kernels

@@ -74,27 +74,26 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
 
 def test_kernel_tree_walk_keeps_the_same_clusters():
     """The kernel tree walk keeps the same level-1 clusters as index.tree.tree_keep, on a
-    tree with several levels and clusters of many pages."""
+    tree with several levels and clusters of many pages, for two requests sharing the
+    tree (rows = request x KV head) with different queries."""
     from icecache import kernels
     from icecache.index.tree import build_tree, tree_keep
-    H, G, D, n = 2, 3, 32, 6000
+    H, G, D, n, B = 2, 3, 32, 6000, 2
     keys = (torch.randn(H, n, D, generator=torch.Generator().manual_seed(0)) * 2).to(DEVICE)
     tree, _ = build_tree(keys, 16, (0.03, 0.2), 16, seed=1)
     assert tree.num_levels >= 3
-    q = torch.randn(H, G, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    q = torch.randn(B * H, G, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     width, scaling = 12, D ** -0.5
-    expected = tree_keep(tree, q, width, scaling)
-    sizes = kernels.scratch_sizes(H, G, D, [k.shape[1] for k in tree.node_keys], width, tree.num_pages, 0, 1, 1, 16)
-    raw, parts = (torch.empty(sizes[k], device=DEVICE) for k in ("raw", "parts"))
-    masks = torch.empty(sizes["keep"], dtype=torch.uint8, device=DEVICE).view(2, -1)
-    top = torch.full((H, width), -1, device=DEVICE)
-    keep = None
-    for depth, j in enumerate(range(tree.num_levels, 0, -1)):
-        parent = tree.node_parent[j - 1] if j < tree.num_levels else None
-        keep = kernels.level_scores(q, tree.node_keys[j - 1], parent, keep, scaling, width, raw, parts,
-                                    masks[depth % 2], top if j == 1 else None)
-    assert torch.equal(top.sort(dim=1).values, expected.nonzero()[:, 1].view(H, width))
-    assert torch.equal(keep.bool(), expected)
+    plan = kernels.WalkPlan(tree, width)
+    sizes = kernels.scratch_sizes(B * H, G, D, plan, 0, 0, 1, 1, 16)
+    scratch = {k: torch.empty(sizes[k], dtype=kernels.SCRATCH_DTYPES.get(k, torch.float32), device=DEVICE)
+               for k in ("raw", "cand", "parts", "tops")}
+    root = torch.zeros(B * H, dtype=torch.int32, device=DEVICE)
+    top = kernels.walk_tree(q, plan, root, scaling, scratch["raw"], scratch["cand"], scratch["parts"], scratch["tops"])
+    for b in range(B):
+        expected = tree_keep(tree, q[b * H:(b + 1) * H], width, scaling)
+        got = top[b * H:(b + 1) * H].long().sort(dim=1).values
+        assert torch.equal(got, expected.nonzero()[:, 1].view(H, width)), f"request {b}"
 
 
 def test_engine_generates_the_same_text_on_either_path(monkeypatch):
