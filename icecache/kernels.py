@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_CHILDREN = 16  # tree nodes per inner step of a level score (tl.dot needs >= 16)
-_BLOCK_PAGES = 16  # pages per inner step of a page score
+_BLOCK = 32  # candidates (tree nodes, pages) per program of a score kernel (tl.dot needs >= 16)
 MAX_SELECT = 32768  # widest row a single program ranks in registers (a tree level, a layer's pages)
 
 
@@ -55,7 +54,7 @@ def scratch_sizes(rows: int, G: int, D: int, plan: "WalkPlan", num_private: int,
     GP = _rows(G)
     widest = max(plan.widest_level, plan.widest_pages + num_private)
     blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size)
-    return {"raw": rows * G * widest, "cand": rows * widest, "parts": rows * (plan.width + 1) * GP * 2,
+    return {"raw": rows * G * widest, "cand": rows * widest, "parts": rows * triton.cdiv(widest, _BLOCK) * GP * 2,
             "tops": 2 * rows * plan.width, "att_parts": rows * blocks * GP * 2, "att_acc": rows * blocks * GP * D}
 
 
@@ -158,49 +157,52 @@ def _most_children(count: torch.Tensor, kept: int) -> int:
 
 
 @triton.jit
-def _kept_children(parents_ptr, start_ptr, h, hs, j, K, n_parents, KP: tl.constexpr):
-    """For row h's kept parent j (of K, -1 = none): its first child in the CSR, its child
-    count, and where its children start in the row's compact candidate list; with j = K,
-    that start is the row's total."""
+def _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP: tl.constexpr):
+    """Row h's compact candidate list is the CSR children of its K kept parents (-1 =
+    none), one parent after the other. For positions pos [BLOCK] of that list: their
+    index into the CSR, and the list's length."""
     kk = tl.arange(0, KP)
     par = tl.load(parents_ptr + h * K + kk, mask=kk < K, other=-1)
     ok = par >= 0
     base = start_ptr + hs * (n_parents + 1)
     lo = tl.load(base + par, mask=ok, other=0)
     cnt = tl.load(base + par + 1, mask=ok, other=0) - lo
-    first = tl.sum(tl.where(kk == j, lo, 0), axis=0)
-    count = tl.sum(tl.where(kk == j, cnt, 0), axis=0)
-    return first, count, tl.sum(tl.where(kk < j, cnt, 0), axis=0)
+    upto = tl.cumsum(cnt, axis=0)
+    slot = tl.sum((upto[None, :] <= pos[:, None]).to(tl.int32), axis=1)  # the parent each position is under
+    pick = kk[None, :] == slot[:, None]
+    first = tl.sum(tl.where(pick, lo[None, :], 0), axis=1)
+    before = tl.sum(tl.where(pick, (upto - cnt)[None, :], 0), axis=1)
+    return first + pos - before, tl.sum(cnt, axis=0)
 
 
 @triton.jit
 def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n, n_parents, K,
                   stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                   KP: tl.constexpr):
-    """Row h (request h // HS, KV head h % HS), program j: the children of the row's kept
-    parent j, scored per query head (scaling * q_g . node) into the row's compact list
-    raw[h, g, off + c] with their node ids in cand[h, off + c]; (max, sum exp) per query
-    head into part[h, j]. The tree is shared by the requests."""
-    h, j = tl.program_id(0), tl.program_id(1)
+    """Row h (request h // HS, KV head h % HS), program c: positions [c * BLOCK, ...) of
+    the row's compact list of candidates (the children of its kept parents), scored per
+    query head (scaling * q_g . node) into raw[h, g, pos], node ids into cand[h, pos];
+    (max, sum exp) per query head into part[h, c]. The tree is shared by the requests."""
+    h, c = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    first, count, off = _kept_children(parents_ptr, start_ptr, h, hs, j, K, n_parents, KP)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    pos = c * BLOCK + tl.arange(0, BLOCK)
+    at, total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)
+    inside = pos < total
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    for c0 in range(0, count, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        inside = c < count
-        node = tl.load(order_ptr + hs * n + first + c, mask=inside, other=0)
+    if c * BLOCK < total:
+        q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+        node = tl.load(order_ptr + hs * n + at, mask=inside, other=0)
         keys = tl.load(node_ptr + (hs * n + node[:, None]) * D + d[None, :], mask=inside[:, None], other=0.0)
         sc = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
         ok = (g[:, None] < G) & inside[None, :]
         sc = tl.where(ok, sc, -float("inf"))
-        tl.store(raw_ptr + (h * G + g[:, None]) * stride + off + c[None, :], sc, mask=ok)
-        tl.store(cand_ptr + h * stride + off + c, node, mask=inside)
+        tl.store(raw_ptr + (h * G + g[:, None]) * stride + pos[None, :], sc, mask=ok)
+        tl.store(cand_ptr + h * stride + pos, node, mask=inside)
         m_run, l_run = _online_lse(m_run, l_run, sc, ok)
-    base = part_ptr + ((h * tl.num_programs(1) + j) * GP + g) * 2
+    base = part_ptr + ((h * tl.num_programs(1) + c) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
 
@@ -214,8 +216,8 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
     out[h, :] as ids from cand. A tree level (PAGES=0) ranks by the best log-share over
     the query heads; pages (PAGES=1) by the shares summed over the query heads."""
     h = tl.program_id(0)
-    _, _, total = _kept_children(parents_ptr, start_ptr, h, h % HS, K, K, n_parents, KP)
     i = tl.arange(0, NB)
+    _, total = _compact_slots(parents_ptr, start_ptr, h, h % HS, K, n_parents, i, KP)
     inside = i < total + extra
     score = tl.full((NB,), -float("inf"), tl.float32)
     if PAGES:
@@ -252,12 +254,13 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     for depth, (nodes, order, start, n_parents) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
         out.fill_(-1)
-        _child_scores[(H, K)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
-                              stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK_CHILDREN,
-                              KP=max(16, triton.next_power_of_2(K)))
+        chunks = triton.cdiv(plan.widest_level, _BLOCK)
+        _child_scores[(H, chunks)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
+                                   stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
+                                   KP=max(16, triton.next_power_of_2(K)))
         NB = max(16, triton.next_power_of_2(plan.widest_level))
-        _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, K, 0, width,
-                              nodes.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(K)), NB=NB,
+        _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
+                              nodes.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
                               KP=max(16, triton.next_power_of_2(K)), PAGES=False, num_warps=_warps(NB))
         parents, K = out, width
     return parents
@@ -277,52 +280,40 @@ def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, co
 def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr, raw_ptr,
                  cand_ptr, part_ptr, K, n_clusters, n_shared, n_private, stride, scaling, HS, G: tl.constexpr,
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
-    """Row h, program j < K: the pages of the row's kept level-1 cluster j (contiguous),
-    page estimates into the row's compact list raw[h, g, off + i] (-inf for empty pages),
-    page ids into cand; program K: the row's private pages after them (ids n_shared + p).
-    Per program (max, sum exp) per query head into part[h, j]."""
-    h, j = tl.program_id(0), tl.program_id(1)
+    """Row h, program c: positions [c * BLOCK, ...) of the row's compact list of candidate
+    pages: the pages of its kept level-1 clusters (contiguous per cluster), then its
+    private pages (ids n_shared + p). Page estimates into raw[h, g, pos] (-inf for empty
+    pages), ids into cand; per program (max, sum exp) per query head into part[h, c]."""
+    h, c = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    b = tl.arange(0, BLOCK)
-    first, count, off = _kept_children(top_ptr, start_ptr, h, hs, j, K, n_clusters, KP)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    pos = c * BLOCK + tl.arange(0, BLOCK)
+    page, total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)
+    shared = pos < total
+    own = pos - total
+    private = (pos >= total) & (own < n_private)
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    if j < K:
-        for p0 in range(0, count, BLOCK):
-            i = p0 + b
-            inside = i < count
-            page = first + i
-            row = (hs * n_shared + page[:, None]) * D + d[None, :]
-            mean = tl.load(mean_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
-            var = tl.load(var_ptr + row, mask=inside[:, None], other=0.0).to(tl.float32)
-            n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=inside, other=0)
-            est = _page_estimates(q, scaling, G, GP, mean, var, n_tok)
-            ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
-            est = tl.where(ok, est, -float("inf"))
-            tl.store(raw_ptr + (h * G + g[:, None]) * stride + off + i[None, :], est,
-                     mask=(g[:, None] < G) & inside[None, :])
-            tl.store(cand_ptr + h * stride + off + i, page, mask=inside)
-            m_run, l_run = _online_lse(m_run, l_run, est, ok)
-    else:
-        for p0 in range(0, n_private, BLOCK):
-            page = p0 + b
-            inside = page < n_private
-            row = (h * n_private + page[:, None]) * D + d[None, :]
-            n_tok = tl.load(pvalid_ptr + h * n_private + page, mask=inside, other=0)
-            denom = tl.maximum(n_tok, 1).to(tl.float32)[:, None]
-            mean = tl.load(psum_ptr + row, mask=inside[:, None], other=0.0) / denom
-            var = tl.maximum(tl.load(psq_ptr + row, mask=inside[:, None], other=0.0) / denom - mean * mean, 0.0)
-            est = _page_estimates(q, scaling, G, GP, mean, var, n_tok)
-            ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
-            est = tl.where(ok, est, -float("inf"))
-            tl.store(raw_ptr + (h * G + g[:, None]) * stride + off + page[None, :], est,
-                     mask=(g[:, None] < G) & inside[None, :])
-            tl.store(cand_ptr + h * stride + off + page, n_shared + page, mask=inside)
-            m_run, l_run = _online_lse(m_run, l_run, est, ok)
-    base = part_ptr + ((h * (K + 1) + j) * GP + g) * 2
+    if c * BLOCK < total + n_private:
+        q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+        at = (hs * n_shared + page[:, None]) * D + d[None, :]
+        mine = (h * n_private + own[:, None]) * D + d[None, :]
+        n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=shared, other=0)
+        n_tok += tl.load(pvalid_ptr + h * n_private + own, mask=private, other=0)
+        denom = tl.maximum(n_tok, 1).to(tl.float32)[:, None]
+        mean = tl.load(mean_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
+        mean += tl.load(psum_ptr + mine, mask=private[:, None], other=0.0) / denom
+        var = tl.load(var_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
+        var += tl.maximum(tl.load(psq_ptr + mine, mask=private[:, None], other=0.0) / denom - mean * mean, 0.0)
+        est = _page_estimates(q, scaling, G, GP, mean, var, n_tok)
+        inside = shared | private
+        ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
+        est = tl.where(ok, est, -float("inf"))
+        tl.store(raw_ptr + (h * G + g[:, None]) * stride + pos[None, :], est, mask=(g[:, None] < G) & inside[None, :])
+        tl.store(cand_ptr + h * stride + pos, tl.where(shared, page, n_shared + own), mask=inside)
+        m_run, l_run = _online_lse(m_run, l_run, est, ok)
+    base = part_ptr + ((h * tl.num_programs(1) + c) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
 
@@ -354,13 +345,14 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
     assert n <= MAX_SELECT, f"{n} candidate pages per row are over the kernels' {MAX_SELECT}"
     stride = raw.numel() // (H * G)
     KP = max(16, triton.next_power_of_2(K))
-    _page_scores[(H, K + 1)](q, top, start, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid, raw,
-                             cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
-                             page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK_PAGES, KP=KP)
+    chunks = triton.cdiv(n, _BLOCK)
+    _page_scores[(H, chunks)](q, top, start, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid, raw,
+                              cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
+                              page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK, KP=KP)
     ids = torch.full((H, num_pages), -1, dtype=torch.long, device=q.device)
     NB = max(16, triton.next_power_of_2(n))
-    _select_compact[(H,)](raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, K + 1, n_private,
-                          num_pages, page_valid.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(K + 1)),
+    _select_compact[(H,)](raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, chunks, n_private,
+                          num_pages, page_valid.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)),
                           NB=NB, KP=KP, PAGES=True, num_warps=_warps(NB))
     return ids
 
