@@ -122,7 +122,7 @@ class WalkPlan:
 
     def __init__(self, tree, width: int) -> None:
         self.width = width
-        self.levels = []  # top first: (nodes [HS, n, D], order [HS, n], start [HS, parents + 1], parents)
+        self.levels = []  # top first: (nodes [HS, n, D], order [HS, n], start [HS, parents + 1], parents, widest)
         self.widest_level = 1
         for j in range(tree.num_levels, 0, -1):
             nodes = tree.node_keys[j - 1]
@@ -132,9 +132,9 @@ class WalkPlan:
             else:
                 parent = tree.node_parent[j - 1]
             order, start, count = _csr(parent, 1 if j == tree.num_levels else tree.node_keys[j].shape[1])
-            self.levels.append((nodes, order, start, start.shape[1] - 1))
-            kept = 1 if j == tree.num_levels else width  # parents a row keeps above this level
-            self.widest_level = max(self.widest_level, _most_children(count, kept))
+            widest = _most_children(count, 1 if j == tree.num_levels else width)  # under the parents a row keeps
+            self.levels.append((nodes, order, start, start.shape[1] - 1, widest))
+            self.widest_level = max(self.widest_level, widest)
         self.widest_pages = 0
         if tree.num_levels:
             first, count = tree.cluster_pages()
@@ -251,14 +251,14 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     GP, width = _rows(G), plan.width
     stride = raw.numel() // (H * G)
     parents, K = root[:H], 1
-    for depth, (nodes, order, start, n_parents) in enumerate(plan.levels):
+    for depth, (nodes, order, start, n_parents, widest) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
         out.fill_(-1)
-        chunks = triton.cdiv(plan.widest_level, _BLOCK)
+        chunks = triton.cdiv(widest, _BLOCK)
         _child_scores[(H, chunks)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
                                    stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
                                    KP=max(16, triton.next_power_of_2(K)))
-        NB = max(16, triton.next_power_of_2(plan.widest_level))
+        NB = max(16, triton.next_power_of_2(widest))
         _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
                               nodes.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
                               KP=max(16, triton.next_power_of_2(K)), PAGES=False, num_warps=_warps(NB))
