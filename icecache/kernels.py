@@ -579,7 +579,8 @@ def _online_softmax(m_run, l_run, acc, sc, ok, v, LOW: tl.constexpr):
 
 @triton.jit
 def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_ptr, splits, rows_pad, T, scaling,
-                 HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+                 HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr,
+                 BLOCK: tl.constexpr):
     """Request b, KV head h: the shared context's partials merged, then the request's own
     tokens own[b, h, :count[b] + 1] (this step's included) folded in. -> out[b, h]."""
     x = tl.program_id(0)
@@ -596,11 +597,17 @@ def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_
     safe = tl.where(m_run > -float("inf"), m_run, 0.0)
     l_run = tl.sum(tl.where(m > -float("inf"), l * tl.exp(m - safe[None, :]), 0.0), axis=0)
     acc = tl.zeros((GP, D), tl.float32)
-    for i in range(0, splits):
-        row = (h * splits + i) * rows_pad + r
-        w = tl.load(part_ptr + row * 2, mask=g < G, other=-float("inf"))
-        w = tl.where(w > -float("inf"), tl.exp(w - safe), 0.0)
-        acc += w[:, None] * tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    for gg in tl.static_range(G):  # a query row's partials, SC splits at a time (loads in flight together)
+        top = tl.sum(tl.where(g == gg, safe, 0.0), axis=0)
+        row = tl.zeros((D,), tl.float32)
+        for s0 in range(0, splits, SC):
+            sc = s0 + tl.arange(0, SC)
+            at = (h * splits + sc) * rows_pad + b * G + gg
+            w = tl.load(part_ptr + at * 2, mask=sc < splits, other=-float("inf"))
+            w = tl.where(w > -float("inf"), tl.exp(w - top), 0.0)
+            part = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
+            row += tl.sum(w[:, None] * part, axis=0)
+        acc = tl.where((g == gg)[:, None], row[None, :], acc)
     q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
     filled = tl.load(count_ptr + b) + 1
     for k0 in range(0, filled, BLOCK):
@@ -633,5 +640,5 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     _prefix_attention[(tiles, splits, HS)](q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, G=G, D=D,
                                            RP=RP, BLOCK=_BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32)
     _dense_merge[(B * HS,)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G,
-                            GP=_rows(G), D=D, SP=max(16, triton.next_power_of_2(splits)), BLOCK=_BLOCK_KEYS)
+                            GP=_rows(G), D=D, SP=max(16, triton.next_power_of_2(splits)), SC=32, BLOCK=_BLOCK_KEYS)
     return out
