@@ -602,10 +602,10 @@ def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_
         row = tl.zeros((D,), tl.float32)
         for s0 in range(0, splits, SC):
             sc = s0 + tl.arange(0, SC)
-            at = (h * splits + sc) * rows_pad + b * G + gg
-            w = tl.load(part_ptr + at * 2, mask=sc < splits, other=-float("inf"))
+            cell = (h * splits + sc) * rows_pad + b * G + gg  # (not `at`: a loop variable keeps its shape)
+            w = tl.load(part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
             w = tl.where(w > -float("inf"), tl.exp(w - top), 0.0)
-            part = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
+            part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
             row += tl.sum(w[:, None] * part, axis=0)
         acc = tl.where((g == gg)[:, None], row[None, :], acc)
     q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
