@@ -92,14 +92,15 @@ def run_hf(model, ids: list[int], tokens: int) -> dict:
 
 def state_bytes(decoder: StaticDecoder) -> int:
     """GPU bytes a decoder holds for KV-side state, all its slots (pages on the host, read
-    through UVA views, not counted)."""
+    through UVA views, not counted; a device_pages copy counted)."""
     def size(t: torch.Tensor) -> int:
         return t.numel() * t.element_size() if t.is_cuda else 0
 
     tensors = {}  # by address: a reuse cycle's layers share one tree
     for s in decoder.states:
         for name, t in vars(s).items():
-            if isinstance(t, torch.Tensor) and name not in ("shared_k", "shared_v"):
+            uva = name in ("shared_k", "shared_v") and not getattr(s, "device_pages", False)
+            if isinstance(t, torch.Tensor) and not uva:
                 tensors[t.data_ptr()] = t
         if isinstance(s, _SparseState):
             tensors.update((t.data_ptr(), t) for t in s.tree.tensors())

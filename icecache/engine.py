@@ -202,16 +202,20 @@ class Engine:
         return self._encode(text, add_special=False, what="messages")
 
     # ---------------------------------------------------------------- the request loop
-    def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto"):
+    def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto",
+                  device_pages: bool = False):
         """A continuous-batching scheduler over this engine (see icecache.scheduler).
         device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
-        free now on CUDA (room for activations and graph pools), no limit on CPU; None = no limit."""
+        free now on CUDA (room for activations and graph pools), no limit on CPU; None = no limit.
+        device_pages: the requests decoding together on one document read its pages from a
+        copy in GPU memory instead of over PCIe (faster at high concurrency; the copy is
+        not counted in device_bytes)."""
         from icecache.scheduler import Scheduler
         if device_bytes == "auto":
             device_bytes = None
             if self.device.type == "cuda":
                 device_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
-        return Scheduler(self, max_batch, max_waiting, device_bytes)
+        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages)
 
     def _sequence(self, prompt, params: SamplingParams | None, context: Context | None, sink=None, on_done=None):
         """A validated request, ready for a scheduler. Raises ValueError for bad input."""

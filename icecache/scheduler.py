@@ -246,13 +246,16 @@ class Scheduler:
     """Runs many requests on one engine with continuous batching (see the module doc)."""
 
     def __init__(self, engine: "Engine", max_batch: int = 32, max_waiting: int = 1024,
-                 device_bytes: int | None = None) -> None:
-        """device_bytes: the KV budget of admitted requests (None = no limit); see Engine.scheduler."""
+                 device_bytes: int | None = None, device_pages: bool = False) -> None:
+        """device_bytes: the KV budget of admitted requests (None = no limit); device_pages:
+        a group copies its document's pages into GPU memory (see StaticDecoder); see
+        Engine.scheduler."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: must be a positive int, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting: must be an int >= 0, got {max_waiting!r}")
         self.engine, self.max_batch, self.max_waiting, self.device_bytes = engine, max_batch, max_waiting, device_bytes
+        self.device_pages = device_pages
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -376,8 +379,9 @@ class Scheduler:
         need = len(seq.own_ids) + seq.params.max_tokens + 1
         slot_tokens = -(-need // _SLOT_TOKENS) * _SLOT_TOKENS
         eng = self.engine
-        group = _Group(StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens),
-                       lambda g, key=seq.context_key: self._drop_group(key, g))
+        decoder = StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens,
+                                device_pages=self.device_pages)
+        group = _Group(decoder, lambda g, key=seq.context_key: self._drop_group(key, g))
         groups.append(group)
         return group
 

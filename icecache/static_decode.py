@@ -1,21 +1,29 @@
-"""Static-shape decode: one token of one request through the model, with every buffer
-allocated before the first step, so a step is a fixed sequence of GPU kernels with no
-host round-trip, and on CUDA the whole step is captured once as a CUDA graph.
+"""Static-shape decode: one token of each of up to N requests on one context through the
+model, with every buffer allocated before the first step, so a step is a fixed sequence
+of GPU kernels with no host round-trip, and on CUDA it is captured once per batch size as
+a CUDA graph.
+
+Batching: the requests of one context (a document, many questions) sit in slots of one
+StaticDecoder. A step reads the weights once for all of them; sparse layers rank pages
+for every (request, KV head) row in the same kernels, over the tree they share; dense
+layers read the context's KV once for the whole batch (kernels.dense_attention).
 
 What differs from the dynamic path (cache.py), by design:
 * shared host pages are read where they are: on CUDA through a UVA view of the pinned
   (or CUDA-registered) host store, so a page gather is a kernel that reads host memory
-  over PCIe (graph-capturable, no staging copy, no sync);
+  over PCIe (graph-capturable, no staging copy, no sync); device_pages=True copies them
+  to the GPU once instead, for a document many requests read at the same time;
 * the selected pages are gathered every step (12 pages x heads, < 1 MB a layer) rather
   than diffed against resident slots, which would need a data-dependent copy;
 * a request's own tokens that leave the window go to private pages in arrival order
   (page = n // page_size), which keeps shapes static; they are always candidates and are
   ranked by the same page estimate as shared pages;
-* on CUDA a sparse layer runs as ~20 Triton kernels (kernels.py: push, tree walk, page
-  ranking over the kept clusters' pages only, attention reading pages in place); the
-  torch code here is their reference and the CPU path;
-* the window is a ring buffer; dense layers (and every layer in mode="full") attend over
-  a preallocated on-device buffer of the whole context plus the request's own tokens.
+* on CUDA a sparse layer runs as ~10 Triton kernels (kernels.py: push, tree walk over
+  the children of kept nodes only, page ranking over the kept clusters' pages only,
+  attention reading pages in place); the torch code here is their reference and the
+  CPU path;
+* the window is a ring buffer; dense layers (and every layer in mode="full") keep the
+  context's KV on the device once, plus each slot's own tokens.
 
 The model's own modules (norms, projections, rotary embedding, MLP, LM head) do the
 rest, so any Llama-family architecture the engine supports runs here.
@@ -149,6 +157,7 @@ class _SparseState:
         pages = ctx_layer.pages
         self.tree: TreeIndex = ctx_layer.tree
         self.num_shared = pages.num_pages
+        self.device_pages = device_pages
         if device_pages:  # a copy in device memory: page reads at memory speed instead of over PCIe
             self.shared_k, self.shared_v = pages.keys.to(device), pages.values.to(device)
         else:
