@@ -108,3 +108,24 @@ def test_static_cuda_graph_decode_matches_cpu(models):
           f"max |logit diff| {(logits_cpu - logits_gpu).abs().max():.2e}")
     assert same >= 0.95
     assert torch.allclose(logits_cpu, logits_gpu, atol=2e-3, rtol=1e-3)
+
+
+def test_device_pages_decode_like_pages_read_over_pcie(models):
+    """StaticDecoder(device_pages=True) reads a GPU copy of the pages: same logits, batched."""
+    _, gpu = models
+    eng = Engine.from_model(gpu, config=CONFIG.replace(decode_path="static"), model_id="tiny")
+    ids = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(4)).tolist()
+    seen = []
+    with torch.inference_mode():
+        ctx = eng.index(ids)
+        req = RequestKV(eng.shape, eng.config, ctx)
+        eng._prefill(req, [7, 8, 9], ctx.num_tokens)
+        own = [(kv.k, kv.v) for kv in req.own]
+        for device_pages in (False, True):
+            dec = StaticDecoder(eng.model, eng.config, ctx, slots=3, slot_tokens=32, device_pages=device_pages)
+            for slot in range(3):
+                dec.load(slot, own, 16)
+            assert dec.states[-1].shared_k.is_cuda
+            steps = [dec.step_batch([5, 6, 7], [ctx.num_tokens + 3 + i] * 3, graph=True).clone() for i in range(8)]
+            seen.append(torch.stack(steps))
+    assert torch.allclose(seen[0], seen[1], atol=1e-5), (seen[0] - seen[1]).abs().max()

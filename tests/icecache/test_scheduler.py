@@ -89,6 +89,25 @@ def test_admission_queues_by_device_memory_and_refuses_what_never_fits(eng):
     assert not scheduler.has_work  # nothing was queued
 
 
+def test_admission_counts_a_shared_context_once_on_the_static_path(eng):
+    """Two requests on one context share its dense KV (one group): a budget that holds the
+    context once plus two requests' own state admits both together; on two different
+    contexts of the same length the same budget takes them one at a time."""
+    eng = eng.with_config(SMALL.replace(decode_path="static"))
+    a, b = eng.index(doc(400, 7)), eng.index(doc(400, 8))
+    alone = eng.request_device_bytes(a.num_tokens, 3, 6)
+    shared = eng.context_device_bytes(a.num_tokens)
+    assert 0 < shared < alone
+    for contexts, together in (((a, a), 2), ((a, b), 1)):
+        scheduler = eng.scheduler(max_batch=8, device_bytes=2 * alone - shared)
+        seqs = [scheduler.submit([5, 6, 7], greedy(6), context=c) for c in contexts]
+        most = 0
+        while scheduler.has_work:
+            scheduler.step()
+            most = max(most, len(scheduler.active))
+        assert most == together and all(len(output(s).token_ids) == 6 for s in seqs)
+
+
 def test_full_queue_is_refused_and_bad_input_never_queues(eng):
     ctx = eng.index(doc(200, 5))
     scheduler = eng.scheduler(max_batch=1, max_waiting=1)
