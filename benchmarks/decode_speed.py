@@ -237,16 +237,24 @@ def main(argv=None) -> int:
         report["runs"].append(row)
         del ctx, eng
         torch.cuda.empty_cache()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))  # partial results survive a timeout
-
-    summarise(report)
-    args.out.write_text(json.dumps(report, indent=1))
-    try:
-        plot(report, args.out.with_suffix(".png"))
-    except ImportError:
-        print(f"matplotlib is missing here: draw the plot with --plot-only --out {args.out}")
+        save(report, args.out)  # partial results survive a timeout
+    finish(report, args.out, summarise, plot)
     return 0
+
+
+def save(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+
+
+def finish(report: dict, out: Path, summarise, plot) -> None:
+    """Print the summary (it adds the ratios to the report), write the JSON and the PNG next to it."""
+    summarise(report)
+    save(report, out)
+    try:
+        plot(report, out.with_suffix(".png"))
+    except ImportError:
+        print(f"matplotlib is missing here: draw the plot with --plot-only --out {out}")
 
 
 def summarise(report: dict) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import GiB, llama_8b, state_bytes
+from benchmarks.decode_speed import GiB, finish, llama_8b, save, state_bytes
 from icecache import Engine, IceCacheConfig
 from icecache.cache import RequestKV
 from icecache.static_decode import StaticDecoder
@@ -128,14 +128,8 @@ def main(argv=None) -> int:
         report["runs"].append(entry)
         del ctx, req, own_kv
         torch.cuda.empty_cache()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))  # partial results survive a timeout
-    summarise(report)
-    args.out.write_text(json.dumps(report, indent=1))
-    try:
-        plot(report, args.out.with_suffix(".png"))
-    except ImportError:
-        print(f"matplotlib is missing here: draw the plot with --plot-only --out {args.out}")
+        save(report, args.out)  # partial results survive a timeout
+    finish(report, args.out, summarise, plot)
     return 0
 
 
