@@ -237,6 +237,7 @@ class _Group:
         """One token for every request of the group (all are decoding)."""
         logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
                                          graph=self.decoder.device.type == "cuda")
+        logits = logits.float().cpu()  # one copy and one sync for the batch; sampling runs on the host
         for b, seq in enumerate(self.seqs):
             seq.logits = logits[b]
             seq.position += 1
