@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import sys
 import torch
-import torch.nn.functional as F
 
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
