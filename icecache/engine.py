@@ -203,19 +203,25 @@ class Engine:
 
     # ---------------------------------------------------------------- the request loop
     def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto",
-                  device_pages: bool = False):
+                  device_pages: bool = False, host_bytes: int | str | None = "auto"):
         """A continuous-batching scheduler over this engine (see icecache.scheduler).
         device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
         free now on CUDA (room for activations and graph pools), no limit on CPU; None = no limit.
         device_pages: the requests decoding together on one document read its pages from a
         copy in GPU memory instead of over PCIe (faster at high concurrency; the copy is
-        not counted in device_bytes)."""
+        not counted in device_bytes).
+        host_bytes: the host memory that prompts being indexed inside the scheduler (requests
+        without a context) may take together; "auto" = 80% of the memory available now
+        (Linux), None = no limit."""
         from icecache.scheduler import Scheduler
         if device_bytes == "auto":
             device_bytes = None
             if self.device.type == "cuda":
                 device_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
-        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages)
+        if host_bytes == "auto":
+            host_bytes = _available_host_bytes()
+            host_bytes = int(host_bytes * 0.8) if host_bytes is not None else None
+        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages, host_bytes)
 
     def _sequence(self, prompt, params: SamplingParams | None, context: Context | None, sink=None, on_done=None):
         """A validated request, ready for a scheduler. Raises ValueError for bad input."""
@@ -234,7 +240,8 @@ class Engine:
         return Sequence(self, params, context, ids, sink, on_done)
 
     def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):
-        scheduler = self.scheduler(max_batch=1, device_bytes=None)  # alone, a request is never refused for memory
+        # alone, a request is never refused for memory
+        scheduler = self.scheduler(max_batch=1, device_bytes=None, host_bytes=None)
         seq = scheduler.submit(prompt, params, context)  # validates now, before the first piece
         return self._drive(scheduler, seq)
 
@@ -282,6 +289,13 @@ class Engine:
         dense, per_token = self._dense_kv()
         return per_token * dense * context_tokens if self._static() else 0
 
+    def context_host_bytes(self, tokens: int) -> int:
+        """Host bytes an indexed context of `tokens` takes (an upper estimate): its KV in
+        every layer, twice over for page padding, page summaries and the tree (measured:
+        1.0-1.33x the KV)."""
+        _, per_token = self._dense_kv()
+        return 2 * per_token * self.shape.num_layers * tokens
+
     def _eos_ids(self) -> set[int]:
         ids = set()
         for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
@@ -291,3 +305,15 @@ class Engine:
             elif isinstance(value, (list, tuple)):
                 ids.update(v for v in value if isinstance(v, int))
         return ids
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -12,7 +12,8 @@ groups on different contexts take turns within the step.
 
 Admission: at most `max_batch` requests are in flight and their estimated device bytes
 stay under `device_bytes` (a context's device state counted once, however many requests
-share it); the rest wait in FIFO order. A request that could never fit
+share it), and the contexts that prompts without one build on the host stay under
+`host_bytes`; the rest wait in FIFO order. A request that could never fit
 is refused at submit() with a ValueError that says why, and a full waiting queue raises
 SchedulerFull. Cancelling a request frees its state at the next step.
 
@@ -86,6 +87,7 @@ class Sequence:
         context_tokens = context.num_tokens if context else len(prompt_ids)
         self.device_bytes = engine.request_device_bytes(context_tokens, len(self.own_ids), params.max_tokens)
         self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
+        self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
 
     @property
     def context_key(self) -> int:
@@ -247,16 +249,17 @@ class Scheduler:
     """Runs many requests on one engine with continuous batching (see the module doc)."""
 
     def __init__(self, engine: "Engine", max_batch: int = 32, max_waiting: int = 1024,
-                 device_bytes: int | None = None, device_pages: bool = False) -> None:
+                 device_bytes: int | None = None, device_pages: bool = False, host_bytes: int | None = None) -> None:
         """device_bytes: the KV budget of admitted requests (None = no limit); device_pages:
-        a group copies its document's pages into GPU memory (see StaticDecoder); see
-        Engine.scheduler."""
+        a group copies its document's pages into GPU memory (see StaticDecoder); host_bytes:
+        the budget of the contexts that admitted prompts without one build (None = no
+        limit); see Engine.scheduler."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: must be a positive int, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting: must be an int >= 0, got {max_waiting!r}")
         self.engine, self.max_batch, self.max_waiting, self.device_bytes = engine, max_batch, max_waiting, device_bytes
-        self.device_pages = device_pages
+        self.device_pages, self.host_bytes = device_pages, host_bytes
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []
@@ -278,6 +281,10 @@ class Scheduler:
         if self.device_bytes is not None and seq.device_bytes > self.device_bytes:
             raise ValueError(f"request: its KV state needs {seq.device_bytes / 2**20:.0f} MiB of device memory, "
                              f"over this scheduler's budget of {self.device_bytes / 2**20:.0f} MiB")
+        if self.host_bytes is not None and seq.host_bytes > self.host_bytes:
+            raise ValueError(f"request: indexing its {len(seq.prompt_ids)}-token prompt needs up to "
+                             f"{seq.host_bytes / 2**20:.0f} MiB of host memory, over this scheduler's budget of "
+                             f"{self.host_bytes / 2**20:.0f} MiB")
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise SchedulerFull(f"{len(self._waiting)} requests are already waiting; try again later")
@@ -316,10 +323,12 @@ class Scheduler:
             contexts = {s.context_key for s in self.active}
             used = sum(s.device_bytes - s.context_bytes for s in self.active)
             used += sum(s.context_bytes for s in {s.context_key: s for s in self.active}.values())
+            host = sum(s.host_bytes for s in self.active)
             while self._waiting and len(self.active) < self.max_batch:
                 seq = self._waiting[0]
                 need = seq.device_bytes - (seq.context_bytes if seq.context_key in contexts else 0)
-                if self.device_bytes is not None and self.active and used + need > self.device_bytes:
+                if self.active and (self.device_bytes is not None and used + need > self.device_bytes
+                                    or self.host_bytes is not None and host + seq.host_bytes > self.host_bytes):
                     break  # FIFO: wait for memory rather than let later, smaller requests pass
                 self._waiting.popleft()
                 if seq.cancelled:
@@ -328,6 +337,7 @@ class Scheduler:
                 self.active.append(seq)
                 contexts.add(seq.context_key)
                 used += need
+                host += seq.host_bytes
 
     @torch.inference_mode()
     def step(self) -> None:

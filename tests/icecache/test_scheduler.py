@@ -108,6 +108,28 @@ def test_admission_counts_a_shared_context_once_on_the_static_path(eng):
         assert most == together and all(len(output(s).token_ids) == 6 for s in seqs)
 
 
+def test_admission_by_host_memory_of_prompts_indexed_in_the_batch(eng):
+    """Prompts without a context are indexed into host memory: the estimate bounds what an
+    index really takes, a budget for one index at a time queues the second, and a prompt
+    whose index could never fit is refused before it is queued."""
+    docs = [doc(300, 9), doc(300, 10)]
+    estimate = eng.context_host_bytes(len(docs[0]))
+    actual = eng.index(docs[0]).host_bytes
+    assert actual <= estimate <= 3 * actual
+    scheduler = eng.scheduler(max_batch=8, host_bytes=int(estimate * 1.5))
+    seqs = [scheduler.submit(d, greedy(4)) for d in docs]
+    most = 0
+    while scheduler.has_work:
+        scheduler.step()
+        most = max(most, len(scheduler.active))
+    assert most == 1 and all(len(output(s).token_ids) == 4 for s in seqs)
+    with pytest.raises(ValueError, match="host memory"):
+        scheduler.submit(doc(600, 11), greedy(4))
+    assert not scheduler.has_work
+    scheduler.submit([5, 6], greedy(2), context=eng.index(docs[1]))  # a context already built: no host cost
+    assert scheduler.has_work
+
+
 def test_full_queue_is_refused_and_bad_input_never_queues(eng):
     ctx = eng.index(doc(200, 5))
     scheduler = eng.scheduler(max_batch=1, max_waiting=1)
