@@ -90,11 +90,6 @@ class Sequence:
         self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
 
     @property
-    def slot_tokens(self) -> int:
-        """Own tokens a decoder slot must hold for this request: prompt, output, and one spare."""
-        return len(self.own_ids) + self.params.max_tokens + 1
-
-    @property
     def context_key(self) -> int:
         """Requests with the same key share their context's device state."""
         return id(self.context) if self.context is not None else id(self)
@@ -221,7 +216,8 @@ class _Group:
         self.seqs: list[Sequence] = []
 
     def fits(self, seq: Sequence) -> bool:
-        return len(self.seqs) < self.decoder.slots and seq.slot_tokens <= self.decoder.slot_tokens
+        return (len(self.seqs) < self.decoder.slots
+                and len(seq.own_ids) + seq.params.max_tokens + 1 <= self.decoder.slot_tokens)
 
     def add(self, seq: Sequence, own_kv: list) -> None:
         self.decoder.load(len(self.seqs), own_kv, seq.params.max_tokens)
@@ -391,7 +387,8 @@ class Scheduler:
         for group in groups:
             if group.fits(seq):
                 return group
-        slot_tokens = -(-seq.slot_tokens // _SLOT_TOKENS) * _SLOT_TOKENS
+        need = len(seq.own_ids) + seq.params.max_tokens + 1
+        slot_tokens = -(-need // _SLOT_TOKENS) * _SLOT_TOKENS
         eng = self.engine
         decoder = StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens,
                                 device_pages=self.device_pages)
