@@ -183,14 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--reuse-layers", type=int, default=0,
                     help="also run IceCache-reuse with cycles of this many sparse layers (own index)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_speed.json"))
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON")
-    args = ap.parse_args(argv)
-    if args.plot_only:
-        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+    args = parse_gpu_args(ap, argv, "decode_speed", plot)
+    if args is None:
         return 0
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_speed.py needs a CUDA GPU")
 
     bw = copy_bandwidth()
     model = llama_8b(max(args.contexts) + args.tokens + 64)
@@ -240,6 +235,20 @@ def main(argv=None) -> int:
         save(report, args.out)  # partial results survive a timeout
     finish(report, args.out, summarise, plot)
     return 0
+
+
+def parse_gpu_args(ap: argparse.ArgumentParser, argv, name: str, plot) -> argparse.Namespace | None:
+    """Add --out and --plot-only, parse; None once --plot-only has redrawn the PNG. A run
+    needs a CUDA GPU."""
+    ap.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return None
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name}.py needs a CUDA GPU")
+    return args
 
 
 def save(report: dict, out: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import GiB, finish, llama_8b, save, state_bytes
+from benchmarks.decode_speed import GiB, finish, llama_8b, parse_gpu_args, save, state_bytes
 from icecache import Engine, IceCacheConfig
 from icecache.cache import RequestKV
 from icecache.static_decode import StaticDecoder
@@ -89,14 +89,9 @@ def main(argv=None) -> int:
                     help="session counts for 'full, separate' (stops at the first that does not fit)")
     ap.add_argument("--steps", type=int, default=32, help="tokens each session decodes (after warm-up)")
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON")
-    args = ap.parse_args(argv)
-    if args.plot_only:
-        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+    args = parse_gpu_args(ap, argv, "throughput", plot)
+    if args is None:
         return 0
-    if not torch.cuda.is_available():
-        raise SystemExit("throughput.py needs a CUDA GPU")
     model = llama_8b(max(args.contexts) + args.steps + 64)
     report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
               "model": "Llama-3.1-8B shape, random bf16", "steps": args.steps, "budget": args.budget, "runs": []}

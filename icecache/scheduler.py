@@ -90,6 +90,11 @@ class Sequence:
         self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
 
     @property
+    def slot_tokens(self) -> int:
+        """Own tokens a decoder slot must hold for this request: prompt, output, and one spare."""
+        return len(self.own_ids) + self.params.max_tokens + 1
+
+    @property
     def context_key(self) -> int:
         """Requests with the same key share their context's device state."""
         return id(self.context) if self.context is not None else id(self)
@@ -216,8 +221,7 @@ class _Group:
         self.seqs: list[Sequence] = []
 
     def fits(self, seq: Sequence) -> bool:
-        return (len(self.seqs) < self.decoder.slots
-                and len(seq.own_ids) + seq.params.max_tokens + 1 <= self.decoder.slot_tokens)
+        return len(self.seqs) < self.decoder.slots and seq.slot_tokens <= self.decoder.slot_tokens
 
     def add(self, seq: Sequence, own_kv: list) -> None:
         self.decoder.load(len(self.seqs), own_kv, seq.params.max_tokens)
@@ -387,8 +391,7 @@ class Scheduler:
         for group in groups:
             if group.fits(seq):
                 return group
-        need = len(seq.own_ids) + seq.params.max_tokens + 1
-        slot_tokens = -(-need // _SLOT_TOKENS) * _SLOT_TOKENS
+        slot_tokens = -(-seq.slot_tokens // _SLOT_TOKENS) * _SLOT_TOKENS
         eng = self.engine
         decoder = StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens,
                                 device_pages=self.device_pages)
@@ -401,6 +404,12 @@ class Scheduler:
         if not self._groups[key]:
             del self._groups[key]
 
+    def _count_batch(self, seqs: list[Sequence]) -> None:
+        """Record that one decode pass carries `seqs` together."""
+        self.largest_batch = max(self.largest_batch, len(seqs))
+        for seq in seqs:
+            seq.peak_batch = max(seq.peak_batch, len(seqs))
+
     def _decode(self, feeding: list[tuple[Sequence, int]]) -> None:
         if not feeding:
             return
@@ -408,9 +417,7 @@ class Scheduler:
         if eng._static():
             tokens = dict(feeding)
             for group in {id(s.group): s.group for s, _ in feeding}.values():
-                self.largest_batch = max(self.largest_batch, len(group.seqs))
-                for seq in group.seqs:
-                    seq.peak_batch = max(seq.peak_batch, len(group.seqs))
+                self._count_batch(group.seqs)
                 try:
                     group.step(tokens)
                 except Exception as e:  # the pass failed for the whole group
@@ -418,9 +425,7 @@ class Scheduler:
                         seq._emit(e)
                         seq.release()
         else:
-            self.largest_batch = max(self.largest_batch, len(feeding))
-            for seq, _ in feeding:
-                seq.peak_batch = max(seq.peak_batch, len(feeding))
+            self._count_batch([seq for seq, _ in feeding])
             batch = StepBatch([seq.req for seq, _ in feeding])
             ids = torch.tensor([[token] for _, token in feeding])
             pos = torch.tensor([[seq.position] for seq, _ in feeding])
