@@ -83,11 +83,13 @@ def _key(x):
 
 
 @triton.jit
-def _store_selected(out_ptr, selected, index, k):
-    """out[r] = index of the r-th selected element (ascending); out holds k slots the
-    caller filled with -1, and at most k are written."""
+def _store_selected(out_ptr, selected, index, k, KW: tl.constexpr):
+    """out[r] = index of the r-th selected element (ascending) for the first min(k,
+    selected) slots of out's k, -1 in the rest (KW >= k, a power of two)."""
     pos = tl.cumsum(selected.to(tl.int32), axis=0) - 1
     tl.store(out_ptr + pos, index, mask=selected & (pos < k))
+    slot = tl.arange(0, KW)
+    tl.store(out_ptr + slot, tl.full((KW,), -1, tl.int32), mask=(slot >= tl.sum(selected.to(tl.int32), axis=0)) & (slot < k))
 
 
 @triton.jit
@@ -124,15 +126,18 @@ class WalkPlan:
         self.width = width
         self.levels = []  # top first: (nodes [HS, n, D], order [HS, n], start [HS, parents + 1], parents, widest)
         self.widest_level = 1
-        for j in range(tree.num_levels, 0, -1):
+        top = tree.num_levels
+        while top > 1 and tree.node_keys[top - 1].shape[1] <= width:
+            top -= 1  # a level of at most `width` nodes is kept whole: its children are the whole level below
+        for j in range(top, 0, -1):
             nodes = tree.node_keys[j - 1]
             HS, n = nodes.shape[:2]
-            if j == tree.num_levels:  # the top level: children of one virtual root
+            if j == top:  # the top level walked: children of one virtual root
                 parent = torch.zeros(HS, n, dtype=torch.long, device=nodes.device)
             else:
                 parent = tree.node_parent[j - 1]
-            order, start, count = _csr(parent, 1 if j == tree.num_levels else tree.node_keys[j].shape[1])
-            widest = _most_children(count, 1 if j == tree.num_levels else width)  # under the parents a row keeps
+            order, start, count = _csr(parent, 1 if j == top else tree.node_keys[j].shape[1])
+            widest = _most_children(count, 1 if j == top else width)  # under the parents a row keeps
             self.levels.append((nodes, order, start, start.shape[1] - 1, widest))
             self.widest_level = max(self.widest_level, widest)
         self.widest_pages = 0
@@ -210,7 +215,7 @@ def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, c
 @triton.jit
 def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr, K, n_parents, stride, num_parts,
                     extra, width, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
-                    KP: tl.constexpr, PAGES: tl.constexpr):
+                    KP: tl.constexpr, KW: tl.constexpr, PAGES: tl.constexpr):
     """Per row, over its compact candidates (children of its kept parents, plus `extra`
     private pages): each query head's softmax over them, then the `width` best into
     out[h, :] as ids from cand. A tree level (PAGES=0) ranks by the best log-share over
@@ -235,7 +240,7 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
         score = tl.where(candidate, score, -1.0)
     selected = (_key(score) >= _kth_largest(score, width)) & candidate
     ids = tl.load(cand_ptr + h * stride + i, mask=inside, other=-1)
-    _store_selected(out_ptr + h * width, selected, ids, width)
+    _store_selected(out_ptr + h * width, selected, ids, width, KW)
 
 
 def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: float, raw: torch.Tensor,
@@ -253,7 +258,6 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     parents, K = root[:H], 1
     for depth, (nodes, order, start, n_parents, widest) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
-        out.fill_(-1)
         chunks = triton.cdiv(widest, _BLOCK)
         _child_scores[(H, chunks)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
                                    stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
@@ -261,7 +265,8 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
         NB = max(16, triton.next_power_of_2(widest))
         _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
                               nodes.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
-                              KP=max(16, triton.next_power_of_2(K)), PAGES=False, num_warps=_warps(NB))
+                              KP=max(16, triton.next_power_of_2(K)), KW=triton.next_power_of_2(width), PAGES=False,
+                              num_warps=_warps(NB))
         parents, K = out, width
     return parents
 
@@ -349,11 +354,11 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
     _page_scores[(H, chunks)](q, top, start, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid, raw,
                               cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
                               page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK, KP=KP)
-    ids = torch.full((H, num_pages), -1, dtype=torch.long, device=q.device)
+    ids = torch.empty(H, num_pages, dtype=torch.long, device=q.device)
     NB = max(16, triton.next_power_of_2(n))
     _select_compact[(H,)](raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, chunks, n_private,
                           num_pages, page_valid.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)),
-                          NB=NB, KP=KP, PAGES=True, num_warps=_warps(NB))
+                          NB=NB, KP=KP, KW=triton.next_power_of_2(num_pages), PAGES=True, num_warps=_warps(NB))
     return ids
 
 
@@ -579,49 +584,47 @@ def _online_softmax(m_run, l_run, acc, sc, ok, v, LOW: tl.constexpr):
 
 @triton.jit
 def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_ptr, splits, rows_pad, T, scaling,
-                 HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """Request b, KV head h: the shared context's partials merged, then the request's own
-    tokens own[b, h, :count[b] + 1] (this step's included) folded in. -> out[b, h]."""
-    x = tl.program_id(0)
+                 HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, BLOCK: tl.constexpr):
+    """Query row g of request b, KV head h (one program each, so a lone request still
+    spreads over B * HS * G programs): the shared context's partials merged, SC splits at a
+    time, then the request's own tokens own[b, h, :count[b] + 1] (this step's included)
+    folded in. -> out[b, h, g]."""
+    x, g = tl.program_id(0), tl.program_id(1)
     b, h = x // HS, x % HS
-    g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    r = b * G + g
-    sp = tl.arange(0, SP)
-    at = (h * splits + sp[:, None]) * rows_pad + r[None, :]  # [SP, GP]
-    valid = (sp[:, None] < splits) & (g[None, :] < G)
-    m = tl.load(part_ptr + at * 2, mask=valid, other=-float("inf"))
-    l = tl.load(part_ptr + at * 2 + 1, mask=valid, other=0.0)
-    m_run = tl.max(m, axis=0)  # [GP]
-    safe = tl.where(m_run > -float("inf"), m_run, 0.0)
-    l_run = tl.sum(tl.where(m > -float("inf"), l * tl.exp(m - safe[None, :]), 0.0), axis=0)
-    acc = tl.zeros((GP, D), tl.float32)
-    for gg in tl.static_range(G):  # a query row's partials, SC splits at a time (loads in flight together)
-        top = tl.sum(tl.where(g == gg, safe, 0.0), axis=0)
-        row = tl.zeros((D,), tl.float32)
-        for s0 in range(0, splits, SC):
-            sc = s0 + tl.arange(0, SC)
-            cell = (h * splits + sc) * rows_pad + b * G + gg  # (not `at`: a loop variable keeps its shape)
-            w = tl.load(part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
-            w = tl.where(w > -float("inf"), tl.exp(w - top), 0.0)
-            part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
-            row += tl.sum(w[:, None] * part, axis=0)
-        acc = tl.where((g == gg)[:, None], row[None, :], acc)
-    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    m_run = tl.full([], -float("inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for s0 in range(0, splits, SC):
+        sc = s0 + tl.arange(0, SC)
+        cell = (h * splits + sc) * rows_pad + b * G + g
+        m = tl.load(part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
+        l = tl.load(part_ptr + cell * 2 + 1, mask=sc < splits, other=0.0)
+        part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
+        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+    q = tl.load(q_ptr + ((b * HS + h) * G + g) * D + d)
     filled = tl.load(count_ptr + b) + 1
     for k0 in range(0, filled, BLOCK):
         tok = k0 + tl.arange(0, BLOCK)
         ok = tok < filled
         own = ((b * HS + h) * T + tok[:, None]) * D + d[None, :]
         k = tl.load(own_k_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(own_v_ptr + own, mask=ok[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v,
-                                            False)
-    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    tl.store(out_ptr + ((b * HS + h) * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(g < G)[:, None])
+        v = tl.load(own_v_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(ok, tl.sum(q[None, :] * k, axis=1) * scaling, -float("inf"))
+        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, sc, ok.to(tl.float32), v)
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(out_ptr + ((b * HS + h) * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _fold_partials(m_run, l_run, acc, m, l, part):
+    """Fold parts (max m, sum exp l, weighted values part [n, D]) into one row's running
+    (max, sum exp, weighted values); a key is the part with l = 1 and part = its value."""
+    m_new = tl.maximum(m_run, tl.max(m, axis=0))
+    safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
+    w = tl.where(m > -float("inf"), tl.exp(m - safe), 0.0)
+    return m_new, l_run * alpha + tl.sum(w * l, axis=0), acc * alpha + tl.sum(w[:, None] * part, axis=0)
 
 
 def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, own_k: torch.Tensor,
@@ -639,6 +642,6 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     RP, tiles, splits, span = dense_plan(B, HS, G, n)
     _prefix_attention[(tiles, splits, HS)](q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, G=G, D=D,
                                            RP=RP, BLOCK=_BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32)
-    _dense_merge[(B * HS,)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G,
-                            GP=_rows(G), D=D, SP=max(16, triton.next_power_of_2(splits)), SC=32, BLOCK=_BLOCK_KEYS)
+    _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
+                              SC=32, BLOCK=_BLOCK_KEYS)
     return out

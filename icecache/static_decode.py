@@ -387,6 +387,7 @@ class StaticDecoder:
                      [k.shape[1] for i in sparse_layers for k in context.sparse[i].tree.node_keys])
         # the model's norms and rotary embedding as fused kernels wherever the sparse kernels could run
         self.fused = use_kernels(self.device, config, self.head_dim, self.group, 0)
+        self._merged = [self._merge(layer) if self.fused else (None, None) for layer in self.layers]
         kernel_layers = use_kernels(self.device, config, self.head_dim, self.group, widest)
         self.scratch = _Scratch(self.device, self.group) if kernel_layers else None
         self.states: list[_SparseState | _DenseState] = []
@@ -447,20 +448,59 @@ class StaticDecoder:
                 return rms_norm(x, module)
         return module(x)
 
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
+                  module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, module(h + delta)); one kernel where the norm can be fused (h is
+        then updated in place)."""
+        if delta is None:
+            return h, self._norm(module, h)
+        if self.fused:
+            from icecache.model_kernels import add_rms_norm, can_fuse_norm
+            if can_fuse_norm(module, h) and delta.dtype == h.dtype and delta.shape == h.shape:
+                return h, add_rms_norm(h, delta.contiguous(), module)
+        h = h + delta
+        return h, self._norm(module, h)
+
+    @staticmethod
+    def _merge(layer: torch.nn.Module) -> tuple:
+        """The layer's q/k/v and (for a SiLU-gated MLP) gate/up projections merged into one
+        weight each (model_kernels.merge_linears), or None where they cannot be."""
+        from icecache.model_kernels import merge_linears
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up = None
+        if (all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+                and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")):
+            gate_up = merge_linears([mlp.gate_proj, mlp.up_proj])
+        return qkv, gate_up
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self._merged[i][1]
+        if gate_up is None:
+            return self.layers[i].mlp(x)
+        from icecache.model_kernels import silu_mul
+        return self.layers[i].mlp.down_proj(silu_mul(torch.nn.functional.linear(x, *gate_up)))
+
     @torch.inference_mode()
     def _forward(self, B: int) -> torch.Tensor:
         """The next token of slots 0..B-1 (in _token/_position). -> logits [B, vocab]."""
         h = self.embed(self._token[:B])  # [B, 1, hidden]
         cos, sin = self.rotary(h, self._position[:B])  # [B, 1, D]
         H, g, D = self.num_kv_heads, self.group, self.head_dim
+        delta = None  # what the last block adds to h, folded into the next norm
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = self._norm(layer.input_layernorm, h)
-            q = attn.q_proj(x).view(B, 1, H * g, D)
-            k = attn.k_proj(x).view(B, 1, H, D)
-            v = attn.v_proj(x).view(B, H, D)
+            h, x = self._add_norm(h, delta, layer.input_layernorm)
+            qkv = self._merged[i][0]
+            if qkv is not None:
+                q, k, v = torch.nn.functional.linear(x, *qkv).split([H * g * D, H * D, H * D], dim=-1)
+                q, k, v = q.view(B, 1, H * g, D), k.view(B, 1, H, D), v.reshape(B, H, D)
+            else:
+                q = attn.q_proj(x).view(B, 1, H * g, D)
+                k = attn.k_proj(x).view(B, 1, H, D)
+                v = attn.v_proj(x).view(B, H, D)
             if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
+                q, k = self._norm(attn.q_norm, q.contiguous()), self._norm(attn.k_norm, k.contiguous())
             if self.fused:
                 from icecache.model_kernels import rope
                 q, k = rope(q.view(B, H * g, D), k.view(B, H, D), cos.view(B, D), sin.view(B, D))
@@ -469,12 +509,13 @@ class StaticDecoder:
             out = self.states[i].attend(q.reshape(B, H, g, D), k.reshape(B, H, D), v, attn.scaling)
             if isinstance(out, tuple):
                 out, self.last_pages[i] = out
-            h = h + attn.o_proj(out.reshape(B, 1, H * g * D))
-            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+            h, x = self._add_norm(h, attn.o_proj(out.reshape(B, 1, H * g * D)), layer.post_attention_layernorm)
+            delta = self._mlp(i, x)
         self.own[:B] += 1
         if self.ring is not None:
             self.ring.advance(B)
-        return self.model.lm_head(self._norm(self.norm, h))[:, -1].float()
+        h, x = self._add_norm(h, delta, self.norm)
+        return self.model.lm_head(x)[:, -1].float()
 
     def step_batch(self, tokens: list[int], positions: list[int], graph: bool = False) -> torch.Tensor:
         """One token for each of slots 0..len(tokens)-1; returns logits [B, vocab] (a

@@ -138,6 +138,51 @@ def test_fused_norm_and_rope_equal_the_modules(arch):
             assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_add_norm_mlp_and_merged_projections_equal_the_modules(arch):
+    """The residual add folded into RMSNorm, silu(gate) * up as one kernel, and q/k/v (and
+    gate/up) merged into one weight give what the modules give; the modules, now views
+    into the merged weight, still give what they gave, and merging twice reuses it."""
+    from icecache.model_kernels import add_rms_norm, merge_linears, rope, silu_mul
+    model = random_model(tiny_config(arch, num_hidden_layers=1), DEVICE, torch.float32)
+    layer, D = model.model.layers[0], model.config.head_dim
+    attn, mlp = layer.self_attn, layer.mlp
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 1, model.config.hidden_size, generator=gen).to(DEVICE)
+    delta = torch.randn(3, 1, model.config.hidden_size, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        norm = layer.post_attention_layernorm
+        norm.weight.normal_()
+        if attn.q_proj.bias is not None:
+            for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+                m.bias.normal_()
+        ref_h = h + delta
+        ref_x = norm(ref_h)
+        got_x = add_rms_norm(h, delta, norm)
+        assert torch.allclose(h, ref_h, atol=1e-6) and torch.allclose(got_x, ref_x, atol=1e-5, rtol=1e-5)
+        ref = [m(got_x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        ref_mlp = mlp(got_x)
+        qkv = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        assert merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])[0] is qkv[0]
+        assert attn.q_proj.weight.data_ptr() == qkv[0].data_ptr()  # a view: no second copy
+        got = torch.nn.functional.linear(got_x, *qkv).split([r.shape[-1] for r in ref], dim=-1)
+        for g_, r in zip(got, ref):
+            assert torch.allclose(g_, r, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(attn.k_proj(got_x), ref[1], atol=1e-6)  # the module alone, unchanged
+        gate_up = merge_linears([mlp.gate_proj, mlp.up_proj])
+        got_mlp = mlp.down_proj(silu_mul(torch.nn.functional.linear(got_x, *gate_up)))
+        assert torch.allclose(got_mlp, ref_mlp, atol=1e-5, rtol=1e-5)
+        # rope reads q and k straight from the merged output (each token's heads contiguous)
+        cos, sin = model.model.rotary_emb(h, torch.tensor([[3], [900], [41]], device=DEVICE))
+        Hq, Hk = model.config.num_attention_heads, model.config.num_key_value_heads
+        q, k = got[0].view(3, Hq, D), got[1].view(3, Hk, D)
+        assert not q.is_contiguous()
+        got_q, got_k = rope(q, k, cos.view(3, D), sin.view(3, D))
+        ref_q, ref_k = rope(q.contiguous(), k.contiguous(), cos.view(3, D), sin.view(3, D))
+        assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+    assert merge_linears([attn.q_proj, torch.nn.Identity()]) is None
+
+
 @pytest.mark.parametrize("kernels", ["0", "1"])
 def test_batched_slots_give_each_request_what_it_gets_alone(monkeypatch, kernels):
     """One decoder, three slots on one context: requests join at different steps (one with
