@@ -184,21 +184,24 @@ def _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP: tl.cons
 def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n, n_parents, K,
                   stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                   KP: tl.constexpr):
-    """Row h (request h // HS, KV head h % HS), program c: positions [c * BLOCK, ...) of
-    the row's compact list of candidates (the children of its kept parents), scored per
-    query head (scaling * q_g . node) into raw[h, g, pos], node ids into cand[h, pos];
-    (max, sum exp) per query head into part[h, c]. The tree is shared by the requests."""
-    h, c = tl.program_id(0), tl.program_id(1)
+    """Row h (request h // HS, KV head h % HS), program c: chunks c, c + P, ... (P programs
+    per row) of BLOCK positions of the row's compact list of candidates (the children of
+    its kept parents), scored per query head (scaling * q_g . node) into raw[h, g, pos],
+    node ids into cand[h, pos]; (max, sum exp) per query head into part[h, c]. The tree is
+    shared by the requests. A row's chunks past its own list cost nothing, and P stays
+    small for big batches (_programs_per_row), so the grid does not grow with the worst row."""
+    h, c0 = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    pos = c * BLOCK + tl.arange(0, BLOCK)
-    at, total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)
-    inside = pos < total
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    if c * BLOCK < total:
-        q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    _, total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, tl.arange(0, BLOCK), KP)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    for c in range(c0, (total + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # a row's chunks, round robin
+        pos = c * BLOCK + tl.arange(0, BLOCK)
+        at, _ = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)
+        inside = pos < total
         node = tl.load(order_ptr + hs * n + at, mask=inside, other=0)
         keys = tl.load(node_ptr + (hs * n + node[:, None]) * D + d[None, :], mask=inside[:, None], other=0.0)
         sc = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
@@ -207,7 +210,7 @@ def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, c
         tl.store(raw_ptr + (h * G + g[:, None]) * stride + pos[None, :], sc, mask=ok)
         tl.store(cand_ptr + h * stride + pos, node, mask=inside)
         m_run, l_run = _online_lse(m_run, l_run, sc, ok)
-    base = part_ptr + ((h * tl.num_programs(1) + c) * GP + g) * 2
+    base = part_ptr + ((h * tl.num_programs(1) + c0) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
 
@@ -243,6 +246,15 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
     _store_selected(out_ptr + h * width, selected, ids, width, KW)
 
 
+_ROW_PROGRAMS = 2048  # candidate-scoring programs a batch is spread over (before the worst row's chunks are)
+
+
+def _programs_per_row(rows: int, widest: int) -> int:
+    """Programs per row of the candidate scorers: every chunk of the widest row its own
+    program while the batch is small, fewer (each looping over several) when it is big."""
+    return max(1, min(triton.cdiv(widest, _BLOCK), triton.cdiv(_ROW_PROGRAMS, rows)))
+
+
 def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: float, raw: torch.Tensor,
               cand: torch.Tensor, parts: torch.Tensor, tops: torch.Tensor) -> torch.Tensor:
     """The tree walk (index.tree.tree_keep) for every row: per level, score the children of
@@ -258,7 +270,7 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     parents, K = root[:H], 1
     for depth, (nodes, order, start, n_parents, widest) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
-        chunks = triton.cdiv(widest, _BLOCK)
+        chunks = _programs_per_row(H, widest)
         _child_scores[(H, chunks)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
                                    stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
                                    KP=max(16, triton.next_power_of_2(K)))
@@ -285,23 +297,24 @@ def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, co
 def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr, raw_ptr,
                  cand_ptr, part_ptr, K, n_clusters, n_shared, n_private, stride, scaling, HS, G: tl.constexpr,
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
-    """Row h, program c: positions [c * BLOCK, ...) of the row's compact list of candidate
-    pages: the pages of its kept level-1 clusters (contiguous per cluster), then its
-    private pages (ids n_shared + p). Page estimates into raw[h, g, pos] (-inf for empty
+    """Row h, program c: chunks c, c + P, ... (P programs per row, as in _child_scores) of
+    BLOCK positions of the row's compact list of candidate pages: the pages of its kept
+    level-1 clusters (contiguous per cluster), then its private pages (ids n_shared + p). Page estimates into raw[h, g, pos] (-inf for empty
     pages), ids into cand; per program (max, sum exp) per query head into part[h, c]."""
-    h, c = tl.program_id(0), tl.program_id(1)
+    h, c0 = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    pos = c * BLOCK + tl.arange(0, BLOCK)
-    page, total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)
-    shared = pos < total
-    own = pos - total
-    private = (pos >= total) & (own < n_private)
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    if c * BLOCK < total + n_private:
-        q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    _, total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, tl.arange(0, BLOCK), KP)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    for c in range(c0, (total + n_private + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # round robin
+        pos = c * BLOCK + tl.arange(0, BLOCK)
+        page, _ = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)
+        shared = pos < total
+        own = pos - total
+        private = (pos >= total) & (own < n_private)
         at = (hs * n_shared + page[:, None]) * D + d[None, :]
         mine = (h * n_private + own[:, None]) * D + d[None, :]
         n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=shared, other=0)
@@ -318,7 +331,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
         tl.store(raw_ptr + (h * G + g[:, None]) * stride + pos[None, :], est, mask=(g[:, None] < G) & inside[None, :])
         tl.store(cand_ptr + h * stride + pos, tl.where(shared, page, n_shared + own), mask=inside)
         m_run, l_run = _online_lse(m_run, l_run, est, ok)
-    base = part_ptr + ((h * tl.num_programs(1) + c) * GP + g) * 2
+    base = part_ptr + ((h * tl.num_programs(1) + c0) * GP + g) * 2
     tl.store(base, m_run)
     tl.store(base + 1, l_run)
 
@@ -350,7 +363,7 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
     assert n <= MAX_SELECT, f"{n} candidate pages per row are over the kernels' {MAX_SELECT}"
     stride = raw.numel() // (H * G)
     KP = max(16, triton.next_power_of_2(K))
-    chunks = triton.cdiv(n, _BLOCK)
+    chunks = _programs_per_row(H, n)
     _page_scores[(H, chunks)](q, top, start, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid, raw,
                               cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
                               page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK, KP=KP)

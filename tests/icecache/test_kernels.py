@@ -50,13 +50,17 @@ def run(decoder: StaticDecoder, logits: torch.Tensor, start: int, steps: int):
     return pages, torch.stack(seen)
 
 
-@pytest.mark.parametrize("arch,doc_tokens,question,reuse", [("llama", 1500, [5, 6, 7], 1), ("qwen3", 700, [], 1),
-                                                            ("llama", 60, list(range(3, 40)), 1),
-                                                            ("llama", 900, [5, 6], 2)])
-def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question, reuse):
+@pytest.mark.parametrize("arch,doc_tokens,question,reuse,row_programs", [
+    ("llama", 1500, [5, 6, 7], 1, None), ("qwen3", 700, [], 1, None), ("llama", 60, list(range(3, 40)), 1, None),
+    ("llama", 900, [5, 6], 2, None), ("llama", 1500, [5, 6, 7], 1, 1)])
+def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question, reuse, row_programs):
     """Same pages every layer and step, same logits: documents with a tree, without one
     (60 tokens: all sinks and tail), questions long enough to start in private pages,
-    decoding past the window so tokens move into private pages mid-run, and IceCache-reuse."""
+    decoding past the window so tokens move into private pages mid-run, IceCache-reuse,
+    and one scoring program per row looping over all its chunks (as in a big batch)."""
+    from icecache import kernels
+    if row_programs is not None:
+        monkeypatch.setattr(kernels, "_ROW_PROGRAMS", row_programs)
     steps = 24
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, arch, doc_tokens, question, steps,
                                                     reuse_layers=reuse)
@@ -72,19 +76,24 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
 
-def test_kernel_tree_walk_keeps_the_same_clusters():
+@pytest.mark.parametrize("width,row_programs", [(6, None), (16, 1)])
+def test_kernel_tree_walk_keeps_the_same_clusters(monkeypatch, width, row_programs):
     """The kernel tree walk keeps the same level-1 clusters as index.tree.tree_keep, on a
     tree with several levels and clusters of many pages, for two requests sharing the
-    tree (rows = request x KV head) with different queries."""
+    tree (rows = request x KV head) with different queries; with a beam as wide as the top
+    level (which the plan then skips) and one scoring program per row."""
     from icecache import kernels
+    if row_programs is not None:
+        monkeypatch.setattr(kernels, "_ROW_PROGRAMS", row_programs)
     from icecache.index.tree import build_tree, tree_keep
     H, G, D, n, B = 2, 3, 32, 6000, 2
     keys = (torch.randn(H, n, D, generator=torch.Generator().manual_seed(0)) * 2).to(DEVICE)
     tree, _ = build_tree(keys, 16, (0.03, 0.2), 16, seed=1)
     assert tree.num_levels >= 3
     q = torch.randn(B * H, G, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    width, scaling = 12, D ** -0.5
+    scaling = D ** -0.5
     plan = kernels.WalkPlan(tree, width)
+    assert len(plan.levels) == tree.num_levels - (tree.node_keys[-1].shape[1] <= width)
     sizes = kernels.scratch_sizes(B * H, G, D, plan, 0, 0, 1, 1, 16)
     scratch = {k: torch.empty(sizes[k], dtype=kernels.SCRATCH_DTYPES.get(k, torch.float32), device=DEVICE)
                for k in ("raw", "cand", "parts", "tops")}
