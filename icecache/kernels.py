@@ -196,11 +196,11 @@ def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, c
     d = tl.arange(0, D)
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    _, total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, tl.arange(0, BLOCK), KP)
+    total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, tl.arange(0, BLOCK), KP)[1]
     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
     for c in range(c0, (total + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # a row's chunks, round robin
         pos = c * BLOCK + tl.arange(0, BLOCK)
-        at, _ = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)
+        at = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)[0]
         inside = pos < total
         node = tl.load(order_ptr + hs * n + at, mask=inside, other=0)
         keys = tl.load(node_ptr + (hs * n + node[:, None]) * D + d[None, :], mask=inside[:, None], other=0.0)
@@ -307,11 +307,11 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
     d = tl.arange(0, D)
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
-    _, total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, tl.arange(0, BLOCK), KP)
+    total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, tl.arange(0, BLOCK), KP)[1]
     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
     for c in range(c0, (total + n_private + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # round robin
         pos = c * BLOCK + tl.arange(0, BLOCK)
-        page, _ = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)
+        page = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)[0]
         shared = pos < total
         own = pos - total
         private = (pos >= total) & (own < n_private)

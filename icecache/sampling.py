@@ -35,7 +35,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 class TextStream:
     """Turns generated token ids into text pieces, holding back what may still become
-    a stop string or an incomplete UTF-8 character."""
+    a stop string or an incomplete UTF-8 character.
+
+    Decoding is incremental: each token decodes only the few ids since the last visible
+    piece (plus the ids before them, so a tokenizer that drops a leading space still sees
+    it), not the whole output again, so a token costs the same at the 10th and the 10,000th."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], lock=None) -> None:
         self.tokenizer, self.stop = tokenizer, stop
@@ -44,28 +48,45 @@ class TextStream:
         self.emitted = 0  # characters of the text already handed out
         self.stopped = False
         self.text = ""
+        self._prefix = self._read = 0  # ids[_prefix:_read] are decoded already; ids[_read:] are pending
+        self._longest_stop = max((len(s) for s in stop), default=0)
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.stopped:
             return ""
-        with self.lock:
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                self.stopped, text = True, text[:at]
-        self.text = text
+        new = self._pending()
+        if not new or "\ufffd" in new:  # nothing visible yet, or bytes not (yet) a whole UTF-8 character:
+            return ""  # wait, so pieces only ever split where the text is whole (as a full decode would)
+        self._take(new)
         if self.stopped:
-            return self._emit(len(text))
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        end = len(text) - hold
-        if text.endswith("\ufffd"):
-            end = min(end, len(text) - 1)
-        return self._emit(end)
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - max(self._longest_stop - 1, 0))
 
     def flush(self) -> str:
+        if self.tokenizer is not None and not self.stopped:
+            new = self._pending()
+            if new:
+                self._take(new)
         return self._emit(len(self.text))
+
+    def _pending(self) -> str:
+        """The text the pending ids add after the decoded ones."""
+        with self.lock:
+            before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+            if not after.startswith(before):  # a tokenizer whose pieces do not concatenate: decode it all
+                return self.tokenizer.decode(self.ids, skip_special_tokens=True)[len(self.text):]
+        return after[len(before):]
+
+    def _take(self, new: str) -> None:
+        """Append new text, cut at the first stop string (one may straddle the old end)."""
+        self._prefix, self._read = self._read, len(self.ids)
+        start = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += new
+        cut = [at for at in (self.text.find(s, start) for s in self.stop) if at >= 0]
+        if cut:
+            self.stopped, self.text = True, self.text[:min(cut)]
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:

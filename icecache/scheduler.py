@@ -70,6 +70,7 @@ class Sequence:
             self.next_pos = context.num_tokens
         self.prefill_started: float | None = None
         self.logits: torch.Tensor | None = None
+        self.chosen: int | None = None  # a token already picked on the device (greedy), else sample logits
         if not self.pending:  # nothing to prefill: decode from the context's last logits
             self.logits, self.phase = context.last_logits, "start"
         self.group: _Group | None = None  # static path: the batch it decodes in
@@ -153,7 +154,8 @@ class Sequence:
         else:
             self.step_times.append(now - self.last_token_at)
         self.last_token_at = now
-        token = sample(self.logits, self.params, self.generator)
+        token = self.chosen if self.chosen is not None else sample(self.logits, self.params, self.generator)
+        self.chosen = None
         if token in self.eos:
             self.finish = "eos"
             return self._finish()
@@ -243,6 +245,11 @@ class _Group:
         """One token for every request of the group (all are decoding)."""
         logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
                                          graph=self.decoder.device.type == "cuda")
+        if all(s.params.temperature == 0.0 for s in self.seqs):  # greedy: pick on the device, copy B ids
+            for seq, token in zip(self.seqs, logits.argmax(-1).tolist()):
+                seq.logits, seq.chosen = None, token
+                seq.position += 1
+            return
         logits = logits.float().cpu()  # one copy and one sync for the batch; sampling runs on the host
         for b, seq in enumerate(self.seqs):
             seq.logits = logits[b]

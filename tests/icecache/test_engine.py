@@ -1,5 +1,7 @@
 """The engine on the built-in model with real weights (SmolLM2-135M-Instruct)."""
 
+import random
+
 import pytest
 import torch
 
@@ -160,3 +162,32 @@ def test_bad_device_and_config_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             Engine.from_pretrained(device="cuda")
+
+
+def test_text_stream_pieces_equal_a_full_decode(engine):
+    """Incremental detokenisation hands out pieces that join to exactly what decoding all
+    ids at once gives, for real text (multi-byte characters, leading spaces) and for random
+    ids (bytes that are no whole UTF-8 character), and cuts at the first stop string,
+    also one that spans two tokens, without a piece of the stop string escaping first."""
+    from icecache.sampling import TextStream
+    tok, rng = engine.tokenizer, random.Random(0)
+    text = "  Hello world, ça va? 日本語のテキスト 🙂 done.\n    return x ** 2  # ü"
+    cases = [tok(text, add_special_tokens=False).input_ids]
+    cases += [cases[0][:9] + [rng.randrange(tok.vocab_size) for _ in range(60)] for _ in range(4)]
+    for ids in cases:
+        full = tok.decode(ids, skip_special_tokens=True)
+        stream = TextStream(tok, ())
+        pieces = [stream.add(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == full == stream.text
+        assert sum(bool(p) for p in pieces) > 1  # it did stream
+    ids = cases[0]
+    full = tok.decode(ids, skip_special_tokens=True)
+    for stop in ("ça va", "🙂", "return x"):
+        stream = TextStream(tok, (stop, "never there"))
+        pieces = []
+        for i in ids:
+            pieces.append(stream.add(i))
+            if stream.stopped:
+                break
+        pieces.append(stream.flush())
+        assert stream.stopped and "".join(pieces) == full[:full.find(stop)] == stream.text
