@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from icecache.attention import decode_attention, prefill_attention
+from icecache.attention import decode_attention, prefill_attention, prefill_attention_parts
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
@@ -50,9 +50,9 @@ class KVBuffer:
     """A growing [H, n, D] pair of K and V, doubling its capacity."""
 
     def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 capacity: int = 64) -> None:
-        self._k = torch.empty(num_heads, capacity, head_dim, dtype=dtype, device=device)
-        self._v = torch.empty_like(self._k)
+                 capacity: int = 64, pin: bool = False) -> None:
+        self._k = torch.empty(num_heads, capacity, head_dim, dtype=dtype, device=device, pin_memory=pin)
+        self._v = torch.empty(num_heads, capacity, head_dim, dtype=dtype, device=device, pin_memory=pin)
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -64,8 +64,9 @@ class KVBuffer:
                 new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype, device=old.device)
                 new[:, :self.length] = old[:, :self.length]
                 setattr(self, name, new)
-        self._k[:, self.length:self.length + t] = k
-        self._v[:, self.length:self.length + t] = v
+        pinned = self._k.is_pinned()  # a device -> pinned host copy runs async, in stream order
+        self._k[:, self.length:self.length + t].copy_(k, non_blocking=pinned)
+        self._v[:, self.length:self.length + t].copy_(v, non_blocking=pinned)
         self.length += t
 
     @property
@@ -174,10 +175,20 @@ class SparseLayerState:
 class RequestKV:
     """Everything attention needs for one request: its context, its own tokens, its slots."""
 
-    def __init__(self, shape: ModelShape, config: IceCacheConfig, context: Context | None) -> None:
+    def __init__(self, shape: ModelShape, config: IceCacheConfig, context: Context | None,
+                 offload_tokens: int = 0) -> None:
+        """offload_tokens > 0: a document of that many tokens is prefilled with its KV in
+        host memory (pinned on CUDA), read back to the device one layer at a time."""
         self.shape, self.config, self.context = shape, config, context
-        self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, shape.device)
-                    for _ in range(shape.num_layers)]
+        self.offload = offload_tokens > 0
+        if self.offload:
+            assert context is None, "offloaded prefill indexes a document from its start"
+            pin = shape.device.type == "cuda"
+            self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, torch.device("cpu"),
+                                 offload_tokens, pin) for _ in range(shape.num_layers)]
+        else:
+            self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, shape.device)
+                        for _ in range(shape.num_layers)]
         self.first_own_pos = context.num_tokens if context is not None else 0
         self.decoding = False
         self.dense_ctx: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -197,8 +208,14 @@ class RequestKV:
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] -> [T, Hq, D]."""
-        ctx_k, ctx_v = self._ctx_kv(layer)
         own = self.own[layer]
+        if self.offload:  # the past comes back from host memory for this layer only
+            dev = q.device
+            past_k, past_v = own.k.to(dev, non_blocking=True), own.v.to(dev, non_blocking=True)
+            out = prefill_attention_parts(q, past_k, past_v, k, v, scaling)
+            own.append(k, v)
+            return out
+        ctx_k, ctx_v = self._ctx_kv(layer)
         past_k = torch.cat([ctx_k, own.k], dim=1) if ctx_k.shape[1] else own.k
         past_v = torch.cat([ctx_v, own.v], dim=1) if ctx_v.shape[1] else own.v
         out = prefill_attention(q, past_k, past_v, k, v, scaling)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, fields
 
 MODES = ("icecache", "full")
 SELECTORS = ("icecache", "oracle", "quest", "streaming", "random")
-
-
 DECODE_PATHS = ("auto", "static", "dynamic")
+PREFILL_OFFLOAD = ("auto", "device", "host")
+OFFLOAD_CHUNK_TOKENS = 8192  # an offloaded prefill's smallest chunk: the past KV crosses PCIe once per chunk
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -41,6 +41,10 @@ class IceCacheConfig:
     page_score_radius: float = 0.0  # weight of a page's radius in its score (0 = mean key only)
     reuse_layers: int = 1  # sparse layers per cycle sharing the first one's page layout and selection (1 = off)
     prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
+    # where Engine.index keeps a document's KV while prefilling it: "device", "host" (bounded device
+    # memory: each chunk reads the past KV back, layer by layer, in chunks of at least
+    # OFFLOAD_CHUNK_TOKENS), or "auto" = host on a GPU when the KV would take over half its free memory
+    prefill_offload: str = "auto"
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
     decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
     selector: str = "icecache"  # which pages fill the budget: icecache | oracle | quest | streaming | random
@@ -65,6 +69,8 @@ class IceCacheConfig:
         _require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
                  "page_score_radius", f"must be a finite number >= 0, got {w!r}")
         _require(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
+        _require(self.prefill_offload in PREFILL_OFFLOAD, "prefill_offload",
+                 f"must be one of {PREFILL_OFFLOAD}, got {self.prefill_offload!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",
                  f"must be one of {DECODE_PATHS}, got {self.decode_path!r}")
         if self.reuse_layers > 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from icecache.cache import ATTN_IMPLEMENTATION, BATCH_KWARG, ModelShape, RequestKV, StepBatch
-from icecache.config import IceCacheConfig, SamplingParams
+from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig, SamplingParams
 from icecache.context import Context, build_context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
 
@@ -126,6 +126,8 @@ class Engine:
     def _prefill(self, req: RequestKV, token_ids: list[int], start: int,
                  progress: Progress | None = None) -> torch.Tensor:
         chunk = self.config.prefill_chunk_tokens
+        if req.offload:  # every chunk reads the past back from the host: fewer, larger chunks
+            chunk = max(chunk, OFFLOAD_CHUNK_TOKENS)
         batch = StepBatch([req])
         logits = None
         for s in range(0, len(token_ids), chunk):
@@ -140,9 +142,20 @@ class Engine:
     @torch.inference_mode()
     def _index_ids(self, ids: list[int], progress: Progress | None = None) -> Context:
         t0 = time.perf_counter()
-        req = RequestKV(self.shape, self.config, None)
+        req = RequestKV(self.shape, self.config, None, len(ids) if self._offload_prefill(len(ids)) else 0)
         logits = self._prefill(req, ids, 0, progress)
         return self._context_of(req, ids, logits, t0)
+
+    def _offload_prefill(self, num_tokens: int) -> bool:
+        """Whether indexing a document of num_tokens keeps its KV in host memory meanwhile."""
+        mode = self.config.prefill_offload
+        if mode != "auto":
+            return mode == "host"
+        if self.device.type != "cuda":
+            return False  # the KV is in host memory either way
+        free, _ = torch.cuda.mem_get_info(self.device)
+        kv = num_tokens * self.shape.num_layers * 2 * self.shape.num_kv_heads * self.shape.head_dim
+        return kv * self.shape.dtype.itemsize > free // 2
 
     def _context_of(self, req: RequestKV, ids: list[int], logits: torch.Tensor, prefill_started: float) -> Context:
         """Index a finished prefill of `ids` (req holds its KV) into a Context, with its timings."""

@@ -1,5 +1,5 @@
 """Attention backends: exact chunked prefill and sparse decode over [sinks, pages, window]."""
 
-from icecache.attention.torch_backend import decode_attention, prefill_attention
+from icecache.attention.torch_backend import decode_attention, prefill_attention, prefill_attention_parts
 
-__all__ = ["decode_attention", "prefill_attention"]
+__all__ = ["decode_attention", "prefill_attention", "prefill_attention_parts"]

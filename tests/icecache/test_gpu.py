@@ -129,3 +129,23 @@ def test_device_pages_decode_like_pages_read_over_pcie(models):
             steps = [dec.step_batch([5, 6, 7], [ctx.num_tokens + 3 + i] * 3, graph=True).clone() for i in range(8)]
             seen.append(torch.stack(steps))
     assert torch.allclose(seen[0], seen[1], atol=1e-5), (seen[0] - seen[1]).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_prefill_on_cuda_matches_the_plain_one(dtype):
+    """Prefill with the KV in pinned host memory (flash attention with its log-sum-exp in
+    bf16, the memory-efficient kernel in fp32): the same context as keeping it on the GPU."""
+    from icecache.config import OFFLOAD_CHUNK_TOKENS
+    model = random_model(tiny_config("llama", num_hidden_layers=3, max_position_embeddings=16384),
+                         torch.device("cuda"), dtype)
+    ids = torch.randint(0, 500, (OFFLOAD_CHUNK_TOKENS + 900,), generator=torch.Generator().manual_seed(4)).tolist()
+    contexts = {}
+    for where in ("device", "host"):
+        eng = Engine.from_model(model, config=CONFIG.replace(prefill_offload=where), model_id="tiny")
+        contexts[where] = eng.index(ids)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for layer in range(3):
+        for a, b in zip(contexts["device"].flat_kv(layer), contexts["host"].flat_kv(layer)):
+            assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), f"layer {layer}"
+    assert torch.allclose(contexts["device"].last_logits.float(), contexts["host"].last_logits.float(), atol=tol * 10,
+                          rtol=tol * 10)

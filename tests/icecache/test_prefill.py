@@ -1,0 +1,47 @@
+"""Bounded-memory prefill: a document's KV kept in host memory while it is prefilled, each
+chunk reading the past back one layer at a time, gives the context a plain prefill gives."""
+
+import pytest
+import torch
+
+from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.attention import prefill_attention, prefill_attention_parts
+from icecache.config import OFFLOAD_CHUNK_TOKENS
+from icecache.models import random_model, tiny_config
+
+
+@pytest.mark.parametrize("past", [0, 37])
+def test_parts_attention_equals_the_joined_one(past):
+    """Past and chunk attended apart and merged by log-sum-exp = one causal attention over
+    both (GQA: 3 query heads per KV head)."""
+    gen = torch.Generator().manual_seed(past)
+    q = torch.randn(6, 11, 16, generator=gen)
+    past_k, past_v = torch.randn(2, past, 16, generator=gen), torch.randn(2, past, 16, generator=gen)
+    k, v = torch.randn(2, 11, 16, generator=gen), torch.randn(2, 11, 16, generator=gen)
+    want = prefill_attention(q, past_k, past_v, k, v, 0.3)
+    got = prefill_attention_parts(q, past_k, past_v, k, v, 0.3)
+    assert got.shape == want.shape == (11, 6, 16)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+def test_offloaded_prefill_gives_the_same_context_and_tokens():
+    """A document longer than one offloaded chunk (so later chunks attend to a past read
+    back from host buffers): the same KV in every layer, the same last logits, and the
+    same greedy tokens as a prefill that keeps the KV on its device."""
+    model = random_model(tiny_config("llama", num_hidden_layers=3, max_position_embeddings=16384),
+                         torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 500, (OFFLOAD_CHUNK_TOKENS + 700,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    small = dict(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1)
+    out = {}
+    for where in ("device", "host"):
+        eng = Engine.from_model(model, config=IceCacheConfig(prefill_offload=where, **small), model_id="tiny")
+        assert eng._offload_prefill(len(ids)) == (where == "host")
+        ctx = eng.index(ids)
+        out[where] = (ctx, eng.generate([7, 8, 9], params, context=ctx).token_ids)
+    (plain, plain_tokens), (offloaded, offloaded_tokens) = out["device"], out["host"]
+    for layer in range(3):
+        for a, b in zip(plain.flat_kv(layer), offloaded.flat_kv(layer)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"layer {layer}: {(a - b).abs().max()}"
+    assert torch.allclose(plain.last_logits, offloaded.last_logits, atol=1e-4, rtol=1e-4)
+    assert offloaded_tokens == plain_tokens and len(plain_tokens) == 8
