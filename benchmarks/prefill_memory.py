@@ -43,7 +43,8 @@ def summarise(report: dict) -> None:
     print(f"{'':>8} | {'device':>11} {'host':>12} | {'device':>8} {'host':>8} | {'device':>8} {'host':>8}")
     for r in report["runs"]:
         d, h = r["device"], r["host"]
-        print(f"{r['context']:>8} | {d['peak_gpu_above_weights_gib']:>11.2f} {h['peak_gpu_above_weights_gib']:>12.2f} | "
+        peak_d, peak_h = d["peak_gpu_above_weights_gib"], h["peak_gpu_above_weights_gib"]
+        print(f"{r['context']:>8} | {peak_d:>11.2f} {peak_h:>12.2f} | "
               f"{d['prefill_s']:>8.1f} {h['prefill_s']:>8.1f} | {d['index_build_s']:>8.1f} {h['index_build_s']:>8.1f}")
         r["ratios"] = {"peak_host_over_device": h["peak_gpu_above_weights_gib"] / d["peak_gpu_above_weights_gib"],
                        "prefill_host_over_device": h["prefill_s"] / d["prefill_s"]}

@@ -154,6 +154,7 @@ class Engine:
         if self.device.type != "cuda":
             return False  # the KV is in host memory either way
         free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
         kv = num_tokens * self.shape.num_layers * 2 * self.shape.num_kv_heads * self.shape.head_dim
         return kv * self.shape.dtype.itemsize > free // 2
 

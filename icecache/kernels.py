@@ -89,7 +89,8 @@ def _store_selected(out_ptr, selected, index, k, KW: tl.constexpr):
     pos = tl.cumsum(selected.to(tl.int32), axis=0) - 1
     tl.store(out_ptr + pos, index, mask=selected & (pos < k))
     slot = tl.arange(0, KW)
-    tl.store(out_ptr + slot, tl.full((KW,), -1, tl.int32), mask=(slot >= tl.sum(selected.to(tl.int32), axis=0)) & (slot < k))
+    chosen = tl.sum(selected.to(tl.int32), axis=0)
+    tl.store(out_ptr + slot, tl.full((KW,), -1, tl.int32), mask=(slot >= chosen) & (slot < k))
 
 
 @triton.jit
@@ -197,7 +198,7 @@ def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, c
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
     total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, tl.arange(0, BLOCK), KP)[1]
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
     for c in range(c0, (total + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # a row's chunks, round robin
         pos = c * BLOCK + tl.arange(0, BLOCK)
         at = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)[0]
@@ -260,7 +261,7 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     """The tree walk (index.tree.tree_keep) for every row: per level, score the children of
     the nodes kept on the level above, keep the `plan.width` best per row.
 
-    q: [H, G, D] fp32, H = B * HS rows (B requests sharing the tree of HS KV heads); root:
+    q: [H, G, D] (any float dtype; scored in fp32), H = B * HS rows (B requests sharing the tree of HS KV heads); root:
     int32 zeros [>= H] (the top level's virtual parent); raw, parts fp32 and cand, tops
     int32 scratch (scratch_sizes). -> the kept level-1 clusters [H, width] int32 (-1 = none)."""
     _check_contiguous(q)
@@ -299,8 +300,9 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
     """Row h, program c: chunks c, c + P, ... (P programs per row, as in _child_scores) of
     BLOCK positions of the row's compact list of candidate pages: the pages of its kept
-    level-1 clusters (contiguous per cluster), then its private pages (ids n_shared + p). Page estimates into raw[h, g, pos] (-inf for empty
-    pages), ids into cand; per program (max, sum exp) per query head into part[h, c]."""
+    level-1 clusters (contiguous per cluster), then its private pages (ids n_shared + p).
+    Page estimates into raw[h, g, pos] (-inf for empty pages), ids into cand; per program
+    (max, sum exp) per query head into part[h, c]."""
     h, c0 = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
@@ -308,7 +310,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
     total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, tl.arange(0, BLOCK), KP)[1]
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
     for c in range(c0, (total + n_private + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # round robin
         pos = c * BLOCK + tl.arange(0, BLOCK)
         page = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)[0]
@@ -344,7 +346,7 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.
 
-    q: [H, G, D] fp32, H = B * HS rows; top: [H, K] int32 kept clusters (walk_tree; None
+    q: [H, G, D] (any float dtype), H = B * HS rows; top: [H, K] int32 kept clusters (walk_tree; None
     for a tree without levels, hence without pages); page_mean/var: [HS, N, D],
     page_valid: [HS, N]; priv_sum/sumsq: [H, M, D] fp32 running sums of the rows' private
     pages, priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. -> [H, num_pages] long."""
@@ -431,7 +433,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     t = tl.arange(0, P)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)  # [GP, D]
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
     if b < SINK_BLOCKS:
         tok = b * P + t
         ok = tok < num_sink
@@ -502,7 +504,7 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
                      priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
                      win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
                      acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Decode attention of q [H, G, D] (fp32; H = B * HS rows: B requests, HS KV heads)
+    """Decode attention of q [H, G, D] (any float dtype; H = B * HS rows: B requests, HS KV heads)
     over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared
     [HS, N, P, D], else the row's private [H, M, P, D]; -1 = none) and the row's window
     ring [H, W, D] holding min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]."""
@@ -557,7 +559,8 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
     r = t * RP + tl.arange(0, RP)
     d = tl.arange(0, D)
     b, g = r // G, r % G
-    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None], other=0.0)
+    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None],
+                other=0.0).to(tl.float32)
     m_run = tl.full((RP,), -float("inf"), tl.float32)
     l_run = tl.zeros((RP,), tl.float32)
     acc = tl.zeros((RP, D), tl.float32)
@@ -615,7 +618,7 @@ def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_
         l = tl.load(part_ptr + cell * 2 + 1, mask=sc < splits, other=0.0)
         part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
         m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
-    q = tl.load(q_ptr + ((b * HS + h) * G + g) * D + d)
+    q = tl.load(q_ptr + ((b * HS + h) * G + g) * D + d).to(tl.float32)
     filled = tl.load(count_ptr + b) + 1
     for k0 in range(0, filled, BLOCK):
         tok = k0 + tl.arange(0, BLOCK)
@@ -645,7 +648,7 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
                     acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Exact decode attention of B requests over a context they share plus their own tokens.
 
-    q: [B, HS, G, D] fp32; ctx_k/v: [HS, n, D], read once for the whole batch; own_k/v:
+    q: [B, HS, G, D] (any float dtype); ctx_k/v: [HS, n, D], read once for the whole batch; own_k/v:
     [>= B, HS, T, D] the requests' own tokens, of which counts[b] + 1 are filled (this
     step's token at counts[b]); parts/acc: fp32 scratch (dense_scratch_sizes). -> out
     [B, HS, G, D]."""

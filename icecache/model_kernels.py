@@ -1,8 +1,9 @@
 """Fused Triton kernels for the model's own small ops in a decode step: RMSNorm (alone
 or after the residual add), rotary embedding and the MLP's silu(gate) * up, one kernel
 each instead of the several that transformers' modules launch; and projections that share
-an input merged into one weight (q/k/v, gate/up), so a step runs one GEMM for each group. At batch 1 a decode step is hundreds of such tiny kernels, and inside a CUDA
-graph each still costs a launch slot, so they are a visible share of a token's time.
+an input merged into one weight (q/k/v, gate/up), so a step runs one GEMM for each group.
+At batch 1 a decode step is hundreds of such tiny kernels, and inside a CUDA graph each
+still costs a launch slot, so they are a visible share of a token's time.
 
 Both round where transformers rounds (after each bf16 product), so they give the same
 values as the modules they replace; tests/icecache/test_kernels.py checks that.

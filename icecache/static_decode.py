@@ -92,7 +92,7 @@ class _DenseState:
         if self.scratch is not None:
             from icecache.kernels import dense_attention
             S = self.scratch
-            return dense_attention(q.float().contiguous(), self.ctx_k, self.ctx_v, self.own_k, self.own_v, at,
+            return dense_attention(q.contiguous(), self.ctx_k, self.ctx_v, self.own_k, self.own_v, at,
                                    scaling, S["dense_parts"], S["dense_acc"], torch.empty_like(q))
         H, n = self.ctx_k.shape[:2]
         T = self.own_k.shape[2]
@@ -227,7 +227,7 @@ class _SparseState:
         kernels.push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
                      self.ring.counts[:B], rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
                      rows(self.priv_sum), rows(self.priv_sumsq))
-        qf = q.float().reshape(B * H, G, D)
+        qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
         page_ids = self.select(qf, scaling)
         S = self.scratch
         out = kernels.sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,

@@ -136,6 +136,7 @@ def test_offloaded_prefill_on_cuda_matches_the_plain_one(dtype):
     """Prefill with the KV in pinned host memory (flash attention with its log-sum-exp in
     bf16, the memory-efficient kernel in fp32): the same context as keeping it on the GPU."""
     from icecache.config import OFFLOAD_CHUNK_TOKENS
+    from tests.icecache.test_prefill import kv_in_token_order
     model = random_model(tiny_config("llama", num_hidden_layers=3, max_position_embeddings=16384),
                          torch.device("cuda"), dtype)
     ids = torch.randint(0, 500, (OFFLOAD_CHUNK_TOKENS + 900,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -145,7 +146,7 @@ def test_offloaded_prefill_on_cuda_matches_the_plain_one(dtype):
         contexts[where] = eng.index(ids)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for layer in range(3):
-        for a, b in zip(contexts["device"].flat_kv(layer), contexts["host"].flat_kv(layer)):
+        for a, b in zip(kv_in_token_order(contexts["device"], layer), kv_in_token_order(contexts["host"], layer)):
             assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), f"layer {layer}"
     assert torch.allclose(contexts["device"].last_logits.float(), contexts["host"].last_logits.float(), atol=tol * 10,
                           rtol=tol * 10)
