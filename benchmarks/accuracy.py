@@ -148,7 +148,8 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_wide", "icecache_reuse", "oracle", "quest", "streaming", "random")
+METHODS = ("full", "icecache", "icecache_wide", "icecache_beam256", "icecache_reuse", "oracle", "quest", "streaming",
+           "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
@@ -158,6 +159,9 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
     if method == "icecache_wide":  # a variant under study: twice the tree-walk beam, plus each page's radius
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=128,
                               page_score_radius=1.0, decode_path="dynamic")
+    if method == "icecache_beam256":  # a variant under study: the tree walk keeps 256 nodes per level, not 64
+        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=256,
+                              decode_path="dynamic")
     if method == "icecache_reuse":  # IceCache-reuse: cycles of 2 sparse layers share one selection
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, reuse_layers=2,
                               decode_path="static")

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="icecache")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--slots", type=int, default=1, help="sessions decoding together")
+    ap.add_argument("--search-widths", type=int, nargs="+", default=[64],
+                    help="tree-walk beams to profile in turn on the same index")
     args = ap.parse_args(argv)
     model = llama_8b(args.context + 256)
     c = model.config
@@ -45,6 +47,15 @@ def main(argv=None) -> int:
     ctx = build_context("x", list(range(args.context)), kv, torch.zeros(c.vocab_size), config, torch.device("cuda"))
     del kv
     print(f"context {args.context}: synthetic index built in {time.perf_counter() - t:.1f}s")
+    for width in args.search_widths:
+        print(f"--- search width {width}")
+        profile_step(model, config.replace(search_width=width), ctx, args)
+    return 0
+
+
+def profile_step(model, config: IceCacheConfig, ctx, args) -> None:
+    c = model.config
+    H, D, L = c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_hidden_layers
     empty = torch.zeros(H, 0, D, dtype=torch.bfloat16, device="cuda")
     dec = StaticDecoder(model, config, ctx, slots=args.slots, slot_tokens=128)
     for slot in range(args.slots):
@@ -81,7 +92,6 @@ def main(argv=None) -> int:
         pos += 1
     torch.cuda.synchronize()
     print(f"CUDA-graph step: {(time.perf_counter() - t) / n * 1e3:.2f} ms")
-    return 0
 
 
 if __name__ == "__main__":
