@@ -182,6 +182,19 @@ def _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP: tl.cons
 
 
 @triton.jit
+def _scorer_start(q_ptr, parents_ptr, start_ptr, h, HS, K, n_parents, G: tl.constexpr, GP: tl.constexpr,
+                  D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+    """What a candidate scorer of row h starts from: (KV head, query-head and dim ranges,
+    the row's queries [GP, D] in fp32, its compact list's length, empty (max, sum exp))."""
+    hs = h % HS
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+    total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, tl.arange(0, BLOCK), KP)[1]
+    return hs, g, d, q, total, tl.full((GP,), -float("inf"), tl.float32), tl.zeros((GP,), tl.float32)
+
+
+@triton.jit
 def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n, n_parents, K,
                   stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                   KP: tl.constexpr):
@@ -192,13 +205,8 @@ def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, c
     shared by the requests. A row's chunks past its own list cost nothing, and P stays
     small for big batches (_programs_per_row), so the grid does not grow with the worst row."""
     h, c0 = tl.program_id(0), tl.program_id(1)
-    hs = h % HS
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    m_run = tl.full((GP,), -float("inf"), tl.float32)
-    l_run = tl.zeros((GP,), tl.float32)
-    total = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, tl.arange(0, BLOCK), KP)[1]
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+    hs, g, d, q, total, m_run, l_run = _scorer_start(q_ptr, parents_ptr, start_ptr, h, HS, K, n_parents, G, GP, D,
+                                                     BLOCK, KP)
     for c in range(c0, (total + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # a row's chunks, round robin
         pos = c * BLOCK + tl.arange(0, BLOCK)
         at = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)[0]
@@ -304,13 +312,8 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
     Page estimates into raw[h, g, pos] (-inf for empty pages), ids into cand; per program
     (max, sum exp) per query head into part[h, c]."""
     h, c0 = tl.program_id(0), tl.program_id(1)
-    hs = h % HS
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    m_run = tl.full((GP,), -float("inf"), tl.float32)
-    l_run = tl.zeros((GP,), tl.float32)
-    total = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, tl.arange(0, BLOCK), KP)[1]
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+    hs, g, d, q, total, m_run, l_run = _scorer_start(q_ptr, top_ptr, start_ptr, h, HS, K, n_clusters, G, GP, D,
+                                                     BLOCK, KP)
     for c in range(c0, (total + n_private + BLOCK - 1) // BLOCK, tl.num_programs(1)):  # round robin
         pos = c * BLOCK + tl.arange(0, BLOCK)
         page = _compact_slots(top_ptr, start_ptr, h, hs, K, n_clusters, pos, KP)[0]
