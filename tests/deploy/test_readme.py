@@ -36,7 +36,7 @@ def test_serve_run_app_yaml_then_the_client(tmp_path):
             assert time.monotonic() < deadline, "the app did not come up"
             time.sleep(3)
 
-        indexed = client("index", "README.md")
+        indexed = client("index", "deploy/app.yaml")  # the document the README indexes
         assert indexed.returncode == 0, indexed.stderr
         context_id = indexed.stdout.strip()
         assert re.fullmatch(r"[0-9a-f]{32}", context_id) and "prefilled" in indexed.stderr
