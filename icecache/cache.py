@@ -181,14 +181,11 @@ class RequestKV:
         host memory (pinned on CUDA), read back to the device one layer at a time."""
         self.shape, self.config, self.context = shape, config, context
         self.offload = offload_tokens > 0
-        if self.offload:
-            assert context is None, "offloaded prefill indexes a document from its start"
-            pin = shape.device.type == "cuda"
-            self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, torch.device("cpu"),
-                                 offload_tokens, pin) for _ in range(shape.num_layers)]
-        else:
-            self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, shape.device)
-                        for _ in range(shape.num_layers)]
+        assert not (self.offload and context is not None), "offloaded prefill indexes a document from its start"
+        where = torch.device("cpu") if self.offload else shape.device
+        pin = self.offload and shape.device.type == "cuda"
+        self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, where, offload_tokens or 64, pin)
+                    for _ in range(shape.num_layers)]
         self.first_own_pos = context.num_tokens if context is not None else 0
         self.decoding = False
         self.dense_ctx: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -155,8 +155,8 @@ class Engine:
             return False  # the KV is in host memory either way
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
-        kv = num_tokens * self.shape.num_layers * 2 * self.shape.num_kv_heads * self.shape.head_dim
-        return kv * self.shape.dtype.itemsize > free // 2
+        _, per_token = self._dense_kv()
+        return num_tokens * self.shape.num_layers * per_token > free // 2
 
     def _context_of(self, req: RequestKV, ids: list[int], logits: torch.Tensor, prefill_started: float) -> Context:
         """Index a finished prefill of `ids` (req holds its KV) into a Context, with its timings."""

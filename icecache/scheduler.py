@@ -246,13 +246,11 @@ class _Group:
         logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
                                          graph=self.decoder.device.type == "cuda")
         if all(s.params.temperature == 0.0 for s in self.seqs):  # greedy: pick on the device, copy B ids
-            for seq, token in zip(self.seqs, logits.argmax(-1).tolist()):
-                seq.logits, seq.chosen = None, token
-                seq.position += 1
-            return
-        logits = logits.float().cpu()  # one copy and one sync for the batch; sampling runs on the host
+            picked, logits = logits.argmax(-1).tolist(), [None] * len(self.seqs)
+        else:  # one copy and one sync for the batch; sampling runs on the host
+            picked, logits = [None] * len(self.seqs), logits.float().cpu()
         for b, seq in enumerate(self.seqs):
-            seq.logits = logits[b]
+            seq.logits, seq.chosen = logits[b], picked[b]
             seq.position += 1
 
 
