@@ -148,7 +148,7 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_wide", "icecache_beam256", "icecache_reuse", "oracle", "quest", "streaming",
+METHODS = ("full", "icecache", "icecache_beam256", "icecache_reuse", "oracle", "quest", "streaming",
            "random")
 
 
@@ -156,9 +156,6 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
     if method == "full":
         return IceCacheConfig(mode="full")
     edge = 16 if budget < 256 else 32
-    if method == "icecache_wide":  # a variant under study: twice the tree-walk beam, plus each page's radius
-        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=128,
-                              page_score_radius=1.0, decode_path="dynamic")
     if method == "icecache_beam256":  # a variant under study: the tree walk keeps 256 nodes per level, not 64
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=256,
                               decode_path="dynamic")

@@ -69,8 +69,7 @@ class Recorder(RequestKV):
             ctx = self.context.sparse[layer]
             R = self.config.retrieved_pages
             mass = page_mass(qg, ctx.pages.keys, ctx.pages.valid, scaling)  # [H, g, N]
-            chosen = select_pages(ctx.tree.to(torch.device("cpu")), None, qg, R, self.config.search_width,
-                                  scaling, self.config.page_score_radius)
+            chosen = select_pages(ctx.tree.to(torch.device("cpu")), None, qg, R, self.config.search_width, scaling)
             got = torch.stack([mass[h][:, chosen[h][chosen[h] >= 0]].sum(-1) for h in range(H)])  # [H, g]
             best_union = mass.sum(1).topk(min(R, mass.shape[-1]), dim=-1).indices  # GQA-shared pages
             oracle = mass.gather(2, best_union[:, None].expand(H, g, best_union.shape[1])).sum(-1)

@@ -38,7 +38,6 @@ class IceCacheConfig:
     promotion_ratio: tuple[float, ...] = (0.03, 0.2)  # level 0->1, then every level above
     search_width: int = 64  # nodes kept per tree level during a query
     top_level_max: int = 64  # stop promoting once a level is at most this large
-    page_score_radius: float = 0.0  # weight of a page's radius in its score (0 = mean key only)
     reuse_layers: int = 1  # sparse layers per cycle sharing the first one's page layout and selection (1 = off)
     prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
     # where Engine.index keeps a document's KV while prefilling it: "device", "host" (bounded device
@@ -65,17 +64,13 @@ class IceCacheConfig:
         for r in ratios:
             _require(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r < 1.0
                      and math.isfinite(r), "promotion_ratio", f"every ratio must lie in (0, 1), got {ratios!r}")
-        w = self.page_score_radius
-        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
-                 "page_score_radius", f"must be a finite number >= 0, got {w!r}")
         _require(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
         _require(self.prefill_offload in PREFILL_OFFLOAD, "prefill_offload",
                  f"must be one of {PREFILL_OFFLOAD}, got {self.prefill_offload!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",
                  f"must be one of {DECODE_PATHS}, got {self.decode_path!r}")
         if self.reuse_layers > 1:
-            _require(self.selector == "icecache" and self.page_score_radius == 0, "reuse_layers",
-                     "cross-layer reuse works with selector='icecache' and page_score_radius=0")
+            _require(self.selector == "icecache", "reuse_layers", "cross-layer reuse works with selector='icecache'")
             _require(self.decode_path != "dynamic", "reuse_layers",
                      "cross-layer reuse runs on the static decode path (decode_path 'auto' or 'static')")
         if self.mode == "icecache":

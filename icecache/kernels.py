@@ -125,21 +125,23 @@ class WalkPlan:
 
     def __init__(self, tree, width: int) -> None:
         self.width = width
-        self.levels = []  # top first: (nodes [HS, n, D], order [HS, n], start [HS, parents + 1], parents, widest)
+        # top first: (box lo, hi [HS, n, D], order [HS, n], start [HS, parents + 1], parents, widest)
+        self.levels = []
         self.widest_level = 1
+        sizes = tree.level_sizes()
         top = tree.num_levels
-        while top > 1 and tree.node_keys[top - 1].shape[1] <= width:
+        while top > 1 and sizes[top - 1] <= width:
             top -= 1  # a level of at most `width` nodes is kept whole: its children are the whole level below
         for j in range(top, 0, -1):
-            nodes = tree.node_keys[j - 1]
-            HS, n = nodes.shape[:2]
+            lo, hi = tree.node_lo[j - 1], tree.node_hi[j - 1]
+            HS, n = lo.shape[:2]
             if j == top:  # the top level walked: children of one virtual root
-                parent = torch.zeros(HS, n, dtype=torch.long, device=nodes.device)
+                parent = torch.zeros(HS, n, dtype=torch.long, device=lo.device)
             else:
                 parent = tree.node_parent[j - 1]
-            order, start, count = _csr(parent, 1 if j == top else tree.node_keys[j].shape[1])
+            order, start, count = _csr(parent, 1 if j == top else sizes[j])
             widest = _most_children(count, 1 if j == top else width)  # under the parents a row keeps
-            self.levels.append((nodes, order, start, start.shape[1] - 1, widest))
+            self.levels.append((lo, hi, order, start, start.shape[1] - 1, widest))
             self.widest_level = max(self.widest_level, widest)
         self.widest_pages = 0
         if tree.num_levels:
@@ -195,12 +197,20 @@ def _scorer_start(q_ptr, parents_ptr, start_ptr, h, HS, K, n_parents, G: tl.cons
 
 
 @triton.jit
-def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n, n_parents, K,
-                  stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  KP: tl.constexpr):
+def _box_scores(q, scaling, lo, hi):
+    """scaling * max over each box of q.k (index.tree.box_bound): q [GP, D] fp32, lo and
+    hi [BLOCK, D] -> [GP, BLOCK]."""
+    up = tl.dot(tl.maximum(q, 0.0), tl.trans(hi.to(tl.float32)), input_precision="ieee")
+    return (up + tl.dot(tl.minimum(q, 0.0), tl.trans(lo.to(tl.float32)), input_precision="ieee")) * scaling
+
+
+@triton.jit
+def _child_scores(q_ptr, lo_ptr, hi_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n,
+                  n_parents, K, stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  BLOCK: tl.constexpr, KP: tl.constexpr):
     """Row h (request h // HS, KV head h % HS), program c: chunks c, c + P, ... (P programs
     per row) of BLOCK positions of the row's compact list of candidates (the children of
-    its kept parents), scored per query head (scaling * q_g . node) into raw[h, g, pos],
+    its kept parents), scored per query head by their boxes into raw[h, g, pos],
     node ids into cand[h, pos]; (max, sum exp) per query head into part[h, c]. The tree is
     shared by the requests. A row's chunks past its own list cost nothing, and P stays
     small for big batches (_programs_per_row), so the grid does not grow with the worst row."""
@@ -212,8 +222,9 @@ def _child_scores(q_ptr, node_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, c
         at = _compact_slots(parents_ptr, start_ptr, h, hs, K, n_parents, pos, KP)[0]
         inside = pos < total
         node = tl.load(order_ptr + hs * n + at, mask=inside, other=0)
-        keys = tl.load(node_ptr + (hs * n + node[:, None]) * D + d[None, :], mask=inside[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee") * scaling  # [GP, BLOCK]
+        row = (hs * n + node[:, None]) * D + d[None, :]
+        lo = tl.load(lo_ptr + row, mask=inside[:, None], other=0.0)
+        sc = _box_scores(q, scaling, lo, tl.load(hi_ptr + row, mask=inside[:, None], other=0.0))  # [GP, BLOCK]
         ok = (g[:, None] < G) & inside[None, :]
         sc = tl.where(ok, sc, -float("inf"))
         tl.store(raw_ptr + (h * G + g[:, None]) * stride + pos[None, :], sc, mask=ok)
@@ -277,15 +288,15 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     GP, width = _rows(G), plan.width
     stride = raw.numel() // (H * G)
     parents, K = root[:H], 1
-    for depth, (nodes, order, start, n_parents, widest) in enumerate(plan.levels):
+    for depth, (lo, hi, order, start, n_parents, widest) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
         chunks = _programs_per_row(H, widest)
-        _child_scores[(H, chunks)](q, nodes, order, start, parents, raw, cand, parts, nodes.shape[1], n_parents, K,
-                                   stride, scaling, nodes.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
+        _child_scores[(H, chunks)](q, lo, hi, order, start, parents, raw, cand, parts, lo.shape[1], n_parents, K,
+                                   stride, scaling, lo.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
                                    KP=max(16, triton.next_power_of_2(K)))
         NB = max(16, triton.next_power_of_2(widest))
         _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
-                              nodes.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
+                              lo.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
                               KP=max(16, triton.next_power_of_2(K)), KW=triton.next_power_of_2(width), PAGES=False,
                               num_warps=_warps(NB))
         parents, K = out, width
@@ -294,22 +305,13 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
 
 # ---------------------------------------------------------------------------- page ranking
 @triton.jit
-def _page_estimates(q, scaling, G: tl.constexpr, GP: tl.constexpr, mean, var, count):
-    """log of the attention mass a page is expected to hold (index.tree._page_estimate,
-    radius weight 0): scaling q.mean + scaling^2 / 2 q^2.var + log count. -> [GP, BLOCK]"""
-    est = tl.dot(q, tl.trans(mean), input_precision="ieee") * scaling
-    est += tl.dot(q * q, tl.trans(var), input_precision="ieee") * (0.5 * scaling * scaling)
-    return est + tl.log(tl.maximum(count, 1).to(tl.float32))[None, :]
-
-
-@triton.jit
-def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_ptr, psq_ptr, pvalid_ptr, raw_ptr,
+def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, phi_ptr, pvalid_ptr, raw_ptr,
                  cand_ptr, part_ptr, K, n_clusters, n_shared, n_private, stride, scaling, HS, G: tl.constexpr,
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
     """Row h, program c: chunks c, c + P, ... (P programs per row, as in _child_scores) of
     BLOCK positions of the row's compact list of candidate pages: the pages of its kept
     level-1 clusters (contiguous per cluster), then its private pages (ids n_shared + p).
-    Page estimates into raw[h, g, pos] (-inf for empty pages), ids into cand; per program
+    Page box scores into raw[h, g, pos] (-inf for empty pages), ids into cand; per program
     (max, sum exp) per query head into part[h, c]."""
     h, c0 = tl.program_id(0), tl.program_id(1)
     hs, g, d, q, total, m_run, l_run = _scorer_start(q_ptr, top_ptr, start_ptr, h, HS, K, n_clusters, G, GP, D,
@@ -324,12 +326,11 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
         mine = (h * n_private + own[:, None]) * D + d[None, :]
         n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=shared, other=0)
         n_tok += tl.load(pvalid_ptr + h * n_private + own, mask=private, other=0)
-        denom = tl.maximum(n_tok, 1).to(tl.float32)[:, None]
-        mean = tl.load(mean_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
-        mean += tl.load(psum_ptr + mine, mask=private[:, None], other=0.0) / denom
-        var = tl.load(var_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
-        var += tl.maximum(tl.load(psq_ptr + mine, mask=private[:, None], other=0.0) / denom - mean * mean, 0.0)
-        est = _page_estimates(q, scaling, G, GP, mean, var, n_tok)
+        lo = tl.load(lo_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
+        lo += tl.load(plo_ptr + mine, mask=private[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(hi_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
+        hi += tl.load(phi_ptr + mine, mask=private[:, None], other=0.0).to(tl.float32)
+        est = _box_scores(q, scaling, lo, hi)
         inside = shared | private
         ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
         est = tl.where(ok, est, -float("inf"))
@@ -341,19 +342,19 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, psum_p
     tl.store(base + 1, l_run)
 
 
-def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_mean: torch.Tensor,
-                 page_var: torch.Tensor, page_valid: torch.Tensor, priv_sum: torch.Tensor, priv_sumsq: torch.Tensor,
+def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_lo: torch.Tensor,
+                 page_hi: torch.Tensor, page_valid: torch.Tensor, priv_lo: torch.Tensor, priv_hi: torch.Tensor,
                  priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
                  parts: torch.Tensor) -> torch.Tensor:
-    """The `num_pages` best pages per row (index.tree.select_pages, radius weight 0),
+    """The `num_pages` best pages per row (index.tree.select_pages),
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.
 
     q: [H, G, D] (any float dtype), H = B * HS rows; top: [H, K] int32 kept clusters (walk_tree; None
-    for a tree without levels, hence without pages); page_mean/var: [HS, N, D],
-    page_valid: [HS, N]; priv_sum/sumsq: [H, M, D] fp32 running sums of the rows' private
-    pages, priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. -> [H, num_pages] long."""
-    _check_contiguous(q, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid)
+    for a tree without levels, hence without pages); page_lo/hi: [HS, N, D] page boxes,
+    page_valid: [HS, N]; priv_lo/hi: [H, M, D] the boxes of the rows' private pages,
+    priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. -> [H, num_pages] long."""
+    _check_contiguous(q, page_lo, page_hi, page_valid, priv_lo, priv_hi, priv_valid)
     H, G, D = q.shape
     GP = _rows(G)
     n_shared, n_private = page_valid.shape[1], priv_valid.shape[1]
@@ -369,7 +370,7 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
     stride = raw.numel() // (H * G)
     KP = max(16, triton.next_power_of_2(K))
     chunks = _programs_per_row(H, n)
-    _page_scores[(H, chunks)](q, top, start, page_mean, page_var, page_valid, priv_sum, priv_sumsq, priv_valid, raw,
+    _page_scores[(H, chunks)](q, top, start, page_lo, page_hi, page_valid, priv_lo, priv_hi, priv_valid, raw,
                               cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
                               page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK, KP=KP)
     ids = torch.empty(H, num_pages, dtype=torch.long, device=q.device)
@@ -382,10 +383,10 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
 
 # ---------------------------------------------------------------------------- window push
 @triton.jit
-def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, psum_ptr, psq_ptr,
+def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, plo_ptr, phi_ptr,
           W, n_private, HS, D: tl.constexpr, P: tl.constexpr):
     """Put the new token in the window ring; once the ring is full, the token it
-    replaces moves to the next private page slot, whose running sums it joins. Row h is
+    replaces moves to the next private page slot, whose box it joins. Row h is
     KV head h % HS of request h // HS, whose counters are count[h // HS]."""
     h = tl.program_id(0)
     d = tl.arange(0, D)
@@ -398,25 +399,26 @@ def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr,
         page = priv_count // P
         tl.store(priv_k_ptr + ((h * n_private + page) * P + priv_count % P) * D + d, old_k)
         tl.store(priv_v_ptr + ((h * n_private + page) * P + priv_count % P) * D + d, old_v)
-        tl.store(pvalid_ptr + h * n_private + page, tl.load(pvalid_ptr + h * n_private + page) + 1)
-        x = old_k.to(tl.float32)
+        before = tl.load(pvalid_ptr + h * n_private + page)
+        tl.store(pvalid_ptr + h * n_private + page, before + 1)
         row = (h * n_private + page) * D + d
-        tl.store(psum_ptr + row, tl.load(psum_ptr + row) + x)
-        tl.store(psq_ptr + row, tl.load(psq_ptr + row) + x * x)
+        first = before == 0  # the page's first token sets its box
+        tl.store(plo_ptr + row, tl.where(first, old_k, tl.minimum(tl.load(plo_ptr + row), old_k)))
+        tl.store(phi_ptr + row, tl.where(first, old_k, tl.maximum(tl.load(phi_ptr + row), old_k)))
     tl.store(win_k_ptr + (h * W + slot) * D + d, tl.load(k_ptr + h * D + d))
     tl.store(win_v_ptr + (h * W + slot) * D + d, tl.load(v_ptr + h * D + d))
 
 
 def push(k: torch.Tensor, v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, counts: torch.Tensor,
-         priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, priv_sum: torch.Tensor,
-         priv_sumsq: torch.Tensor) -> None:
+         priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, priv_lo: torch.Tensor,
+         priv_hi: torch.Tensor) -> None:
     """k, v: [H, D], H = B * HS rows (B requests, HS KV heads); win_k/v: [H, W, D];
     counts: [B, 2] (per request: tokens ever in the ring, tokens in private pages), read
     here and advanced by the caller once per step; priv_k/v: [H, M, P, D]; priv_valid:
-    [H, M]; priv_sum/sumsq: [H, M, D] fp32."""
-    _check_contiguous(k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_sum, priv_sumsq)
+    [H, M]; priv_lo/hi: [H, M, D] the private pages' boxes (model dtype)."""
+    _check_contiguous(k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_lo, priv_hi)
     H, W, D = win_k.shape
-    _push[(H,)](k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_sum, priv_sumsq, W, priv_k.shape[1],
+    _push[(H,)](k, v, win_k, win_v, counts, priv_k, priv_v, priv_valid, priv_lo, priv_hi, W, priv_k.shape[1],
                 H // (counts.numel() // 2), D=D, P=priv_k.shape[2])
 
 

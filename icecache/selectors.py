@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, _combine_heads, top_pages
+from icecache.index.tree import PrivatePages, _combine_heads, box_bound, page_bounds, top_pages
 from icecache.store import HostPageStore
 
 
@@ -50,30 +50,18 @@ def quest_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages | 
     bound of a KV group is the max over its query heads. `cache` keeps the shared pages'
     min/max between steps."""
     if "shared" not in cache:
-        cache["shared"] = _min_max(shared.keys.to(q.device), shared.valid.to(q.device))
+        cache["shared"] = page_bounds(shared.keys.to(q.device), shared.valid.to(q.device))
     lo, hi = cache["shared"]
     valid = shared.valid.to(q.device)
     if private is not None and private.num_tokens:
         used = private.used_pages
-        plo, phi = _min_max(private.keys[:, :used], private.valid[:, :used])
-        lo, hi = torch.cat([lo, plo.to(lo.device)], 1), torch.cat([hi, phi.to(hi.device)], 1)
+        lo = torch.cat([lo, private.lo[:, :used].to(lo.device, lo.dtype)], 1)
+        hi = torch.cat([hi, private.hi[:, :used].to(hi.device, hi.dtype)], 1)
         valid = torch.cat([valid, private.valid[:, :used].to(valid.device)], 1)
-    qf = q.float()[:, :, None, :]  # [H, g, 1, D]
-    bound = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1).amax(1)  # [H, N]
+    bound = box_bound(q.float(), lo, hi).amax(1)  # [H, N]
     # top_pages wants weights >= 0 for candidates: shift the bounds up, keep invalid pages at -1
     weight = torch.where(valid > 0, bound - bound.amin() + 1.0, torch.full_like(bound, -1.0))
     return top_pages(weight, num_pages)
-
-
-def _min_max(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [H, N, P, D], valid [H, N] -> channel-wise min and max over valid slots [H, N, D]."""
-    P = keys.shape[2]
-    ok = (torch.arange(P, device=keys.device) < valid[..., None])[..., None]  # [H, N, P, 1]
-    k = keys.float()
-    lo = k.masked_fill(~ok, float("inf")).amin(2)
-    hi = k.masked_fill(~ok, float("-inf")).amax(2)
-    empty = valid == 0
-    return lo.masked_fill(empty[..., None], 0.0), hi.masked_fill(empty[..., None], 0.0)
 
 
 def random_pages(shared: HostPageStore, private: PrivatePages | None, num_pages: int,

@@ -17,7 +17,7 @@ What differs from the dynamic path (cache.py), by design:
   than diffed against resident slots, which would need a data-dependent copy;
 * a request's own tokens that leave the window go to private pages in arrival order
   (page = n // page_size), which keeps shapes static; they are always candidates and are
-  ranked by the same page estimate as shared pages;
+  ranked by the same box bound as shared pages (each page's box grows as tokens arrive);
 * on CUDA a sparse layer runs as ~10 Triton kernels (kernels.py: push, tree walk over
   the children of kept nodes only, page ranking over the kept clusters' pages only,
   attention reading pages in place); the torch code here is their reference and the
@@ -38,7 +38,7 @@ import torch
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.index.tree import TreeIndex, _combine_heads, _page_estimate, top_pages, tree_keep
+from icecache.index.tree import TreeIndex, page_bounds, rank_pages, tree_keep
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -170,15 +170,15 @@ class _SparseState:
         self.priv_k = torch.zeros(slots, H, cap, P, D, dtype=dtype, device=device)  # token n at page n // P
         self.priv_v = torch.zeros_like(self.priv_k)
         self.priv_valid = torch.zeros(slots, H, cap, dtype=torch.long, device=device)
-        self.priv_sum = torch.zeros(slots, H, cap, D, dtype=torch.float32, device=device)  # running sums: mean, var
-        self.priv_sumsq = torch.zeros_like(self.priv_sum)
+        self.priv_lo = torch.zeros(slots, H, cap, D, dtype=dtype, device=device)  # page boxes, kept as tokens arrive
+        self.priv_hi = torch.zeros_like(self.priv_lo)
         self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
     def slot_tensors(self) -> list[torch.Tensor]:
-        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_sum, self.priv_sumsq, self.win_k, self.win_v]
+        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.win_k, self.win_v]
 
     def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int) -> None:
         """A request's recent tokens (the context's tail, then its own prompt) into slot:
@@ -186,16 +186,13 @@ class _SparseState:
         dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
         recent_k = torch.cat([self.tail_k, own_k.to(dev, dtype)], dim=1)
         recent_v = torch.cat([self.tail_v, own_v.to(dev, dtype)], dim=1)
-        for t in (self.priv_valid, self.priv_sum, self.priv_sumsq):
-            t[slot].zero_()
+        self.priv_valid[slot].zero_()
         if cut:
             n = torch.arange(cut, device=dev)
             self.priv_k[slot][:, n // P, n % P] = recent_k[:, :cut]
             self.priv_v[slot][:, n // P, n % P] = recent_v[:, :cut]
             self.priv_valid[slot].index_add_(1, n // P, torch.ones(self.H, cut, dtype=torch.long, device=dev))
-            x = recent_k[:, :cut].float()
-            self.priv_sum[slot].index_add_(1, n // P, x)
-            self.priv_sumsq[slot].index_add_(1, n // P, x.square())
+        self.priv_lo[slot], self.priv_hi[slot] = page_bounds(self.priv_k[slot], self.priv_valid[slot])
         w = recent_k.shape[1] - cut
         self.win_k[slot, :, :w], self.win_v[slot, :, :w] = recent_k[:, cut:], recent_v[:, cut:]
 
@@ -215,8 +212,8 @@ class _SparseState:
         top = None  # kept level-1 clusters
         if self.plan.levels:
             top = kernels.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
-        return kernels.select_pages(q, top, self.plan, tree.page_mean, tree.page_var, tree.page_valid,
-                                    self.priv_sum[:B].flatten(0, 1), self.priv_sumsq[:B].flatten(0, 1),
+        return kernels.select_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
+                                    self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
                                     self.priv_valid[:B].flatten(0, 1), scaling, self.R, S["raw"], S["cand"],
                                     S["parts"])
 
@@ -226,7 +223,7 @@ class _SparseState:
         rows = lambda t: t[:B].flatten(0, 1)  # noqa: E731  [B, H, ...] -> [B * H, ...]
         kernels.push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
                      self.ring.counts[:B], rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
-                     rows(self.priv_sum), rows(self.priv_sumsq))
+                     rows(self.priv_lo), rows(self.priv_hi))
         qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
         page_ids = self.select(qf, scaling)
         S = self.scratch
@@ -253,17 +250,13 @@ class _SparseState:
         flat_k.index_copy_(1, at, torch.where(full, old_k, flat_k.index_select(1, at)))
         flat_v.index_copy_(1, at, torch.where(full, old_v, flat_v.index_select(1, at)))
         page = at // self.P
+        first = self.priv_valid[b].index_select(1, page)[..., None] == 0  # [H, 1, 1]: the page's first token
         self.priv_valid[b].index_add_(1, page, full.long().expand(H, 1))
-        x = old_k.float() * full
-        self.priv_sum[b].index_add_(1, page, x)
-        self.priv_sumsq[b].index_add_(1, page, x.square())
+        for box, extreme in ((self.priv_lo[b], torch.minimum), (self.priv_hi[b], torch.maximum)):
+            old = box.index_select(1, page)  # [H, 1, D]
+            box.index_copy_(1, page, torch.where(full, torch.where(first, old_k, extreme(old, old_k)), old))
         win_k.index_copy_(1, slot, k[:, None])
         win_v.index_copy_(1, slot, v[:, None])
-
-    def _private_summaries(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        count = self.priv_valid[b].clamp_min(1)[..., None].float()
-        mean = self.priv_sum[b] / count
-        return mean, (self.priv_sumsq[b] / count - mean.square()).clamp_min(0)
 
     def select(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Page ids [B * H, R] (private pages offset by num_shared), -1 where none.
@@ -278,20 +271,15 @@ class _SparseState:
 
     def _select_slot(self, b: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         tree = self.tree
-        estimates, candidates = [], []
+        parts = []
         if tree.num_pages:
             keep = tree_keep(tree, q, self.search_width, scaling)
             cand = tree.page_valid > 0
             if keep is not None:
                 cand = cand & keep.gather(1, tree.page_parent.clamp_min(0))
-            estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_var, tree.page_valid,
-                                            scaling, 0.0))
-            candidates.append(cand)
-        mean, var = self._private_summaries(b)
-        estimates.append(_page_estimate(q, mean, None, var, self.priv_valid[b], scaling, 0.0))  # no radius
-        candidates.append(self.priv_valid[b] > 0)
-        weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
-        return top_pages(weight, self.R)
+            parts.append((tree.page_lo, tree.page_hi, cand))
+        parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
+        return rank_pages(q, scaling, parts, self.R)
 
     def fetch(self, b: int, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""
@@ -384,7 +372,7 @@ class StaticDecoder:
         # a slot's tokens that leave the window go to private pages: at most tail + own of them
         private_pages = (context.num_tail + self.slot_tokens) // config.page_size + 2
         widest = max([max((context.sparse[i].pages.num_pages for i in sparse_layers), default=0) + private_pages] +
-                     [k.shape[1] for i in sparse_layers for k in context.sparse[i].tree.node_keys])
+                     [n for i in sparse_layers for n in context.sparse[i].tree.level_sizes()])
         # the model's norms and rotary embedding as fused kernels wherever the sparse kernels could run
         self.fused = use_kernels(self.device, config, self.head_dim, self.group, 0)
         self._merged = [self._merge(layer) if self.fused else (None, None) for layer in self.layers]

@@ -6,11 +6,17 @@ above in the MIPS-transformed space. The children of one level-1 node are simila
 keys; they are packed, most similar first, into pages of `page_size` tokens, so one
 page transfer brings related tokens together.
 
-A query walks top-down: it scores a level, keeps the best `search_width` nodes
-(per KV head, union over its query heads), and descends to their children. The
-pages of the kept level-1 clusters are then ranked by an estimate of the attention
-mass they hold (a Gaussian moment estimate from each page's mean and per-channel
-variance; see _page_estimate).
+Every node and every page is summed up by the channel-wise min and max of the keys
+below it (its box). For a query q, sum_d max(q_d lo_d, q_d hi_d) bounds q.k for every
+key k in the box (Quest's page bound, here at every level). A query walks top-down:
+it scores a level by these bounds, keeps the best `search_width` nodes (per KV head,
+union over its query heads), and descends to their children; the pages of the kept
+level-1 clusters are then ranked by their own bounds.
+
+Why bounds and not the nodes' own keys: a level-1 node is one random key, and its
+score q.node says little about the best of the ~30 keys it stands for. At 7k tokens a
+needle's cluster was often outside the 64 kept of ~210 (benchmarks/accuracy.py,
+issue 6); a box cannot hide its best key that way.
 
 Every tensor here is [H, ...] with H = number of KV heads; there is no Python loop
 over tokens or heads, so the same code runs on CPU and GPU.
@@ -33,17 +39,18 @@ class TreeIndex:
     """The immutable index of one layer's middle keys."""
 
     scale: torch.Tensor  # [H] c = max key norm at build time
-    node_keys: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] keys of the promoted points
+    cluster_keys: torch.Tensor  # [H, n_1, D] the level-1 nodes' own keys (where inserted tokens find a parent)
+    node_lo: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise min of the keys under each node
+    node_hi: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise max of the keys under each node
     node_parent: list[torch.Tensor]  # level j = 1..L-1: [H, n_j] index of the parent on level j+1
     page_parent: torch.Tensor  # [H, num_pages] level-1 cluster of each page; -1 on padding pages
-    page_mean: torch.Tensor  # [H, num_pages, D] mean key of the page's valid slots
-    page_radius: torch.Tensor  # [H, num_pages] max distance of a valid key from the mean
-    page_var: torch.Tensor  # [H, num_pages, D] per-channel variance of the page's keys
+    page_lo: torch.Tensor  # [H, num_pages, D] channel-wise min of the page's valid keys (0 on padding pages)
+    page_hi: torch.Tensor  # [H, num_pages, D] channel-wise max of the page's valid keys
     page_valid: torch.Tensor  # [H, num_pages] valid slots; 0 on padding pages
 
     @property
     def num_levels(self) -> int:
-        return len(self.node_keys)
+        return len(self.node_lo)
 
     @property
     def num_pages(self) -> int:
@@ -51,14 +58,16 @@ class TreeIndex:
 
     @property
     def num_clusters(self) -> int:
-        return self.node_keys[0].shape[1] if self.node_keys else 0
+        return self.cluster_keys.shape[1]
+
+    def level_sizes(self) -> list[int]:
+        """Nodes per level, level 1 first."""
+        return [lo.shape[1] for lo in self.node_lo]
 
     def level1_tkeys(self) -> torch.Tensor:
         """[H, n_1, D + 1] level-1 nodes in T-space (where inserted tokens find their parent);
         derived, not stored, so the decode-time index holds only what a query reads."""
-        if not self.node_keys:
-            return torch.zeros(self.page_valid.shape[0], 0, 1, device=self.page_valid.device)
-        return transform_keys(self.node_keys[0], self.scale)
+        return transform_keys(self.cluster_keys, self.scale)
 
     def cluster_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First page and page count of every level-1 cluster ([H, n_1] each): build_tree
@@ -138,18 +147,36 @@ def _sub_parents(tkeys: torch.Tensor, parent: torch.Tensor, page_size: int,
     return torch.cat(out, dim=1)
 
 
-def page_summaries(keys: torch.Tensor, valid: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, radius and per-channel variance of each page's valid slots.
-    keys: [H, N, P, D] paged keys; valid: [H, N] -> ([H, N, D], [H, N], [H, N, D])."""
+def page_bounds(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise min and max of each page's valid slots, 0 on empty pages.
+    keys: [H, N, P, D] paged keys; valid: [H, N] -> ([H, N, D], [H, N, D]) in the keys' dtype."""
     P = keys.shape[2]
-    k = keys.float()
-    slot_ok = (torch.arange(P, device=k.device) < valid[..., None])[..., None]  # [H, N, P, 1]
-    count = valid.clamp_min(1)[..., None].float()  # [H, N, 1]
-    mean = (k * slot_ok).sum(2) / count
-    centred = (k - mean[:, :, None]) * slot_ok  # [H, N, P, D]
-    var = centred.square().sum(2) / count
-    return mean, centred.norm(dim=-1).amax(dim=2), var
+    slot_ok = (torch.arange(P, device=keys.device) < valid[..., None])[..., None]  # [H, N, P, 1]
+    lo = keys.masked_fill(~slot_ok, float("inf")).amin(2)
+    hi = keys.masked_fill(~slot_ok, float("-inf")).amax(2)
+    empty = (valid == 0)[..., None]
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
+def _boxes_up(lo: torch.Tensor, hi: torch.Tensor, parent: torch.Tensor, num_parents: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boxes of the parents: channel-wise min of their children's lo, max of their hi.
+    lo, hi: [H, m, D], parent: [H, m] -> [H, num_parents, D] each (0 for a childless parent)."""
+    H, _, D = lo.shape
+    index = parent[..., None].expand(-1, -1, D)
+    up_lo = torch.full((H, num_parents, D), float("inf"), dtype=lo.dtype, device=lo.device)
+    up_hi = torch.full((H, num_parents, D), float("-inf"), dtype=hi.dtype, device=hi.device)
+    up_lo.scatter_reduce_(1, index, lo, "amin")
+    up_hi.scatter_reduce_(1, index, hi, "amax")
+    empty = up_lo.isinf()
+    return up_lo.masked_fill(empty, 0.0), up_hi.masked_fill(empty, 0.0)
+
+
+def box_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """max over the box of q.k = sum_d max(q_d lo_d, q_d hi_d). q: [H, g, D] float;
+    lo, hi: [H, n, D] -> [H, g, n]."""
+    return (torch.einsum("hgd,hnd->hgn", q.clamp_min(0), hi.to(q.dtype))
+            + torch.einsum("hgd,hnd->hgn", q.clamp_max(0), lo.to(q.dtype)))
 
 
 def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], top_level_max: int,
@@ -161,9 +188,8 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     scale = key_scale(keys)
     if n == 0:
         empty = torch.zeros(H, 0, dtype=torch.long, device=device)
-        tree = TreeIndex(scale, [], [], empty, torch.zeros(H, 0, D, dtype=keys.dtype, device=device),
-                         torch.zeros(H, 0, dtype=keys.dtype, device=device),
-                         torch.zeros(H, 0, D, dtype=keys.dtype, device=device), empty.clone())
+        none = torch.zeros(H, 0, D, dtype=keys.dtype, device=device)
+        tree = TreeIndex(scale, none, [], [], [], empty, none.clone(), none.clone(), empty.clone())
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
@@ -201,13 +227,19 @@ def build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], to
     valid.scatter_add_(1, page_of, torch.ones_like(page_of))
     paged = torch.zeros(H, num_pages, page_size, D, dtype=keys.dtype, device=device)
     paged[torch.arange(H, device=device)[:, None], page_of, slot_of] = keys
-    mean, radius, var = page_summaries(paged, valid)
+    page_lo, page_hi = page_bounds(paged, valid)
     del paged
 
-    # stored in the keys' own dtype (bf16 on a bf16 model): as precise as the keys they sum up
-    node_keys = [gather_rows(keys, m) for m in members]
-    tree = TreeIndex(scale, node_keys, node_parent, page_parent, mean.to(keys.dtype), radius.to(keys.dtype),
-                     var.to(keys.dtype), valid)
+    # boxes in the keys' own dtype (bf16 on a bf16 model): a min or max of keys is exact in it
+    node_lo, node_hi = [], []
+    lo, hi = _boxes_up(keys, keys, parent, n1)
+    for j in range(len(members)):
+        if j:
+            lo, hi = _boxes_up(lo, hi, node_parent[j - 1], members[j].shape[1])
+        node_lo.append(lo)
+        node_hi.append(hi)
+    tree = TreeIndex(scale, gather_rows(keys, members[0]), node_lo, node_hi, node_parent, page_parent, page_lo,
+                     page_hi, valid)
     return tree, PageLayout(page_of, slot_of, num_pages)
 
 
@@ -228,9 +260,8 @@ class PrivatePages:
         self.positions = torch.full((H, capacity, P), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(H, capacity, dtype=torch.long, device=device)
         self.parent = torch.full((H, capacity), -1, dtype=torch.long, device=device)
-        self.mean = torch.zeros(H, capacity, D, dtype=torch.float32, device=device)
-        self.radius = torch.zeros(H, capacity, dtype=torch.float32, device=device)
-        self.var = torch.zeros(H, capacity, D, dtype=torch.float32, device=device)
+        self.lo = torch.zeros(H, capacity, D, dtype=dtype, device=device)  # page boxes (page_bounds)
+        self.hi = torch.zeros(H, capacity, D, dtype=dtype, device=device)
         # open page per (head, cluster); the extra last column is the cluster "none" (empty tree)
         self.open_page = torch.full((H, tree.num_clusters + 1), -1, dtype=torch.long, device=device)
         self.num_pages = torch.zeros(H, dtype=torch.long, device=device)  # pages used per head
@@ -250,7 +281,7 @@ class PrivatePages:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
         for name, fill in (("keys", 0), ("values", 0), ("positions", -1), ("valid", 0), ("parent", -1),
-                           ("mean", 0), ("radius", 0), ("var", 0)):
+                           ("lo", 0), ("hi", 0)):
             old = getattr(self, name)
             pad = torch.full((old.shape[0], extra, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
             setattr(self, name, torch.cat([old, pad], dim=1))
@@ -297,21 +328,8 @@ class PrivatePages:
         self.num_pages += total_new
         self.num_tokens += m
         self.last_written = page
-        # only the pages this insert wrote change their summaries ([H, m]; repeats agree)
-        mean, radius, var = page_summaries(self.keys[h, page], self.valid.gather(1, page))
-        self.mean[h, page], self.radius[h, page], self.var[h, page] = mean, radius, var
-
-
-def _page_estimate(q: torch.Tensor, mean: torch.Tensor, radius: torch.Tensor, var: torch.Tensor,
-                   valid: torch.Tensor, scaling: float, radius_weight: float) -> torch.Tensor:
-    """log of the attention mass a page is expected to hold, per query head: for keys
-    k ~ N(mean, diag(var)), log sum exp(s q.k) ~ log n + s q.mean + s^2/2 sum_d q_d^2 var_d.
-    q: [H, g, D]; mean, var: [H, N, D] -> [H, g, N]."""
-    score = torch.einsum("hgd,hnd->hgn", q, mean.to(q.dtype))
-    score += torch.einsum("hgd,hnd->hgn", q.square(), var.to(q.dtype)) * (0.5 * scaling)
-    if radius_weight:
-        score += radius_weight * q.norm(dim=-1)[..., None] * radius[:, None, :].to(q.dtype)  # [H, g, N]
-    return score * scaling + valid.clamp_min(1).float().log()[:, None, :]
+        # only the pages this insert wrote change their boxes ([H, m]; repeats agree)
+        self.lo[h, page], self.hi[h, page] = page_bounds(self.keys[h, page], self.valid.gather(1, page))
 
 
 def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -335,8 +353,7 @@ def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: floa
     None for a tree without levels. Fixed shapes: no host sync."""
     keep = None  # [H, n_j] nodes kept on the level just scored
     for j in range(tree.num_levels, 0, -1):
-        nodes = tree.node_keys[j - 1]  # [H, n_j, D]
-        s = torch.einsum("hgd,hnd->hgn", q, nodes.to(q.dtype)) * scaling
+        s = box_bound(q, tree.node_lo[j - 1], tree.node_hi[j - 1]) * scaling  # [H, g, n_j]
         if keep is not None:
             candidate = keep.gather(1, tree.node_parent[j - 1])  # children of kept parents
             s = s.masked_fill(~candidate[:, None, :], _NEG_INF)
@@ -346,35 +363,39 @@ def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: floa
     return keep
 
 
+def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+               num_pages: int) -> torch.Tensor:
+    """The `num_pages` best pages by their bounds, over parts of (lo, hi, candidate) pages
+    ([H, N_i, D], [H, N_i, D], [H, N_i]) numbered one part after the other: each query head's
+    softmax share of the scaled bounds, summed over the KV head's query heads."""
+    if not parts:
+        return torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
+    bounds = torch.cat([box_bound(q, lo, hi) for lo, hi, _ in parts], dim=-1) * scaling  # [H, g, N]
+    weight = _combine_heads(bounds, torch.cat([cand for _, _, cand in parts], dim=-1))
+    return top_pages(weight, num_pages)
+
+
 def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor, num_pages: int,
-                 search_width: int, scaling: float, radius_weight: float) -> torch.Tensor:
+                 search_width: int, scaling: float) -> torch.Tensor:
     """The best pages for one decode query, best first.
 
     q: [H, g, D] (g query heads per KV head). Returns page ids [H, num_pages], -1 where
     fewer pages qualify; ids >= tree.num_pages are private pages (id - tree.num_pages).
     """
-    H = q.shape[0]
     q = q.float()
     keep = tree_keep(tree, q, search_width, scaling)
-    estimates, candidates = [], []
+    parts = []
     if tree.num_pages:
         cand = keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)
-        estimates.append(_page_estimate(q, tree.page_mean, tree.page_radius, tree.page_var, tree.page_valid,
-                                        scaling, radius_weight))
-        candidates.append(cand)
+        parts.append((tree.page_lo, tree.page_hi, cand))
     if private is not None and private.num_tokens:
         used = private.used_pages
         parent = private.parent[:, :used]
         cand = private.valid[:, :used] > 0
         if keep is not None:
             cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
-        estimates.append(_page_estimate(q, private.mean[:, :used], private.radius[:, :used],
-                                        private.var[:, :used], private.valid[:, :used], scaling, radius_weight))
-        candidates.append(cand)
-    if not estimates:
-        return torch.full((H, 0), -1, dtype=torch.long, device=q.device)
-    weight = _combine_heads(torch.cat(estimates, dim=-1), torch.cat(candidates, dim=-1))  # [H, N]
-    return top_pages(weight, num_pages)
+        parts.append((private.lo[:, :used], private.hi[:, :used], cand))
+    return rank_pages(q, scaling, parts, num_pages)
 
 
 def all_pages(tree: TreeIndex, private: PrivatePages | None) -> torch.Tensor:

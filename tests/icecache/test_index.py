@@ -3,7 +3,7 @@ import torch
 from icecache import IceCacheConfig
 from icecache.gpu_pool import PagePool
 from icecache.index.transform import key_scale, transform_keys, transform_queries
-from icecache.index.tree import PrivatePages, all_pages, build_tree, select_pages
+from icecache.index.tree import PrivatePages, all_pages, box_bound, build_tree, select_pages
 
 H, N, D = 3, 7000, 64
 
@@ -49,12 +49,54 @@ def test_layout_puts_every_token_in_exactly_one_slot():
     assert tree.page_valid.sum(1).tolist() == [N] * H
     # the tokens of a page share one level-1 parent: pages come from clusters
     assert (tree.page_parent.gather(1, layout.page_of) >= 0).all()
-    assert tree.num_levels >= 2 and tree.node_keys[-1].shape[1] <= IceCacheConfig().top_level_max
+    assert tree.num_levels >= 2 and tree.level_sizes()[-1] <= IceCacheConfig().top_level_max
+
+
+def test_boxes_bound_every_key_below_them():
+    """A node's or page's box score is an upper bound of q.k for every key under it."""
+    keys = clustered_keys(0)
+    tree, layout = build(keys)
+    q = torch.randn(H, 4, D, generator=torch.Generator().manual_seed(1))
+    exact = torch.einsum("hgd,hnd->hgn", q, keys)  # [H, g, N]
+    owner = layout.page_of  # [H, N]: the page, then the node on each level above, of every key
+    bound = box_bound(q, tree.page_lo, tree.page_hi)
+    for level in range(tree.num_levels + 1):
+        if level:
+            parent = tree.page_parent if level == 1 else tree.node_parent[level - 2]
+            owner = parent.gather(1, owner)
+            bound = box_bound(q, tree.node_lo[level - 1], tree.node_hi[level - 1])
+        below = bound.gather(2, owner[:, None].expand_as(exact))  # [H, g, N]: the bound over each key's box
+        assert (exact <= below + 1e-4).all(), f"level {level}"
+
+
+def test_query_finds_planted_needles():
+    """Keys pushed far along a direction of their own (needles) among clustered keys; a
+    query along that direction must find the needle's page. The boxes make this hold
+    whatever cluster a needle fell into: 0.99 here, against 0.58 for the former ranking
+    by the level-1 nodes' own keys and each page's Gaussian mass estimate."""
+    keys = clustered_keys(4)
+    g = torch.Generator().manual_seed(5)
+    M = 40
+    where = torch.randperm(N, generator=g)[:M]
+    u = torch.nn.functional.normalize(torch.randn(H, M, D, generator=g), dim=-1)
+    keys[:, where] += u * keys.norm(dim=-1).mean()
+    tree, layout = build(keys)
+    config = IceCacheConfig()
+    hits = 0
+    for i in range(M):
+        q = u[:, i:i + 1] * 4 + 0.3 * torch.randn(H, 1, D, generator=g)  # [H, 1, D]
+        chosen = select_pages(tree, None, q, config.retrieved_pages, config.search_width, D ** -0.5)
+        hits += sum(int(layout.page_of[h, where[i]]) in chosen[h].tolist() for h in range(H))
+    assert hits / (M * H) >= 0.95
 
 
 def test_query_recall_against_brute_force_mips():
     """Share of the true top-10 MIPS keys that lie in the 12 pages (192 tokens of 7000)
-    the tree query selects, at default settings. Measured: 0.855 (CPU, seed 0)."""
+    the tree query selects, at default settings, for a query near a random key. Measured:
+    0.349 (CPU, seed 0). On these Gaussian clusters a box over 64 noisy channels is loose,
+    and the former Gaussian mass estimate recalled 0.855; on the real model's keys the
+    boxes retrieve more (benchmarks/accuracy.py, README). Here: a regression guard, and
+    far better than chance."""
     keys = clustered_keys(0)
     tree, layout = build(keys)
     config = IceCacheConfig()
@@ -63,14 +105,14 @@ def test_query_recall_against_brute_force_mips():
     for _ in range(100):
         q = keys[:, torch.randint(0, N, (1,), generator=g)] + torch.randn(H, 1, D, generator=g)  # [H, 1, D]
         top = torch.einsum("hgd,hnd->hgn", q, keys).topk(10, dim=-1).indices[:, 0]  # [H, 10]
-        chosen = select_pages(tree, None, q, config.retrieved_pages, config.search_width, D ** -0.5, 0.0)
+        chosen = select_pages(tree, None, q, config.retrieved_pages, config.search_width, D ** -0.5)
         for h in range(H):
             pages = set(chosen[h].tolist())
             hits += sum(p in pages for p in layout.page_of[h, top[h]].tolist())
             total += 10
     recall = hits / total
     print(f"DCI page recall@10 = {recall:.3f}")
-    assert recall >= 0.75
+    assert recall >= 0.3
     # the tree beats a random choice of 12 pages by a wide margin (12/500 pages ~ 0.03)
     assert recall > 10 * config.retrieved_pages / tree.num_pages
 
@@ -79,7 +121,7 @@ def test_query_returns_distinct_valid_pages_best_first():
     keys = clustered_keys(2)
     tree, _ = build(keys)
     q = torch.randn(H, 3, D)
-    ids = select_pages(tree, None, q, 12, 64, D ** -0.5, 0.0)
+    ids = select_pages(tree, None, q, 12, 64, D ** -0.5)
     assert ids.shape == (H, 12)
     for h in range(H):
         assert len(set(ids[h].tolist())) == 12 and (ids[h] >= 0).all()
@@ -102,7 +144,7 @@ def test_private_insertion_joins_clusters_and_is_found():
     assert (private.parent[:, :used][real] >= 0).all()  # every private page hangs under a level-1 node
     # a query aimed exactly at a private key selects a private page
     target = torch.randn(H, 1, D) * 0.1 + new[:, 5:6]
-    ids = select_pages(tree, private, target, 12, 64, D ** -0.5, 0.0)
+    ids = select_pages(tree, private, target, 12, 64, D ** -0.5)
     assert (ids >= tree.num_pages).any()
     assert all_pages(tree, private).shape[1] == tree.num_pages + used
     assert int(real.sum()) == int(private.num_pages.sum())
@@ -113,7 +155,7 @@ def test_empty_tree_still_takes_private_tokens():
     assert tree.num_pages == 0 and layout.num_pages == 0
     private = PrivatePages(tree, H, 16, D, torch.float32, torch.device("cpu"))
     private.insert(torch.randn(H, 20, D), torch.randn(H, 20, D), torch.arange(20))
-    ids = select_pages(tree, private, torch.randn(H, 3, D), 12, 64, D ** -0.5, 0.0)
+    ids = select_pages(tree, private, torch.randn(H, 3, D), 12, 64, D ** -0.5)
     assert sorted(i for i in ids[0].tolist() if i >= 0) == [0, 1]
 
 

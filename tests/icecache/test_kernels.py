@@ -93,7 +93,7 @@ def test_kernel_tree_walk_keeps_the_same_clusters(monkeypatch, width, row_progra
     q = torch.randn(B * H, G, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     scaling = D ** -0.5
     plan = kernels.WalkPlan(tree, width)
-    assert len(plan.levels) == tree.num_levels - (tree.node_keys[-1].shape[1] <= width)
+    assert len(plan.levels) == tree.num_levels - (tree.level_sizes()[-1] <= width)
     sizes = kernels.scratch_sizes(B * H, G, D, plan, 0, 0, 1, 1, 16)
     scratch = {k: torch.empty(sizes[k], dtype=kernels.SCRATCH_DTYPES.get(k, torch.float32), device=DEVICE)
                for k in ("raw", "cand", "parts", "tops")}

@@ -34,8 +34,8 @@ def test_roundtrip_through_a_read_only_mapping_decodes_identically(engine, index
     assert mapped.host_bytes == ctx.host_bytes
     for layer in ctx.sparse:
         a, b = ctx.sparse[layer], mapped.sparse[layer]
-        assert torch.equal(a.pages.keys, b.pages.keys) and torch.equal(a.tree.page_mean, b.tree.page_mean)
-        assert len(a.tree.node_keys) == len(b.tree.node_keys)
+        assert torch.equal(a.pages.keys, b.pages.keys) and torch.equal(a.tree.page_lo, b.tree.page_lo)
+        assert a.tree.level_sizes() == b.tree.level_sizes()
     for layer in ctx.dense:
         assert torch.equal(ctx.dense[layer][0], mapped.dense[layer][0])
 
