@@ -198,10 +198,16 @@ def _scorer_start(q_ptr, parents_ptr, start_ptr, h, HS, K, n_parents, G: tl.cons
 
 @triton.jit
 def _box_scores(q, scaling, lo, hi):
-    """scaling * max over each box of q.k (index.tree.box_bound): q [GP, D] fp32, lo and
-    hi [BLOCK, D] -> [GP, BLOCK]."""
-    up = tl.dot(tl.maximum(q, 0.0), tl.trans(hi.to(tl.float32)), input_precision="ieee")
-    return (up + tl.dot(tl.minimum(q, 0.0), tl.trans(lo.to(tl.float32)), input_precision="ieee")) * scaling
+    """scaling * max over each box of q.k (index.tree.box_bound): q [GP, D] fp32 holding
+    values of the boxes' dtype, lo and hi [BLOCK, D] -> [GP, BLOCK]. 16-bit boxes (a bf16
+    model's) go through the tensor cores in their own dtype: q's values are exact in it and
+    a product of two is exact in the fp32 accumulator, so nothing is lost; fp32 boxes take
+    the exact fp32 dot."""
+    if lo.dtype == tl.float32:
+        up = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
+        return (up + tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")) * scaling
+    up = tl.dot(tl.maximum(q, 0.0).to(hi.dtype), tl.trans(hi))
+    return (up + tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))) * scaling
 
 
 @triton.jit
@@ -326,10 +332,10 @@ def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, 
         mine = (h * n_private + own[:, None]) * D + d[None, :]
         n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=shared, other=0)
         n_tok += tl.load(pvalid_ptr + h * n_private + own, mask=private, other=0)
-        lo = tl.load(lo_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
-        lo += tl.load(plo_ptr + mine, mask=private[:, None], other=0.0).to(tl.float32)
-        hi = tl.load(hi_ptr + at, mask=shared[:, None], other=0.0).to(tl.float32)
-        hi += tl.load(phi_ptr + mine, mask=private[:, None], other=0.0).to(tl.float32)
+        lo = tl.load(lo_ptr + at, mask=shared[:, None], other=0.0)  # one of the two loads is 0: exact
+        lo += tl.load(plo_ptr + mine, mask=private[:, None], other=0.0)
+        hi = tl.load(hi_ptr + at, mask=shared[:, None], other=0.0)
+        hi += tl.load(phi_ptr + mine, mask=private[:, None], other=0.0)
         est = _box_scores(q, scaling, lo, hi)
         inside = shared | private
         ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]

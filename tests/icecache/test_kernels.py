@@ -76,21 +76,24 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
 
-@pytest.mark.parametrize("width,row_programs", [(6, None), (16, 1)])
-def test_kernel_tree_walk_keeps_the_same_clusters(monkeypatch, width, row_programs):
+@pytest.mark.parametrize("width,row_programs,dtype", [
+    (6, None, torch.float32), (16, 1, torch.float32),
+    pytest.param(6, None, torch.bfloat16, marks=pytest.mark.gpu)])  # tensor-core bf16 dots: the GPU
+def test_kernel_tree_walk_keeps_the_same_clusters(monkeypatch, width, row_programs, dtype):
     """The kernel tree walk keeps the same level-1 clusters as index.tree.tree_keep, on a
     tree with several levels and clusters of many pages, for two requests sharing the
     tree (rows = request x KV head) with different queries; with a beam as wide as the top
-    level (which the plan then skips) and one scoring program per row."""
+    level (which the plan then skips), one scoring program per row, and bf16 keys and
+    queries (tensor-core dots)."""
     from icecache import kernels
     if row_programs is not None:
         monkeypatch.setattr(kernels, "_ROW_PROGRAMS", row_programs)
     from icecache.index.tree import build_tree, tree_keep
     H, G, D, n, B = 2, 3, 32, 6000, 2
-    keys = (torch.randn(H, n, D, generator=torch.Generator().manual_seed(0)) * 2).to(DEVICE)
+    keys = (torch.randn(H, n, D, generator=torch.Generator().manual_seed(0)) * 2).to(DEVICE, dtype)
     tree, _ = build_tree(keys, 16, (0.03, 0.2), 16, seed=1)
     assert tree.num_levels >= 3
-    q = torch.randn(B * H, G, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    q = torch.randn(B * H, G, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     scaling = D ** -0.5
     plan = kernels.WalkPlan(tree, width)
     assert len(plan.levels) == tree.num_levels - (tree.level_sizes()[-1] <= width)
@@ -100,7 +103,7 @@ def test_kernel_tree_walk_keeps_the_same_clusters(monkeypatch, width, row_progra
     root = torch.zeros(B * H, dtype=torch.int32, device=DEVICE)
     top = kernels.walk_tree(q, plan, root, scaling, scratch["raw"], scratch["cand"], scratch["parts"], scratch["tops"])
     for b in range(B):
-        expected = tree_keep(tree, q[b * H:(b + 1) * H], width, scaling)
+        expected = tree_keep(tree, q[b * H:(b + 1) * H].float(), width, scaling)
         got = top[b * H:(b + 1) * H].long().sort(dim=1).values
         assert torch.equal(got, expected.nonzero()[:, 1].view(H, width)), f"request {b}"
 
