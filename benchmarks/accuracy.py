@@ -230,7 +230,9 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method in both panels
+    # one colour per method in both panels; methods of older reports (since removed) after ours
+    names = list(METHODS) + sorted({key.split("@")[0] for key in report["suite_average"]} - set(METHODS))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(names)}
     by_method = defaultdict(dict)
     for key, value in report["suite_average"].items():
         method, budget = key.split("@")
@@ -271,7 +273,11 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON (--out)")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
     if args.quick:
         args.tasks, args.lengths, args.seeds, args.cases = ["passkey", "niah_single"], [2000], [0], 3
         args.methods, args.budgets = ["full", "icecache", "streaming"], [256]
