@@ -127,7 +127,6 @@ class SparseLayerState:
             recent_k = torch.cat([more_k.to(dev, dtype), recent_k], dim=1)
             recent_v = torch.cat([more_v.to(dev, dtype), recent_v], dim=1)
             first -= more_k.shape[1]
-        self.selector_cache: dict = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.private = PrivatePages(ctx_layer.tree, shape.num_kv_heads, config.page_size, shape.head_dim,
                                     dtype, dev)
@@ -258,7 +257,7 @@ class RequestKV:
         elif state.selector == "oracle":
             page_ids = oracle_pages(qg, state.ctx.pages, state.private, R, scaling)
         elif state.selector == "quest":
-            page_ids = quest_pages(qg, state.ctx.pages, state.private, R, state.selector_cache)
+            page_ids = quest_pages(qg, tree, state.private, R)
         elif state.selector == "random":
             page_ids = random_pages(state.ctx.pages, state.private, R, state.generator).to(qg.device)
         else:

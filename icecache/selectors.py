@@ -7,7 +7,8 @@ accuracy comparison differs only in which pages a decode step attends to:
 * `streaming` (sinks + the most recent tokens) needs no selector: the engine widens the
   window to the budget instead (StreamingLLM).
 
-Each takes the shared host pages and the request's private pages and returns page ids
+Each takes the shared pages (host pages, or the tree's page boxes) and the request's
+private pages and returns page ids
 [H, R] in the engine's numbering (private ids offset by the shared page count), -1 = none.
 These run on the dynamic path and read every key (oracle) or every page summary; they are
 for measurement, not for speed.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, _combine_heads, box_bound, page_bounds, top_pages
+from icecache.index.tree import PrivatePages, TreeIndex, _combine_heads, box_bound, top_pages
 from icecache.store import HostPageStore
 
 
@@ -44,15 +45,11 @@ def oracle_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages |
     return top_pages(_combine_heads(log_mass, valid > 0), num_pages)
 
 
-def quest_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages | None, num_pages: int,
-                cache: dict) -> torch.Tensor:
+def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, num_pages: int) -> torch.Tensor:
     """Quest: upper bound of q.k over a page from its channel-wise min and max keys; the
-    bound of a KV group is the max over its query heads. `cache` keeps the shared pages'
-    min/max between steps."""
-    if "shared" not in cache:
-        cache["shared"] = page_bounds(shared.keys.to(q.device), shared.valid.to(q.device))
-    lo, hi = cache["shared"]
-    valid = shared.valid.to(q.device)
+    bound of a KV group is the max over its query heads. The shared pages' min and max are
+    the tree's page boxes (the same pages, the same numbering); no tree walk."""
+    lo, hi, valid = (t.to(q.device) for t in (tree.page_lo, tree.page_hi, tree.page_valid))
     if private is not None and private.num_tokens:
         used = private.used_pages
         lo = torch.cat([lo, private.lo[:, :used].to(lo.device, lo.dtype)], 1)

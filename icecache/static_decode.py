@@ -38,7 +38,7 @@ import torch
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.index.tree import TreeIndex, page_bounds, rank_pages, tree_keep
+from icecache.index.tree import TreeIndex, page_bounds, rank_pages, shared_part, tree_keep
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -273,11 +273,7 @@ class _SparseState:
         tree = self.tree
         parts = []
         if tree.num_pages:
-            keep = tree_keep(tree, q, self.search_width, scaling)
-            cand = tree.page_valid > 0
-            if keep is not None:
-                cand = cand & keep.gather(1, tree.page_parent.clamp_min(0))
-            parts.append((tree.page_lo, tree.page_hi, cand))
+            parts.append(shared_part(tree, tree_keep(tree, q, self.search_width, scaling)))
         parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
         return rank_pages(q, scaling, parts, self.R)
 

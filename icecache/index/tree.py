@@ -363,6 +363,12 @@ def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: floa
     return keep
 
 
+def shared_part(tree: TreeIndex, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tree's pages as a rank_pages part: the valid pages of the kept level-1 clusters
+    are the candidates. keep: [H, n_1] (tree_keep; never None for a tree with pages)."""
+    return tree.page_lo, tree.page_hi, keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)
+
+
 def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                num_pages: int) -> torch.Tensor:
     """The `num_pages` best pages by their bounds, over parts of (lo, hi, candidate) pages
@@ -384,10 +390,7 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
     """
     q = q.float()
     keep = tree_keep(tree, q, search_width, scaling)
-    parts = []
-    if tree.num_pages:
-        cand = keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)
-        parts.append((tree.page_lo, tree.page_hi, cand))
+    parts = [shared_part(tree, keep)] if tree.num_pages else []
     if private is not None and private.num_tokens:
         used = private.used_pages
         parent = private.parent[:, :used]
