@@ -261,7 +261,8 @@ class RequestKV:
         elif state.selector == "random":
             page_ids = random_pages(state.ctx.pages, state.private, R, state.generator).to(qg.device)
         else:
-            page_ids = select_pages(tree, state.private, qg, R, self.config.search_width, scaling)
+            page_ids = select_pages(tree, state.private, qg, R, self.config.search_width, scaling,
+                                        self.config.page_heads)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)
         self.pages_selected += int((page_ids >= 0).sum())
         pool = state.pool

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 MODES = ("icecache", "full")
 SELECTORS = ("icecache", "oracle", "quest", "streaming", "random")
+PAGE_HEADS = ("sum", "max")
 DECODE_PATHS = ("auto", "static", "dynamic")
 PREFILL_OFFLOAD = ("auto", "device", "host")
 OFFLOAD_CHUNK_TOKENS = 8192  # an offloaded prefill's smallest chunk: the past KV crosses PCIe once per chunk
@@ -47,6 +48,9 @@ class IceCacheConfig:
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
     decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
     selector: str = "icecache"  # which pages fill the budget: icecache | oracle | quest | streaming | random
+    # how a KV head's query heads rank its pages: "sum" of each head's softmax share of the page
+    # bounds, or the "max" bound over the heads (Quest's rule: a page one head needs is kept)
+    page_heads: str = "sum"
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -65,6 +69,8 @@ class IceCacheConfig:
             _require(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r < 1.0
                      and math.isfinite(r), "promotion_ratio", f"every ratio must lie in (0, 1), got {ratios!r}")
         _require(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
+        _require(self.page_heads in PAGE_HEADS, "page_heads",
+                 f"must be one of {PAGE_HEADS}, got {self.page_heads!r}")
         _require(self.prefill_offload in PREFILL_OFFLOAD, "prefill_offload",
                  f"must be one of {PREFILL_OFFLOAD}, got {self.prefill_offload!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",

@@ -241,31 +241,38 @@ def _child_scores(q_ptr, lo_ptr, hi_ptr, order_ptr, start_ptr, parents_ptr, raw_
     tl.store(base + 1, l_run)
 
 
+RANK_LEVEL, RANK_SUM, RANK_MAX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # _select_compact's rankings
+RANK_OF_HEADS = {"sum": RANK_SUM, "max": RANK_MAX}  # IceCacheConfig.page_heads -> its page ranking
+
 @triton.jit
 def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr, K, n_parents, stride, num_parts,
                     extra, width, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
-                    KP: tl.constexpr, KW: tl.constexpr, PAGES: tl.constexpr):
+                    KP: tl.constexpr, KW: tl.constexpr, RANK: tl.constexpr):
     """Per row, over its compact candidates (children of its kept parents, plus `extra`
-    private pages): each query head's softmax over them, then the `width` best into
-    out[h, :] as ids from cand. A tree level (PAGES=0) ranks by the best log-share over
-    the query heads; pages (PAGES=1) by the shares summed over the query heads."""
+    private pages), the `width` best into out[h, :] as ids from cand, ranked by RANK:
+    RANK_LEVEL (a tree level): the best log-share (raw - the head's log-sum-exp) over the
+    query heads; RANK_SUM (pages): the softmax shares summed over the query heads;
+    RANK_MAX (pages): the largest raw score over the query heads (index.tree._combine_heads)."""
     h = tl.program_id(0)
     i = tl.arange(0, NB)
     _, total = _compact_slots(parents_ptr, start_ptr, h, h % HS, K, n_parents, i, KP)
     inside = i < total + extra
     score = tl.full((NB,), -float("inf"), tl.float32)
-    if PAGES:
+    if RANK == RANK_SUM:
         score = tl.zeros((NB,), tl.float32)
     candidate = i < 0
     for g in tl.static_range(G):
-        lse = _lse_of_parts(part_ptr, h, num_parts, g, GP, CP)
         raw = tl.load(raw_ptr + (h * G + g) * stride + i, mask=inside, other=-float("inf"))
-        if PAGES:
+        if RANK == RANK_SUM:
+            lse = _lse_of_parts(part_ptr, h, num_parts, g, GP, CP)
             score += tl.where(raw > -float("inf"), tl.exp(raw - lse), 0.0)
+        elif RANK == RANK_MAX:
+            score = tl.maximum(score, raw)
         else:
+            lse = _lse_of_parts(part_ptr, h, num_parts, g, GP, CP)
             score = tl.maximum(score, raw - lse)
         candidate = candidate | (raw > -float("inf"))
-    if PAGES:
+    if RANK == RANK_SUM:
         score = tl.where(candidate, score, -1.0)
     selected = (_key(score) >= _kth_largest(score, width)) & candidate
     ids = tl.load(cand_ptr + h * stride + i, mask=inside, other=-1)
@@ -303,7 +310,7 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
         NB = max(16, triton.next_power_of_2(widest))
         _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
                               lo.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
-                              KP=max(16, triton.next_power_of_2(K)), KW=triton.next_power_of_2(width), PAGES=False,
+                              KP=max(16, triton.next_power_of_2(K)), KW=triton.next_power_of_2(width), RANK=RANK_LEVEL,
                               num_warps=_warps(NB))
         parents, K = out, width
     return parents
@@ -351,7 +358,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, 
 def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_lo: torch.Tensor,
                  page_hi: torch.Tensor, page_valid: torch.Tensor, priv_lo: torch.Tensor, priv_hi: torch.Tensor,
                  priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
-                 parts: torch.Tensor) -> torch.Tensor:
+                 parts: torch.Tensor, heads: str = "sum") -> torch.Tensor:
     """The `num_pages` best pages per row (index.tree.select_pages),
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.
@@ -383,7 +390,8 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
     NB = max(16, triton.next_power_of_2(n))
     _select_compact[(H,)](raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, chunks, n_private,
                           num_pages, page_valid.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)),
-                          NB=NB, KP=KP, KW=triton.next_power_of_2(num_pages), PAGES=True, num_warps=_warps(NB))
+                          NB=NB, KP=KP, KW=triton.next_power_of_2(num_pages), RANK=RANK_OF_HEADS[heads],
+                          num_warps=_warps(NB))
     return ids
 
 

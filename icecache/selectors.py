@@ -55,10 +55,7 @@ def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, 
         lo = torch.cat([lo, private.lo[:, :used].to(lo.device, lo.dtype)], 1)
         hi = torch.cat([hi, private.hi[:, :used].to(hi.device, hi.dtype)], 1)
         valid = torch.cat([valid, private.valid[:, :used].to(valid.device)], 1)
-    bound = box_bound(q.float(), lo, hi).amax(1)  # [H, N]
-    # top_pages wants weights >= 0 for candidates: shift the bounds up, keep invalid pages at -1
-    weight = torch.where(valid > 0, bound - bound.amin() + 1.0, torch.full_like(bound, -1.0))
-    return top_pages(weight, num_pages)
+    return top_pages(_combine_heads(box_bound(q.float(), lo, hi), valid > 0, "max"), num_pages)
 
 
 def random_pages(shared: HostPageStore, private: PrivatePages | None, num_pages: int,
@@ -68,4 +65,4 @@ def random_pages(shared: HostPageStore, private: PrivatePages | None, num_pages:
     if private is not None and private.num_tokens:
         valid = torch.cat([valid, private.valid[:, :private.used_pages].cpu()], 1)
     noise = torch.rand(valid.shape, generator=generator)
-    return top_pages(torch.where(valid > 0, noise, torch.full_like(noise, -1.0)), num_pages)
+    return top_pages(noise.masked_fill(valid == 0, float("-inf")), num_pages)

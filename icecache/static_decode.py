@@ -152,6 +152,7 @@ class _SparseState:
         P, W = config.page_size, config.window_tokens
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
+        self.page_heads = config.page_heads
         self.ring, self.scratch = ring, scratch
         pages = ctx_layer.pages
         self.tree: TreeIndex = ctx_layer.tree
@@ -215,7 +216,7 @@ class _SparseState:
         return kernels.select_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
                                     self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
                                     self.priv_valid[:B].flatten(0, 1), scaling, self.R, S["raw"], S["cand"],
-                                    S["parts"])
+                                    S["parts"], self.page_heads)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache import kernels
@@ -275,7 +276,7 @@ class _SparseState:
         if tree.num_pages:
             parts.append(shared_part(tree, tree_keep(tree, q, self.search_width, scaling)))
         parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
-        return rank_pages(q, scaling, parts, self.R)
+        return rank_pages(q, scaling, parts, self.R, self.page_heads)
 
     def fetch(self, b: int, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""

@@ -332,19 +332,22 @@ class PrivatePages:
         self.lo[h, page], self.hi[h, page] = page_bounds(self.keys[h, page], self.valid.gather(1, page))
 
 
-def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Union over the query heads of a KV head: each head's softmax share, summed.
-    scores: [H, g, N], candidate: [H, N] -> [H, N] (-1 where not a candidate)."""
+def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+    """Union over the query heads of a KV head, as a weight for top_pages: "sum" = each
+    head's softmax share, summed; "max" = the largest score over the heads.
+    scores: [H, g, N], candidate: [H, N] -> [H, N] (-inf where not a candidate)."""
     scores = scores.masked_fill(~candidate[:, None, :], _NEG_INF)
+    if heads == "max":
+        return scores.amax(dim=1)
     share = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=1)
-    return share.masked_fill(~candidate, -1.0)
+    return share.masked_fill(~candidate, _NEG_INF)
 
 
 def top_pages(weight: torch.Tensor, num_pages: int) -> torch.Tensor:
-    """The best pages by weight [H, N], best first; -1 where the weight is negative (not a
+    """The best pages by weight [H, N], best first; -1 where the weight is -inf (not a
     candidate) or fewer pages exist. -> [H, min(num_pages, N)]."""
     best = weight.topk(min(num_pages, weight.shape[1]), dim=1)
-    return torch.where(best.values >= 0, best.indices, -1)
+    return torch.where(best.values > _NEG_INF, best.indices, -1)
 
 
 def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: float) -> torch.Tensor | None:
@@ -370,23 +373,24 @@ def shared_part(tree: TreeIndex, keep: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-               num_pages: int) -> torch.Tensor:
+               num_pages: int, heads: str = "sum") -> torch.Tensor:
     """The `num_pages` best pages by their bounds, over parts of (lo, hi, candidate) pages
-    ([H, N_i, D], [H, N_i, D], [H, N_i]) numbered one part after the other: each query head's
-    softmax share of the scaled bounds, summed over the KV head's query heads."""
+    ([H, N_i, D], [H, N_i, D], [H, N_i]) numbered one part after the other, the KV head's
+    query heads combined by `heads` (_combine_heads)."""
     if not parts:
         return torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
     bounds = torch.cat([box_bound(q, lo, hi) for lo, hi, _ in parts], dim=-1) * scaling  # [H, g, N]
-    weight = _combine_heads(bounds, torch.cat([cand for _, _, cand in parts], dim=-1))
+    weight = _combine_heads(bounds, torch.cat([cand for _, _, cand in parts], dim=-1), heads)
     return top_pages(weight, num_pages)
 
 
 def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor, num_pages: int,
-                 search_width: int, scaling: float) -> torch.Tensor:
+                 search_width: int, scaling: float, heads: str = "sum") -> torch.Tensor:
     """The best pages for one decode query, best first.
 
     q: [H, g, D] (g query heads per KV head). Returns page ids [H, num_pages], -1 where
     fewer pages qualify; ids >= tree.num_pages are private pages (id - tree.num_pages).
+    heads: how the query heads combine on pages (IceCacheConfig.page_heads).
     """
     q = q.float()
     keep = tree_keep(tree, q, search_width, scaling)
@@ -398,7 +402,7 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
         if keep is not None:
             cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
         parts.append((private.lo[:, :used], private.hi[:, :used], cand))
-    return rank_pages(q, scaling, parts, num_pages)
+    return rank_pages(q, scaling, parts, num_pages, heads)
 
 
 def all_pages(tree: TreeIndex, private: PrivatePages | None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from icecache import IceCacheConfig, SamplingParams
     ("mode", "sparse"), ("token_budget", 0), ("token_budget", 70), ("page_size", -1), ("sink_tokens", -1),
     ("window_tokens", 0), ("dense_layers", 1.5), ("promotion_ratio", (0.0,)), ("promotion_ratio", (1.5, 0.2)),
     ("promotion_ratio", ()), ("search_width", 0), ("reuse_layers", 0), ("prefill_chunk_tokens", 0),
-    ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"),
+    ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"), ("page_heads", "mean"),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -117,6 +117,25 @@ def test_query_recall_against_brute_force_mips():
     assert recall > 10 * config.retrieved_pages / tree.num_pages
 
 
+def test_max_heads_with_a_walk_that_keeps_everything_is_quest():
+    """page_heads="max" ranks pages by the largest bound over a KV head's query heads,
+    Quest's rule: with a walk wide enough to keep every cluster the tree picks exactly
+    Quest's pages; the default "sum" of shares picks others."""
+    from icecache.selectors import quest_pages
+    keys = clustered_keys(3)
+    tree, _ = build(keys)
+    g = torch.Generator().manual_seed(3)
+    differ = 0
+    for _ in range(10):
+        q = torch.randn(H, 3, D, generator=g) * 2
+        quest = quest_pages(q, tree, None, 12)
+        wide = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="max")
+        assert torch.equal(wide.sort(dim=1).values, quest.sort(dim=1).values)
+        summed = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5)
+        differ += not torch.equal(summed.sort(dim=1).values, quest.sort(dim=1).values)
+    assert differ > 0
+
+
 def test_query_returns_distinct_valid_pages_best_first():
     keys = clustered_keys(2)
     tree, _ = build(keys)

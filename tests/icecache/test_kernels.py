@@ -50,20 +50,22 @@ def run(decoder: StaticDecoder, logits: torch.Tensor, start: int, steps: int):
     return pages, torch.stack(seen)
 
 
-@pytest.mark.parametrize("arch,doc_tokens,question,reuse,row_programs", [
-    ("llama", 1500, [5, 6, 7], 1, None), ("qwen3", 700, [], 1, None), ("llama", 60, list(range(3, 40)), 1, None),
-    ("llama", 900, [5, 6], 2, None), ("llama", 1500, [5, 6, 7], 1, 1)])
-def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question, reuse, row_programs):
+@pytest.mark.parametrize("arch,doc_tokens,question,reuse,row_programs,heads", [
+    ("llama", 1500, [5, 6, 7], 1, None, "sum"), ("qwen3", 700, [], 1, None, "sum"),
+    ("llama", 60, list(range(3, 40)), 1, None, "sum"), ("llama", 900, [5, 6], 2, None, "sum"),
+    ("llama", 1500, [5, 6, 7], 1, 1, "sum"), ("llama", 1500, [5, 6, 7], 1, None, "max")])
+def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question, reuse, row_programs, heads):
     """Same pages every layer and step, same logits: documents with a tree, without one
     (60 tokens: all sinks and tail), questions long enough to start in private pages,
     decoding past the window so tokens move into private pages mid-run, IceCache-reuse,
-    and one scoring program per row looping over all its chunks (as in a big batch)."""
+    one scoring program per row looping over all its chunks (as in a big batch), and
+    pages ranked by the query heads' largest bound (page_heads="max")."""
     from icecache import kernels
     if row_programs is not None:
         monkeypatch.setattr(kernels, "_ROW_PROGRAMS", row_programs)
     steps = 24
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, arch, doc_tokens, question, steps,
-                                                    reuse_layers=reuse)
+                                                    reuse_layers=reuse, page_heads=heads)
     assert fast.scratch is not None and ref.scratch is None
     start = ctx.num_tokens + len(question)
     ref_pages, ref_logits = run(ref, logits, start, steps)
