@@ -1,7 +1,9 @@
 """Long-context accuracy of page selectors at equal budget, RULER-style, on the built-in model.
 
     python benchmarks/accuracy.py --quick          # CI-sized: 2 tasks, 2k tokens, 3 cases
-    python benchmarks/accuracy.py                  # the suite (hours on 2 CPU cores)
+    python benchmarks/accuracy.py                  # the suite (days on 2 CPU cores)
+    python benchmarks/accuracy.py --device cuda --tasks passkey --out a.json --resume  # a shard; resumable
+    python benchmarks/accuracy.py --merge a.json b.json ... --out suite.json          # shards -> one report
 
 Tasks are generated locally from seeds (no download): passkey, single- and multi-key
 needles, a multi-value needle, variable tracking, common-word extraction and QA over
@@ -9,18 +11,23 @@ synthetic facts. Every case is prefilled and indexed once; each method then answ
 the same context at each budget, so only the choice of pages differs. Budgets below 256
 shrink sinks and window to 16 tokens each (64 = 16 + 16 + 2 pages). Reports accuracy mean
 and std over seeds per (task, length, method, budget), retention vs full attention, and
-wall time; writes JSON and a PNG next to it.
+wall time; writes JSON and a PNG next to it. The JSON keeps every answer (a record per
+case, method and budget), so shards run side by side merge into one report, and a run
+that was cut off resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
 
@@ -148,8 +155,8 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_beam256", "icecache_reuse", "oracle", "quest", "streaming",
-           "random")
+METHODS = ("full", "icecache", "icecache_max", "icecache_beam256", "icecache_reuse", "oracle", "quest",
+           "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
@@ -158,6 +165,9 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
     edge = 16 if budget < 256 else 32
     if method == "icecache_beam256":  # a variant under study: the tree walk keeps 256 nodes per level, not 64
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=256,
+                              decode_path="dynamic")
+    if method == "icecache_max":  # a variant under study: pages ranked by the query heads' largest bound
+        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, page_heads="max",
                               decode_path="dynamic")
     if method == "icecache_reuse":  # IceCache-reuse: cycles of 2 sparse layers share one selection
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, reuse_layers=2,
@@ -171,58 +181,86 @@ def score(text: str, answers: list[str]) -> float:
 
 
 def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], cases: int, methods: list[str],
-        budgets: list[int], log=print, checkpoint=None) -> dict:
-    """Evaluate; `checkpoint(report)` is called after every case with the results so far."""
-    results = defaultdict(list)  # (task, length, method, budget, seed) -> case scores
+        budgets: list[int], log=print, checkpoint=None, done: list[dict] | None = None) -> dict:
+    """Evaluate every case with every method and budget. Each answer is a record (task,
+    length, seed, case, method, budget, score); `checkpoint(report)` is called after every
+    case. Cases whose records are all in `done` (an earlier, interrupted run) are skipped."""
+    records = list(done or [])
+    have = {(r["task"], r["length"], r["seed"], r["case"], r["method"], r["budget"]) for r in records}
     timing = defaultdict(float)
-    layouts = {}
+    runs = [(m, b) for m in methods for b in ([0] if m == "full" else budgets)]
     for task_name in tasks:
         task = TASKS[task_name]
         for n in lengths:
             for seed in seeds:
                 rng = random.Random(f"{task_name}-{n}-{seed}")
                 for case in range(cases):
-                    doc, question, answers = task.build(engine.tokenizer, n, rng)
+                    doc, question, answers = task.build(engine.tokenizer, n, rng)  # advances rng: always build
+                    todo = [(m, b) for m, b in runs if (task_name, n, seed, case, m, b) not in have]
+                    if not todo:
+                        continue
                     params = SamplingParams(max_tokens=task.max_tokens, temperature=0.0)
                     contexts = {}
-                    for method in methods:
-                        for budget in ([0] if method == "full" else budgets):
-                            cfg = method_config(method, budget or 256)
-                            eng = engine.with_config(cfg)
-                            key = (cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
-                            if key not in contexts:  # one prefill per layout (sinks/window/reuse) per case
-                                t = time.perf_counter()
-                                contexts[key] = eng.index(doc)
-                                timing["prefill"] += time.perf_counter() - t
+                    scores = {}
+                    for method, budget in todo:
+                        cfg = method_config(method, budget or 256)
+                        eng = engine.with_config(cfg)
+                        key = (cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
+                        if key not in contexts:  # one prefill per layout (sinks/window/reuse) per case
                             t = time.perf_counter()
-                            out = eng.generate(question, params, context=contexts[key])
-                            timing[method] += time.perf_counter() - t
-                            results[(task_name, n, method, budget, seed)].append(score(out.text, answers))
+                            contexts[key] = eng.index(doc)
+                            timing["prefill"] += time.perf_counter() - t
+                        t = time.perf_counter()
+                        out = eng.generate(question, params, context=contexts[key])
+                        timing[method] += time.perf_counter() - t
+                        scores[(method, budget)] = score(out.text, answers)
+                        records.append({"task": task_name, "length": n, "seed": seed, "case": case,
+                                        "method": method, "budget": budget, "score": scores[(method, budget)]})
                     if checkpoint is not None:
-                        checkpoint(summarise(results, timing))
+                        checkpoint(summarise(records, timing))
                     log(f"{task_name} {n} seed {seed} case {case}: " + ", ".join(
-                        f"{m}@{b}={results[(task_name, n, m, b, seed)][-1]:.2f}" for m in methods
-                        for b in ([0] if m == "full" else budgets)))
-    return summarise(results, timing)
+                        f"{m}@{b}={v:.2f}" for (m, b), v in scores.items()))
+    return summarise(records, timing)
 
 
-def summarise(results: dict, timing: dict) -> dict:
-    per_seed = defaultdict(dict)
-    for (task, n, method, budget, seed), scores in results.items():
-        per_seed[(task, n, method, budget)][seed] = statistics.mean(scores)
+def summarise(records: list[dict], timing: dict) -> dict:
+    """Mean and std over seeds (of each seed's mean over its cases) per (task, length,
+    method, budget), retention vs full, the suite average per method@budget; the records
+    are kept, so reports can be merged and resumed."""
+    by_seed = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_seed[(r["task"], r["length"], r["method"], r["budget"])][r["seed"]].append(r["score"])
+    per_seed = {key: {seed: statistics.mean(v) for seed, v in seeds.items()} for key, seeds in by_seed.items()}
     rows = []
-    for (task, n, method, budget), by_seed in sorted(per_seed.items()):
-        values = list(by_seed.values())
-        full = statistics.mean(per_seed[(task, n, "full", 0)].values())
+    for (task, n, method, budget), means in sorted(per_seed.items()):
+        values = list(means.values())
+        full_means = per_seed.get((task, n, "full", 0))
+        full = statistics.mean(full_means.values()) if full_means else None
         mean = statistics.mean(values)
         rows.append({"task": task, "length": n, "method": method, "budget": budget, "mean": mean,
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values),
+                     "cases": sum(len(by_seed[(task, n, method, budget)][s]) for s in means),
                      "full_mean": full, "retention": mean / full if full else None})
     averages = defaultdict(list)
     for r in rows:
         averages[(r["method"], r["budget"])].append(r["mean"])
     suite = {f"{m}@{b}": statistics.mean(v) for (m, b), v in sorted(averages.items())}
-    return {"rows": rows, "suite_average": suite, "wall_s": dict(timing)}
+    return {"rows": rows, "suite_average": suite, "wall_s": dict(timing), "records": records}
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several (shards run side by side, or a run resumed): the records
+    are joined (a repeated answer counts once) and summarised again; wall times add up."""
+    seen, records, timing = set(), [], defaultdict(float)
+    for report in reports:
+        for r in report["records"]:
+            key = (r["task"], r["length"], r["seed"], r["case"], r["method"], r["budget"])
+            if key not in seen:
+                seen.add(key)
+                records.append(r)
+        for name, value in report["wall_s"].items():
+            timing[name] += value
+    return summarise(records, timing)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -269,27 +307,57 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000, 7000])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--cases", type=int, default=20, help="cases per seed, task and length")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--device", default="cpu", help="where the model runs (fp32 on any device, as in CI)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the answers of --out's .partial.json (an interrupted run), or of --out itself "
+                         "(a smaller finished one), and do only the rest")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON (--out)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="write --out (JSON and PNG) from these reports' records: shards of one suite")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        missing = [str(p) for p, r in zip(args.merge, parts) if "records" not in r]
+        if missing:
+            raise SystemExit(f"--merge: {', '.join(missing)} hold no per-case records (written before they were kept)")
+        report = merge(parts)
+        report.update({"model": parts[0]["model"], "date": time.strftime("%Y-%m-%d"),
+                       "merged_from": [{"file": p.name, "args": r.get("args"), "date": r.get("date"),
+                                        "total_wall_s": r.get("total_wall_s")} for p, r in zip(args.merge, parts)]})
+        args.out.write_text(json.dumps(report, indent=1))
+        plot(report, args.out.with_suffix(".png"))
+        print(json.dumps(report["suite_average"], indent=1))
         return 0
     if args.quick:
         args.tasks, args.lengths, args.seeds, args.cases = ["passkey", "niah_single"], [2000], [0], 3
         args.methods, args.budgets = ["full", "icecache", "streaming"], [256]
     start = time.perf_counter()
-    engine = Engine.from_pretrained(device="cpu")
+    engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial.json")
+    done = None
+    if args.resume:
+        earlier = partial if partial.exists() else args.out
+        done = json.loads(earlier.read_text())["records"] if earlier.exists() else None
+
+    def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
+        scratch = partial.with_suffix(".tmp")
+        scratch.write_text(json.dumps(report))
+        os.replace(scratch, partial)
+
     report = run(engine, args.tasks, args.lengths, args.seeds, args.cases, args.methods, args.budgets,
-                 checkpoint=lambda r: partial.write_text(json.dumps(r, indent=1)))
+                 checkpoint=checkpoint, done=done)
     partial.unlink(missing_ok=True)
-    report.update({"model": engine.model_id, "date": time.strftime("%Y-%m-%d"), "args": {
-        k: v for k, v in vars(args).items() if k != "out"}, "total_wall_s": time.perf_counter() - start})
+    report.update({"model": engine.model_id, "device": str(engine.device), "date": time.strftime("%Y-%m-%d"),
+                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
+                   "total_wall_s": time.perf_counter() - start})
     print(json.dumps(report["suite_average"], indent=1))
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.out.with_suffix(".png"))
