@@ -155,7 +155,7 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_max", "icecache_beam256", "icecache_reuse", "oracle", "quest",
+METHODS = ("full", "icecache", "icecache_sum", "icecache_beam256", "icecache_reuse", "oracle", "quest",
            "streaming", "random")
 
 
@@ -166,9 +166,10 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
     if method == "icecache_beam256":  # a variant under study: the tree walk keeps 256 nodes per level, not 64
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=256,
                               decode_path="dynamic")
-    if method == "icecache_max":  # a variant under study: pages ranked by the query heads' largest bound
-        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, page_heads="max",
-                              decode_path="dynamic")
+    if method in ("icecache", "icecache_sum"):  # the engine's own path: static with kernels on a GPU (same pages)
+        # icecache_sum: pages ranked by the query heads' summed softmax shares (the default until 2026-11-24)
+        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge,
+                              page_heads="sum" if method == "icecache_sum" else "max")
     if method == "icecache_reuse":  # IceCache-reuse: cycles of 2 sparse layers share one selection
         return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, reuse_layers=2,
                               decode_path="static")
@@ -317,7 +318,8 @@ def main(argv=None) -> int:
                          "(a smaller finished one), and do only the rest")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON (--out)")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                    help="write --out (JSON and PNG) from these reports' records: shards of one suite")
+                    help="write --out (JSON and PNG) from these reports' records (cases below --cases, of --methods): "
+                         "shards of one suite")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
@@ -327,8 +329,11 @@ def main(argv=None) -> int:
         missing = [str(p) for p, r in zip(args.merge, parts) if "records" not in r]
         if missing:
             raise SystemExit(f"--merge: {', '.join(missing)} hold no per-case records (written before they were kept)")
+        for part in parts:  # keep the cases and methods asked for (a shard may have run further or more)
+            part["records"] = [r for r in part["records"] if r["case"] < args.cases and r["method"] in args.methods]
         report = merge(parts)
-        report.update({"model": parts[0]["model"], "date": time.strftime("%Y-%m-%d"),
+        report.update({"model": next((r["model"] for r in parts if "model" in r), None),
+                       "date": time.strftime("%Y-%m-%d"),
                        "merged_from": [{"file": p.name, "args": r.get("args"), "date": r.get("date"),
                                         "total_wall_s": r.get("total_wall_s")} for p, r in zip(args.merge, parts)]})
         args.out.write_text(json.dumps(report, indent=1))
@@ -349,7 +354,7 @@ def main(argv=None) -> int:
 
     def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
         scratch = partial.with_suffix(".tmp")
-        scratch.write_text(json.dumps(report))
+        scratch.write_text(json.dumps({**report, "model": engine.model_id, "device": str(engine.device)}))
         os.replace(scratch, partial)
 
     report = run(engine, args.tasks, args.lengths, args.seeds, args.cases, args.methods, args.budgets,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 MODES = ("icecache", "full")
 SELECTORS = ("icecache", "oracle", "quest", "streaming", "random")
-PAGE_HEADS = ("sum", "max")
+PAGE_HEADS = ("max", "sum")
 DECODE_PATHS = ("auto", "static", "dynamic")
 PREFILL_OFFLOAD = ("auto", "device", "host")
 OFFLOAD_CHUNK_TOKENS = 8192  # an offloaded prefill's smallest chunk: the past KV crosses PCIe once per chunk
@@ -48,9 +48,9 @@ class IceCacheConfig:
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
     decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
     selector: str = "icecache"  # which pages fill the budget: icecache | oracle | quest | streaming | random
-    # how a KV head's query heads rank its pages: "sum" of each head's softmax share of the page
-    # bounds, or the "max" bound over the heads (Quest's rule: a page one head needs is kept)
-    page_heads: str = "sum"
+    # how a KV head's query heads rank its pages: the "max" bound over the heads (Quest's rule: a
+    # page one head needs is kept), or the "sum" of each head's softmax share of the page bounds
+    page_heads: str = "max"
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")

@@ -358,7 +358,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, 
 def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_lo: torch.Tensor,
                  page_hi: torch.Tensor, page_valid: torch.Tensor, priv_lo: torch.Tensor, priv_hi: torch.Tensor,
                  priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
-                 parts: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+                 parts: torch.Tensor, heads: str = "max") -> torch.Tensor:
     """The `num_pages` best pages per row (index.tree.select_pages),
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.

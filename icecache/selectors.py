@@ -42,7 +42,7 @@ def oracle_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages |
     ok = torch.arange(P, device=q.device) < valid[..., None]  # [H, N, P]
     s = s.masked_fill(~ok[:, None], float("-inf"))
     log_mass = torch.logsumexp(s, dim=-1)  # [H, g, N]
-    return top_pages(_combine_heads(log_mass, valid > 0), num_pages)
+    return top_pages(_combine_heads(log_mass, valid > 0, "sum"), num_pages)
 
 
 def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, num_pages: int) -> torch.Tensor:

@@ -332,7 +332,7 @@ class PrivatePages:
         self.lo[h, page], self.hi[h, page] = page_bounds(self.keys[h, page], self.valid.gather(1, page))
 
 
-def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+def _combine_heads(scores: torch.Tensor, candidate: torch.Tensor, heads: str = "max") -> torch.Tensor:
     """Union over the query heads of a KV head, as a weight for top_pages: "sum" = each
     head's softmax share, summed; "max" = the largest score over the heads.
     scores: [H, g, N], candidate: [H, N] -> [H, N] (-inf where not a candidate)."""
@@ -373,7 +373,7 @@ def shared_part(tree: TreeIndex, keep: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-               num_pages: int, heads: str = "sum") -> torch.Tensor:
+               num_pages: int, heads: str = "max") -> torch.Tensor:
     """The `num_pages` best pages by their bounds, over parts of (lo, hi, candidate) pages
     ([H, N_i, D], [H, N_i, D], [H, N_i]) numbered one part after the other, the KV head's
     query heads combined by `heads` (_combine_heads)."""
@@ -385,7 +385,7 @@ def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, 
 
 
 def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor, num_pages: int,
-                 search_width: int, scaling: float, heads: str = "sum") -> torch.Tensor:
+                 search_width: int, scaling: float, heads: str = "max") -> torch.Tensor:
     """The best pages for one decode query, best first.
 
     q: [H, g, D] (g query heads per KV head). Returns page ids [H, num_pages], -1 where

@@ -118,9 +118,9 @@ def test_query_recall_against_brute_force_mips():
 
 
 def test_max_heads_with_a_walk_that_keeps_everything_is_quest():
-    """page_heads="max" ranks pages by the largest bound over a KV head's query heads,
-    Quest's rule: with a walk wide enough to keep every cluster the tree picks exactly
-    Quest's pages; the default "sum" of shares picks others."""
+    """page_heads="max" (the default) ranks pages by the largest bound over a KV head's
+    query heads, Quest's rule: with a walk wide enough to keep every cluster the tree picks
+    exactly Quest's pages; the "sum" of shares picks others."""
     from icecache.selectors import quest_pages
     keys = clustered_keys(3)
     tree, _ = build(keys)
@@ -131,7 +131,7 @@ def test_max_heads_with_a_walk_that_keeps_everything_is_quest():
         quest = quest_pages(q, tree, None, 12)
         wide = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="max")
         assert torch.equal(wide.sort(dim=1).values, quest.sort(dim=1).values)
-        summed = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5)
+        summed = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="sum")
         differ += not torch.equal(summed.sort(dim=1).values, quest.sort(dim=1).values)
     assert differ > 0
 
