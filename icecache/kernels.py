@@ -244,6 +244,7 @@ def _child_scores(q_ptr, lo_ptr, hi_ptr, order_ptr, start_ptr, parents_ptr, raw_
 RANK_LEVEL, RANK_SUM, RANK_MAX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # _select_compact's rankings
 RANK_OF_HEADS = {"sum": RANK_SUM, "max": RANK_MAX}  # IceCacheConfig.page_heads -> its page ranking
 
+
 @triton.jit
 def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr, K, n_parents, stride, num_parts,
                     extra, width, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
