@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, TreeIndex, _combine_heads, box_bound, top_pages
+from icecache.index.tree import PrivatePages, TreeIndex, _combine_heads, candidate_parts, rank_pages, top_pages
 from icecache.store import HostPageStore
 
 
@@ -48,14 +48,9 @@ def oracle_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages |
 def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, num_pages: int) -> torch.Tensor:
     """Quest: upper bound of q.k over a page from its channel-wise min and max keys; the
     bound of a KV group is the max over its query heads. The shared pages' min and max are
-    the tree's page boxes (the same pages, the same numbering); no tree walk."""
-    lo, hi, valid = (t.to(q.device) for t in (tree.page_lo, tree.page_hi, tree.page_valid))
-    if private is not None and private.num_tokens:
-        used = private.used_pages
-        lo = torch.cat([lo, private.lo[:, :used].to(lo.device, lo.dtype)], 1)
-        hi = torch.cat([hi, private.hi[:, :used].to(hi.device, hi.dtype)], 1)
-        valid = torch.cat([valid, private.valid[:, :used].to(valid.device)], 1)
-    return top_pages(_combine_heads(box_bound(q.float(), lo, hi), valid > 0, "max"), num_pages)
+    the tree's page boxes (the same pages, the same numbering): IceCache's page ranking
+    with page_heads="max" over every page, without the walk."""
+    return rank_pages(q.float(), 1.0, candidate_parts(tree, private, None), num_pages, "max")
 
 
 def random_pages(shared: HostPageStore, private: PrivatePages | None, num_pages: int,

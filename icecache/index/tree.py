@@ -366,10 +366,29 @@ def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: floa
     return keep
 
 
-def shared_part(tree: TreeIndex, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shared_part(tree: TreeIndex, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tree's pages as a rank_pages part: the valid pages of the kept level-1 clusters
-    are the candidates. keep: [H, n_1] (tree_keep; never None for a tree with pages)."""
-    return tree.page_lo, tree.page_hi, keep.gather(1, tree.page_parent.clamp_min(0)) & (tree.page_valid > 0)
+    are the candidates. keep: [H, n_1] (tree_keep), or None: every valid page (no walk)."""
+    cand = tree.page_valid > 0
+    if keep is not None:
+        cand = cand & keep.gather(1, tree.page_parent.clamp_min(0))
+    return tree.page_lo, tree.page_hi, cand
+
+
+def candidate_parts(tree: TreeIndex, private: PrivatePages | None, keep: torch.Tensor | None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """rank_pages parts of a request's candidate pages: the tree's (shared_part), then its
+    private pages (ids after the tree's), those placed under a cluster only if it is kept.
+    keep: [H, n_1] (tree_keep), or None: every valid page."""
+    parts = [shared_part(tree, keep)] if tree.num_pages else []
+    if private is not None and private.num_tokens:
+        used = private.used_pages
+        parent = private.parent[:, :used]
+        cand = private.valid[:, :used] > 0
+        if keep is not None:
+            cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
+        parts.append((private.lo[:, :used], private.hi[:, :used], cand))
+    return parts
 
 
 def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -393,15 +412,7 @@ def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor,
     heads: how the query heads combine on pages (IceCacheConfig.page_heads).
     """
     q = q.float()
-    keep = tree_keep(tree, q, search_width, scaling)
-    parts = [shared_part(tree, keep)] if tree.num_pages else []
-    if private is not None and private.num_tokens:
-        used = private.used_pages
-        parent = private.parent[:, :used]
-        cand = private.valid[:, :used] > 0
-        if keep is not None:
-            cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
-        parts.append((private.lo[:, :used], private.hi[:, :used], cand))
+    parts = candidate_parts(tree, private, tree_keep(tree, q, search_width, scaling))
     return rank_pages(q, scaling, parts, num_pages, heads)
 
 
