@@ -181,13 +181,20 @@ def score(text: str, answers: list[str]) -> float:
     return sum(a.lower() in text.lower() for a in answers) / len(answers)
 
 
+RECORD_KEY = ("task", "length", "seed", "case", "method", "budget")  # one answer per key; a record adds "score"
+
+
+def record_key(record: dict) -> tuple:
+    return tuple(record[name] for name in RECORD_KEY)
+
+
 def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], cases: int, methods: list[str],
         budgets: list[int], log=print, checkpoint=None, done: list[dict] | None = None) -> dict:
     """Evaluate every case with every method and budget. Each answer is a record (task,
     length, seed, case, method, budget, score); `checkpoint(report)` is called after every
     case. Cases whose records are all in `done` (an earlier, interrupted run) are skipped."""
     records = list(done or [])
-    have = {(r["task"], r["length"], r["seed"], r["case"], r["method"], r["budget"]) for r in records}
+    have = {record_key(r) for r in records}
     timing = defaultdict(float)
     runs = [(m, b) for m in methods for b in ([0] if m == "full" else budgets)]
     for task_name in tasks:
@@ -240,7 +247,7 @@ def summarise(records: list[dict], timing: dict) -> dict:
         mean = statistics.mean(values)
         rows.append({"task": task, "length": n, "method": method, "budget": budget, "mean": mean,
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values),
-                     "cases": sum(len(by_seed[(task, n, method, budget)][s]) for s in means),
+                     "cases": sum(map(len, by_seed[(task, n, method, budget)].values())),
                      "full_mean": full, "retention": mean / full if full else None})
     averages = defaultdict(list)
     for r in rows:
@@ -255,7 +262,7 @@ def merge(reports: list[dict]) -> dict:
     seen, records, timing = set(), [], defaultdict(float)
     for report in reports:
         for r in report["records"]:
-            key = (r["task"], r["length"], r["seed"], r["case"], r["method"], r["budget"])
+            key = record_key(r)
             if key not in seen:
                 seen.add(key)
                 records.append(r)
