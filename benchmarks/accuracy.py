@@ -160,21 +160,17 @@ METHODS = ("full", "icecache", "icecache_sum", "icecache_beam256", "icecache_reu
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
+    """Every method at the same budget, sinks and window, on the engine's own decode path
+    (static, with kernels and CUDA graphs on a GPU; dynamic on CPU): only the pages differ."""
     if method == "full":
         return IceCacheConfig(mode="full")
     edge = 16 if budget < 256 else 32
-    if method == "icecache_beam256":  # a variant under study: the tree walk keeps 256 nodes per level, not 64
-        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, search_width=256,
-                              decode_path="dynamic")
-    if method in ("icecache", "icecache_sum"):  # the engine's own path: static with kernels on a GPU (same pages)
-        # icecache_sum: pages ranked by the query heads' summed softmax shares (the default until 2026-11-24)
-        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge,
-                              page_heads="sum" if method == "icecache_sum" else "max")
-    if method == "icecache_reuse":  # IceCache-reuse: cycles of 2 sparse layers share one selection
-        return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, reuse_layers=2,
-                              decode_path="static")
-    return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, selector=method,
-                          decode_path="dynamic")
+    variant = {
+        "icecache_sum": dict(page_heads="sum"),  # pages ranked by the query heads' summed softmax shares
+        "icecache_beam256": dict(search_width=256),  # the tree walk keeps 256 nodes per level, not 64
+        "icecache_reuse": dict(reuse_layers=2),  # IceCache-reuse: cycles of 2 sparse layers share one selection
+    }.get(method, {} if method == "icecache" else dict(selector=method))
+    return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
 
 
 def score(text: str, answers: list[str]) -> float:

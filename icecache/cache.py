@@ -19,7 +19,7 @@ from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
 from icecache.index.tree import PrivatePages, all_pages, select_pages
-from icecache.selectors import oracle_pages, quest_pages, random_pages
+from icecache.selectors import oracle_pages, page_parts, quest_pages, random_draw, random_pages, recent_tokens
 
 ATTN_IMPLEMENTATION = "icecache"
 BATCH_KWARG = "icecache_batch"
@@ -92,27 +92,11 @@ def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor,
     return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling)
 
 
-def _recent_context(pages, end: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `count` context tokens just before position `end`, from the host pages, in
-    position order: ([H, m, D], [H, m, D])."""
-    H, _, _, D = pages.keys.shape
-    if count <= 0:
-        empty = pages.keys.new_zeros(H, 0, D)
-        return empty, empty
-    pos = pages.positions.reshape(H, -1)  # [H, N * P]
-    take = (pos >= end - count) & (pos < end)
-    m = int(take[0].sum())
-    order = torch.where(take, pos, torch.iinfo(pos.dtype).max).argsort(dim=1)[:, :m]  # [H, m] by position
-    k = pages.keys.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
-    v = pages.values.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
-    return k, v
-
-
 class SparseLayerState:
     """A request's view of one sparse layer: device sinks, recent window, private pages, slots."""
 
     def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, first_own_pos: int,
-                 config: IceCacheConfig, shape: ModelShape) -> None:
+                 config: IceCacheConfig, shape: ModelShape, layer: int) -> None:
         dev, dtype = shape.device, shape.dtype
         self.ctx = ctx_layer
         self.sink_k, self.sink_v = ctx_layer.sink_k.to(dev, dtype), ctx_layer.sink_v.to(dev, dtype)
@@ -123,11 +107,11 @@ class SparseLayerState:
         self.selector = config.selector
         if self.selector == "streaming":  # StreamingLLM: the whole budget past the sinks is recent tokens
             self.window = config.token_budget - config.sink_tokens
-            more_k, more_v = _recent_context(ctx_layer.pages, first, self.window - recent_k.shape[1])
+            more_k, more_v = recent_tokens(ctx_layer.pages, self.window - recent_k.shape[1])
             recent_k = torch.cat([more_k.to(dev, dtype), recent_k], dim=1)
             recent_v = torch.cat([more_v.to(dev, dtype), recent_v], dim=1)
             first -= more_k.shape[1]
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.draw = random_draw(config.seed, layer)  # selector "random": + the step's position
         self.private = PrivatePages(ctx_layer.tree, shape.num_kv_heads, config.page_size, shape.head_dim,
                                     dtype, dev)
         cut = max(0, recent_k.shape[1] - self.window)
@@ -230,7 +214,7 @@ class RequestKV:
             else:
                 own = self.own[layer]
                 self.sparse[layer] = SparseLayerState(self.context.sparse[layer], own.k, own.v,
-                                                      self.first_own_pos, self.config, self.shape)
+                                                      self.first_own_pos, self.config, self.shape, layer)
                 self.own[layer] = None  # its tokens now live in the window and private pages
         self.decoding = True
 
@@ -255,11 +239,13 @@ class RequestKV:
         elif self.config.mode == "full" or num_pages <= R:
             page_ids = all_pages(tree, state.private)  # the budget covers everything: no search
         elif state.selector == "oracle":
-            page_ids = oracle_pages(qg, state.ctx.pages, state.private, R, scaling)
+            page_ids = oracle_pages(qg, page_parts(state.ctx.pages, state.private, qg.device), R, scaling)
         elif state.selector == "quest":
             page_ids = quest_pages(qg, tree, state.private, R)
         elif state.selector == "random":
-            page_ids = random_pages(state.ctx.pages, state.private, R, state.generator).to(qg.device)
+            private = state.private.valid[:, :state.private.used_pages]
+            valid = torch.cat([state.ctx.pages.valid.to(qg.device), private], dim=1)
+            page_ids = random_pages(valid, R, state.draw + state.win_first_pos + state.win_k.shape[1])
         else:
             page_ids = select_pages(tree, state.private, qg, R, self.config.search_width, scaling,
                                         self.config.page_heads)

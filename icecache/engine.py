@@ -277,8 +277,6 @@ class Engine:
         path = self.config.decode_path
         if self.config.reuse_layers > 1:
             return True  # IceCache-reuse is built on the static path only
-        if self.config.selector != "icecache":
-            return False  # the comparison selectors run on the dynamic path
         return path == "static" or (path == "auto" and self.device.type == "cuda")
 
     def _dense_kv(self) -> tuple[int, int]:

@@ -4,14 +4,13 @@ accuracy comparison differs only in which pages a decode step attends to:
 * `oracle`: the pages holding the most true attention mass (exact scores of every key: a ceiling);
 * `quest`: Quest's bound from per-page channel-wise key min/max (Tang et al., 2024);
 * `random`: uniformly random valid pages;
-* `streaming` (sinks + the most recent tokens) needs no selector: the engine widens the
-  window to the budget instead (StreamingLLM).
+* `streaming` (sinks + the most recent tokens) needs no selector: a decode path widens
+  the window to the budget instead (StreamingLLM) and fills it with `recent_tokens`.
 
-Each takes the shared pages (host pages, or the tree's page boxes) and the request's
-private pages and returns page ids
-[H, R] in the engine's numbering (private ids offset by the shared page count), -1 = none.
-These run on the dynamic path and read every key (oracle) or every page summary; they are
-for measurement, not for speed.
+They return page ids [H, R] in the engine's numbering (a request's private pages after
+the shared ones), -1 = none, and are used by both decode paths: fixed shapes and no host
+sync, so the static path records them in its CUDA graph. They read every key (oracle) or
+every page summary: they are for measurement, not for speed.
 """
 
 from __future__ import annotations
@@ -21,28 +20,39 @@ import torch
 from icecache.index.tree import PrivatePages, TreeIndex, _combine_heads, candidate_parts, rank_pages, top_pages
 from icecache.store import HostPageStore
 
-
-def _pages(shared: HostPageStore, private: PrivatePages | None, device: torch.device):
-    """All pages' keys [H, N, P, D] and valid counts [H, N], shared first."""
-    keys, valid = [shared.keys.to(device)], [shared.valid.to(device)]
-    if private is not None and private.num_tokens:
-        used = private.used_pages
-        keys.append(private.keys[:, :used].to(device, shared.keys.dtype))
-        valid.append(private.valid[:, :used].to(device))
-    return torch.cat(keys, dim=1), torch.cat(valid, dim=1)
+_HASH_MUL = 0x45D9F3B  # a 32-bit integer hash's multiplier (x ^ x >> 16) * m, twice
+_GOLDEN = 0x9E3779B9
+_MASK32 = 0xFFFFFFFF
 
 
-def oracle_pages(q: torch.Tensor, shared: HostPageStore, private: PrivatePages | None, num_pages: int,
-                 scaling: float) -> torch.Tensor:
-    """Exact: each page's share of every query head's attention over all pages, summed over
-    the heads of a KV group. q: [H, g, D]."""
-    keys, valid = _pages(shared, private, q.device)
+def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """log sum exp of every query head's scores over each page's valid keys.
+    q: [H, g, D]; keys: [H, N, P, D]; valid: [H, N] -> [H, g, N] (-inf on empty pages)."""
     P = keys.shape[2]
     s = torch.einsum("hgd,hnpd->hgnp", q.float(), keys.float()) * scaling  # [H, g, N, P]
     ok = torch.arange(P, device=q.device) < valid[..., None]  # [H, N, P]
-    s = s.masked_fill(~ok[:, None], float("-inf"))
-    log_mass = torch.logsumexp(s, dim=-1)  # [H, g, N]
+    return torch.logsumexp(s.masked_fill(~ok[:, None], float("-inf")), dim=-1)
+
+
+def oracle_pages(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], num_pages: int,
+                 scaling: float) -> torch.Tensor:
+    """Exact: each page's share of every query head's attention over all pages, summed over
+    the heads of a KV group. q: [H, g, D]; parts: (keys [H, N_i, P, D], valid [H, N_i]),
+    numbered one after the other (shared pages, then private)."""
+    log_mass = torch.cat([page_log_mass(q, keys, valid, scaling) for keys, valid in parts], dim=-1)
+    valid = torch.cat([valid for _, valid in parts], dim=-1)
     return top_pages(_combine_heads(log_mass, valid > 0, "sum"), num_pages)
+
+
+def page_parts(shared: HostPageStore, private: PrivatePages | None, device: torch.device
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """oracle_pages parts of the dynamic path: the host pages (copied to `device`), then
+    the request's private pages."""
+    parts = [(shared.keys.to(device), shared.valid.to(device))]
+    if private is not None and private.num_tokens:
+        used = private.used_pages
+        parts.append((private.keys[:, :used], private.valid[:, :used]))
+    return parts
 
 
 def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, num_pages: int) -> torch.Tensor:
@@ -53,11 +63,35 @@ def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, 
     return rank_pages(q.float(), 1.0, candidate_parts(tree, private, None), num_pages, "max")
 
 
-def random_pages(shared: HostPageStore, private: PrivatePages | None, num_pages: int,
-                 generator: torch.Generator) -> torch.Tensor:
-    """Uniformly random valid pages."""
-    valid = shared.valid
-    if private is not None and private.num_tokens:
-        valid = torch.cat([valid, private.valid[:, :private.used_pages].cpu()], 1)
-    noise = torch.rand(valid.shape, generator=generator)
-    return top_pages(noise.masked_fill(valid == 0, float("-inf")), num_pages)
+def random_pages(valid: torch.Tensor, num_pages: int, draw: torch.Tensor | int) -> torch.Tensor:
+    """Uniformly random valid pages of valid [H, N]: an integer hash of (page, head, draw),
+    so a draw (a layer and step) picks the same pages on any device, and the static path
+    can record it in a CUDA graph (draw: an int, or a 1-element device tensor)."""
+    H, N = valid.shape
+    x = (torch.arange(H * N, device=valid.device).view(H, N) + ((draw * _GOLDEN) & _MASK32)) & _MASK32
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * _HASH_MUL) & _MASK32
+    x = (x ^ (x >> 16)) >> 8  # 24 bits: exact in float32
+    return top_pages(x.float().masked_fill(valid == 0, float("-inf")), num_pages)
+
+
+def random_draw(seed: int, layer: int) -> int:
+    """The part of random_pages' draw fixed for a layer (a step's count is added to it)."""
+    return (seed * 1_000_003 + layer) * 65_537
+
+
+def recent_tokens(pages: HostPageStore, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `count` tokens (by position) held in the host pages, in position order:
+    ([H, m, D], [H, m, D]), m = min(count, tokens held)."""
+    H, _, _, D = pages.keys.shape
+    pos = pages.positions.reshape(H, -1)  # [H, N * P], -1 in empty slots
+    if count <= 0 or pos.numel() == 0:
+        empty = pages.keys.new_zeros(H, 0, D)
+        return empty, empty
+    end = int(pos.max()) + 1
+    take = (pos >= end - count) & (pos >= 0)
+    m = int(take[0].sum())
+    order = torch.where(take, pos, torch.iinfo(pos.dtype).max).argsort(dim=1)[:, :m]  # [H, m] by position
+    k = pages.keys.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
+    v = pages.values.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
+    return k, v

@@ -39,6 +39,7 @@ from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.index.tree import TreeIndex, page_bounds, rank_pages, shared_part, tree_keep
+from icecache.selectors import oracle_pages, random_draw, random_pages, recent_tokens
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -145,16 +146,18 @@ class _SparseState:
 
     def __init__(self, ctx_layer, slots: int, private_pages: int, config: IceCacheConfig, dtype: torch.dtype,
                  device: torch.device, ring: _Ring, scratch: _Scratch | None,
-                 leader: "_SparseState | None" = None, device_pages: bool = False) -> None:
+                 leader: "_SparseState | None" = None, device_pages: bool = False, layer: int = 0) -> None:
         H, _, D = ctx_layer.sink_k.shape
         self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
         self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
-        P, W = config.page_size, config.window_tokens
+        P, W = config.page_size, ring.window
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
         self.page_heads = config.page_heads
+        self.selector = config.selector
+        self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
         self.ring, self.scratch = ring, scratch
-        pages = ctx_layer.pages
+        self.pages = pages = ctx_layer.pages
         self.tree: TreeIndex = ctx_layer.tree
         self.num_shared = pages.num_pages
         self.device_pages = device_pages
@@ -181,12 +184,14 @@ class _SparseState:
     def slot_tensors(self) -> list[torch.Tensor]:
         return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.win_k, self.win_v]
 
-    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int) -> None:
-        """A request's recent tokens (the context's tail, then its own prompt) into slot:
-        the oldest `cut` of them into private pages, the rest into the window ring."""
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0) -> None:
+        """A request's recent tokens (the last `before` tokens of the context's middle, its
+        tail, then the request's own prompt) into slot: the oldest `cut` of them into private
+        pages, the rest into the window ring."""
         dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
-        recent_k = torch.cat([self.tail_k, own_k.to(dev, dtype)], dim=1)
-        recent_v = torch.cat([self.tail_v, own_v.to(dev, dtype)], dim=1)
+        more_k, more_v = recent_tokens(self.pages, before)
+        recent_k = torch.cat([more_k.to(dev, dtype), self.tail_k, own_k.to(dev, dtype)], dim=1)
+        recent_v = torch.cat([more_v.to(dev, dtype), self.tail_v, own_v.to(dev, dtype)], dim=1)
         self.priv_valid[slot].zero_()
         if cut:
             n = torch.arange(cut, device=dev)
@@ -264,19 +269,30 @@ class _SparseState:
         q: [B * H, G, D] fp32, slot-major."""
         if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
             return self.leader.last_ids
-        if self.scratch is not None:
+        if self.scratch is not None and self.selector == "icecache":
             self.last_ids = self._select_kernels(q, scaling)
             return self.last_ids
         self.last_ids = torch.cat([self._select_slot(b, qb, scaling) for b, qb in enumerate(q.split(self.H))])
         return self.last_ids
 
     def _select_slot(self, b: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        tree = self.tree
+        """Slot b's pages (the torch path; the comparison selectors on CUDA too: torch ops
+        with fixed shapes, recorded in the step's graph)."""
+        tree, R, selector = self.tree, self.R, self.selector
+        if selector == "streaming":  # sinks + a window as wide as the rest of the budget: no pages
+            return torch.full((self.H, R), -1, dtype=torch.long, device=q.device)
+        if selector == "oracle":
+            parts = [(self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b])]
+            return oracle_pages(q, parts, R, scaling)
+        if selector == "random":
+            valid = torch.cat([self.shared_valid, self.priv_valid[b]], dim=1)
+            return random_pages(valid, R, self.draw + self.ring.counts[b, :1])
+        quest = selector == "quest"  # Quest: every page ranked by the max bound over the query heads, no walk
         parts = []
         if tree.num_pages:
-            parts.append(shared_part(tree, tree_keep(tree, q, self.search_width, scaling)))
+            parts.append(shared_part(tree, None if quest else tree_keep(tree, q, self.search_width, scaling)))
         parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
-        return rank_pages(q, scaling, parts, self.R, self.page_heads)
+        return rank_pages(q, scaling, parts, R, "max" if quest else self.page_heads)
 
     def fetch(self, b: int, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""
@@ -364,7 +380,9 @@ class StaticDecoder:
         self.slots, self.slot_tokens = slots, max(slot_tokens or 0, need)
         num_layers = len(self.layers)
         sparse_layers = [i for i in range(num_layers) if i not in context.dense and config.mode != "full"]
-        self.ring = _Ring(slots, config.window_tokens, self.device) if sparse_layers else None
+        # the window ring; StreamingLLM (selector "streaming") widens it to the budget past the sinks
+        window = config.token_budget - config.sink_tokens if config.selector == "streaming" else config.window_tokens
+        self.ring = _Ring(slots, window, self.device) if sparse_layers else None
         self.own = torch.zeros(slots, dtype=torch.long, device=self.device)  # own tokens per slot (dense layers)
         # a slot's tokens that leave the window go to private pages: at most tail + own of them
         private_pages = (context.num_tail + self.slot_tokens) // config.page_size + 2
@@ -381,7 +399,7 @@ class StaticDecoder:
                 leader = context.cycle_leader(i)
                 self.states.append(_SparseState(context.sparse[i], slots, private_pages, config, self.dtype,
                                                 self.device, self.ring, self.scratch,
-                                                self.states[leader] if leader != i else None, device_pages))
+                                                self.states[leader] if leader != i else None, device_pages, i))
             else:
                 ck, cv = context.flat_kv(i)
                 self.states.append(_DenseState(ck, cv, slots, self.slot_tokens, self.dtype, self.device, self.own,
@@ -410,12 +428,17 @@ class StaticDecoder:
                              f"{self.slot_tokens - 1} tokens")
         self.own[slot] = m
         if self.ring is not None:
-            recent = self.context.num_tail + m  # tokens that start in the window or behind it
-            cut = max(0, recent - self.config.window_tokens)  # the oldest of them start in private pages
+            ctx, window = self.context, self.ring.window
+            recent = ctx.num_tail + m  # tokens that start in the window or behind it
+            before = 0  # StreamingLLM's wide window starts with the context middle's last tokens
+            if self.config.selector == "streaming":
+                before = max(0, min(window - recent, ctx.num_tokens - ctx.num_sink - ctx.num_tail))
+            recent += before
+            cut = max(0, recent - window)  # the oldest of them start in private pages
             self.ring.counts[slot, 0], self.ring.counts[slot, 1] = recent - cut, cut
         for state, (k, v) in zip(self.states, own_kv):
             if isinstance(state, _SparseState):
-                state.load(slot, k, v, cut)
+                state.load(slot, k, v, cut, before)
             else:
                 state.load(slot, k, v)
 

@@ -78,6 +78,25 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
 
+@pytest.mark.parametrize("selector", ["quest", "oracle", "random", "streaming"])
+def test_comparison_selectors_attend_through_the_kernels(monkeypatch, selector):
+    """The comparison selectors rank pages in torch on both paths; the Triton path attends
+    over what they pick (StreamingLLM: a window ring as wide as the budget past the
+    sinks) and must give the torch path's logits, with the same pages, as tokens move
+    into private pages."""
+    steps = 20
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector)
+    assert fast.scratch is not None and ref.scratch is None
+    ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
+    fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
+    assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    picked = sum(int((p >= 0).sum()) for step in ref_pages for p in step)
+    assert picked == 0 if selector == "streaming" else picked > 0
+    if selector == "streaming":
+        assert ref.ring.window == CONFIG.token_budget - CONFIG.sink_tokens
+
+
 @pytest.mark.parametrize("width,row_programs,dtype", [
     (6, None, torch.float32), (16, 1, torch.float32),
     pytest.param(6, None, torch.bfloat16, marks=pytest.mark.gpu)])  # tensor-core bf16 dots: the GPU

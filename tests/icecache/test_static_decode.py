@@ -1,6 +1,7 @@
 """The static-shape decode path (the one CUDA graphs capture on a GPU), run eagerly on CPU:
 the same tokens as the dynamic path where their designs agree, and the passkey on real weights."""
 
+import pytest
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
@@ -32,6 +33,46 @@ def test_static_icecache_finds_the_passkey_and_selects_within_budget(engine):
 
 
 def test_decode_path_is_validated():
-    import pytest
     with pytest.raises(ValueError, match="decode_path"):
         IceCacheConfig(decode_path="fast")
+
+
+@pytest.mark.parametrize("selector", ["quest", "oracle", "streaming"])
+def test_comparison_selectors_on_the_static_path_equal_the_dynamic_path(selector):
+    """Quest, the oracle and StreamingLLM run on the static path (the GPU's, where the
+    accuracy suite runs) and give the dynamic path's tokens. One-token pages make both
+    paths' private pages the same: with larger pages the dynamic path groups a request's
+    tokens by cluster and the static path by arrival, so their page choices may differ."""
+    model = random_model(tiny_config("llama"), torch.device("cpu"))
+    ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+    config = IceCacheConfig(token_budget=4 + 4 + 12, page_size=1, sink_tokens=4, window_tokens=4, dense_layers=1,
+                            selector=selector)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for path in ("dynamic", "static"):
+        eng = Engine.from_model(model, config=config.replace(decode_path=path))
+        outs[path] = eng.generate([7], params, context=eng.index(ids))
+    assert outs["static"].token_ids == outs["dynamic"].token_ids and len(outs["static"].token_ids) == 20
+    full = Engine.from_model(model, config=config.replace(mode="full"))
+    assert outs["static"].token_ids != full.generate([7], params, context=full.index(ids)).token_ids
+    for out in outs.values():  # StreamingLLM reads no pages; the others fill the budget every step
+        sparse_rows = (model.config.num_hidden_layers - 1) * model.config.num_key_value_heads
+        expected = 0 if selector == "streaming" else 12 * sparse_rows
+        assert out.stats["pages_selected_per_token"] == expected
+
+
+def test_random_pages_are_valid_distinct_and_fixed_by_the_draw():
+    from icecache.selectors import random_pages
+    valid = torch.randint(0, 3, (2, 500), generator=torch.Generator().manual_seed(0))
+    picks = [random_pages(valid, 40, draw) for draw in (0, 1, 0)]
+    for p in picks:
+        assert p.shape == (2, 40) and bool((p >= 0).all())
+        assert bool((valid.gather(1, p) > 0).all())  # only pages holding tokens
+        assert all(len(set(row.tolist())) == 40 for row in p)
+    assert torch.equal(picks[0], picks[2]) and not torch.equal(picks[0], picks[1])
+    counts = torch.zeros(2, 500)  # over many draws every valid page comes up about as often
+    for draw in range(400):
+        counts.scatter_add_(1, random_pages(valid, 40, torch.tensor([draw])), torch.ones(2, 40))
+    expected = 400 * 40 / (valid > 0).sum(1, keepdim=True)
+    assert bool((counts[valid == 0] == 0).all())
+    assert (counts / expected)[valid > 0].std() < 0.25
