@@ -155,8 +155,8 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_sum", "icecache_beam256", "icecache_reuse", "oracle", "quest",
-           "streaming", "random")
+METHODS = ("full", "icecache", "icecache_sum", "icecache_beam256", "icecache_reuse", "icecache_rerank2",
+           "icecache_rerank4", "oracle", "quest", "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
@@ -169,6 +169,8 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
         "icecache_sum": dict(page_heads="sum"),  # pages ranked by the query heads' summed softmax shares
         "icecache_beam256": dict(search_width=256),  # the tree walk keeps 256 nodes per level, not 64
         "icecache_reuse": dict(reuse_layers=2),  # IceCache-reuse: cycles of 2 sparse layers share one selection
+        "icecache_rerank2": dict(rerank=2),  # the bounds pick 2x the pages, their keys' attention mass keeps half
+        "icecache_rerank4": dict(rerank=4),
     }.get(method, {} if method == "icecache" else dict(selector=method))
     return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
 

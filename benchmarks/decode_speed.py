@@ -1,6 +1,7 @@
 """Decode speed and GPU memory at long context, side by side in one run (GPU).
 
     python benchmarks/decode_speed.py                       # 16k..128k, budgets 256 and 1024
+    python benchmarks/decode_speed.py --contexts 16384 131072 --budgets 256 --skip-hf --rerank 2 4
 
 Model: Llama-3.1-8B shape, random bf16 weights built on the GPU (timing does not depend
 on weight values). For each context length:
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--reuse-layers", type=int, default=0,
                     help="also run IceCache-reuse with cycles of this many sparse layers (own index)")
+    ap.add_argument("--rerank", type=int, nargs="*", default=[],
+                    help="also run IceCache re-ranking this many candidate pages per retrieved page by their keys")
     args = parse_gpu_args(ap, argv, "decode_speed", plot)
     if args is None:
         return 0
@@ -217,6 +220,11 @@ def main(argv=None) -> int:
             sparse = eng.with_config(IceCacheConfig(token_budget=budget))
             row[f"icecache_{budget}"] = run_engine(sparse, ctx, args.tokens, breakdown=True)
             print(f"[{n}] (c) IceCache@{budget}: {row[f'icecache_{budget}']}")
+            for r in args.rerank:
+                key = f"icecache_{budget}_rerank{r}"
+                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=r)), ctx,
+                                      args.tokens, breakdown=True)
+                print(f"[{n}] (c'') IceCache@{budget}, re-ranking {r}x candidates: {row[key]}")
         if args.reuse_layers > 1:  # its own context: followers are stored in their leader's page layout
             reuse_eng = eng.with_config(IceCacheConfig(reuse_layers=args.reuse_layers))
             t = time.perf_counter()

@@ -18,7 +18,7 @@ from icecache.attention import decode_attention, prefill_attention, prefill_atte
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
-from icecache.index.tree import PrivatePages, all_pages, select_pages
+from icecache.index.tree import PrivatePages, all_pages, rerank_pages, select_pages
 from icecache.selectors import oracle_pages, page_parts, quest_pages, random_draw, random_pages, recent_tokens
 
 ATTN_IMPLEMENTATION = "icecache"
@@ -247,8 +247,13 @@ class RequestKV:
             valid = torch.cat([state.ctx.pages.valid.to(qg.device), private], dim=1)
             page_ids = random_pages(valid, R, state.draw + state.win_first_pos + state.win_k.shape[1])
         else:
-            page_ids = select_pages(tree, state.private, qg, R, self.config.search_width, scaling,
-                                        self.config.page_heads)
+            C = R * self.config.rerank
+            page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,
+                                    self.config.page_heads)
+            if C > R:  # the candidates' keys pick R of them
+                used = state.private.used_pages
+                page_ids = rerank_pages(qg, page_ids, (state.ctx.pages.keys, state.ctx.pages.valid),
+                                        (state.private.keys[:, :used], state.private.valid[:, :used]), R, scaling)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)
         self.pages_selected += int((page_ids >= 0).sum())
         pool = state.pool

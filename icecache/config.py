@@ -51,11 +51,14 @@ class IceCacheConfig:
     # how a KV head's query heads rank its pages: the "max" bound over the heads (Quest's rule: a
     # page one head needs is kept), or the "sum" of each head's softmax share of the page bounds
     page_heads: str = "max"
+    # candidate pages per retrieved page: the box bounds pick rerank x retrieved_pages candidates,
+    # then the candidates' keys rank them by exact attention mass (1 = by the bounds alone)
+    rerank: int = 1
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
         for name in ("token_budget", "page_size", "search_width", "top_level_max",
-                     "reuse_layers", "prefill_chunk_tokens"):
+                     "reuse_layers", "prefill_chunk_tokens", "rerank"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, f"must be a positive int, got {value!r}")
         for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):

@@ -17,21 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, TreeIndex, _combine_heads, candidate_parts, rank_pages, top_pages
+from icecache.index.tree import (PrivatePages, TreeIndex, _combine_heads, candidate_parts, page_log_mass, rank_pages,
+                                 top_pages)
 from icecache.store import HostPageStore
 
 _HASH_MUL = 0x45D9F3B  # a 32-bit integer hash's multiplier (x ^ x >> 16) * m, twice
 _GOLDEN = 0x9E3779B9
 _MASK32 = 0xFFFFFFFF
-
-
-def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
-    """log sum exp of every query head's scores over each page's valid keys.
-    q: [H, g, D]; keys: [H, N, P, D]; valid: [H, N] -> [H, g, N] (-inf on empty pages)."""
-    P = keys.shape[2]
-    s = torch.einsum("hgd,hnpd->hgnp", q.float(), keys.float()) * scaling  # [H, g, N, P]
-    ok = torch.arange(P, device=q.device) < valid[..., None]  # [H, N, P]
-    return torch.logsumexp(s.masked_fill(~ok[:, None], float("-inf")), dim=-1)
 
 
 def oracle_pages(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], num_pages: int,

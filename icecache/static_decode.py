@@ -38,7 +38,7 @@ import torch
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.index.tree import TreeIndex, page_bounds, rank_pages, shared_part, tree_keep
+from icecache.index.tree import TreeIndex, page_bounds, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.selectors import oracle_pages, random_draw, random_pages, recent_tokens
 
 
@@ -154,6 +154,7 @@ class _SparseState:
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
         self.page_heads = config.page_heads
+        self.rerank = config.rerank if config.selector == "icecache" else 1
         self.selector = config.selector
         self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
         self.ring, self.scratch = ring, scratch
@@ -218,10 +219,14 @@ class _SparseState:
         top = None  # kept level-1 clusters
         if self.plan.levels:
             top = kernels.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
-        return kernels.select_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
-                                    self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
-                                    self.priv_valid[:B].flatten(0, 1), scaling, self.R, S["raw"], S["cand"],
-                                    S["parts"], self.page_heads)
+        ids = kernels.select_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
+                                   self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
+                                   self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"],
+                                   S["cand"], S["parts"], self.page_heads)
+        if self.rerank == 1:
+            return ids
+        return rerank_pages(q, ids, (self.shared_k, self.shared_valid),
+                            (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1)), self.R, scaling)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache import kernels
@@ -292,7 +297,11 @@ class _SparseState:
         if tree.num_pages:
             parts.append(shared_part(tree, None if quest else tree_keep(tree, q, self.search_width, scaling)))
         parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
-        return rank_pages(q, scaling, parts, R, "max" if quest else self.page_heads)
+        ids = rank_pages(q, scaling, parts, R * self.rerank, "max" if quest else self.page_heads)
+        if self.rerank == 1:
+            return ids
+        return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,
+                            scaling)
 
     def fetch(self, b: int, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""

@@ -403,6 +403,48 @@ def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, 
     return top_pages(weight, num_pages)
 
 
+def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """log sum exp of every query head's scores over each page's valid keys.
+    q: [H, g, D]; keys: [H, N, P, D]; valid: [H, N] -> [H, g, N] (-inf on empty pages)."""
+    P = keys.shape[2]
+    s = torch.einsum("hgd,hnpd->hgnp", q.float(), keys.float()) * scaling  # [H, g, N, P]
+    ok = torch.arange(P, device=q.device) < valid[..., None]  # [H, N, P]
+    return torch.logsumexp(s.masked_fill(~ok[:, None], _NEG_INF), dim=-1)
+
+
+def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor],
+                 private: tuple[torch.Tensor, torch.Tensor], num_pages: int, scaling: float) -> torch.Tensor:
+    """The `num_pages` of the candidate pages that hold the most attention mass of q, from
+    their keys (the oracle's measure, over the candidates only): each page's log-sum-exp
+    of scores per query head, the KV head's query heads combined by summed softmax shares.
+
+    q: [rows, g, D]; candidates: [rows, C] page ids (best bounds first, -1 = none), ids
+    >= N private; shared: (keys [Hs, N, P, D], valid [Hs, N]), read by row r as KV head
+    r % Hs (rows = requests x Hs); private: (keys [rows, M, P, D], valid [rows, M]).
+    Fixed shapes, no host sync. -> [rows, min(num_pages, C)] ids, best first, -1 = none."""
+    rows, _ = candidates.shape
+    (sk, sv), (pk, pv) = shared, private
+    N, M = sk.shape[1], pk.shape[1]
+    r = torch.arange(rows, device=candidates.device)[:, None]
+    hs = (r % max(sk.shape[0], 1)).to(sk.device)
+
+    def read(store: torch.Tensor, row: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return store[row.to(store.device), ids.to(store.device)].to(q.device)
+
+    sid, pid = candidates.clamp(0, max(N - 1, 0)), (candidates - N).clamp(0, max(M - 1, 0))
+    if N and M:
+        is_shared = candidates < N
+        keys = torch.where(is_shared[..., None, None], read(sk, hs, sid).to(pk.dtype), read(pk, r, pid))
+        valid = torch.where(is_shared, read(sv, hs, sid), read(pv, r, pid))
+    elif N:
+        keys, valid = read(sk, hs, sid), read(sv, hs, sid)
+    else:
+        keys, valid = read(pk, r, pid), read(pv, r, pid)
+    valid = valid.masked_fill(candidates < 0, 0)
+    best = top_pages(_combine_heads(page_log_mass(q, keys, valid, scaling), valid > 0, "sum"), num_pages)
+    return torch.where(best >= 0, candidates.gather(1, best.clamp_min(0)), -1)
+
+
 def select_pages(tree: TreeIndex, private: PrivatePages | None, q: torch.Tensor, num_pages: int,
                  search_width: int, scaling: float, heads: str = "max") -> torch.Tensor:
     """The best pages for one decode query, best first.

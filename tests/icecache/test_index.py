@@ -197,3 +197,32 @@ def test_pool_reuses_resident_pages_and_copies_only_missing_ones():
             assert torch.equal(pool.keys[h, slot], host_k[h, page])
     assert pool.update(torch.tensor([[7, -1, -1], [6, -1, -1]]), fetch) == 0
     assert pool.active.sum().item() == 2  # unselected pages stay cached but are not attended
+
+
+def test_rerank_picks_the_candidates_holding_the_most_attention_mass():
+    """rerank_pages reads the candidates' keys: given every page it is the oracle (the
+    pages of most true attention mass); given the bounds' 4R best it keeps R of them,
+    and on clustered keys those hold more attention mass than the bounds' own R best."""
+    from icecache.index.tree import rerank_pages
+    from icecache.selectors import oracle_pages
+    from icecache.store import HostPageStore
+    keys = clustered_keys(4)
+    tree, layout = build(keys)
+    store = HostPageStore.from_layout(keys, keys, torch.arange(N), layout, 16)
+    shared, private = (store.keys, store.valid), (store.keys[:, :0], store.valid[:, :0])
+    g = torch.Generator().manual_seed(4)
+    scaling, R = D ** -0.5, 12
+    every = torch.arange(tree.num_pages).expand(H, -1)
+    mass_bound = mass_rerank = 0.0
+    for _ in range(20):
+        q = keys[:, torch.randint(0, N, (3,), generator=g)] * 2 + torch.randn(H, 3, D, generator=g)  # [H, g=3, D]
+        exact = oracle_pages(q, [shared], R, scaling)
+        assert torch.equal(rerank_pages(q, every, shared, private, R, scaling), exact)
+        bound = select_pages(tree, None, q, 4 * R, 64, scaling)
+        picked = rerank_pages(q, bound, shared, private, R, scaling)
+        assert all(set(p.tolist()) <= set(c.tolist()) for p, c in zip(picked, bound))
+        attn = torch.softmax(torch.einsum("hgd,hnd->hgn", q, keys) * scaling, dim=-1).sum(1)  # [H, N]
+        page_mass = torch.zeros(H, tree.num_pages).scatter_add_(1, layout.page_of, attn)
+        mass_rerank += float(page_mass.gather(1, picked).sum())
+        mass_bound += float(page_mass.gather(1, bound[:, :R]).sum())
+    assert mass_rerank > mass_bound

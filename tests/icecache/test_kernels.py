@@ -78,14 +78,16 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
 
-@pytest.mark.parametrize("selector", ["quest", "oracle", "random", "streaming"])
-def test_comparison_selectors_attend_through_the_kernels(monkeypatch, selector):
-    """The comparison selectors rank pages in torch on both paths; the Triton path attends
-    over what they pick (StreamingLLM: a window ring as wide as the budget past the
-    sinks) and must give the torch path's logits, with the same pages, as tokens move
-    into private pages."""
+@pytest.mark.parametrize("selector,rerank", [("quest", 1), ("oracle", 1), ("random", 1), ("streaming", 1),
+                                             ("icecache", 3)])
+def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, rerank):
+    """The comparison selectors, and the re-ranking of the kernels' candidate pages, run
+    as torch ops on the Triton path too; it attends over what they pick (StreamingLLM: a
+    window ring as wide as the budget past the sinks) and must give the torch path's
+    logits, with the same pages, as tokens move into private pages."""
     steps = 20
-    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector)
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector,
+                                                    rerank=rerank)
     assert fast.scratch is not None and ref.scratch is None
     ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
     fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)

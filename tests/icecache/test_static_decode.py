@@ -37,16 +37,18 @@ def test_decode_path_is_validated():
         IceCacheConfig(decode_path="fast")
 
 
-@pytest.mark.parametrize("selector", ["quest", "oracle", "streaming"])
-def test_comparison_selectors_on_the_static_path_equal_the_dynamic_path(selector):
-    """Quest, the oracle and StreamingLLM run on the static path (the GPU's, where the
-    accuracy suite runs) and give the dynamic path's tokens. One-token pages make both
+@pytest.mark.parametrize("selector,rerank", [("quest", 1), ("oracle", 1), ("streaming", 1), ("icecache", 1),
+                                             ("icecache", 4)])
+def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank):
+    """Quest, the oracle, StreamingLLM and IceCache (with and without re-ranking the
+    bounds' candidates by their keys) give the same tokens on the static path (the GPU's,
+    where the accuracy suite runs) as on the dynamic path. One-token pages make both
     paths' private pages the same: with larger pages the dynamic path groups a request's
     tokens by cluster and the static path by arrival, so their page choices may differ."""
     model = random_model(tiny_config("llama"), torch.device("cpu"))
     ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(2)).tolist()
     config = IceCacheConfig(token_budget=4 + 4 + 12, page_size=1, sink_tokens=4, window_tokens=4, dense_layers=1,
-                            selector=selector)
+                            selector=selector, rerank=rerank)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     outs = {}
     for path in ("dynamic", "static"):
