@@ -82,6 +82,8 @@ class IceCacheConfig:
             _require(self.selector == "icecache", "reuse_layers", "cross-layer reuse works with selector='icecache'")
             _require(self.decode_path != "dynamic", "reuse_layers",
                      "cross-layer reuse runs on the static decode path (decode_path 'auto' or 'static')")
+        _require(self.rerank == 1 or self.selector == "icecache", "rerank",
+                 f"re-ranking works with selector='icecache', got selector={self.selector!r}")
         if self.mode == "icecache":
             fixed = self.sink_tokens + self.window_tokens
             _require(self.token_budget >= fixed + self.page_size, "token_budget",

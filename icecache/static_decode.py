@@ -154,7 +154,7 @@ class _SparseState:
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
         self.page_heads = config.page_heads
-        self.rerank = config.rerank if config.selector == "icecache" else 1
+        self.rerank = config.rerank
         self.selector = config.selector
         self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
         self.ring, self.scratch = ring, scratch
