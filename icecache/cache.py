@@ -19,7 +19,7 @@ from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
 from icecache.index.tree import PrivatePages, all_pages, rerank_pages, select_pages
-from icecache.selectors import oracle_pages, page_parts, quest_pages, random_draw, random_pages, recent_tokens
+from icecache.selectors import oracle_pages, quest_pages, random_draw, random_pages, recent_tokens
 
 ATTN_IMPLEMENTATION = "icecache"
 BATCH_KWARG = "icecache_batch"
@@ -232,28 +232,28 @@ class RequestKV:
         state = self.sparse[layer]
         state.push(k, v)
         tree = state.ctx.tree
-        num_pages = tree.num_pages + state.private.used_pages
+        used = state.private.used_pages
+        num_pages = tree.num_pages + used
         R = self.config.retrieved_pages
+        shared = (state.ctx.pages.keys, state.ctx.pages.valid)  # (keys, valid) of every page: shared, then private
+        private = (state.private.keys[:, :used], state.private.valid[:, :used])
         if state.selector == "streaming" and self.config.mode == "icecache":
             page_ids = torch.full((H, 0), -1, dtype=torch.long, device=qg.device)  # sinks + window only
         elif self.config.mode == "full" or num_pages <= R:
             page_ids = all_pages(tree, state.private)  # the budget covers everything: no search
         elif state.selector == "oracle":
-            page_ids = oracle_pages(qg, page_parts(state.ctx.pages, state.private, qg.device), R, scaling)
+            page_ids = oracle_pages(qg, shared, private, R, scaling)
         elif state.selector == "quest":
             page_ids = quest_pages(qg, tree, state.private, R)
         elif state.selector == "random":
-            private = state.private.valid[:, :state.private.used_pages]
-            valid = torch.cat([state.ctx.pages.valid.to(qg.device), private], dim=1)
+            valid = torch.cat([shared[1].to(qg.device), private[1]], dim=1)
             page_ids = random_pages(valid, R, state.draw + state.win_first_pos + state.win_k.shape[1])
         else:
             C = R * self.config.rerank
             page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,
                                     self.config.page_heads)
             if C > R:  # the candidates' keys pick R of them
-                used = state.private.used_pages
-                page_ids = rerank_pages(qg, page_ids, (state.ctx.pages.keys, state.ctx.pages.valid),
-                                        (state.private.keys[:, :used], state.private.valid[:, :used]), R, scaling)
+                page_ids = rerank_pages(qg, page_ids, shared, private, R, scaling)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)
         self.pages_selected += int((page_ids >= 0).sum())
         pool = state.pool

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import (PrivatePages, TreeIndex, _combine_heads, candidate_parts, page_log_mass, rank_pages,
-                                 top_pages)
+from icecache.index.tree import PrivatePages, TreeIndex, candidate_parts, rank_pages, rerank_pages, top_pages
 from icecache.store import HostPageStore
 
 _HASH_MUL = 0x45D9F3B  # a 32-bit integer hash's multiplier (x ^ x >> 16) * m, twice
@@ -26,25 +25,13 @@ _GOLDEN = 0x9E3779B9
 _MASK32 = 0xFFFFFFFF
 
 
-def oracle_pages(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], num_pages: int,
-                 scaling: float) -> torch.Tensor:
-    """Exact: each page's share of every query head's attention over all pages, summed over
-    the heads of a KV group. q: [H, g, D]; parts: (keys [H, N_i, P, D], valid [H, N_i]),
-    numbered one after the other (shared pages, then private)."""
-    log_mass = torch.cat([page_log_mass(q, keys, valid, scaling) for keys, valid in parts], dim=-1)
-    valid = torch.cat([valid for _, valid in parts], dim=-1)
-    return top_pages(_combine_heads(log_mass, valid > 0, "sum"), num_pages)
-
-
-def page_parts(shared: HostPageStore, private: PrivatePages | None, device: torch.device
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """oracle_pages parts of the dynamic path: the host pages (copied to `device`), then
-    the request's private pages."""
-    parts = [(shared.keys.to(device), shared.valid.to(device))]
-    if private is not None and private.num_tokens:
-        used = private.used_pages
-        parts.append((private.keys[:, :used], private.valid[:, :used]))
-    return parts
+def oracle_pages(q: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor], private: tuple[torch.Tensor, torch.Tensor],
+                 num_pages: int, scaling: float) -> torch.Tensor:
+    """Exact: the pages holding the most attention mass of q over every page, summed over
+    the query heads of a KV group: rerank_pages with every page (shared, then private) a
+    candidate; its arguments."""
+    every = torch.arange(shared[1].shape[1] + private[1].shape[1], device=q.device)
+    return rerank_pages(q, every.expand(q.shape[0], -1), shared, private, num_pages, scaling)
 
 
 def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, num_pages: int) -> torch.Tensor:

@@ -287,8 +287,7 @@ class _SparseState:
         if selector == "streaming":  # sinks + a window as wide as the rest of the budget: no pages
             return torch.full((self.H, R), -1, dtype=torch.long, device=q.device)
         if selector == "oracle":
-            parts = [(self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b])]
-            return oracle_pages(q, parts, R, scaling)
+            return oracle_pages(q, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R, scaling)
         if selector == "random":
             valid = torch.cat([self.shared_valid, self.priv_valid[b]], dim=1)
             return random_pages(valid, R, self.draw + self.ring.counts[b, :1])

@@ -200,9 +200,10 @@ def test_pool_reuses_resident_pages_and_copies_only_missing_ones():
 
 
 def test_rerank_picks_the_candidates_holding_the_most_attention_mass():
-    """rerank_pages reads the candidates' keys: given every page it is the oracle (the
-    pages of most true attention mass); given the bounds' 4R best it keeps R of them,
-    and on clustered keys those hold more attention mass than the bounds' own R best."""
+    """rerank_pages reads the candidates' keys: given every page (the oracle) it picks the
+    pages of most true attention mass, summed over the query heads; given the bounds' 4R
+    best it keeps R of them, and on clustered keys those hold more attention mass than the
+    bounds' own R best."""
     from icecache.index.tree import rerank_pages
     from icecache.selectors import oracle_pages
     from icecache.store import HostPageStore
@@ -216,13 +217,14 @@ def test_rerank_picks_the_candidates_holding_the_most_attention_mass():
     mass_bound = mass_rerank = 0.0
     for _ in range(20):
         q = keys[:, torch.randint(0, N, (3,), generator=g)] * 2 + torch.randn(H, 3, D, generator=g)  # [H, g=3, D]
-        exact = oracle_pages(q, [shared], R, scaling)
-        assert torch.equal(rerank_pages(q, every, shared, private, R, scaling), exact)
+        attn = torch.softmax(torch.einsum("hgd,hnd->hgn", q, keys) * scaling, dim=-1).sum(1)  # [H, N]
+        page_mass = torch.zeros(H, tree.num_pages).scatter_add_(1, layout.page_of, attn)
+        exact = page_mass.topk(R, dim=1).indices.sort(dim=1).values
+        assert torch.equal(rerank_pages(q, every, shared, private, R, scaling).sort(dim=1).values, exact)
+        assert torch.equal(oracle_pages(q, shared, private, R, scaling).sort(dim=1).values, exact)
         bound = select_pages(tree, None, q, 4 * R, 64, scaling)
         picked = rerank_pages(q, bound, shared, private, R, scaling)
         assert all(set(p.tolist()) <= set(c.tolist()) for p, c in zip(picked, bound))
-        attn = torch.softmax(torch.einsum("hgd,hnd->hgn", q, keys) * scaling, dim=-1).sum(1)  # [H, N]
-        page_mass = torch.zeros(H, tree.num_pages).scatter_add_(1, layout.page_of, attn)
         mass_rerank += float(page_mass.gather(1, picked).sum())
         mass_bound += float(page_mass.gather(1, bound[:, :R]).sum())
     assert mass_rerank > mass_bound
