@@ -112,12 +112,12 @@ def run(args) -> dict:
     question = "\n\n# Question: which functions above parse command-line arguments? Answer:"
     q_ids = eng.tokenizer(question, add_special_tokens=False).input_ids
     req = Recorder(eng.shape, eng.config, ctx, positional=positional_pages(ctx, config.page_size))
-    logits = eng._prefill(req, q_ids, ctx.num_tokens)
+    logits = eng.runner.prefill_one(req, q_ids, ctx.num_tokens)
     req.start_decode()
     batch, pos = StepBatch([req]), ctx.num_tokens + len(q_ids)
     for _ in range(args.steps):
         token = int(logits.argmax())
-        logits = eng._forward(batch, torch.tensor([[token]]), torch.tensor([[pos]]))[0]
+        logits = eng.runner.forward(batch, torch.tensor([[token]]), torch.tensor([[pos]]))[0]
         pos += 1
     layers = sorted({r["layer"] for r in req.rows})
     per_layer = {}

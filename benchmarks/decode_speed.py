@@ -146,7 +146,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
     # a decoder of our own, to size its state and time its parts in isolation
     with torch.inference_mode():
         req = RequestKV(eng.shape, eng.config, ctx.with_index_on(eng.device))
-        eng._prefill(req, question, ctx.num_tokens)
+        eng.runner.prefill_one(req, question, ctx.num_tokens)
         dec = StaticDecoder(eng.model, eng.config, ctx.with_index_on(eng.device), [(kv.k, kv.v) for kv in req.own],
                             tokens)
         result["kv_gpu_gib"] = state_bytes(dec) / GiB

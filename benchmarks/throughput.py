@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             req = RequestKV(sparse.shape, sparse.config, ctx)
             t = time.perf_counter()
-            sparse._prefill(req, list(range(11, 19)), ctx.num_tokens)  # the question, once
+            sparse.runner.prefill_one(req, list(range(11, 19)), ctx.num_tokens)  # the question, once
             question_s = time.perf_counter() - t
             own_kv = [(kv.k, kv.v) for kv in req.own]
         entry = {"context": n, "prefill_s": ctx.prefill_s, "index_build_s": ctx.build_s,

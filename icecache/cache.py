@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from icecache.attention import decode_attention, prefill_attention, prefill_attention_parts
+from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
@@ -37,6 +37,11 @@ class ModelShape:
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes one token takes in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
@@ -159,15 +164,17 @@ class RequestKV:
     """Everything attention needs for one request: its context, its own tokens, its slots."""
 
     def __init__(self, shape: ModelShape, config: IceCacheConfig, context: Context | None,
-                 offload_tokens: int = 0) -> None:
+                 offload_tokens: int = 0, capacity_tokens: int = 0) -> None:
         """offload_tokens > 0: a document of that many tokens is prefilled with its KV in
-        host memory (pinned on CUDA), read back to the device one layer at a time."""
+        host memory (pinned on CUDA), read back to the device one layer at a time.
+        capacity_tokens: own tokens to allocate room for up front (a document's length)."""
         self.shape, self.config, self.context = shape, config, context
         self.offload = offload_tokens > 0
         assert not (self.offload and context is not None), "offloaded prefill indexes a document from its start"
         where = torch.device("cpu") if self.offload else shape.device
         pin = self.offload and shape.device.type == "cuda"
-        self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, where, offload_tokens or 64, pin)
+        self.own = [KVBuffer(shape.num_kv_heads, shape.head_dim, shape.dtype, where,
+                             capacity_tokens or offload_tokens or 64, pin)
                     for _ in range(shape.num_layers)]
         self.first_own_pos = context.num_tokens if context is not None else 0
         self.decoding = False
@@ -176,31 +183,7 @@ class RequestKV:
         self.pages_loaded = 0
         self.pages_selected = 0
 
-    # -- prefill: exact attention over the context and this request's earlier tokens
-    def _ctx_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, dtype = self.shape.device, self.shape.dtype
-        if self.context is None:
-            empty = torch.empty(self.shape.num_kv_heads, 0, self.shape.head_dim, dtype=dtype, device=dev)
-            return empty, empty
-        k, v = self.context.flat_kv(layer)
-        return k.to(dev, dtype), v.to(dev, dtype)
-
-    def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scaling: float) -> torch.Tensor:
-        """q: [Hq, T, D], k/v: [H, T, D] -> [T, Hq, D]."""
-        own = self.own[layer]
-        if self.offload:  # the past comes back from host memory for this layer only
-            dev = q.device
-            past_k, past_v = own.k.to(dev, non_blocking=True), own.v.to(dev, non_blocking=True)
-            out = prefill_attention_parts(q, past_k, past_v, k, v, scaling)
-            own.append(k, v)
-            return out
-        ctx_k, ctx_v = self._ctx_kv(layer)
-        past_k = torch.cat([ctx_k, own.k], dim=1) if ctx_k.shape[1] else own.k
-        past_v = torch.cat([ctx_v, own.v], dim=1) if ctx_v.shape[1] else own.v
-        out = prefill_attention(q, past_k, past_v, k, v, scaling)
-        own.append(k, v)
-        return out
+    # prefill: runner.PrefillPack attends for the request and appends its tokens to `own`
 
     def start_decode(self) -> None:
         """Move from prefill to decode: the window takes the newest tokens, older ones of
@@ -266,7 +249,8 @@ class RequestKV:
 
 
 class StepBatch:
-    """The requests of one forward pass, in batch order."""
+    """The requests of one forward pass, in batch order: RequestKV for decode, or one
+    runner.PrefillPack for a packed prefill."""
 
     def __init__(self, requests: list[RequestKV]) -> None:
         self.requests = requests

@@ -40,7 +40,11 @@ class IceCacheConfig:
     search_width: int = 64  # nodes kept per tree level during a query
     top_level_max: int = 64  # stop promoting once a level is at most this large
     reuse_layers: int = 1  # sparse layers per cycle sharing the first one's page layout and selection (1 = off)
-    prefill_chunk_tokens: int = 1024  # exact prefill runs in chunks of this many tokens
+    # prompt tokens (questions on a context, packed) prefilled per scheduler step, between decode steps
+    prefill_chunk_tokens: int = 1024
+    # a document being indexed is prefilled this many tokens per pass (one pass per scheduler step):
+    # larger passes run nearer the GPU's matmul peak, smaller ones stall running streams less
+    index_chunk_tokens: int = 4096
     # where Engine.index keeps a document's KV while prefilling it: "device", "host" (bounded device
     # memory: each chunk reads the past KV back, layer by layer, in chunks of at least
     # OFFLOAD_CHUNK_TOKENS), or "auto" = host on a GPU when the KV would take over half its free memory
@@ -58,7 +62,7 @@ class IceCacheConfig:
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
         for name in ("token_budget", "page_size", "search_width", "top_level_max",
-                     "reuse_layers", "prefill_chunk_tokens", "rerank"):
+                     "reuse_layers", "prefill_chunk_tokens", "index_chunk_tokens", "rerank"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, f"must be a positive int, got {value!r}")
         for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):

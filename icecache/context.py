@@ -3,13 +3,16 @@ per layer; immutable once built and shared by every request that reuses it."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from icecache.config import IceCacheConfig
 from icecache.index.tree import TreeIndex, build_tree
-from icecache.store import Allocator, HostPageStore, default_allocator
+from icecache.store import HostPageStore, to_host
+
+_UIDS = itertools.count(1)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Context:
     prefill_s: float = 0.0
     build_s: float = 0.0
     stats: dict = field(default_factory=dict)
+    # unique in this process, never reused: what device state built from this context is keyed by
+    uid: int = field(default_factory=lambda: next(_UIDS), compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +81,22 @@ class Context:
         sparse = {l: replace(s, tree=moved[id(s.tree)]) for l, s in self.sparse.items()}
         return replace(self, sparse=sparse)
 
+    def to_host(self) -> "Context":
+        """The same context with its KV (pages, sinks, tails, dense layers) in host memory,
+        pinned when CUDA is present; the trees stay where they are (page selection reads
+        them every step)."""
+        def host(s: SparseLayer) -> SparseLayer:
+            return replace(s, sink_k=to_host(s.sink_k), sink_v=to_host(s.sink_v), tail_k=to_host(s.tail_k),
+                           tail_v=to_host(s.tail_v), pages=s.pages.to_host())
+        dense = {l: (to_host(k), to_host(v)) for l, (k, v) in self.dense.items()}
+        return replace(self, dense=dense, sparse={l: host(s) for l, s in self.sparse.items()})
+
+    def with_index_from(self, other: "Context") -> "Context":
+        """This context (e.g. unpacked from shared memory) with `other`'s trees, where they
+        already lie on the device: the same index, not copied again."""
+        assert other.token_ids == self.token_ids and other.layout == self.layout, "not the same document"
+        return replace(self, sparse={l: replace(s, tree=other.sparse[l].tree) for l, s in self.sparse.items()})
+
     def cycle_leader(self, layer: int) -> int:
         """The sparse layer whose page selection `layer` uses (itself unless IceCache-reuse)."""
         reuse = self.layout[7]
@@ -96,27 +117,34 @@ def layout_of(config: IceCacheConfig) -> tuple:
             config.promotion_ratio, config.top_level_max, config.seed, config.reuse_layers)
 
 
-def build_context(model_id: str, token_ids, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                  last_logits: torch.Tensor, config: IceCacheConfig, index_device: torch.device,
-                  allocator: Allocator = default_allocator) -> Context:
-    """Split each layer's prefilled KV ([H, n, D]) and index the middle of sparse layers."""
+def build_context(model_id: str, token_ids, layer_kv: list[tuple[torch.Tensor, torch.Tensor] | None],
+                  last_logits: torch.Tensor, config: IceCacheConfig, index_device: torch.device) -> Context:
+    """Split each layer's prefilled KV ([H, n, D]) and index the middle of sparse layers.
+    Trees and pages are built on `index_device`; each layer's KV stays where it was given
+    (an offloaded prefill's host KV goes back to the host as pages). layer_kv's entries are
+    dropped as they are used, so a layer's prefill KV is freed once it is paged."""
     n = len(token_ids)
     num_sink = min(config.sink_tokens, n)
     num_tail = min(config.window_tokens, n - num_sink)
     mid = slice(num_sink, n - num_tail)
     positions = torch.arange(n)[mid]
     dense, sparse = {}, {}
-    for layer, (k, v) in enumerate(layer_kv):
+    for layer in range(len(layer_kv)):
+        k, v = layer_kv[layer]
+        layer_kv[layer] = None
         if layer < config.dense_layers:
-            dense[layer] = (k.cpu(), v.cpu())
+            dense[layer] = (k.contiguous(), v.contiguous())
             continue
+        home = k.device
         if (layer - config.dense_layers) % config.reuse_layers == 0:  # a cycle's first layer: its own index
             tree, page_layout = build_tree(k[:, mid].to(index_device), config.page_size, config.promotion_ratio,
                                            config.top_level_max, seed=config.seed + layer)
         # else IceCache-reuse: the cycle's later layers store their KV in the first one's page
         # layout, so its page selection names the same tokens in them (and they need no tree)
-        pages = HostPageStore.from_layout(k[:, mid], v[:, mid], positions, page_layout, config.page_size,
-                                          allocator)
-        sparse[layer] = SparseLayer(k[:, :num_sink].cpu(), v[:, :num_sink].cpu(), k[:, n - num_tail:].cpu(),
-                                    v[:, n - num_tail:].cpu(), tree, pages)
+        pages = HostPageStore.from_layout(k[:, mid].to(index_device), v[:, mid].to(index_device), positions,
+                                          page_layout, config.page_size)
+        if home.type == "cpu":
+            pages = pages.to_host()
+        sparse[layer] = SparseLayer(k[:, :num_sink].clone(), v[:, :num_sink].clone(), k[:, n - num_tail:].clone(),
+                                    v[:, n - num_tail:].clone(), tree, pages)
     return Context(model_id, tuple(token_ids), layout_of(config), dense, sparse, last_logits.cpu())

@@ -5,44 +5,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
-from icecache.cache import ATTN_IMPLEMENTATION, BATCH_KWARG, ModelShape, RequestKV, StepBatch
-from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig, SamplingParams
-from icecache.context import Context, build_context, layout_of
+from icecache.cache import ATTN_IMPLEMENTATION, ModelShape
+from icecache.config import IceCacheConfig, SamplingParams
+from icecache.context import Context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
-
-Progress = Callable[[int, int], None]  # (tokens done, tokens total)
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
-    stats: dict = field(default_factory=dict)
-
-
-class GenerationStream:
-    """Text pieces of one request as they are decoded; `output` once the stream ends."""
-
-    def __init__(self, items: Iterator) -> None:
-        self._items = items
-        self.output: GenerationOutput | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        for item in self._items:
-            if isinstance(item, GenerationOutput):
-                self.output = item
-            else:
-                yield item
-
-    def close(self) -> None:
-        """Stop decoding; the request's memory is freed."""
-        self._items.close()
+from icecache.outputs import GenerationOutput, GenerationStream
+from icecache.runner import ModelRunner, Progress
+from icecache.scheduler import Scheduler
 
 
 class Engine:
@@ -62,6 +35,7 @@ class Engine:
                              f"{self.shape.num_layers} layers")
         self.max_context_tokens = int(self.model.config.max_position_embeddings)
         self.device = self.shape.device
+        self.runner = ModelRunner(self.model, self.shape, self.config, self.model_id)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, config: IceCacheConfig | None = None,
@@ -116,56 +90,15 @@ class Engine:
         if context.layout != layout_of(self.config):
             raise ValueError("context: indexed with a different page/sink/window/tree layout than this config")
 
-    # ---------------------------------------------------------------- model passes
-    def _forward(self, batch: StepBatch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids, positions: [B, T] -> last logits [B, vocab]."""
-        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False,
-                         logits_to_keep=1, **{BATCH_KWARG: batch})
-        return out.logits[:, -1]
-
-    def _prefill(self, req: RequestKV, token_ids: list[int], start: int,
-                 progress: Progress | None = None) -> torch.Tensor:
-        chunk = self.config.prefill_chunk_tokens
-        if req.offload:  # every chunk reads the past back from the host: fewer, larger chunks
-            chunk = max(chunk, OFFLOAD_CHUNK_TOKENS)
-        batch = StepBatch([req])
-        logits = None
-        for s in range(0, len(token_ids), chunk):
-            piece = token_ids[s:s + chunk]
-            ids = torch.tensor([piece])
-            pos = torch.arange(start + s, start + s + len(piece))[None]
-            logits = self._forward(batch, ids, pos)[0]
-            if progress:
-                progress(s + len(piece), len(token_ids))
-        return logits
-
+    # ---------------------------------------------------------------- indexing
     @torch.inference_mode()
-    def _index_ids(self, ids: list[int], progress: Progress | None = None) -> Context:
+    def index_ids(self, ids: list[int], progress: Progress | None = None, on_device: bool = False) -> Context:
+        """Prefill validated token ids (see tokenize) and index them; on_device keeps the
+        pages on the GPU (for a caller that writes them elsewhere, e.g. shared memory)."""
         t0 = time.perf_counter()
-        req = RequestKV(self.shape, self.config, None, len(ids) if self._offload_prefill(len(ids)) else 0)
-        logits = self._prefill(req, ids, 0, progress)
-        return self._context_of(req, ids, logits, t0)
-
-    def _offload_prefill(self, num_tokens: int) -> bool:
-        """Whether indexing a document of num_tokens keeps its KV in host memory meanwhile."""
-        mode = self.config.prefill_offload
-        if mode != "auto":
-            return mode == "host"
-        if self.device.type != "cuda":
-            return False  # the KV is in host memory either way
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
-        _, per_token = self._dense_kv()
-        return num_tokens * self.shape.num_layers * per_token > free // 2
-
-    def _context_of(self, req: RequestKV, ids: list[int], logits: torch.Tensor, prefill_started: float) -> Context:
-        """Index a finished prefill of `ids` (req holds its KV) into a Context, with its timings."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        ctx = build_context(self.model_id, ids, [(kv.k, kv.v) for kv in req.own], logits, self.config, self.device)
-        ctx.prefill_s, ctx.build_s = t1 - prefill_started, time.perf_counter() - t1
-        return ctx
+        req = self.runner.document_request(len(ids))
+        logits = self.runner.prefill_document(req, ids, progress)
+        return self.runner.build_context(req, ids, logits, t0, on_device)
 
     # ---------------------------------------------------------------- public API
     def index(self, document: str | Sequence[int], progress: Progress | None = None) -> Context:
@@ -175,7 +108,7 @@ class Engine:
             document: text (tokenised with the model's special tokens) or token ids.
             progress: optional callback (tokens done, tokens total) during prefill.
         """
-        return self._index_ids(self.tokenize(document), progress)
+        return self.index_ids(self.tokenize(document), progress)
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                  context: Context | None = None) -> GenerationOutput:
@@ -227,7 +160,6 @@ class Engine:
         host_bytes: the host memory that prompts being indexed inside the scheduler (requests
         without a context) may take together; "auto" = 80% of the memory available now
         (Linux), None = no limit."""
-        from icecache.scheduler import Scheduler
         if device_bytes == "auto":
             device_bytes = None
             if self.device.type == "cuda":
@@ -237,9 +169,9 @@ class Engine:
             host_bytes = int(host_bytes * 0.8) if host_bytes is not None else None
         return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages, host_bytes)
 
-    def _sequence(self, prompt, params: SamplingParams | None, context: Context | None, sink=None, on_done=None):
-        """A validated request, ready for a scheduler. Raises ValueError for bad input."""
-        from icecache.scheduler import Sequence
+    def validate(self, prompt, params: SamplingParams | None, context: Context | None
+                 ) -> tuple[list[int], SamplingParams, Context | None]:
+        """A request's prompt ids, params and context, checked. Raises ValueError for bad input."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
@@ -251,7 +183,7 @@ class Engine:
             context = context.with_index_on(self.device)  # e.g. mapped from shared memory: host-resident
             ids = self._encode(prompt, add_special=False)
             self._check_length(context.num_tokens + len(ids), "context + prompt")
-        return Sequence(self, params, context, ids, sink, on_done)
+        return ids, params, context
 
     def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):
         # alone, a request is never refused for memory
@@ -273,7 +205,9 @@ class Engine:
             seq.cancel()
             seq.release()
 
-    def _static(self) -> bool:
+    @property
+    def static_decode(self) -> bool:
+        """Whether requests decode on the static path (CUDA graphs on a GPU) rather than the dynamic one."""
         path = self.config.decode_path
         if self.config.reuse_layers > 1:
             return True  # IceCache-reuse is built on the static path only
@@ -283,7 +217,7 @@ class Engine:
         """(layers that keep the whole context on the device, KV bytes a token takes in one layer)."""
         s, c = self.shape, self.config
         dense = s.num_layers if c.mode == "full" else min(c.dense_layers, s.num_layers)
-        return dense, 2 * s.num_kv_heads * s.head_dim * s.dtype.itemsize
+        return dense, s.kv_bytes_per_token
 
     def request_device_bytes(self, context_tokens: int, own_tokens: int, max_tokens: int) -> int:
         """Device bytes a request's KV state takes while it decodes (an upper estimate):
@@ -299,7 +233,7 @@ class Engine:
         """Of request_device_bytes, the part that every request on one context shares on
         the static path (where they decode as one batch): the dense layers' context KV."""
         dense, per_token = self._dense_kv()
-        return per_token * dense * context_tokens if self._static() else 0
+        return per_token * dense * context_tokens if self.static_decode else 0
 
     def context_host_bytes(self, tokens: int) -> int:
         """Host bytes an indexed context of `tokens` takes (an upper estimate): its KV in
@@ -308,7 +242,8 @@ class Engine:
         _, per_token = self._dense_kv()
         return 2 * per_token * self.shape.num_layers * tokens
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a generation (model, generation config and tokenizer)."""
         ids = set()
         for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
             value = getattr(source, "eos_token_id", None) if source is not None else None

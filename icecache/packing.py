@@ -48,7 +48,7 @@ def _tensors(ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
                 out.update({f"{name}.{i}": t for i, t in enumerate(value)})
             else:
                 out[name] = value
-    return {name: t.detach().cpu().contiguous() for name, t in out.items()}, lists
+    return {name: t.detach() for name, t in out.items()}, lists
 
 
 def _plan(ctx: Context) -> tuple[bytes, dict[str, torch.Tensor], int]:
@@ -76,7 +76,9 @@ def packed_size(ctx: Context) -> int:
 
 
 def pack_into(ctx: Context, buffer: memoryview) -> int:
-    """Write a context into a writable buffer of at least `packed_size(ctx)` bytes; returns bytes used."""
+    """Write a context into a writable buffer of at least `packed_size(ctx)` bytes; returns
+    bytes used. Each tensor is copied once, from wherever it lies (a context built on the
+    GPU goes device -> buffer directly: DMA when the buffer is page-locked)."""
     header, tensors, total = _plan(ctx)
     if len(buffer) < total:
         raise ValueError(f"buffer: {len(buffer)} bytes, the context needs {total}")
@@ -88,7 +90,7 @@ def pack_into(ctx: Context, buffer: memoryview) -> int:
     for name, t in tensors.items():
         _, _, offset, nbytes = meta["tensors"][name]
         if nbytes:
-            target[base + offset:base + offset + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+            target[base + offset:base + offset + nbytes].view(t.dtype).view(t.shape).copy_(t)
     return total
 
 

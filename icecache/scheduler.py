@@ -1,33 +1,48 @@
 """Continuous batching: requests join and leave between decode steps.
 
-A step prefills at most `prefill_chunk_tokens` prompt tokens, from the oldest requests
-still prefilling (several short questions fit in one step, a long document takes many),
-so running streams keep flowing while newcomers go in. Then it runs one decode token
-for every decoding request. On the dynamic path (CPU) that is a single forward pass
-over all of them: the weights are read once per step, and each request attends over its
-own context, window and page slots. On the static path (CUDA graphs) the requests on one
-context decode together in one batched StaticDecoder (a group): one pass, one CUDA graph
-per batch size, the context's tree, host pages and dense KV read once for all of them;
-groups on different contexts take turns within the step.
+One thread drives the model (the caller's own loop, or the thread start() runs); other
+threads only queue work: submit() a request, submit_index() a document, call() anything
+else that must touch the device (e.g. writing a context into shared memory).
+
+A step, in order:
+1. queued calls run;
+2. a document being indexed (submit_index, or a prompt without a context) prefills one
+   pass of `index_chunk_tokens`, and once whole is built into a Context on the device;
+3. questions on indexed contexts prefill: the waiting prompts of one context are packed
+   into one forward pass (up to `prefill_chunk_tokens` in all), so the context's KV is read
+   once for all of them (runner.ContextReader);
+4. one decode token for every decoding request. On the dynamic path (CPU) that is a single
+   forward pass over all of them. On the static path (CUDA graphs) the requests on one
+   context decode together in one StaticDecoder (a group); groups on different contexts
+   take turns within the step.
+
+Device state of a context: a group whose requests have all left stays, idle, with its
+context's dense KV, tree plans and CUDA graphs, and the next request on that context
+takes it up: nothing is copied, planned or captured again. Idle groups are freed least
+recently used first when admission needs their memory, past `keep_idle` of them, or when
+the context is forgotten (forget()).
 
 Admission: at most `max_batch` requests are in flight and their estimated device bytes
-stay under `device_bytes` (a context's device state counted once, however many requests
-share it), and the contexts that prompts without one build on the host stay under
-`host_bytes`; the rest wait in FIFO order. A request that could never fit
+(plus the idle groups') stay under `device_bytes` (a context's device state counted once,
+however many requests share it), and the contexts that prompts without one build on the
+host stay under `host_bytes`; the rest wait in FIFO order. A request that could never fit
 is refused at submit() with a ValueError that says why, and a full waiting queue raises
 SchedulerFull. Cancelling a request frees its state at the next step.
 
-submit() and cancel() may be called from any thread. step() belongs to one driver: the
-caller's own loop (Engine.generate / stream) or the thread start() runs (the Serve replica).
+If a step fails outside any one request (the device itself, say), every request in
+flight gets the error, the thread stops, and `alive` turns False (a replica's health
+check reads it); later submissions are refused with SchedulerDead.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,11 +50,15 @@ import torch
 from icecache.cache import RequestKV, StepBatch
 from icecache.config import SamplingParams
 from icecache.context import Context
+from icecache.outputs import GenerationOutput
 from icecache.sampling import TextStream, make_generator, sample
 from icecache.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
-    from icecache.engine import Engine, GenerationOutput
+    from icecache.engine import Engine
+    from icecache.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 _SLOT_TOKENS = 512  # a group's slots hold a multiple of this many own tokens (prompt + decoded)
 Sink = Callable[[object], None]  # receives text pieces (str), then a GenerationOutput, or an Exception
@@ -49,35 +68,71 @@ class SchedulerFull(RuntimeError):
     """The waiting queue is full; the request was not taken (try again later)."""
 
 
+class SchedulerDead(RuntimeError):
+    """The scheduler's thread has stopped after a failed step; nothing more runs here."""
+
+
+class IndexJob:
+    """A document being prefilled and indexed inside the scheduler, one pass per step.
+    on_done receives the Context (pages on the device if on_device) or the Exception."""
+
+    def __init__(self, ids: list[int], on_done: Callable[[object], None], on_device: bool) -> None:
+        self.ids, self.on_done, self.on_device = ids, on_done, on_device
+        self.req: RequestKV | None = None  # allocated at the first pass
+        self.done_tokens = 0
+        self.started = 0.0
+        self.cancelled = False
+        self.finished = False
+
+    def run_pass(self, runner: "ModelRunner") -> Context | None:
+        """Prefill the next pass; the built Context once the document is whole, else None."""
+        if self.req is None:
+            self.started = time.perf_counter()
+            self.req = runner.document_request(len(self.ids))
+        piece = self.ids[self.done_tokens:self.done_tokens + runner.chunk_tokens(self.req)]
+        logits = runner.prefill([self.req], [piece], [self.done_tokens], None)[0]
+        self.done_tokens += len(piece)
+        if self.done_tokens < len(self.ids):
+            return None
+        return runner.build_context(self.req, self.ids, logits, self.started, self.on_device)
+
+    def finish(self, result) -> None:
+        if not self.finished:
+            self.finished = True
+            self.req = None
+            self.on_done(result)
+
+
 class Sequence:
     """One request in flight: its phase, KV state, sampling state and output so far."""
 
     def __init__(self, engine: "Engine", params: SamplingParams, context: Context | None, prompt_ids: list[int],
-                 sink: Sink | None, on_done: Callable[[], None] | None = None) -> None:
+                 sink: Sink | None, on_done: Callable[[], None] | None = None, arrived: float | None = None) -> None:
         self.engine, self.params, self.context = engine, params, context
         self.sink, self.on_done = sink, on_done
         self.items: collections.deque = collections.deque()  # when there is no sink
-        self.t0 = time.perf_counter()
+        self.t0 = arrived if arrived is not None else time.perf_counter()
         self.prompt_ids = prompt_ids
         self.reused = context is not None
-        if context is None:  # the prompt itself is prefilled and indexed, then decoded from
-            self.phase, self.own_ids, self.pending = "index", [], list(prompt_ids)
-            self.req = RequestKV(engine.shape, engine.config, None)
-            self.next_pos = 0
+        self.job: IndexJob | None = None
+        if context is None:  # the prompt itself is indexed, then decoded from
+            self.phase, self.own_ids, self.pending = "index", [], []
+            self.job = IndexJob(prompt_ids, self._indexed, on_device=False)
+            self.req = None
+            self.next_pos = len(prompt_ids)
         else:  # the prompt continues an indexed context
             self.phase, self.own_ids, self.pending = "prompt", prompt_ids, list(prompt_ids)
             self.req = RequestKV(engine.shape, engine.config, context)
             self.next_pos = context.num_tokens
-        self.prefill_started: float | None = None
         self.logits: torch.Tensor | None = None
         self.chosen: int | None = None  # a token already picked on the device (greedy), else sample logits
-        if not self.pending:  # nothing to prefill: decode from the context's last logits
+        if context is not None and not self.pending:  # nothing to prefill: decode from the context's last logits
             self.logits, self.phase = context.last_logits, "start"
         self.group: _Group | None = None  # static path: the batch it decodes in
         self.position = 0
         self.generator = make_generator(params)
         self.text = TextStream(engine.tokenizer, params.stop, engine.tokenizer_lock)
-        self.eos = set() if params.ignore_eos else engine._eos_ids()
+        self.eos = set() if params.ignore_eos else engine.eos_ids()
         self.step_times: list[float] = []
         self.ttft: float | None = None
         self.last_token_at = 0.0
@@ -90,6 +145,14 @@ class Sequence:
         self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
         self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
 
+    def _indexed(self, result) -> None:
+        """The prompt's own index is built (or failed)."""
+        if isinstance(result, Exception):
+            raise result
+        self.context = result
+        self.req = RequestKV(self.engine.shape, self.engine.config, result)
+        self.logits, self.phase = result.last_logits, "start"
+
     @property
     def slot_tokens(self) -> int:
         """Own tokens a decoder slot must hold for this request: prompt, output, and one spare."""
@@ -98,43 +161,27 @@ class Sequence:
     @property
     def context_key(self) -> int:
         """Requests with the same key share their context's device state."""
-        return id(self.context) if self.context is not None else id(self)
+        return self.context.uid if self.context is not None else -id(self)
 
     # ---------------------------------------------------------------- output
-    def _emit(self, item) -> None:
+    def emit(self, item) -> None:
+        """Hand a text piece, the final output or an Exception to the request's consumer."""
         if self.sink is not None:
             self.sink(item)
         else:
             self.items.append(item)
+
+    def fail(self, error: Exception) -> None:
+        """End the request with `error` (its consumer gets it) and free its state."""
+        if not self.done:
+            self.emit(error)
+            self.release()
 
     def cancel(self) -> None:
         """Stop at the next step; the request's memory is freed then."""
         self.cancelled = True
 
     # ---------------------------------------------------------------- phases
-    def prefill_chunk(self, limit: int) -> int:
-        """Prefill the next chunk of the prompt, at most `limit` tokens (exact attention).
-        Returns the tokens prefilled."""
-        eng = self.engine
-        if self.prefill_started is None:
-            self.prefill_started = time.perf_counter()
-        piece, self.pending = self.pending[:limit], self.pending[limit:]
-        ids = torch.tensor([piece])
-        pos = torch.arange(self.next_pos, self.next_pos + len(piece))[None]
-        logits = eng._forward(StepBatch([self.req]), ids, pos)[0]
-        self.next_pos += len(piece)
-        if self.pending:
-            return len(piece)
-        if self.phase == "index":
-            ctx = eng._context_of(self.req, self.prompt_ids, logits, self.prefill_started)
-            self.context = ctx
-            self.req = RequestKV(eng.shape, eng.config, ctx)
-            self.logits = ctx.last_logits
-        else:
-            self.logits = logits
-        self.phase = "start"
-        return len(piece)
-
     def start_decode(self, group: "_Group | None") -> None:
         """Into the decode phase: on the static path in a slot of `group`."""
         if group is not None:
@@ -161,7 +208,7 @@ class Sequence:
             return self._finish()
         piece = self.text.add(token)
         if piece:
-            self._emit(piece)
+            self.emit(piece)
         if self.text.stopped:
             self.finish = "stop"
             return self._finish()
@@ -170,15 +217,14 @@ class Sequence:
         return token
 
     def _finish(self) -> None:  # returns None: no token to feed
-        from icecache.engine import GenerationOutput
         tail = self.text.flush()
         if tail:
-            self._emit(tail)
+            self.emit(tail)
         steps = len(self.step_times)
         if self.group is not None and steps:  # every selected page is gathered each step
             self.req.pages_loaded = self.req.pages_selected = self.group.pages_per_step(self) * steps
         ctx, n = self.context, max(1, steps)
-        self._emit(GenerationOutput(
+        self.emit(GenerationOutput(
             text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
             stats={
                 "ttft_s": self.ttft,
@@ -209,7 +255,7 @@ class Sequence:
         self.done = True
         if self.group is not None:
             self.group.remove(self)
-        self.req = self.group = self.logits = None
+        self.req = self.group = self.logits = self.job = None
         if self.on_done is not None:
             self.on_done()
 
@@ -218,9 +264,10 @@ class _Group:
     """Requests decoding together on one context: a batched StaticDecoder whose slot i
     holds seqs[i]. A leaving request's slot takes the last one's, so slots stay dense."""
 
-    def __init__(self, decoder: StaticDecoder, on_empty: Callable[["_Group"], None]) -> None:
-        self.decoder, self.on_empty = decoder, on_empty
+    def __init__(self, decoder: StaticDecoder, key: int, on_empty: Callable[["_Group"], None]) -> None:
+        self.decoder, self.key, self.on_empty = decoder, key, on_empty
         self.seqs: list[Sequence] = []
+        self.device_bytes = decoder.device_bytes()
 
     def fits(self, seq: Sequence) -> bool:
         return len(self.seqs) < self.decoder.slots and seq.slot_tokens <= self.decoder.slot_tokens
@@ -258,35 +305,47 @@ class Scheduler:
     """Runs many requests on one engine with continuous batching (see the module doc)."""
 
     def __init__(self, engine: "Engine", max_batch: int = 32, max_waiting: int = 1024,
-                 device_bytes: int | None = None, device_pages: bool = False, host_bytes: int | None = None) -> None:
-        """device_bytes: the KV budget of admitted requests (None = no limit); device_pages:
-        a group copies its document's pages into GPU memory (see StaticDecoder); host_bytes:
-        the budget of the contexts that admitted prompts without one build (None = no
-        limit); see Engine.scheduler."""
+                 device_bytes: int | None = None, device_pages: bool = False, host_bytes: int | None = None,
+                 keep_idle: int = 8) -> None:
+        """device_bytes: the KV budget of admitted requests and idle groups (None = no
+        limit); device_pages: a group copies its document's pages into GPU memory (see
+        StaticDecoder); host_bytes: the budget of the contexts that admitted prompts without
+        one build (None = no limit); keep_idle: idle groups kept at most; see Engine.scheduler."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: must be a positive int, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting: must be an int >= 0, got {max_waiting!r}")
-        self.engine, self.max_batch, self.max_waiting, self.device_bytes = engine, max_batch, max_waiting, device_bytes
-        self.device_pages, self.host_bytes = device_pages, host_bytes
+        if not isinstance(keep_idle, int) or keep_idle < 0:
+            raise ValueError(f"keep_idle: must be an int >= 0, got {keep_idle!r}")
+        self.engine, self.runner = engine, engine.runner
+        self.max_batch, self.max_waiting, self.device_bytes = max_batch, max_waiting, device_bytes
+        self.device_pages, self.host_bytes, self.keep_idle = device_pages, host_bytes, keep_idle
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._jobs: collections.deque[IndexJob] = collections.deque()  # submit_index, oldest first
         self.active: list[Sequence] = []
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.error: BaseException | None = None  # what stopped the thread
         self.steps = 0
         self.largest_batch = 0  # most requests one decode pass has carried
-        self._groups: dict[int, list[_Group]] = {}  # static path: context key -> its decoding groups
+        self._groups: dict[int, list[_Group]] = {}  # static path: context uid -> its groups, busy or idle
+        self._idle: collections.OrderedDict[_Group, None] = collections.OrderedDict()  # least recently used first
 
     # ---------------------------------------------------------------- any thread
     def submit(self, prompt, params: SamplingParams | None = None, context: Context | None = None,
-               sink: Sink | None = None, on_done: Callable[[], None] | None = None) -> Sequence:
+               sink: Sink | None = None, on_done: Callable[[], None] | None = None,
+               arrived: float | None = None) -> Sequence:
         """Validate and queue a request. Raises ValueError for bad input or a request that
-        can never fit the device budget, SchedulerFull when the queue is full. Its text
-        pieces and final GenerationOutput (or an Exception) go to `sink`, else to the
-        returned sequence's items; `on_done` runs once the scheduler has let go of it
-        (finished, failed or cancelled), e.g. to release the context it reads."""
-        seq = self.engine._sequence(prompt, params, context, sink, on_done)
+        can never fit the device budget, SchedulerFull when the queue is full, SchedulerDead
+        after a failed step. Its text pieces and final GenerationOutput (or an Exception) go
+        to `sink`, else to the returned sequence's items; `on_done` runs once the scheduler
+        has let go of it (finished, failed or cancelled), e.g. to release the context it
+        reads. `arrived` (perf_counter) is when the request reached the server: its TTFT
+        counts from then (default: now)."""
+        ids, params, context = self.engine.validate(prompt, params, context)
+        seq = Sequence(self.engine, params, context, ids, sink, on_done, arrived)
         if self.device_bytes is not None and seq.device_bytes > self.device_bytes:
             raise ValueError(f"request: its KV state needs {seq.device_bytes / 2**20:.0f} MiB of device memory, "
                              f"over this scheduler's budget of {self.device_bytes / 2**20:.0f} MiB")
@@ -295,11 +354,51 @@ class Scheduler:
                              f"{seq.host_bytes / 2**20:.0f} MiB of host memory, over this scheduler's budget of "
                              f"{self.host_bytes / 2**20:.0f} MiB")
         with self._lock:
+            self._check_alive()
             if len(self._waiting) >= self.max_waiting:
                 raise SchedulerFull(f"{len(self._waiting)} requests are already waiting; try again later")
             self._waiting.append(seq)
             self._lock.notify()
         return seq
+
+    def submit_index(self, ids: list[int], on_done: Callable[[object], None], on_device: bool = True) -> IndexJob:
+        """Queue a document (validated token ids, Engine.tokenize) to prefill and index in
+        the driver thread, a pass per step between decode steps. on_done(Context | Exception)
+        runs in the driver thread; with on_device the context's pages are left on the GPU
+        (for the caller to write elsewhere, then drop)."""
+        job = IndexJob(ids, on_done, on_device)
+        with self._lock:
+            self._check_alive()
+            self._jobs.append(job)
+            self._lock.notify()
+        return job
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn in the driver thread before the next step; its result or exception
+        comes back through the Future."""
+        future: Future = Future()
+        with self._lock:
+            self._check_alive()
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def forget(self, context: Context) -> Future:
+        """Free the idle device state kept for `context` (before its memory goes away);
+        done in the driver thread, the Future resolves once it is."""
+        def drop() -> None:
+            for group in [g for g in self._groups.get(context.uid, []) if g in self._idle]:
+                self._free(group)
+        return self.call(drop)
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise SchedulerDead(f"the scheduler stopped after a failed step: {self.error!r}")
+
+    @property
+    def alive(self) -> bool:
+        """False once a failed step has stopped the driver thread (or it was never started)."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         """Drive steps from a daemon thread until stop()."""
@@ -314,18 +413,37 @@ class Scheduler:
             self._thread.join()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self.has_work:
+                        self._lock.wait()
+                    if self._stop:
+                        return
+                self.step()
+        except BaseException as e:  # the device or the scheduler itself: nothing here can go on
+            log.exception("scheduler step failed; failing every request in flight")
             with self._lock:
-                while not self._stop and not self.active and not self._waiting:
-                    self._lock.wait()
-                if self._stop:
-                    return
-            self.step()
+                self.error = e
+            self._fail_all(SchedulerDead(f"the scheduler stopped after a failed step: {e!r}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            jobs, self._jobs = list(self._jobs), collections.deque()
+            calls, self._calls = list(self._calls), collections.deque()
+        for seq in [*self.active, *waiting]:
+            seq.fail(error)
+        for job in jobs:
+            job.finish(error)
+        for _, future in calls:
+            future.set_exception(error)
+        self.active = []
 
     # ---------------------------------------------------------------- the driver
     @property
     def has_work(self) -> bool:
-        return bool(self.active or self._waiting)
+        return bool(self.active or self._waiting or self._jobs or self._calls)
 
     def _admit(self) -> None:
         with self._lock:
@@ -336,6 +454,9 @@ class Scheduler:
             while self._waiting and len(self.active) < self.max_batch:
                 seq = self._waiting[0]
                 need = seq.device_bytes - (seq.context_bytes if seq.context_key in contexts else 0)
+                if self.device_bytes is not None:  # idle groups make room first, least recently used first
+                    while self._idle and used + need + self._idle_bytes() > self.device_bytes:
+                        self._free(next(iter(self._idle)))
                 if self.active and (self.device_bytes is not None and used + need > self.device_bytes
                                     or self.host_bytes is not None and host + seq.host_bytes > self.host_bytes):
                     break  # FIFO: wait for memory rather than let later, smaller requests pass
@@ -350,7 +471,9 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill up to one chunk of tokens, then decode one token for every decoding request."""
+        """Run queued calls, admit, prefill (a document pass, then packed questions), then
+        decode one token for every decoding request."""
+        self._run_calls()
         self._admit()
         self.steps += 1
         for seq in self.active:
@@ -358,56 +481,146 @@ class Scheduler:
                 seq.release()
         self.active = [s for s in self.active if not s.done]
         try:
-            budget = self.engine.config.prefill_chunk_tokens  # prefill tokens per step, oldest first
-            for seq in self.active:
-                if budget <= 0:
-                    break
-                if seq.phase in ("index", "prompt"):
-                    budget -= self._guard(seq, lambda: seq.prefill_chunk(budget)) or budget
+            self._index_pass()
+            self._prefill_prompts()
             feeding: list[tuple[Sequence, int]] = []
             for seq in self.active:
                 if seq.done:
                     continue
                 if seq.phase == "start":
-                    self._guard(seq, lambda: seq.start_decode(self._group_for(seq)))
+                    self._guard([seq], lambda: seq.start_decode(self._group_for(seq)))
                 if seq.phase == "decode" and not seq.done:
-                    token = self._guard(seq, seq.next_token)
+                    token = self._guard([seq], seq.next_token)
                     if token is not None:
                         feeding.append((seq, token))
             self._decode(feeding)
         finally:
             self.active = [s for s in self.active if not s.done]
 
-    def _guard(self, seq: Sequence, fn):
-        """Run one request's part of the step; an error ends that request, not the others."""
+    def _run_calls(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # the caller's error, handed back to the caller
+                    future.set_exception(e)
+
+    def _guard(self, seqs: list[Sequence], fn):
+        """Run some requests' part of the step; an error ends those requests, not the others."""
         try:
             return fn()
-        except Exception as e:  # the request fails with its error; the rest of the batch goes on
-            seq._emit(e)
-            seq.release()
+        except Exception as e:  # the requests fail with the error; the rest of the batch goes on
+            log.warning("%d request(s) failed: %r", len(seqs), e, exc_info=not isinstance(e, ValueError))
+            for seq in seqs:
+                seq.fail(e)
             return None
 
+    def _index_pass(self) -> None:
+        """One prefill pass of the oldest document being indexed (submit_index jobs first,
+        then prompts without a context); building its index once it is whole."""
+        with self._lock:
+            while self._jobs and self._jobs[0].cancelled:
+                self._jobs.popleft().finish(RuntimeError("cancelled"))
+            job = self._jobs[0] if self._jobs else None
+        seq = None
+        if job is None:
+            seq = next((s for s in self.active if s.phase == "index" and not s.done), None)
+            job = seq.job if seq is not None else None
+        if job is None:
+            return
+        try:
+            ctx = job.run_pass(self.runner)
+        except Exception as e:  # this document fails; the scheduler goes on
+            log.warning("indexing a %d-token document failed: %r", len(job.ids), e)
+            ctx = e
+        if ctx is None:
+            return
+        if seq is None:
+            with self._lock:
+                self._jobs.popleft()
+        if isinstance(ctx, Exception):
+            if seq is not None:
+                seq.fail(ctx)
+            else:
+                job.finish(ctx)
+            return
+        if seq is not None:
+            self._guard([seq], lambda: job.finish(ctx))
+        else:
+            job.finish(ctx)
+
+    def _prefill_prompts(self) -> None:
+        """Prefill waiting questions: per context, the oldest prompts packed into one pass,
+        up to prefill_chunk_tokens in all (a longer prompt continues at the next step)."""
+        by_context: dict[int, list[Sequence]] = {}
+        for seq in self.active:
+            if seq.phase == "prompt" and not seq.done:
+                by_context.setdefault(seq.context_key, []).append(seq)
+        budget = self.engine.config.prefill_chunk_tokens
+        for seqs in by_context.values():
+            if budget <= 0:
+                return
+            pack: list[tuple[Sequence, list[int]]] = []
+            for seq in seqs:
+                if budget <= 0:
+                    break
+                chunk = seq.pending[:budget]
+                pack.append((seq, chunk))
+                budget -= len(chunk)
+            members = [s for s, _ in pack]
+            logits = self._guard(members, lambda: self.runner.prefill(
+                [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members], members[0].context))
+            if logits is None:
+                continue
+            for i, (seq, chunk) in enumerate(pack):
+                seq.pending = seq.pending[len(chunk):]
+                seq.next_pos += len(chunk)
+                if not seq.pending:
+                    seq.logits, seq.phase = logits[i], "start"
+
+    # ---------------------------------------------------------------- device state of contexts
     def _group_for(self, seq: Sequence) -> _Group | None:
-        """Static path: a group on seq's context with a free slot that fits it (a new one,
-        with max_batch slots, if none has). None on the dynamic path."""
-        if not self.engine._static():
+        """Static path: a group on seq's context with a free slot that fits it (an idle one
+        first, else a new one with max_batch slots). None on the dynamic path."""
+        if not self.engine.static_decode:
             return None
         groups = self._groups.setdefault(seq.context_key, [])
-        for group in groups:
+        for group in sorted(groups, key=lambda g: g not in self._idle):  # busy groups first: fuller batches
             if group.fits(seq):
+                self._idle.pop(group, None)
                 return group
         slot_tokens = -(-seq.slot_tokens // _SLOT_TOKENS) * _SLOT_TOKENS
         eng = self.engine
         decoder = StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens,
                                 device_pages=self.device_pages)
-        group = _Group(decoder, lambda g, key=seq.context_key: self._drop_group(key, g))
+        group = _Group(decoder, seq.context_key, self._park)
         groups.append(group)
         return group
 
-    def _drop_group(self, key: int, group: _Group) -> None:
-        self._groups[key].remove(group)
-        if not self._groups[key]:
-            del self._groups[key]
+    def _park(self, group: _Group) -> None:
+        """A group whose requests have all left: kept idle for its context's next requests."""
+        self._idle[group] = None
+        while len(self._idle) > self.keep_idle:
+            self._free(next(iter(self._idle)))
+
+    def _free(self, group: _Group) -> None:
+        self._idle.pop(group, None)
+        groups = self._groups[group.key]
+        groups.remove(group)
+        if not groups:
+            del self._groups[group.key]
+
+    def _idle_bytes(self) -> int:
+        return sum(g.device_bytes for g in self._idle)
+
+    @property
+    def idle_groups(self) -> int:
+        """Groups kept with no request (their contexts' device state, ready for the next)."""
+        return len(self._idle)
 
     def _count_batch(self, seqs: list[Sequence]) -> None:
         """Record that one decode pass carries `seqs` together."""
@@ -418,31 +631,22 @@ class Scheduler:
     def _decode(self, feeding: list[tuple[Sequence, int]]) -> None:
         if not feeding:
             return
-        eng = self.engine
-        if eng._static():
+        if self.engine.static_decode:
             tokens = dict(feeding)
             for group in {id(s.group): s.group for s, _ in feeding}.values():
                 self._count_batch(group.seqs)
-                try:
-                    group.step(tokens)
-                except Exception as e:  # the pass failed for the whole group
-                    for seq in list(group.seqs):
-                        seq._emit(e)
-                        seq.release()
+                self._guard(list(group.seqs), lambda: group.step(tokens))
         else:
-            self._count_batch([seq for seq, _ in feeding])
-            batch = StepBatch([seq.req for seq, _ in feeding])
+            seqs = [seq for seq, _ in feeding]
+            self._count_batch(seqs)
+            batch = StepBatch([seq.req for seq in seqs])
             ids = torch.tensor([[token] for _, token in feeding])
-            pos = torch.tensor([[seq.position] for seq, _ in feeding])
-            try:
-                logits = eng._forward(batch, ids, pos)  # [B, vocab]: one pass, weights read once
-            except Exception as e:  # the pass failed for all of them
-                for seq, _ in feeding:
-                    seq._emit(e)
-                    seq.release()
+            pos = torch.tensor([[seq.position] for seq in seqs])
+            logits = self._guard(seqs, lambda: self.runner.forward(batch, ids, pos))  # one pass, weights read once
+            if logits is None:
                 return
-            for b, (seq, _) in enumerate(feeding):
+            for b, seq in enumerate(seqs):
                 seq.logits = logits[b]
                 seq.position += 1
-        if eng.device.type == "cuda":
+        if self.engine.device.type == "cuda":
             torch.cuda.synchronize()

@@ -421,7 +421,6 @@ class StaticDecoder:
         self._position = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> graph, its logits
         self._pool = None  # one memory pool for every batch size's graph (they never run at once)
-        self.steps_run = 0
         if own_kv is not None:
             self.load(0, own_kv, max_new_tokens)
 
@@ -533,27 +532,56 @@ class StaticDecoder:
         h, x = self._add_norm(h, delta, self.norm)
         return self.model.lm_head(x)[:, -1].float()
 
+    def padded_batch(self, B: int) -> int:
+        """The batch size a step of B requests runs at: the next power of two (at most
+        `slots`), so a decoder captures a handful of CUDA graphs, not one per batch size."""
+        return min(self.slots, 1 << (B - 1).bit_length())
+
     def step_batch(self, tokens: list[int], positions: list[int], graph: bool = False) -> torch.Tensor:
-        """One token for each of slots 0..len(tokens)-1; returns logits [B, vocab] (a
-        static buffer when graphed: read before the next step). graph: on CUDA, replay a
-        CUDA graph of this batch size, recorded after one eager (warm-up) step of it."""
+        """One token for each of slots 0..len(tokens)-1; returns logits [B, vocab] (a view
+        of a static buffer when graphed: read before the next step). The step runs at
+        padded_batch(B): the free slots past B decode a dummy token from an empty state,
+        which the next load() of a slot overwrites. graph: on CUDA, replay a CUDA graph of
+        that size, recorded after one eager (warm-up) step of it."""
         B = len(tokens)
         if not 0 < B <= self.slots:
             raise ValueError(f"tokens: {B} for a decoder of {self.slots} slots")
+        padded = self.padded_batch(B)
         self._token[:B, 0] = torch.tensor(tokens)
         self._position[:B, 0] = torch.tensor(positions)
-        self.steps_run += 1
-        if B in self._graphs:
-            self._graphs[B][0].replay()
-            return self._graphs[B][1]
-        logits = self._forward(B)
+        if padded > B:  # free slots: no own tokens, an empty window (their counters must not run past a slot)
+            self._token[B:padded] = 0
+            self._position[B:padded] = 0
+            self.own[B:padded] = 0
+            if self.ring is not None:
+                self.ring.counts[B:padded] = 0
+        if padded in self._graphs:
+            self._graphs[padded][0].replay()
+            return self._graphs[padded][1][:B]
+        logits = self._forward(padded)
         if graph and self.device.type == "cuda":
-            self.capture(B)
-        return logits
+            self.capture(padded)
+        return logits[:B]
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Run one token of slot 0; returns logits [vocab] (a static buffer when graphed: copy to keep)."""
         return self.step_batch([token], [position])[0]
+
+    def device_bytes(self) -> int:
+        """GPU bytes this decoder holds for KV-side state, all its slots: dense KV, trees,
+        page tables, windows, private pages, work buffers (host pages read through UVA
+        views are not counted; a device_pages copy is). 0 off CUDA."""
+        tensors = {}  # by address: a reuse cycle's layers share one tree
+        for s in self.states:
+            for name, t in vars(s).items():
+                uva = name in ("shared_k", "shared_v") and not getattr(s, "device_pages", False)
+                if isinstance(t, torch.Tensor) and not uva:
+                    tensors[t.data_ptr()] = t
+            if isinstance(s, _SparseState):
+                tensors.update((t.data_ptr(), t) for t in s.tree.tensors())
+        if self.scratch is not None:
+            tensors.update((t.data_ptr(), t) for t in self.scratch.buffers.values())
+        return sum(t.numel() * t.element_size() for t in tensors.values() if t.is_cuda)
 
     def pages_per_step(self, slot: int = 0) -> int:
         """Pages the last step selected for `slot`, summed over sparse layers and KV heads (one sync)."""

@@ -1,27 +1,28 @@
-"""Host page store: one layer's middle KV, laid out page by page in host memory.
+"""Host page store: one layer's middle KV, laid out page by page.
 
 Pages of one head are contiguous ([H, num_pages, page_size, D]), and the tokens of a
 page are the similar keys the DCI-tree packed together, so one copy brings them in.
-Buffers are pinned when CUDA is present (fast, async H2D). An allocator can be
-passed so a caller (e.g. the cluster tier) can place them in shared memory.
+A store is built on the device the prefill ran on (a scatter of the KV there) and then
+lives in host memory: pinned when CUDA is present (fast, async H2D), or a view of a
+shared-memory segment that the cluster tier wrote it into.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from icecache.index.tree import PageLayout
 
-# (shape, dtype) -> a zeroed host tensor; the default is process memory, pinned if CUDA is present
-Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
-
-def default_allocator(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    pin = torch.cuda.is_available()
-    return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """t in host memory (pinned when CUDA is present); host tensors are returned as they are."""
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out
 
 
 @dataclass
@@ -33,21 +34,26 @@ class HostPageStore:
 
     @classmethod
     def from_layout(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                    layout: PageLayout, page_size: int, allocator: Allocator = default_allocator
-                    ) -> "HostPageStore":
-        """Scatter tokens into pages. keys/values: [H, n, D] (any device); positions: [n]."""
+                    layout: PageLayout, page_size: int) -> "HostPageStore":
+        """Scatter tokens into pages, on the keys' device. keys/values: [H, n, D]; positions: [n]."""
         H, n, D = keys.shape
+        dev = keys.device
         shape = (H, layout.num_pages, page_size, D)
-        k_pages, v_pages = allocator(shape, keys.dtype), allocator(shape, values.dtype)
-        pos_pages = allocator(shape[:3], torch.long)
-        pos_pages.fill_(-1)
-        page_of, slot_of = layout.page_of.cpu(), layout.slot_of.cpu()
-        h = torch.arange(H)[:, None].expand(H, n)
-        k_pages[h, page_of, slot_of] = keys.cpu()
-        v_pages[h, page_of, slot_of] = values.cpu()
-        pos_pages[h, page_of, slot_of] = positions.cpu().expand(H, n)
-        valid = torch.zeros(H, layout.num_pages, dtype=torch.long).scatter_add_(1, page_of, torch.ones_like(page_of))
+        k_pages = torch.zeros(shape, dtype=keys.dtype, device=dev)
+        v_pages = torch.zeros(shape, dtype=values.dtype, device=dev)
+        pos_pages = torch.full(shape[:3], -1, dtype=torch.long, device=dev)
+        page_of, slot_of = layout.page_of.to(dev), layout.slot_of.to(dev)
+        h = torch.arange(H, device=dev)[:, None].expand(H, n)
+        k_pages[h, page_of, slot_of] = keys
+        v_pages[h, page_of, slot_of] = values
+        pos_pages[h, page_of, slot_of] = positions.to(dev).expand(H, n)
+        valid = torch.zeros(H, layout.num_pages, dtype=torch.long, device=dev).scatter_add_(
+            1, page_of, torch.ones_like(page_of))
         return cls(k_pages, v_pages, pos_pages, valid)
+
+    def to_host(self) -> "HostPageStore":
+        """The same pages in host memory (pinned when CUDA is present)."""
+        return HostPageStore(**{f.name: to_host(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def num_pages(self) -> int:

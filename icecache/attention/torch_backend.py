@@ -38,27 +38,47 @@ def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return out[0], out[1]
 
 
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention of q over one KV part, with its log-sum-exp (for merge_attention).
+
+    q: [Hq, T, D]; k/v: [H, S, D] on q's device, Hq a multiple of H (GQA) -> (out [Hq, T, D]
+    in q's dtype, lse [Hq, T] fp32). causal: top-left, S == T (a chunk over itself). Not
+    causal: a KV head's g query heads attend as g * T rows of one head, so the part is
+    never repeated per query head."""
+    Hq, T, D = q.shape
+    H = k.shape[0]
+    g = Hq // H
+    if causal:
+        out, lse = _attention_lse(q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], True,
+                                  scaling)
+        return out[0], lse[0]
+    out, lse = _attention_lse(q.reshape(H, g * T, D)[None], k[None], v[None], False, scaling)
+    return out[0].reshape(Hq, T, D), lse[0].reshape(Hq, T)
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over the union of KV parts from each part's (out [Hq, T, D], lse [Hq, T]):
+    the outputs weighted by their share of the softmax mass. -> [Hq, T, D] in out's dtype."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([l.float() for _, l in parts])  # [n, Hq, T]
+    w = torch.exp(lse - lse.amax(0))
+    out = sum(o.float() * w[i][..., None] for i, (o, _) in enumerate(parts)) / w.sum(0)[..., None]
+    return out.to(parts[0][0].dtype)
+
+
 def prefill_attention_parts(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, scaling: float) -> torch.Tensor:
     """prefill_attention without joining past and chunk or building a [T, N + T] mask: the
     chunk's causal attention over itself and its attention over the past, merged by their
-    log-sum-exps. A KV head's g query heads attend to the past as g * T query rows, so the
-    past is never repeated per query head (only the chunk's own T keys are).
+    log-sum-exps.
 
     q: [Hq, T, D]; past_k/v: [H, N, D] (on q's device); k/v: [H, T, D] -> [T, Hq, D]."""
-    Hq, T, D = q.shape
-    H = k.shape[0]
-    g = Hq // H
-    own, own_lse = _attention_lse(q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], True,
-                                  scaling)
-    if past_k.shape[1] == 0:
-        return own[0].transpose(0, 1)
-    past, past_lse = _attention_lse(q.reshape(H, g * T, D)[None], past_k[None], past_v[None], False, scaling)
-    past, past_lse = past[0].reshape(Hq, T, D), past_lse[0].reshape(Hq, T)
-    top = torch.maximum(own_lse[0], past_lse)
-    w_own, w_past = torch.exp(own_lse[0] - top), torch.exp(past_lse - top)
-    out = (own[0].float() * w_own[..., None] + past.float() * w_past[..., None]) / (w_own + w_past)[..., None]
-    return out.to(q.dtype).transpose(0, 1)
+    parts = [attention_lse(q, k, v, True, scaling)]
+    if past_k.shape[1]:
+        parts.append(attention_lse(q, past_k, past_v, False, scaling))
+    return merge_attention(parts).transpose(0, 1)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

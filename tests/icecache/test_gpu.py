@@ -42,13 +42,13 @@ def record_decode(hf, ids, steps, monkeypatch):
     with torch.inference_mode():
         ctx = eng.index(ids)
         req = RequestKV(eng.shape, eng.config, ctx)
-        logits = eng._prefill(req, [7, 8, 9], ctx.num_tokens)
+        logits = eng.runner.prefill_one(req, [7, 8, 9], ctx.num_tokens)
         req.start_decode()
         pos = ctx.num_tokens + 3
         for _ in range(steps):
             logits_seen.append(logits.float().cpu())
             token = int(logits.argmax())
-            logits = eng._forward(StepBatch([req]), torch.tensor([[token]]), torch.tensor([[pos]]))[0]
+            logits = eng.runner.forward(StepBatch([req]), torch.tensor([[token]]), torch.tensor([[pos]]))[0]
             pos += 1
     monkeypatch.undo()
     return chosen, torch.stack(logits_seen)
@@ -84,7 +84,7 @@ def record_static(hf, ids, steps, graph: bool):
     with torch.inference_mode():
         ctx = eng.index(ids)
         req = RequestKV(eng.shape, eng.config, ctx)
-        logits = eng._prefill(req, [7, 8, 9], ctx.num_tokens)
+        logits = eng.runner.prefill_one(req, [7, 8, 9], ctx.num_tokens)
         decoder = StaticDecoder(eng.model, eng.config, ctx, [(kv.k, kv.v) for kv in req.own], steps + 1)
         pos = ctx.num_tokens + 3
         for i in range(steps):
@@ -119,7 +119,7 @@ def test_device_pages_decode_like_pages_read_over_pcie(models):
     with torch.inference_mode():
         ctx = eng.index(ids)
         req = RequestKV(eng.shape, eng.config, ctx)
-        eng._prefill(req, [7, 8, 9], ctx.num_tokens)
+        eng.runner.prefill_one(req, [7, 8, 9], ctx.num_tokens)
         own = [(kv.k, kv.v) for kv in req.own]
         for device_pages in (False, True):
             dec = StaticDecoder(eng.model, eng.config, ctx, slots=3, slot_tokens=32, device_pages=device_pages)

@@ -33,7 +33,7 @@ def decoders(monkeypatch, arch: str, doc_tokens: int, question: list[int], steps
         monkeypatch.setenv("ICECACHE_KERNELS", flag)
         with torch.inference_mode():
             req = RequestKV(eng.shape, eng.config, ctx)
-            logits = eng._prefill(req, question, ctx.num_tokens) if question else ctx.last_logits
+            logits = eng.runner.prefill_one(req, question, ctx.num_tokens) if question else ctx.last_logits
             out.append((StaticDecoder(eng.model, config, ctx, [(kv.k, kv.v) for kv in req.own], steps), logits))
     return eng, ctx, out
 
@@ -234,7 +234,7 @@ def test_batched_slots_give_each_request_what_it_gets_alone(monkeypatch, kernels
     with torch.inference_mode():
         for q in questions:
             req = RequestKV(eng.shape, eng.config, ctx)
-            prefilled.append(([(kv.k, kv.v) for kv in req.own], eng._prefill(req, q, ctx.num_tokens)))
+            prefilled.append(([(kv.k, kv.v) for kv in req.own], eng.runner.prefill_one(req, q, ctx.num_tokens)))
         alone = []
         for (own, logits), q, n in zip(prefilled, questions, steps):
             dec = StaticDecoder(eng.model, CONFIG, ctx, own, n)

@@ -42,7 +42,7 @@ def test_chunked_prefill_is_exact(model):
     req_logits = reference_logits(hf, ids + more)[-1]
     from icecache.cache import RequestKV
     req = RequestKV(eng.shape, eng.config, ctx)
-    got = eng._prefill(req, more, ctx.num_tokens)
+    got = eng.runner.prefill_one(req, more, ctx.num_tokens)
     assert torch.allclose(got, req_logits, atol=1e-4, rtol=1e-4)
 
 

@@ -51,7 +51,7 @@ def test_offloaded_prefill_gives_the_same_context_and_tokens():
     out = {}
     for where in ("device", "host"):
         eng = Engine.from_model(model, config=IceCacheConfig(prefill_offload=where, **small), model_id="tiny")
-        assert eng._offload_prefill(len(ids)) == (where == "host")
+        assert eng.runner.offload_prefill(len(ids)) == (where == "host")
         ctx = eng.index(ids)
         out[where] = (ctx, eng.generate([7, 8, 9], params, context=ctx).token_ids)
     (plain, plain_tokens), (offloaded, offloaded_tokens) = out["device"], out["host"]

@@ -34,7 +34,7 @@ def test_a_cycle_shares_layout_and_selection():
 
     with torch.inference_mode():
         req = RequestKV(eng.shape, eng.config, ctx)
-        logits = eng._prefill(req, [5, 6, 7], ctx.num_tokens)
+        logits = eng.runner.prefill_one(req, [5, 6, 7], ctx.num_tokens)
         dec = StaticDecoder(eng.model, eng.config, ctx, [(kv.k, kv.v) for kv in req.own], 12)
         for i in range(12):
             logits = dec.step(int(logits.argmax()), ctx.num_tokens + 3 + i)

@@ -1,0 +1,204 @@
+"""The model runner: every forward pass through the transformers model, prefill included.
+
+Prefill is exact and packed: the prompt chunks of several requests on one context run as
+one sequence of one forward pass (positions per request), so the weights are read once and
+the context's KV is read once per layer for all of them (`ContextReader`), however many
+questions wait on it. Each chunk attends to the context, to its own request's earlier
+tokens and causally to itself; the three parts are flash attentions merged by their
+log-sum-exps (attention.merge_attention), so no [T, N + T] mask is ever built.
+
+The scheduler decides what runs; this module runs it. It never imports the scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from icecache.attention import attention_lse, merge_attention
+from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
+from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
+from icecache.context import Context, build_context
+
+Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+class ContextReader:
+    """A context's KV on the device, one layer at a time, for a prefill pass that attends to
+    all of it. On CUDA each layer's host tensors (pinned, or a CUDA-registered shm segment)
+    are copied by DMA on a side stream one layer ahead of the layer attending, and the
+    pages' valid slots are gathered on the device; token order does not matter to
+    attention. Elsewhere the host tensors are read where they are."""
+
+    def __init__(self, context: Context, device: torch.device, dtype: torch.dtype) -> None:
+        self.ctx, self.device, self.dtype = context, device, dtype
+        self.order = sorted([*context.dense, *context.sparse])
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.in_flight: dict[int, tuple[torch.cuda.Event, list[torch.Tensor]]] = {}
+
+    def _host_tensors(self, layer: int) -> list[torch.Tensor]:
+        if layer in self.ctx.dense:
+            return list(self.ctx.dense[layer])
+        s = self.ctx.sparse[layer]
+        return [s.sink_k, s.sink_v, s.tail_k, s.tail_v, s.pages.keys, s.pages.values, s.pages.valid]
+
+    def _issue(self, layer: int) -> None:
+        """Start the copy of `layer` on the side stream."""
+        with torch.cuda.stream(self.stream):
+            moved = [t.to(self.device, non_blocking=True) for t in self._host_tensors(layer)]
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.in_flight[layer] = (done, moved)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every context token's (K, V) in `layer`: [H, n, D] each, on the device."""
+        if self.stream is None:
+            k, v = self.ctx.flat_kv(layer)
+            return k.to(self.device, self.dtype), v.to(self.device, self.dtype)
+        if layer not in self.in_flight:
+            self._issue(layer)
+        at = self.order.index(layer)
+        if at + 1 < len(self.order) and self.order[at + 1] not in self.in_flight:
+            self._issue(self.order[at + 1])  # the next layer crosses PCIe while this one attends
+        done, moved = self.in_flight.pop(layer)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        for t in moved:
+            t.record_stream(current)  # allocated on the side stream, freed after use on this one
+        if layer in self.ctx.dense:
+            k, v = moved
+            return k.to(self.dtype), v.to(self.dtype)
+        sink_k, sink_v, tail_k, tail_v, keys, values, valid = moved
+        H, N, P, D = keys.shape
+        n = self.ctx.num_tokens - sink_k.shape[1] - tail_k.shape[1]  # every head holds n middle tokens
+        empty = (torch.arange(P, device=self.device) >= valid[..., None]).reshape(H, N * P).to(torch.int8)
+        slots = empty.argsort(dim=1, stable=True)[:, :n, None].expand(H, n, D)  # valid slots first
+        mid_k = keys.reshape(H, N * P, D).gather(1, slots)
+        mid_v = values.reshape(H, N * P, D).gather(1, slots)
+        k = torch.cat([sink_k, mid_k, tail_k], dim=1).to(self.dtype)
+        v = torch.cat([sink_v, mid_v, tail_v], dim=1).to(self.dtype)
+        return k, v
+
+
+class PrefillPack:
+    """One forward pass's prefill: chunks of `requests` packed in one sequence (spans of
+    it, in order), all continuing the same context (read through `reader`) or none."""
+
+    decoding = False  # StepBatch routes it to prefill_attend
+
+    def __init__(self, requests: list[RequestKV], lengths: list[int], reader: ContextReader | None) -> None:
+        self.requests, self.reader = requests, reader
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        self.spans = [(end - n, end) for end, n in zip(ends, lengths)]
+
+    def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+        """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
+        context = None
+        if self.reader is not None:  # every row attends to the whole context: one read for the pack
+            ctx_k, ctx_v = self.reader.layer(layer)
+            context = attention_lse(q, ctx_k, ctx_v, False, scaling)
+        outs = []
+        for req, (s, e) in zip(self.requests, self.spans):
+            own = req.own[layer]
+            parts = [attention_lse(q[:, s:e], k[:, s:e], v[:, s:e], True, scaling)]
+            if own.length:  # the request's earlier chunks (offloaded ones come back from the host)
+                parts.append(attention_lse(q[:, s:e], own.k.to(q.device, non_blocking=True),
+                                           own.v.to(q.device, non_blocking=True), False, scaling))
+            if context is not None:
+                parts.append((context[0][:, s:e], context[1][:, s:e]))
+            outs.append(merge_attention(parts))
+            own.append(k[:, s:e], v[:, s:e])
+        return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+class ModelRunner:
+    """Runs the model for one engine: packed exact prefill, the dynamic path's batched
+    decode pass, and indexing a prefilled document into a Context."""
+
+    def __init__(self, model: torch.nn.Module, shape: ModelShape, config: IceCacheConfig, model_id: str) -> None:
+        self.model, self.shape, self.config, self.model_id = model, shape, config, model_id
+        self.device = shape.device
+
+    def forward(self, batch: StepBatch, ids: torch.Tensor, positions: torch.Tensor,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, positions: [B, T]. -> logits [B, vocab] of each row's last token, or with
+        logits_at ([n] indices into T, B = 1) [n, vocab] of those tokens."""
+        keep = 1 if logits_at is None else logits_at.to(self.device)
+        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False,
+                         logits_to_keep=keep, **{BATCH_KWARG: batch})
+        return out.logits[:, -1] if logits_at is None else out.logits[0]
+
+    def prefill(self, requests: Sequence[RequestKV], chunks: Sequence[list[int]], starts: Sequence[int],
+                context: Context | None) -> torch.Tensor:
+        """One packed pass: chunks[i] (token ids at positions starts[i]...) of requests[i],
+        all on `context` (or all without one). -> logits [len(chunks), vocab] after each chunk."""
+        assert len(requests) == len(chunks) == len(starts) and all(chunks), "one non-empty chunk per request"
+        ids = torch.tensor([t for c in chunks for t in c])[None]
+        positions = torch.cat([torch.arange(s, s + len(c)) for s, c in zip(starts, chunks)])[None]
+        lengths = [len(c) for c in chunks]
+        last = torch.tensor(lengths).cumsum(0) - 1
+        reader = ContextReader(context, self.device, self.shape.dtype) if context is not None else None
+        return self.forward(StepBatch([PrefillPack(list(requests), lengths, reader)]), ids, positions, last)
+
+    def prefill_one(self, req: RequestKV, token_ids: list[int], start: int) -> torch.Tensor:
+        """Prefill one request's tokens (at positions start...) on its context, in one
+        pass. -> logits [vocab] after the last token."""
+        return self.prefill([req], [token_ids], [start], req.context)[0]
+
+    def document_request(self, num_tokens: int) -> RequestKV:
+        """KV state for indexing a document of num_tokens from its start: on the device, or
+        in pinned host memory when config.prefill_offload says so (offload_prefill)."""
+        offload = self.offload_prefill(num_tokens)
+        return RequestKV(self.shape, self.config, None, num_tokens if offload else 0, capacity_tokens=num_tokens)
+
+    def chunk_tokens(self, req: RequestKV) -> int:
+        """Tokens per pass when prefilling a document: an offloaded prefill reads its past
+        back from the host every pass, so it takes fewer, larger ones."""
+        chunk = self.config.index_chunk_tokens
+        return max(chunk, OFFLOAD_CHUNK_TOKENS) if req.offload else chunk
+
+    def prefill_document(self, req: RequestKV, token_ids: list[int], progress: Progress | None = None
+                         ) -> torch.Tensor:
+        """Prefill a whole document into req, chunk by chunk. -> logits [vocab] after its last token."""
+        chunk = self.chunk_tokens(req)
+        logits = None
+        for s in range(0, len(token_ids), chunk):
+            piece = token_ids[s:s + chunk]
+            logits = self.prefill([req], [piece], [s], None)[0]
+            if progress:
+                progress(s + len(piece), len(token_ids))
+        return logits
+
+    def offload_prefill(self, num_tokens: int) -> bool:
+        """Whether indexing a document of num_tokens keeps its KV in host memory meanwhile."""
+        mode = self.config.prefill_offload
+        if mode != "auto":
+            return mode == "host"
+        if self.device.type != "cuda":
+            return False  # the KV is in host memory either way
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
+        # the prefill's KV, then the paged copy the index builds beside it on the device
+        return 2 * num_tokens * self.shape.num_layers * self.shape.kv_bytes_per_token > free // 2
+
+    def build_context(self, req: RequestKV, token_ids: list[int], logits: torch.Tensor, prefill_started: float,
+                      on_device: bool = False) -> Context:
+        """Index a finished prefill of `token_ids` (req holds its KV) into a Context, with its
+        timings. The trees and pages are built where the KV is (the GPU, unless offloaded);
+        on_device keeps the pages there too (e.g. to write them straight into shared
+        memory), else they move to (pinned) host memory."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        layer_kv = [(kv.k, kv.v) for kv in req.own]
+        req.own = None  # build_context frees each layer's prefill KV as it goes
+        ctx = build_context(self.model_id, token_ids, layer_kv, logits, self.config, self.device)
+        if not on_device:
+            ctx = ctx.to_host()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        ctx.prefill_s, ctx.build_s = t1 - prefill_started, time.perf_counter() - t1
+        return ctx
