@@ -134,21 +134,25 @@ class NodeCache:
                 "num_bytes": record.num_bytes, "num_tokens": record.num_tokens}
 
     # ------------------------------------------------------------------ protocol
-    def acquire(self, tenant: str, key: str, pid: int) -> dict:
+    def acquire(self, tenant: str, key: str, pid: int, held: list[str] | tuple = ()) -> dict:
         """Lease a published context. {"status": "ready", lease, segment, ...}, or
         {"status": "pending"} while another replica is writing it, or {"status": "missing"}.
-        A context of another tenant is "missing" through the same path as an unknown key."""
+        A context of another tenant is "missing" through the same path as an unknown key.
+        held: segments the caller keeps mapped without a lease; the reply's "gone" lists
+        those no longer cached (evicted or dropped), which the caller should unmap."""
         self._reap()
+        live = {r.segment for r in self.records.values() if not r.dropped}
+        gone = [name for name in held if name not in live]
         record = self.records.get(key)
         if record is None or record.tenant != tenant or record.dropped:
             self._count("misses")
-            return {"status": "missing"}
+            return {"status": "missing", "gone": gone}
         if not record.ready:
-            return {"status": "pending"}
+            return {"status": "pending", "gone": gone}
         self._count("hits")
         result = self._grant(record, pid)
         self._export()
-        return result
+        return {**result, "gone": gone}
 
     def reserve(self, tenant: str, key: str, model_id: str, num_tokens: int, num_bytes: int, pid: int) -> dict:
         """Make a segment for a context the caller is about to write. {"status": "reserved",

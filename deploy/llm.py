@@ -4,10 +4,12 @@ the ingress calls through a deployment handle (routed by cluster.router)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 from ray import serve
@@ -16,8 +18,10 @@ from ray.util import metrics
 
 from cluster.contexts import Lease, SharedContexts
 from deploy.config import AppArgs
-from deploy.errors import as_request_error
-from icecache import Engine, SamplingParams
+from deploy.errors import RequestError, as_request_error
+from icecache import Context, Engine, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @serve.deployment(
@@ -31,18 +35,33 @@ class IceCacheLLM:
         self.engine = Engine.from_pretrained(self.args.model, self.args.engine_config(), device=self.args.device)
         self.max_document_tokens = min(self.args.max_document_tokens or self.engine.max_context_tokens,
                                        self.engine.max_context_tokens)
-        self.contexts = SharedContexts(self.engine, tenant_secret.encode(), self.args.cache_capacity)
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        # Requests decode together in the engine's continuous-batching scheduler, driven by
-        # its own thread; documents are prefilled and published one at a time under the lock.
+        # One thread drives the device: the scheduler's. Requests, documents to index and
+        # the writes of contexts into shared memory are queued to it; the pool threads below
+        # only wait (on the node cache, on the scheduler), never touch the device.
         self.scheduler = self.engine.scheduler(max_batch=self.args.max_batch, max_waiting=self.args.max_waiting)
         self.scheduler.start()
-        self._engine_lock = threading.Lock()
+        self.contexts = SharedContexts(self.engine, tenant_secret.encode(), self.args.cache_capacity,
+                                       build=self._build, run=lambda fn: self.scheduler.call(fn).result(),
+                                       on_unmap=lambda ctx: self.scheduler.forget(ctx).result())
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="icecache-request")
         self._ttft = metrics.Histogram("icecache_ttft_seconds", "Time to first token at the replica",
                                        boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("reused",))
         self._tokens = metrics.Counter("icecache_output_tokens", "Tokens generated")
+
+    def check_health(self) -> None:
+        """Serve's health check: fails once the scheduler thread has stopped (a failed step),
+        so the replica is replaced instead of hanging requests."""
+        if not self.scheduler.alive:
+            raise RuntimeError(f"the scheduler thread is not running: {self.scheduler.error!r}")
+
+    def _build(self, ids: list[int]) -> Context:
+        """Prefill and index a document in the scheduler thread (between decode steps)."""
+        done: Future = Future()
+        self.scheduler.submit_index(ids, lambda r: done.set_exception(r) if isinstance(r, BaseException)
+                                    else done.set_result(r))
+        return done.result()
 
     # ------------------------------------------------------------------ helpers
     def _document_ids(self, document: str | list[int]) -> list[int]:
@@ -66,8 +85,7 @@ class IceCacheLLM:
         """Prefill and publish a document in this node's cache (or find it there)."""
         def work() -> dict:
             try:
-                with self._engine_lock:  # the tokenizer is not safe to share between threads either
-                    lease = self._lease(tenant, None, document)
+                lease = self._lease(tenant, None, document)
                 try:
                     ctx = lease.context
                     return {"context_id": lease.context_id, "num_tokens": ctx.num_tokens, "cached": lease.cached,
@@ -85,11 +103,16 @@ class IceCacheLLM:
         decoding at the next token and releases the context."""
         arrived = time.perf_counter()
         loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
+        items: collections.deque = collections.deque()  # (kind, value), filled from the scheduler thread
+        arrived_item = asyncio.Event()
         cancelled = threading.Event()
 
+        def push(item) -> None:  # on the event loop
+            items.append(item)
+            arrived_item.set()
+
         def put(kind: str, value) -> None:
-            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+            loop.call_soon_threadsafe(push, (kind, value))
 
         submitted: list = []
 
@@ -110,11 +133,10 @@ class IceCacheLLM:
             lease = None
             try:
                 params = SamplingParams(**sampling)
-                with self._engine_lock:
-                    if cancelled.is_set():
-                        put("end", None)
-                        return
-                    lease = self._lease(tenant, context_id, document)
+                if cancelled.is_set():
+                    put("end", None)
+                    return
+                lease = self._lease(tenant, context_id, document)
                 first = [True]
 
                 def sink(item) -> None:
@@ -124,8 +146,9 @@ class IceCacheLLM:
                                                tags={"reused": str(bool(lease and lease.cached))})
                             first[0] = False
                         put("text", item)
-                    elif isinstance(item, Exception):
-                        put("error", as_request_error(item) or item)
+                    elif isinstance(item, Exception):  # the scheduler logged it
+                        put("error", as_request_error(item)
+                            or RequestError("INTERNAL", f"the request failed in the model replica: {item!r}"))
                     else:
                         self._tokens.inc(len(item.token_ids))
                         put("stats", stats(item, lease))
@@ -136,7 +159,7 @@ class IceCacheLLM:
                     put("end", None)
 
                 submitted.append(self.scheduler.submit(prompt, params, lease.context if lease else None, sink=sink,
-                                                       on_done=on_done))
+                                                       on_done=on_done, arrived=arrived))
                 if cancelled.is_set():
                     submitted[0].cancel()
             except Exception as e:
@@ -148,7 +171,15 @@ class IceCacheLLM:
         self._threads.submit(work)
         try:
             while True:
-                kind, value = await items.get()
+                if not items:
+                    arrived_item.clear()
+                    await arrived_item.wait()
+                    continue
+                kind, value = items.popleft()
+                # what queued meanwhile goes out in the same message: a reader slower than the
+                # decode steps gets fewer, larger pieces instead of falling behind
+                while kind == "text" and items and items[0][0] == "text":
+                    value += items.popleft()[1]
                 if kind == "end":
                     return
                 if kind == "error":

@@ -41,8 +41,21 @@ def test_second_index_of_a_document_is_a_shared_hit(shared, engine):
 
     shared.release(first)
     shared.release(second)
-    assert shared._mapped == {}
     assert ray.get(shared.cache.stats.remote())["leases"] == 0
+    # the mapping outlives its leases (the next question finds it mapped and page-locked)...
+    assert shared.idle_mappings == 1
+    third = shared.open("t", first.context_id)
+    assert third.context is first.context
+    shared.release(third)
+    assert shared.idle_mappings == 1
+    # ...until the node cache no longer holds the context: the next request's acquire says so
+    unmapped = []
+    shared.on_unmap = unmapped.append
+    assert ray.get(shared.cache.drop.remote("t", first.context_id))
+    with pytest.raises(ContextNotFound):
+        shared.open("t", first.context_id)
+    assert shared.idle_mappings == 0 and unmapped == [first.context]
+    shared.on_unmap = None
 
 
 def test_ids_are_per_tenant(shared, engine):
