@@ -31,10 +31,10 @@ from icecache.static_decode import StaticDecoder, _SparseState
 GiB = 1 << 30
 
 
-def llama_8b(max_positions: int):
+def llama_8b(max_positions: int, vocab_size: int = 128256):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max_positions,
+                         num_key_value_heads=8, vocab_size=vocab_size, max_position_embeddings=max_positions,
                          rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +30,10 @@ from cluster import shm
 from cluster.node_cache import get_node_cache
 from icecache import Context, Engine
 from icecache.context import layout_of
-from icecache.packing import pack_into, packed_size, unpack
+from icecache.packing import pack_into, packed_size, packed_size_bound, unpack
 
 _PENDING_POLL_S = 0.05
+log = logging.getLogger(__name__)
 
 
 class ContextNotFound(KeyError):
@@ -87,6 +90,7 @@ class SharedContexts:
         self._mapped: collections.OrderedDict[str, _Mapped] = collections.OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}  # context id -> set once this process has indexed it
+        self._locker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="icecache-pagelock")
 
     def context_id(self, tenant: str, token_ids: list[int]) -> str:
         """The registry key: hash of (tenant salt, model, layout, token ids). Without the
@@ -207,38 +211,56 @@ class SharedContexts:
                 self._building.pop(context_id).set()
 
     def _index(self, tenant: str, context_id: str, token_ids: list[int]) -> Lease:
-        try:
-            grant = self._await_published(tenant, context_id)  # another replica may be prefilling it
-        except TimeoutError as e:
-            raise CacheFull(str(e)) from None
-        if grant is not None:
-            return self._leased(grant, context_id, cached=True)
-        ctx = self.build(token_ids)  # pages on the device: written once, into the segment
-        num_bytes = packed_size(ctx)
-        grant = ray.get(self.cache.reserve.remote(tenant, context_id, ctx.model_id, ctx.num_tokens, num_bytes,
-                                                  self.pid))
-        if grant["status"] == "full":
-            raise CacheFull(grant["message"])
-        if grant["status"] == "pending":  # raced with another writer: use ours, unshared
-            return Lease(0, context_id, self.run(ctx.to_host), cached=False)
-        if grant["status"] == "ready":
-            return self._leased(grant, context_id, cached=True)
-        mapping = None
-        try:
-            mapping = shm.Mapping(grant["segment"], writable=True)
+        while True:
+            try:
+                grant = self._await_published(tenant, context_id)  # another replica may be prefilling it
+            except TimeoutError as e:
+                raise CacheFull(str(e)) from None
+            if grant is not None:
+                return self._leased(grant, context_id, cached=True)
+            # the segment is reserved before the prefill, at an upper bound of the context's size, so
+            # a document that cannot be stored is refused before it costs a prefill, and the segment
+            # is page-locked while the document prefills
+            eng = self.engine
+            bound = packed_size_bound(eng.config, eng.shape.num_layers, eng.shape.num_kv_heads, eng.shape.head_dim,
+                                      eng.shape.dtype, eng.model.config.vocab_size, len(token_ids))
+            grant = ray.get(self.cache.reserve.remote(tenant, context_id, eng.model_id, len(token_ids), bound,
+                                                      self.pid))
+            if grant["status"] == "full":
+                raise CacheFull(grant["message"])
+            if grant["status"] == "ready":
+                return self._leased(grant, context_id, cached=True)
+            if grant["status"] == "reserved":
+                return self._write(context_id, token_ids, grant)
+            # "pending": another replica reserved it meanwhile; wait for its copy
 
-            def write() -> None:
-                if self.engine.device.type == "cuda":
-                    mapping.register_cuda()  # the device writes by DMA; the mapping then serves reads
-                pack_into(ctx, mapping.view)
-            self.run(write)
+    def _write(self, context_id: str, token_ids: list[int], grant: dict) -> Lease:
+        """Prefill and index the document into the segment reserved by `grant`, publish it."""
+        t0 = time.perf_counter()
+        mapping = shm.Mapping(grant["segment"], writable=True)
+        locking = None
+        if self.engine.device.type == "cuda":  # page-locked while the scheduler prefills: the device writes by DMA
+            locking = self._locker.submit(mapping.register_cuda)
+        try:
+            ctx = self.build(token_ids)
+            t1 = time.perf_counter()
+            if locking is not None:
+                locking.result()
+            t2 = time.perf_counter()
+            self.run(lambda: pack_into(ctx, mapping.view))
+            t3 = time.perf_counter()
             ray.get(self.cache.publish.remote(grant["lease"]))
         except BaseException:
-            if mapping is not None:
-                mapping.close()
+            if locking is not None:
+                locking.exception()  # wait for it: the mapping must not close under it
+            mapping.close()
             ray.get(self.cache.release.remote(grant["lease"]))  # unpublished: the cache discards it
             raise
         shared = unpack(mapping.view).with_index_from(ctx)  # the trees already on the device stay
+        log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
+                 "for the page-lock, write %.2f s (%.1f GiB of a %.1f GiB segment), publish %.2f s", ctx.num_tokens,
+                 context_id[:8], ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, packed_size(ctx) / 2**30,
+                 mapping.num_bytes / 2**30, time.perf_counter() - t3)
         del ctx  # requests use the shared copy, so the device pages are freed now
         return Lease(grant["lease"], context_id, self._hold(grant["segment"], mapping, shared), False,
                      grant["segment"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from icecache import IceCacheConfig
 
@@ -46,6 +46,12 @@ class AppArgs(BaseModel):
     max_waiting: int = Field(256, description="requests a replica queues beyond max_batch before refusing")
     tenant_secret: str | None = Field(
         None, description="keys tenants' context ids; default: $ICECACHE_TENANT_SECRET, else random per deploy")
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="any other IceCacheConfig field (rerank, page_size, "
+        "index_chunk_tokens, ...), validated by IceCacheConfig itself")
+    warmup_tokens: int | Literal["auto"] = Field(
+        "auto", description="a replica indexes and answers a private document of this many tokens before it "
+        "serves (kernel compiles, first CUDA graphs); 0 = none; auto = 4096 on a GPU, 0 on a CPU")
 
     @field_validator("cache_capacity", "max_document_bytes")
     @classmethod
@@ -62,15 +68,25 @@ class AppArgs(BaseModel):
             raise ValueError("must be positive")
         return value
 
-    @field_validator("max_document_tokens")
+    @field_validator("max_document_tokens", "warmup_tokens")
     @classmethod
-    def _non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be >= 0 (0 = the model's context)")
+    def _non_negative(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 0:
+            raise ValueError("must be >= 0")
         return value
 
+    @model_validator(mode="after")
+    def _engine_fields(self) -> "AppArgs":
+        self.engine_config()  # a bad engine field is refused when the app is built, with IceCacheConfig's message
+        return self
+
     def engine_config(self) -> IceCacheConfig:
-        return IceCacheConfig(mode=self.mode, token_budget=self.token_budget, dense_layers=self.dense_layers)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.engine.items()}  # yaml lists
+        try:
+            return IceCacheConfig(**{"mode": self.mode, "token_budget": self.token_budget,
+                                     "dense_layers": self.dense_layers, **fields})
+        except TypeError as e:  # an unknown field
+            raise ValueError(f"engine: {e}") from None
 
     def resolved_secret(self) -> str:
         return self.tenant_secret or os.environ.get("ICECACHE_TENANT_SECRET") or secrets.token_hex(32)

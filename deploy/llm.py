@@ -24,6 +24,17 @@ from icecache import Context, Engine, SamplingParams
 log = logging.getLogger(__name__)
 
 
+def _log_to_stderr() -> None:
+    """Our packages' INFO lines into the replica's stderr (Ray keeps it in the replica's log)."""
+    for name in ("icecache", "cluster", "deploy"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+
+
 @serve.deployment(
     request_router_config=RequestRouterConfig(request_router_class="cluster.router:ContextLocalityRouter"),
     max_ongoing_requests=16,
@@ -31,6 +42,7 @@ log = logging.getLogger(__name__)
 )
 class IceCacheLLM:
     def __init__(self, args: dict, tenant_secret: str) -> None:
+        _log_to_stderr()
         self.args = AppArgs(**args)
         self.engine = Engine.from_pretrained(self.args.model, self.args.engine_config(), device=self.args.device)
         self.max_document_tokens = min(self.args.max_document_tokens or self.engine.max_context_tokens,
@@ -46,6 +58,11 @@ class IceCacheLLM:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="icecache-request")
+        warmup = self.args.warmup_tokens
+        if warmup == "auto":
+            warmup = 4096 if self.engine.device.type == "cuda" else 0
+        if warmup:
+            self._warm_up(min(warmup, self.max_document_tokens - 64))
         self._ttft = metrics.Histogram("icecache_ttft_seconds", "Time to first token at the replica",
                                        boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("reused",))
         self._tokens = metrics.Counter("icecache_output_tokens", "Tokens generated")
@@ -55,6 +72,28 @@ class IceCacheLLM:
         so the replica is replaced instead of hanging requests."""
         if not self.scheduler.alive:
             raise RuntimeError(f"the scheduler thread is not running: {self.scheduler.error!r}")
+
+    def _warm_up(self, num_tokens: int) -> None:
+        """Index a private document and answer questions on it, alone and 4 at a time, the
+        way requests will: kernels compile and the first graphs are captured here, before
+        the replica reports healthy, not on a user's request."""
+        start = time.perf_counter()
+        vocab = self.engine.model.config.vocab_size
+        ids = [100 + (i * 7919) % max(1, vocab - 100) for i in range(num_tokens)]
+        ctx = self.scheduler.call(lambda: self.engine.index_ids(ids)).result()
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        errors: list[Exception] = []
+        for batch in (1, 4, 1):
+            done = [threading.Event() for _ in range(batch)]
+            for event in done:
+                self.scheduler.submit([11, 12, 13], params, ctx, on_done=event.set,
+                                      sink=lambda item: errors.append(item) if isinstance(item, Exception) else None)
+            for event in done:
+                event.wait()
+            if errors:
+                raise RuntimeError(f"the replica's warm-up failed: {errors[0]!r}") from errors[0]
+        self.scheduler.forget(ctx).result()
+        log.info("replica warmed up on a %d-token document in %.1f s", num_tokens, time.perf_counter() - start)
 
     def _build(self, ids: list[int]) -> Context:
         """Prefill and index a document in the scheduler thread (between decode steps)."""

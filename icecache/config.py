@@ -44,7 +44,7 @@ class IceCacheConfig:
     prefill_chunk_tokens: int = 1024
     # a document being indexed is prefilled this many tokens per pass (one pass per scheduler step):
     # larger passes run nearer the GPU's matmul peak, smaller ones stall running streams less
-    index_chunk_tokens: int = 4096
+    index_chunk_tokens: int = 8192
     # where Engine.index keeps a document's KV while prefilling it: "device", "host" (bounded device
     # memory: each chunk reads the past KV back, layer by layer, in chunks of at least
     # OFFLOAD_CHUNK_TOKENS), or "auto" = host on a GPU when the KV would take over half its free memory

@@ -15,8 +15,9 @@ from dataclasses import fields
 
 import torch
 
-from icecache.context import Context, SparseLayer
-from icecache.index.tree import TreeIndex
+from icecache.config import IceCacheConfig
+from icecache.context import Context, SparseLayer, layout_of
+from icecache.index.tree import TreeIndex, level_sizes, max_pages
 from icecache.store import HostPageStore
 
 MAGIC = b"ICECTX01"
@@ -73,6 +74,34 @@ def _data_start(header_len: int) -> int:
 def packed_size(ctx: Context) -> int:
     """Bytes `pack_into` needs for this context."""
     return _plan(ctx)[2]
+
+
+def packed_size_bound(config: IceCacheConfig, num_layers: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, vocab_size: int, num_tokens: int) -> int:
+    """An upper bound of packed_size for a document of num_tokens, known before it is
+    prefilled (so its segment can be reserved and page-locked meanwhile): the layout of a
+    context whose every sparse layer holds max_pages pages (~1.2x the pages a tree makes)."""
+    H, D, c = num_kv_heads, head_dim, config
+    meta = {"device": "meta"}
+    num_sink = min(c.sink_tokens, num_tokens)
+    num_tail = min(c.window_tokens, num_tokens - num_sink)
+    mid = num_tokens - num_sink - num_tail
+    pages = max_pages(mid, c.page_size, c.promotion_ratio, c.top_level_max)
+    levels = level_sizes(mid, c.promotion_ratio, c.top_level_max) if mid else []
+
+    def t(*shape, kind=dtype):
+        return torch.empty(shape, dtype=kind, **meta)
+
+    tree = TreeIndex(t(H, kind=torch.float32), t(H, levels[0] if levels else 0, D), [t(H, n, D) for n in levels],
+                     [t(H, n, D) for n in levels], [t(H, n, kind=torch.long) for n in levels[:-1]],
+                     t(H, pages, kind=torch.long), t(H, pages, D), t(H, pages, D), t(H, pages, kind=torch.long))
+    store = HostPageStore(t(H, pages, c.page_size, D), t(H, pages, c.page_size, D),
+                          t(H, pages, c.page_size, kind=torch.long), t(H, pages, kind=torch.long))
+    dense = {l: (t(H, num_tokens, D), t(H, num_tokens, D)) for l in range(min(c.dense_layers, num_layers))}
+    sparse = {l: SparseLayer(t(H, num_sink, D), t(H, num_sink, D), t(H, num_tail, D), t(H, num_tail, D), tree, store)
+              for l in range(c.dense_layers, num_layers)}
+    skeleton = Context("", (0,) * num_tokens, layout_of(config), dense, sparse, t(vocab_size, kind=torch.float32))
+    return _plan(skeleton)[2] + 4096  # slack: the real header's numbers may be longer
 
 
 def pack_into(ctx: Context, buffer: memoryview) -> int:

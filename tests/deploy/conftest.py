@@ -17,7 +17,8 @@ from deploy.client import Client
 
 SERVICER = "protos.icecache_pb2_grpc.add_IceCacheServicer_to_server"
 APP_ARGS = {"device": "cpu", "cache_capacity": "4GiB", "max_document_tokens": 7000,
-            "max_document_bytes": "1MiB", "max_new_tokens": 256, "replica_cpus": 1, "tenant_secret": "test"}
+            "max_document_bytes": "1MiB", "max_new_tokens": 256, "replica_cpus": 1, "tenant_secret": "test",
+            "warmup_tokens": 256}
 
 
 def free_port() -> int:
