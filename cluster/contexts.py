@@ -5,9 +5,6 @@ A request holds a `Lease` while it uses a context; the context's tensors are vie
 segment mapped in this process, so nothing is copied per request and no Ray call happens
 per layer or token. A mapping outlives its leases: the next request on the context finds
 it mapped and (on a GPU) page-locked already, which is what makes a second question cheap.
-A new document's segment is reserved before its prefill and backed and faulted in on a
-side thread meanwhile; only the page-lock itself (fast on a populated mapping) and the
-write from the device run in the driver thread.
 Idle mappings are closed when the node cache no longer holds their segment (each request's
 acquire says which), or past `keep_mapped` of them, after `on_unmap` has let go of any
 device state built on them.
@@ -93,7 +90,7 @@ class SharedContexts:
         self._mapped: collections.OrderedDict[str, _Mapped] = collections.OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}  # context id -> set once this process has indexed it
-        self._mapper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="icecache-map")
+        self._locker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="icecache-pagelock")
 
     def context_id(self, tenant: str, token_ids: list[int]) -> str:
         """The registry key: hash of (tenant salt, model, layout, token ids). Without the
@@ -223,7 +220,7 @@ class SharedContexts:
                 return self._leased(grant, context_id, cached=True)
             # the segment is reserved before the prefill, at an upper bound of the context's size, so
             # a document that cannot be stored is refused before it costs a prefill, and the segment
-            # is backed and faulted in while the document prefills
+            # is page-locked while the document prefills
             eng = self.engine
             bound = packed_size_bound(eng.config, eng.shape.num_layers, eng.shape.num_kv_heads, eng.shape.head_dim,
                                       eng.shape.dtype, eng.model.config.vocab_size, len(token_ids))
@@ -240,35 +237,28 @@ class SharedContexts:
     def _write(self, context_id: str, token_ids: list[int], grant: dict) -> Lease:
         """Prefill and index the document into the segment reserved by `grant`, publish it."""
         t0 = time.perf_counter()
-        # backed and faulted in on a side thread while the scheduler prefills (CPU work, no CUDA lock)
-        mapping_ready = self._mapper.submit(shm.Mapping, grant["segment"], writable=True, allocate=True)
-        mapping = None
+        mapping = shm.Mapping(grant["segment"], writable=True)
+        locking = None
+        if self.engine.device.type == "cuda":  # page-locked while the scheduler prefills: the device writes by DMA
+            locking = self._locker.submit(mapping.register_cuda)
         try:
             ctx = self.build(token_ids)
             t1 = time.perf_counter()
-            mapping = mapping_ready.result()
+            if locking is not None:
+                locking.result()
             t2 = time.perf_counter()
-
-            def write() -> None:  # in the driver thread: page-locking holds the CUDA lock, briefly
-                if self.engine.device.type == "cuda":
-                    mapping.register_cuda()  # the device writes by DMA; the mapping then serves reads
-                pack_into(ctx, mapping.view)
-            self.run(write)
+            self.run(lambda: pack_into(ctx, mapping.view))
             t3 = time.perf_counter()
             ray.get(self.cache.publish.remote(grant["lease"]))
-        except BaseException as e:
-            if mapping is None and mapping_ready.exception() is None:
-                mapping = mapping_ready.result()
-            if mapping is not None:
-                mapping.close()
+        except BaseException:
+            if locking is not None:
+                locking.exception()  # wait for it: the mapping must not close under it
+            mapping.close()
             ray.get(self.cache.release.remote(grant["lease"]))  # unpublished: the cache discards it
-            if isinstance(e, OSError):  # the segment could not be backed (tmpfs full)
-                raise CacheFull(str(e)) from None
             raise
         shared = unpack(mapping.view).with_index_from(ctx)  # the trees already on the device stay
         log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
-                 "for the mapping, page-lock and write %.2f s (%.1f GiB of a %.1f GiB segment), publish %.2f s",
-                 ctx.num_tokens,
+                 "for the page-lock, write %.2f s (%.1f GiB of a %.1f GiB segment), publish %.2f s", ctx.num_tokens,
                  context_id[:8], ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, packed_size(ctx) / 2**30,
                  mapping.num_bytes / 2**30, time.perf_counter() - t3)
         del ctx  # requests use the shared copy, so the device pages are freed now

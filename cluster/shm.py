@@ -22,7 +22,6 @@ SHM_DIR = Path(os.environ.get("ICECACHE_SHM_DIR", "/dev/shm"))
 PREFIX = "icecache_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+$")
 _CUDA_HOST_REGISTER_DEFAULT, _CUDA_HOST_REGISTER_READ_ONLY = 0, 8  # cudaHostRegister flags
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 
 
 def segment_name(owner_pid: int, key: str, serial: int) -> str:
@@ -30,13 +29,16 @@ def segment_name(owner_pid: int, key: str, serial: int) -> str:
 
 
 def create(name: str, num_bytes: int) -> None:
-    """Create a segment of `num_bytes`, not yet backed: its writer allocates it (Mapping
-    with allocate=True) before writing, off the cache actor's single thread."""
+    """Create a zero-filled segment of `num_bytes`; OSError if the shm filesystem lacks room."""
     if num_bytes <= 0:
         raise ValueError(f"num_bytes: must be positive, got {num_bytes}")
     fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, num_bytes)
+        # allocate now: a sparse file on a full tmpfs would kill the writer with SIGBUS later
+        os.posix_fallocate(fd, 0, num_bytes)
+    except OSError as e:
+        os.unlink(SHM_DIR / name)
+        raise OSError(e.errno, f"cannot allocate {num_bytes} bytes in {SHM_DIR}: {e.strerror}") from None
     finally:
         os.close(fd)
 
@@ -51,28 +53,16 @@ def unlink(name: str) -> bool:
 
 
 class Mapping:
-    """A mapped segment. `view` is a memoryview (read-only unless writable=True).
+    """A mapped segment. `view` is a memoryview (read-only unless writable=True)."""
 
-    The mapping is populated (MAP_POPULATE): its pages are faulted in here, a CPU-side cost
-    (≈2 GB/s measured on the H200 machine) that holds no CUDA lock, so a later
-    register_cuda() only pins them (≈20 GB/s there, against ≈1 GB/s for an unpopulated
-    mapping, during which every CUDA call of the process waits). allocate=True (the
-    writer) first backs the whole segment, so a full tmpfs fails here with OSError, not
-    later with SIGBUS in the middle of a write."""
-
-    def __init__(self, name: str, writable: bool = False, allocate: bool = False) -> None:
+    def __init__(self, name: str, writable: bool = False) -> None:
         self.name = name
         flags = os.O_RDWR if writable else os.O_RDONLY
         fd = os.open(SHM_DIR / name, flags)
         try:
             size = os.fstat(fd).st_size
-            if allocate:
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as e:
-                    raise OSError(e.errno, f"cannot allocate {size} bytes in {SHM_DIR}: {e.strerror}") from None
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=prot)
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
         finally:
             os.close(fd)
         self.num_bytes = size
