@@ -45,9 +45,17 @@ class ContextReader:
         return [s.sink_k, s.sink_v, s.tail_k, s.tail_v, s.pages.keys, s.pages.values, s.pages.valid]
 
     def _issue(self, layer: int) -> None:
-        """Start the copy of `layer` on the side stream."""
+        """Start the copy of `layer` on the side stream, into memory allocated on this one
+        (the side stream waits for this one first, so the memory's past users are done;
+        this one waits for the copy before it reads). No record_stream: cross-stream frees
+        left for the allocator to settle later can break a CUDA graph capture."""
+        current = torch.cuda.current_stream(self.device)
+        host = self._host_tensors(layer)
+        moved = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host]
+        self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            moved = [t.to(self.device, non_blocking=True) for t in self._host_tensors(layer)]
+            for dst, src in zip(moved, host):
+                dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.in_flight[layer] = (done, moved)
@@ -63,10 +71,7 @@ class ContextReader:
         if at + 1 < len(self.order) and self.order[at + 1] not in self.in_flight:
             self._issue(self.order[at + 1])  # the next layer crosses PCIe while this one attends
         done, moved = self.in_flight.pop(layer)
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(done)
-        for t in moved:
-            t.record_stream(current)  # allocated on the side stream, freed after use on this one
+        torch.cuda.current_stream(self.device).wait_event(done)
         if layer in self.ctx.dense:
             k, v = moved
             return k.to(self.dtype), v.to(self.dtype)

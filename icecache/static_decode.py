@@ -31,8 +31,11 @@ rest, so any Llama-family architecture the engine supports runs here.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import sys
+
 import torch
 
 from icecache.attention import decode_attention
@@ -40,6 +43,8 @@ from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.index.tree import TreeIndex, page_bounds, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.selectors import oracle_pages, random_draw, random_pages, recent_tokens
+
+log = logging.getLogger(__name__)
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -421,6 +426,7 @@ class StaticDecoder:
         self._position = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> graph, its logits
         self._pool = None  # one memory pool for every batch size's graph (they never run at once)
+        self._eager: set[int] = set()  # batch sizes whose capture failed
         if own_kv is not None:
             self.load(0, own_kv, max_new_tokens)
 
@@ -559,8 +565,12 @@ class StaticDecoder:
             self._graphs[padded][0].replay()
             return self._graphs[padded][1][:B]
         logits = self._forward(padded)
-        if graph and self.device.type == "cuda":
-            self.capture(padded)
+        if graph and self.device.type == "cuda" and padded not in self._eager:
+            try:
+                self.capture(padded)
+            except RuntimeError as e:  # recording runs nothing: the state is intact, this size stays eager
+                self._eager.add(padded)
+                log.warning("CUDA graph capture of batch size %d failed (%r); it runs eagerly", padded, e)
         return logits[:B]
 
     def step(self, token: int, position: int) -> torch.Tensor:
@@ -597,6 +607,16 @@ class StaticDecoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(B)
+        # thread_local: other threads of the process (e.g. one page-locking a new segment) may make
+        # calls a capture forbids without breaking this one. No garbage collection while recording:
+        # a collected tensor's free can settle CUDA events, which a capture forbids (a suspect of
+        # the rare failed captures seen on the H200; unconfirmed)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._forward(B)
+        finally:
+            if collecting:
+                gc.enable()
         self._graphs[B] = (graph, logits)
