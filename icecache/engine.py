@@ -150,7 +150,7 @@ class Engine:
 
     # ---------------------------------------------------------------- the request loop
     def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto",
-                  device_pages: bool = False, host_bytes: int | str | None = "auto"):
+                  device_pages: bool = False, host_bytes: int | str | None = "auto", keep_idle: int = 8) -> Scheduler:
         """A continuous-batching scheduler over this engine (see icecache.scheduler).
         device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
         free now on CUDA (room for activations and graph pools), no limit on CPU; None = no limit.
@@ -159,7 +159,9 @@ class Engine:
         not counted in device_bytes).
         host_bytes: the host memory that prompts being indexed inside the scheduler (requests
         without a context) may take together; "auto" = 80% of the memory available now
-        (Linux), None = no limit."""
+        (Linux), None = no limit.
+        keep_idle: groups kept with their context's device state (dense KV, plans, CUDA
+        graphs) after their last request leaves, for the next request on that context."""
         if device_bytes == "auto":
             device_bytes = None
             if self.device.type == "cuda":
@@ -167,7 +169,7 @@ class Engine:
         if host_bytes == "auto":
             host_bytes = _available_host_bytes()
             host_bytes = int(host_bytes * 0.8) if host_bytes is not None else None
-        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages, host_bytes)
+        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages, host_bytes, keep_idle)
 
     def validate(self, prompt, params: SamplingParams | None, context: Context | None
                  ) -> tuple[list[int], SamplingParams, Context | None]:

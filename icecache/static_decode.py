@@ -578,9 +578,9 @@ class StaticDecoder:
         return self.step_batch([token], [position])[0]
 
     def device_bytes(self) -> int:
-        """GPU bytes this decoder holds for KV-side state, all its slots: dense KV, trees,
+        """Device bytes this decoder holds for KV-side state, all its slots: dense KV, trees,
         page tables, windows, private pages, work buffers (host pages read through UVA
-        views are not counted; a device_pages copy is). 0 off CUDA."""
+        views are not counted; a device_pages copy is)."""
         tensors = {}  # by address: a reuse cycle's layers share one tree
         for s in self.states:
             for name, t in vars(s).items():
@@ -591,7 +591,7 @@ class StaticDecoder:
                 tensors.update((t.data_ptr(), t) for t in s.tree.tensors())
         if self.scratch is not None:
             tensors.update((t.data_ptr(), t) for t in self.scratch.buffers.values())
-        return sum(t.numel() * t.element_size() for t in tensors.values() if t.is_cuda)
+        return sum(t.numel() * t.element_size() for t in tensors.values() if t.device == self.device)
 
     def pages_per_step(self, slot: int = 0) -> int:
         """Pages the last step selected for `slot`, summed over sparse layers and KV heads (one sync)."""

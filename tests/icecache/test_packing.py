@@ -5,8 +5,9 @@ import mmap
 import pytest
 import torch
 
-from icecache import SamplingParams
-from icecache.packing import pack_into, packed_size, unpack
+from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.models import random_model, tiny_config
+from icecache.packing import pack_into, packed_size, packed_size_bound, unpack
 from tests.icecache.haystack import passkey_document
 
 
@@ -51,3 +52,19 @@ def test_bad_buffers_are_refused(indexed):
         unpack(memoryview(bytearray(64)))
     with pytest.raises(ValueError, match="buffer: .* bytes, the context needs"):
         pack_into(ctx, memoryview(bytearray(128)))
+
+
+@pytest.mark.parametrize("config", [IceCacheConfig(), IceCacheConfig(reuse_layers=2, dense_layers=1),
+                                    IceCacheConfig(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4)])
+def test_the_size_bound_known_before_a_prefill_covers_the_context(config):
+    """A segment is reserved at packed_size_bound before the document is prefilled: it must
+    hold the context, whatever the tree makes of it, and not waste much."""
+    model = random_model(tiny_config("llama", num_hidden_layers=4, max_position_embeddings=8192),
+                         torch.device("cpu"), torch.float32)
+    eng = Engine.from_model(model, config=config, model_id="tiny")
+    s = eng.shape
+    for n in (5, 64, 700, 3000):
+        ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        actual = packed_size(eng.index(ids))
+        bound = packed_size_bound(config, s.num_layers, s.num_kv_heads, s.head_dim, s.dtype, model.config.vocab_size, n)
+        assert actual <= bound <= 1.5 * actual + 8192, (n, actual, bound)

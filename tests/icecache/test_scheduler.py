@@ -9,7 +9,7 @@ import torch
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.engine import GenerationOutput
 from icecache.models import random_model, tiny_config
-from icecache.scheduler import SchedulerFull
+from icecache.scheduler import SchedulerDead, SchedulerFull
 
 SMALL = IceCacheConfig(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,
                        prefill_chunk_tokens=128)
@@ -201,3 +201,98 @@ def test_background_thread_serves_concurrent_submitters(eng):
     for i in range(6):
         assert results[i].token_ids == eng.generate([5 + i, 6], greedy(5 + i), context=ctx).token_ids
     assert scheduler.largest_batch >= 2
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_questions_on_one_context_prefill_in_one_pass_and_answer_as_alone(eng, path, monkeypatch):
+    """Five questions waiting on one context are prefilled in one packed pass (the context's
+    KV read once for all), a sixth on another context in its own; each gets the tokens it
+    gets alone."""
+    eng = eng.with_config(SMALL.replace(decode_path=path))
+    ctx, other = eng.index(doc(500, 11)), eng.index(doc(300, 12))
+    asks = [(ctx, [5, 6, 7]), (ctx, list(range(20, 60))), (ctx, [9]), (ctx, list(range(70, 75))),
+            (ctx, [3, 4]), (other, [8, 9, 10])]
+    alone = [eng.generate(p, greedy(6), context=c).token_ids for c, p in asks]
+    passes = []
+    real = eng.runner.prefill
+
+    def spy(requests, chunks, starts, context):  # the real pass, counted
+        passes.append((context, [len(c) for c in chunks]))
+        return real(requests, chunks, starts, context)
+
+    monkeypatch.setattr(eng.runner, "prefill", spy)
+    scheduler = eng.scheduler(max_batch=8)
+    seqs = [scheduler.submit(p, greedy(6), context=c) for c, p in asks]
+    drain(scheduler, seqs)
+    assert [output(s).token_ids for s in seqs] == alone
+    assert passes == [(ctx, [3, 40, 1, 5, 2]), (other, [3])]
+
+
+def test_a_long_question_continues_its_pass_at_the_next_step(eng):
+    """prefill_chunk_tokens bounds a step's prompt tokens: a longer question is split over
+    passes (its later chunks attend to its earlier ones) and still answers as alone."""
+    eng = eng.with_config(SMALL.replace(decode_path="static", prefill_chunk_tokens=16))
+    ctx = eng.index(doc(400, 13))
+    question = list(range(100, 150))
+    scheduler = eng.scheduler(max_batch=4)
+    seq = scheduler.submit(question, greedy(5), context=ctx)
+    drain(scheduler, [seq])
+    whole = eng.with_config(SMALL.replace(decode_path="static"))  # the same path, the question in one pass
+    assert output(seq).token_ids == whole.generate(question, greedy(5), context=ctx).token_ids
+
+
+def test_idle_groups_are_kept_then_freed_for_memory_and_past_keep_idle(eng):
+    """Static path: a context's group outlives its requests (the next request on it reuses
+    the same decoder), at most keep_idle are kept, and admission frees idle ones (least
+    recently used first) when a newcomer needs their memory."""
+    eng = eng.with_config(SMALL.replace(decode_path="static"))
+    contexts = [eng.index(doc(300, 20 + i)) for i in range(3)]
+    scheduler = eng.scheduler(max_batch=2, keep_idle=2)
+    first = scheduler.submit([5, 6], greedy(3), context=contexts[0])
+    drain(scheduler, [first])
+    decoder = scheduler._groups[contexts[0].uid][0].decoder
+    again = scheduler.submit([7, 8], greedy(3), context=contexts[0])
+    drain(scheduler, [again])
+    assert scheduler._groups[contexts[0].uid][0].decoder is decoder  # reused, not rebuilt
+    for ctx in contexts[1:]:
+        drain(scheduler, [scheduler.submit([5, 6], greedy(3), context=ctx)])
+    assert scheduler.idle_groups == 2 and contexts[0].uid not in scheduler._groups  # the oldest went
+
+    group_bytes = next(iter(scheduler._idle)).device_bytes
+    assert group_bytes > 0
+    probe = scheduler.submit([5, 6], greedy(3), context=contexts[0])
+    scheduler.device_bytes = probe.device_bytes + group_bytes  # room for the newcomer and one idle group
+    scheduler.step()  # admission
+    assert probe in scheduler.active
+    assert scheduler.idle_groups == 1 and contexts[1].uid not in scheduler._groups  # the least recently used
+    drain(scheduler, [probe])
+    assert output(probe).token_ids == eng.generate([5, 6], greedy(3), context=contexts[0]).token_ids
+    assert set(scheduler._groups) == {contexts[0].uid, contexts[2].uid}
+
+
+def test_a_failed_step_fails_every_request_and_stops_the_scheduler(eng, monkeypatch):
+    """A fault outside any one request (injected into the decode pass): every request in
+    flight and waiting ends with SchedulerDead, the thread stops, `alive` turns False (the
+    replica's health check reads it) and new work is refused at once, never left hanging."""
+    eng = eng.with_config(SMALL.replace(decode_path="static"))
+    ctx = eng.index(doc(300, 30))
+    scheduler = eng.scheduler(max_batch=1)
+
+    def broken(feeding):
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(scheduler, "_decode", broken)
+    done = [threading.Event(), threading.Event()]
+    got: list[list] = [[], []]
+    for i in range(2):  # the second waits behind max_batch=1
+        scheduler.submit([5, 6], greedy(4), context=ctx, sink=got[i].append, on_done=done[i].set)
+    scheduler.start()
+    assert all(d.wait(60) for d in done)
+    for items in got:
+        assert isinstance(items[-1], SchedulerDead) and "injected device fault" in str(items[-1])
+    scheduler._thread.join(10)
+    assert not scheduler.alive and isinstance(scheduler.error, RuntimeError)
+    with pytest.raises(SchedulerDead):
+        scheduler.submit([5], greedy(2), context=ctx)
+    with pytest.raises(SchedulerDead):
+        scheduler.call(lambda: None)
