@@ -91,25 +91,6 @@ def run_hf(model, ids: list[int], tokens: int) -> dict:
             "peak_gpu_gib": (torch.cuda.max_memory_allocated() - base) / GiB, "kv_gpu_gib": kv / GiB}
 
 
-def state_bytes(decoder: StaticDecoder) -> int:
-    """GPU bytes a decoder holds for KV-side state, all its slots (pages on the host, read
-    through UVA views, not counted; a device_pages copy counted)."""
-    def size(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size() if t.is_cuda else 0
-
-    tensors = {}  # by address: a reuse cycle's layers share one tree
-    for s in decoder.states:
-        for name, t in vars(s).items():
-            uva = name in ("shared_k", "shared_v") and not getattr(s, "device_pages", False)
-            if isinstance(t, torch.Tensor) and not uva:
-                tensors[t.data_ptr()] = t
-        if isinstance(s, _SparseState):
-            tensors.update((t.data_ptr(), t) for t in s.tree.tensors())
-    if decoder.scratch is not None:
-        tensors.update((t.data_ptr(), t) for t in decoder.scratch.buffers.values())
-    return sum(size(t) for t in tensors.values())
-
-
 def cuda_time(fn, reps: int = 20) -> float:
     """GPU seconds of fn, captured as a CUDA graph like the decode step it is part of (so
     host launch overhead, which the real step does not pay, is not counted)."""
@@ -149,7 +130,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
         eng.runner.prefill_one(req, question, ctx.num_tokens)
         dec = StaticDecoder(eng.model, eng.config, ctx.with_index_on(eng.device), [(kv.k, kv.v) for kv in req.own],
                             tokens)
-        result["kv_gpu_gib"] = state_bytes(dec) / GiB
+        result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
             from icecache import kernels
             sparse = [s for s in dec.states if isinstance(s, _SparseState)]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import GiB, finish, llama_8b, parse_gpu_args, save, state_bytes
+from benchmarks.decode_speed import GiB, finish, llama_8b, parse_gpu_args, save
 from icecache import Engine, IceCacheConfig
 from icecache.cache import RequestKV
 from icecache.static_decode import StaticDecoder
@@ -75,7 +75,7 @@ def run(eng: Engine, ctx, own_kv, sessions: int, steps: int, separate: bool, dev
     except torch.OutOfMemoryError:
         return {"sessions": sessions, "fits": False}
     row["fits"] = True
-    row["kv_gpu_gib"] = sum(state_bytes(d) for d in decoders) / GiB
+    row["kv_gpu_gib"] = sum(d.device_bytes() for d in decoders) / GiB
     row["peak_gpu_gib"] = (torch.cuda.max_memory_allocated() - base) / GiB
     del decoders
     return row
