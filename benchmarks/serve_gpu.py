@@ -81,7 +81,8 @@ def run_transformers(model, doc: list[int], question: list[int], tokens: int, de
             out.update({f"cold_{k}": v for k, v in run_hf(model, doc + question, tokens).items()})
     finally:
         model.config._attn_implementation = impl
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 

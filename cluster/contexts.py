@@ -30,7 +30,7 @@ from cluster import shm
 from cluster.node_cache import get_node_cache
 from icecache import Context, Engine
 from icecache.context import layout_of
-from icecache.packing import pack_into, packed_size, packed_size_bound, unpack
+from icecache.packing import pack_into, packed_size_bound, unpack
 
 _PENDING_POLL_S = 0.05
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class SharedContexts:
             if locking is not None:
                 locking.result()
             t2 = time.perf_counter()
-            self.run(lambda: pack_into(ctx, mapping.view))
+            written = self.run(lambda: pack_into(ctx, mapping.view))
             t3 = time.perf_counter()
             ray.get(self.cache.publish.remote(grant["lease"]))
         except BaseException:
@@ -259,7 +259,7 @@ class SharedContexts:
         shared = unpack(mapping.view).with_index_from(ctx)  # the trees already on the device stay
         log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
                  "for the page-lock, write %.2f s (%.1f GiB of a %.1f GiB segment), publish %.2f s", ctx.num_tokens,
-                 context_id[:8], ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, packed_size(ctx) / 2**30,
+                 context_id[:8], ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30,
                  mapping.num_bytes / 2**30, time.perf_counter() - t3)
         del ctx  # requests use the shared copy, so the device pages are freed now
         return Lease(grant["lease"], context_id, self._hold(grant["segment"], mapping, shared), False,

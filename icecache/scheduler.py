@@ -81,7 +81,6 @@ class IndexJob:
         self.req: RequestKV | None = None  # allocated at the first pass
         self.done_tokens = 0
         self.started = 0.0
-        self.cancelled = False
         self.finished = False
 
     def run_pass(self, runner: "ModelRunner") -> Context | None:
@@ -145,10 +144,8 @@ class Sequence:
         self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
         self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
 
-    def _indexed(self, result) -> None:
-        """The prompt's own index is built (or failed)."""
-        if isinstance(result, Exception):
-            raise result
+    def _indexed(self, result: Context) -> None:
+        """The prompt's own index is built (a failure ends the request before this)."""
         self.context = result
         self.req = RequestKV(self.engine.shape, self.engine.config, result)
         self.logits, self.phase = result.last_logits, "start"
@@ -523,8 +520,6 @@ class Scheduler:
         """One prefill pass of the oldest document being indexed (submit_index jobs first,
         then prompts without a context); building its index once it is whole."""
         with self._lock:
-            while self._jobs and self._jobs[0].cancelled:
-                self._jobs.popleft().finish(RuntimeError("cancelled"))
             job = self._jobs[0] if self._jobs else None
         seq = None
         if job is None:
