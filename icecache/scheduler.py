@@ -521,32 +521,25 @@ class Scheduler:
         then prompts without a context); building its index once it is whole."""
         with self._lock:
             job = self._jobs[0] if self._jobs else None
-        seq = None
-        if job is None:
-            seq = next((s for s in self.active if s.phase == "index" and not s.done), None)
-            job = seq.job if seq is not None else None
-        if job is None:
-            return
-        try:
-            ctx = job.run_pass(self.runner)
-        except Exception as e:  # this document fails; the scheduler goes on
-            log.warning("indexing a %d-token document failed: %r", len(job.ids), e)
-            ctx = e
-        if ctx is None:
-            return
-        if seq is None:
-            with self._lock:
-                self._jobs.popleft()
-        if isinstance(ctx, Exception):
-            if seq is not None:
-                seq.fail(ctx)
-            else:
+        if job is not None:  # a submitted document: its context, or its error, goes to its caller
+            try:
+                ctx = job.run_pass(self.runner)
+            except Exception as e:  # this document fails; the scheduler goes on
+                log.warning("indexing a %d-token document failed: %r", len(job.ids), e)
+                ctx = e
+            if ctx is not None:
+                with self._lock:
+                    self._jobs.popleft()
                 job.finish(ctx)
             return
-        if seq is not None:
-            self._guard([seq], lambda: job.finish(ctx))
-        else:
-            job.finish(ctx)
+        seq = next((s for s in self.active if s.phase == "index" and not s.done), None)
+        if seq is not None:  # a prompt indexed for its own request: an error ends that request
+
+            def index_pass() -> None:
+                ctx = seq.job.run_pass(self.runner)
+                if ctx is not None:
+                    seq.job.finish(ctx)
+            self._guard([seq], index_pass)
 
     def _prefill_prompts(self) -> None:
         """Prefill waiting questions: per context, the oldest prompts packed into one pass,
