@@ -25,9 +25,11 @@ over tokens or heads, so the same code runs on CPU and GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from icecache.index.transform import key_scale, transform_keys
 
@@ -149,19 +151,40 @@ def _promote(num: int, ratios: tuple[float, ...], top_level_max: int, H: int,
 
 def _sub_parents(tkeys: torch.Tensor, parent: torch.Tensor, page_size: int,
                  generator: torch.Generator) -> torch.Tensor:
-    """Index of each token's nearest sub-parent within its own cluster ([H, n])."""
-    H, n, _ = tkeys.shape
+    """A key per token naming its nearest sub-parent within its own cluster ([H, n]; equal
+    keys = same sub-parent, -1 where the cluster drew none). Sub-parents are a random
+    1/page_size sample of the tokens.
+
+    Only a token's own cluster's sub-parents are candidates, so with tokens and sub-parents
+    both sorted by cluster, a block of tokens compares against the window of sub-parents
+    its clusters span: about block / page_size of them, not all n / page_size (the search
+    is linear in n, not quadratic)."""
+    H, n, E = tkeys.shape
     count = max(1, n // page_size)
     pick = torch.rand(H, n, generator=generator).to(tkeys.device).argsort(dim=1)[:, :count]  # [H, count]
-    centers = tkeys.gather(1, pick[..., None].expand(H, count, tkeys.shape[-1]))
-    center_cluster = parent.gather(1, pick)  # [H, count]
-    rows = max(1, _MAX_SCORE_ELEMENTS // max(1, H * count))
-    out = []
-    for start in range(0, n, rows):
-        s = torch.einsum("hme,hce->hmc", tkeys[:, start:start + rows], centers)
-        same = parent[:, start:start + rows, None] == center_cluster[:, None, :]
-        out.append(s.masked_fill(~same, float("-inf")).argmax(dim=-1))  # no center in cluster -> 0
-    return torch.cat(out, dim=1)
+    center_cluster, by_cluster = parent.gather(1, pick).sort(dim=1, stable=True)
+    centers = tkeys.gather(1, pick.gather(1, by_cluster)[..., None].expand(H, count, E))  # sorted by cluster
+    token_order = parent.argsort(dim=1, stable=True)
+    token_cluster = parent.gather(1, token_order)
+    block = max(page_size, math.isqrt(_MAX_SCORE_ELEMENTS * page_size // H))  # a window holds ~block / page_size
+    found = torch.empty(H, n, dtype=torch.long, device=tkeys.device)
+    offsets = torch.arange(count, device=tkeys.device)
+    for start in range(0, n, block):
+        rows = token_cluster[:, start:start + block]  # [H, r], ascending
+        lo = torch.searchsorted(center_cluster, rows[:, :1].contiguous())  # [H, 1]
+        hi = torch.searchsorted(center_cluster, rows[:, -1:].contiguous(), right=True)
+        width = int((hi - lo).max())
+        if width == 0:
+            found[:, start:start + block] = -1
+            continue
+        window = (lo + offsets[:width]).clamp_max(count - 1)  # [H, w]
+        in_window = offsets[:width] < (hi - lo)
+        points = tkeys.gather(1, token_order[:, start:start + block, None].expand(-1, -1, E))
+        s = torch.einsum("hme,hce->hmc", points, centers.gather(1, window[..., None].expand(H, width, E)))
+        same = (rows[..., None] == center_cluster.gather(1, window)[:, None, :]) & in_window[:, None, :]
+        best = s.masked_fill_(~same, float("-inf")).max(dim=-1)
+        found[:, start:start + block] = torch.where(best.values.isneginf(), -1, window.gather(1, best.indices))
+    return torch.empty_like(found).scatter_(1, token_order, found)
 
 
 def page_bounds(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,6 +255,7 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
+    tkeys = F.pad(tkeys, (0, -tkeys.shape[-1] % 8))  # zero columns: the same products on aligned (fast) GEMMs
     members = _promote(n, ratios, top_level_max, H, generator, device)
 
     def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
