@@ -1,13 +1,14 @@
 """Replica side of the node cache: find a document's context in shared memory, or prefill
 it once and publish it there for every replica on the node.
 
-A request holds a `Lease` while it uses a context; the context's tensors are views of the
-segment mapped in this process, so nothing is copied per request and no Ray call happens
-per layer or token. A mapping outlives its leases: the next request on the context finds
-it mapped and (on a GPU) page-locked already, which is what makes a second question cheap.
-Idle mappings are closed when the node cache no longer holds their segment (each request's
-acquire says which), or past `keep_mapped` of them, after `on_unmap` has let go of any
-device state built on them.
+A request holds a `Lease` while it uses a context; the context's tensors are views of its
+extent of a slab (a shm segment holding many contexts) mapped in this process, so nothing
+is copied per request and no Ray call happens per layer or token. A slab is mapped and (on
+a GPU) page-locked once per process, before the first context placed in it is used, so a
+new document is written into already locked memory by DMA and a second question finds its
+context locked too. A context unpacked here outlives its leases: idle ones are let go of
+when the node cache no longer holds them (each request's acquire says which), or past
+`keep_mapped` of them, after `on_unmap` has let go of any device state built on them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,15 +53,15 @@ class Lease:
     context_id: str
     context: Context
     cached: bool  # found in the cache (no prefill by this request)
-    segment: str | None = None  # the mapped shm segment; None for an unshared private context
+    extent: str | None = None  # the context's place in a slab; None for an unshared private context
 
 
 @dataclass
-class _Mapped:
-    """A segment mapped in this process, and the context unpacked from it."""
+class _Held:
+    """A context unpacked from its extent of a mapped slab."""
 
     context: Context
-    mapping: shm.Mapping
+    slab: str
     users: int  # leases of this process on it; 0 = idle, kept for the next request
 
 
@@ -77,8 +78,8 @@ class SharedContexts:
         """`cache`: a node cache actor handle; default this node's (created if needed).
         build: prefills and indexes a document (default Engine.index_ids on this thread; a
         replica queues it to its scheduler); run: runs device work such as writing a
-        context into its segment (default: here); on_unmap: called before an idle mapping
-        closes, to free device state built on its context; keep_mapped: idle mappings kept."""
+        context into its slab (default: here); on_unmap: called before an idle context is
+        let go of, to free device state built on it; keep_mapped: idle contexts kept."""
         self.engine = engine
         self.secret = tenant_secret
         self.cache = cache or get_node_cache(capacity_bytes=capacity_bytes)
@@ -87,7 +88,8 @@ class SharedContexts:
         self.build = build or (lambda ids: engine.index_ids(ids, on_device=True))
         self.run = run or (lambda fn: fn())
         self.on_unmap, self.keep_mapped = on_unmap, keep_mapped
-        self._mapped: collections.OrderedDict[str, _Mapped] = collections.OrderedDict()  # least recently used first
+        self._held: collections.OrderedDict[str, _Held] = collections.OrderedDict()  # by extent, least recent first
+        self._slabs: dict[str, tuple[shm.Mapping, Future | None]] = {}  # slab -> its mapping, page-locking
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}  # context id -> set once this process has indexed it
         self._locker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="icecache-pagelock")
@@ -102,69 +104,102 @@ class SharedContexts:
         return h.hexdigest()[:32]
 
     # ------------------------------------------------------------------ mapping
-    def _map(self, segment: str) -> Context:
+    def _slab(self, name: str) -> tuple[shm.Mapping, Future | None]:
+        """A slab mapped in this process (writable: the contexts this process indexes are
+        written into it), and its page-locking (on a GPU; begun on a side thread the first
+        time, so a writer's prefill runs meanwhile)."""
         with self._lock:
-            if segment in self._mapped:
-                held = self._mapped[segment]
-                held.users += 1
-                self._mapped.move_to_end(segment)
-                return held.context
-        mapping = shm.Mapping(segment)
-        try:
-            if self.engine.device.type == "cuda":
-                mapping.register_cuda()  # page-locked: pages go host -> GPU by DMA or UVA, once per process
-            # views of the segment (no copy); the tree moves to the engine's device once per mapping
-            ctx = unpack(mapping.view).with_index_on(self.engine.device)
-        except BaseException:
-            mapping.close()
-            raise
-        return self._hold(segment, mapping, ctx)
+            entry = self._slabs.get(name)
+            if entry is None:
+                mapping = shm.Mapping(name, writable=True)
+                locking = self._locker.submit(mapping.register_cuda) if self.engine.device.type == "cuda" else None
+                entry = self._slabs[name] = (mapping, locking)
+        return entry
 
-    def _hold(self, segment: str, mapping: shm.Mapping, ctx: Context) -> Context:
+    def _locked(self, name: str, entry: tuple[shm.Mapping, Future | None]) -> shm.Mapping:
+        """The slab's mapping once page-locked; a slab the driver refused is forgotten (the
+        next request maps it again) and the error raised."""
+        mapping, locking = entry
+        if locking is not None:
+            try:
+                locking.result()
+            except BaseException:
+                with self._lock:
+                    if self._slabs.get(name) is entry:
+                        del self._slabs[name]
+                raise
+        return mapping
+
+    def map_slabs(self, preallocate: bool = False) -> int:
+        """Map and page-lock every slab of the node cache now (a replica's start), after
+        asking it to make one slab of its whole capacity if preallocate. -> bytes mapped."""
+        start = time.perf_counter()
+        names = ray.get(self.cache.preallocate.remote() if preallocate else self.cache.slabs_held.remote())
+        mapped = sum(self._locked(name, self._slab(name)).num_bytes for name in names)
+        log.info("mapped %d slab(s) of the node cache, %.1f GiB, in %.1f s", len(names), mapped / 2**30,
+                 time.perf_counter() - start)
+        return mapped
+
+    def _context(self, grant: dict) -> Context:
+        """The context a grant names, unpacked from its extent once per process."""
+        extent = grant["extent"]
         with self._lock:
-            if segment in self._mapped:  # mapped meanwhile by another thread: use that one
-                held = self._mapped[segment]
+            held = self._held.get(extent)
+            if held is not None:
                 held.users += 1
-                mapping.close()
+                self._held.move_to_end(extent)
                 return held.context
-            self._mapped[segment] = _Mapped(ctx, mapping, 1)
+        mapping = self._locked(grant["segment"], self._slab(grant["segment"]))
+        view = mapping.view[grant["offset"]:grant["offset"] + grant["num_bytes"]]
+        # views of the slab (no copy); the tree moves to the engine's device once per context
+        return self._hold(extent, grant["segment"], unpack(view).with_index_on(self.engine.device))
+
+    def _hold(self, extent: str, slab: str, ctx: Context) -> Context:
+        with self._lock:
+            if extent in self._held:  # unpacked meanwhile by another thread: use that one
+                held = self._held[extent]
+                held.users += 1
+                return held.context
+            self._held[extent] = _Held(ctx, slab, 1)
             return ctx
-
-    def _unmap(self, segment: str) -> None:
-        with self._lock:
-            self._mapped[segment].users -= 1
 
     @property
     def idle_mappings(self) -> int:
-        """Mapped segments no request of this process holds (kept for the next)."""
+        """Contexts unpacked here that no request of this process holds (kept for the next)."""
         with self._lock:
-            return sum(not m.users for m in self._mapped.values())
+            return sum(not h.users for h in self._held.values())
 
-    def _idle_segments(self) -> list[str]:
+    def _idle_extents(self) -> list[str]:
         with self._lock:
-            return [name for name, m in self._mapped.items() if not m.users]
+            return [extent for extent, h in self._held.items() if not h.users]
 
-    def _close_idle(self, gone: list[str]) -> None:
-        """Close the idle mappings of segments the node cache no longer holds, and the least
-        recently used ones past keep_mapped."""
+    def _close_idle(self, gone: list[str], slabs: list[str] | None) -> None:
+        """Let go of idle contexts the node cache no longer holds, and of the least recently
+        used ones past keep_mapped; unmap slabs the node cache has given back."""
         with self._lock:
-            idle = [name for name, m in self._mapped.items() if not m.users]
-            doomed = [n for n in idle if n in set(gone)]
-            keep = [n for n in idle if n not in doomed]
+            idle = [extent for extent, h in self._held.items() if not h.users]
+            doomed = [e for e in idle if e in set(gone) or (slabs is not None and self._held[e].slab not in slabs)]
+            keep = [e for e in idle if e not in doomed]
             doomed += keep[:max(0, len(keep) - self.keep_mapped)]
-            closing = [self._mapped.pop(n) for n in doomed]
+            closing = [self._held.pop(e) for e in doomed]
+            in_use = {h.slab for h in self._held.values()}
+            dead = [n for n in self._slabs if slabs is not None and n not in slabs and n not in in_use]
+            unmapping = [self._slabs.pop(n) for n in dead]
         for held in closing:
             if self.on_unmap is not None:
                 self.on_unmap(held.context)  # device state built on it goes first
-            held.mapping.close()
+        for mapping, locking in unmapping:
+            if locking is not None:
+                locking.exception()  # wait: the mapping must not close under its page-locking
+            mapping.close()
 
     def _leased(self, grant: dict, context_id: str, cached: bool) -> Lease:
         try:
-            ctx = self._map(grant["segment"])
+            ctx = self._context(grant)
         except BaseException:
             self.cache.release.remote(grant["lease"])
             raise
-        return Lease(grant["lease"], context_id, ctx, cached, grant["segment"])
+        return Lease(grant["lease"], context_id, ctx, cached, grant["extent"])
 
     # ------------------------------------------------------------------ protocol
     def _await_published(self, tenant: str, context_id: str) -> dict | None:
@@ -172,8 +207,8 @@ class SharedContexts:
         None if there is none. TimeoutError if it stays in preparation too long."""
         deadline = time.monotonic() + self.pending_timeout_s
         while True:
-            grant = ray.get(self.cache.acquire.remote(tenant, context_id, self.pid, self._idle_segments()))
-            self._close_idle(grant.get("gone", []))
+            grant = ray.get(self.cache.acquire.remote(tenant, context_id, self.pid, self._idle_extents()))
+            self._close_idle(grant.get("gone", []), grant.get("slabs"))
             if grant["status"] == "ready":
                 return grant
             if grant["status"] == "missing":
@@ -218,8 +253,8 @@ class SharedContexts:
                 raise CacheFull(str(e)) from None
             if grant is not None:
                 return self._leased(grant, context_id, cached=True)
-            # the segment is reserved before the prefill, at an upper bound of the context's size, so
-            # a document that cannot be stored is refused before it costs a prefill, and the segment
+            # the extent is reserved before the prefill, at an upper bound of the context's size, so
+            # a document that cannot be stored is refused before it costs a prefill, and a new slab
             # is page-locked while the document prefills
             eng = self.engine
             bound = packed_size_bound(eng.config, eng.shape.num_layers, eng.shape.num_kv_heads, eng.shape.head_dim,
@@ -235,39 +270,32 @@ class SharedContexts:
             # "pending": another replica reserved it meanwhile; wait for its copy
 
     def _write(self, context_id: str, token_ids: list[int], grant: dict) -> Lease:
-        """Prefill and index the document into the segment reserved by `grant`, publish it."""
+        """Prefill and index the document into the extent reserved by `grant`, publish it."""
         t0 = time.perf_counter()
-        mapping = shm.Mapping(grant["segment"], writable=True)
-        locking = None
-        if self.engine.device.type == "cuda":  # page-locked while the scheduler prefills: the device writes by DMA
-            locking = self._locker.submit(mapping.register_cuda)
+        slab = self._slab(grant["segment"])  # a new slab is page-locked while the scheduler prefills
         try:
             ctx = self.build(token_ids)
             t1 = time.perf_counter()
-            if locking is not None:
-                locking.result()
+            view = self._locked(grant["segment"], slab).view[grant["offset"]:grant["offset"] + grant["num_bytes"]]
             t2 = time.perf_counter()
-            written = self.run(lambda: pack_into(ctx, mapping.view))
+            written = self.run(lambda: pack_into(ctx, view))  # by DMA from the device, once
             t3 = time.perf_counter()
-            ray.get(self.cache.publish.remote(grant["lease"]))
+            ray.get(self.cache.publish.remote(grant["lease"], written))
         except BaseException:
-            if locking is not None:
-                locking.exception()  # wait for it: the mapping must not close under it
-            mapping.close()
-            ray.get(self.cache.release.remote(grant["lease"]))  # unpublished: the cache discards it
+            ray.get(self.cache.release.remote(grant["lease"]))  # unpublished: the cache frees its extent
             raise
-        shared = unpack(mapping.view).with_index_from(ctx)  # the trees already on the device stay
+        shared = unpack(view).with_index_from(ctx)  # the trees already on the device stay
         log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
-                 "for the page-lock, write %.2f s (%.1f GiB of a %.1f GiB segment), publish %.2f s", ctx.num_tokens,
-                 context_id[:8], ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30,
-                 mapping.num_bytes / 2**30, time.perf_counter() - t3)
+                 "for the page-lock, write %.2f s (%.1f GiB), publish %.2f s", ctx.num_tokens, context_id[:8],
+                 ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30, time.perf_counter() - t3)
         del ctx  # requests use the shared copy, so the device pages are freed now
-        return Lease(grant["lease"], context_id, self._hold(grant["segment"], mapping, shared), False,
-                     grant["segment"])
+        return Lease(grant["lease"], context_id, self._hold(grant["extent"], grant["segment"], shared), False,
+                     grant["extent"])
 
     def release(self, lease: Lease) -> None:
         """End a request's hold on its context."""
-        if lease.segment is not None:
-            self._unmap(lease.segment)
+        if lease.extent is not None:
+            with self._lock:
+                self._held[lease.extent].users -= 1
         if lease.lease_id:
             self.cache.release.remote(lease.lease_id)

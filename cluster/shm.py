@@ -1,7 +1,6 @@
-"""Shared-memory segments: POSIX shm files under /dev/shm, one per cached context.
+"""Shared-memory segments: POSIX shm files under /dev/shm, the node cache's slabs.
 
-The node cache creates (sizes) and unlinks them; replicas map them, writable only while
-filling a segment they reserved, read-only afterwards. A name carries the pid of the
+The node cache creates (sizes) and unlinks them; replicas map them. A name carries the pid of the
 process that owns it, so a cache that starts after a crash can sweep what a dead owner
 left behind. Files are opened by path rather than through multiprocessing.shared_memory,
 whose resource tracker would unlink a segment when any process that merely attached exits.
@@ -9,11 +8,13 @@ whose resource tracker would unlink a segment when any process that merely attac
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ SHM_DIR = Path(os.environ.get("ICECACHE_SHM_DIR", "/dev/shm"))
 PREFIX = "icecache_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+$")
 _CUDA_HOST_REGISTER_DEFAULT, _CUDA_HOST_REGISTER_READ_ONLY = 0, 8  # cudaHostRegister flags
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14
+_POPULATE_THREADS = 4  # faulting a mapping in scales to ~4 threads (12 GB/s on the H200 host, 3.4 GB/s on one)
 
 
 def segment_name(owner_pid: int, key: str, serial: int) -> str:
@@ -70,13 +73,36 @@ class Mapping:
         self.view = memoryview(self._mmap)
         self._cuda_ptr: int | None = None
 
+    def populate(self, ptr: int, threads: int = _POPULATE_THREADS) -> bool:
+        """Fault the whole mapping in, from several threads at once (madvise releases the
+        GIL). False where the kernel cannot (before Linux 5.14): registering then faults
+        it in on one thread."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        advice = _MADV_POPULATE_WRITE if self.writable else _MADV_POPULATE_READ
+        step = -(-self.num_bytes // threads // mmap.PAGESIZE) * mmap.PAGESIZE
+        results: list[int] = []
+
+        def fault(start: int) -> None:
+            results.append(libc.madvise(ptr + start, min(step, self.num_bytes - start), advice))
+
+        workers = [threading.Thread(target=fault, args=(start,)) for start in range(0, self.num_bytes, step)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return not any(results)
+
     def register_cuda(self) -> None:
-        """Page-lock the mapping with CUDA so copies to the GPU are DMA, not staged.
-        Raises RuntimeError with CUDA's error code if the driver refuses."""
+        """Page-lock the mapping with CUDA so copies to the GPU are DMA, not staged, faulting
+        it in first from several threads: registering faulted memory runs at ~20 GB/s,
+        unfaulted ~1 GB/s, and the driver stalls every CUDA call of the process while it
+        registers. Raises RuntimeError with CUDA's error code if the driver refuses."""
         import torch  # the cache actor itself never needs torch
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             ptr = torch.frombuffer(self.view, dtype=torch.uint8).data_ptr()
+        self.populate(ptr)
         flags = _CUDA_HOST_REGISTER_DEFAULT if self.writable else _CUDA_HOST_REGISTER_READ_ONLY
         err = torch.cuda.cudart().cudaHostRegister(ptr, self.num_bytes, flags)
         if int(err) != 0:

@@ -37,6 +37,9 @@ class AppArgs(BaseModel):
     token_budget: int = Field(256, description="tokens a sparse layer attends to per decode step")
     dense_layers: int = 2
     cache_capacity: int | str = Field("8GiB", description="shared-memory bytes per node for indexed contexts")
+    cache_preallocate: bool | Literal["auto"] = Field(
+        "auto", description="make the whole cache_capacity of shared memory when the first replica starts, and "
+        "page-lock it in every replica then, so no document pays for it; auto = on a GPU")
     max_document_tokens: int = Field(0, description="longest document accepted; 0 = the model's context")
     max_document_bytes: int | str = Field("16MiB", description="largest document upload before tokenising")
     max_new_tokens: int = Field(1024, description="upper limit on a request's max_tokens")

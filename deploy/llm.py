@@ -55,6 +55,10 @@ class IceCacheLLM:
         self.contexts = SharedContexts(self.engine, tenant_secret.encode(), self.args.cache_capacity,
                                        build=self._build, run=lambda fn: self.scheduler.call(fn).result(),
                                        on_unmap=lambda ctx: self.scheduler.forget(ctx).result())
+        preallocate = self.args.cache_preallocate
+        if preallocate == "auto":
+            preallocate = self.engine.device.type == "cuda"
+        self.contexts.map_slabs(preallocate)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="icecache-request")

@@ -9,6 +9,7 @@ from cluster import shm
 from cluster.contexts import CacheFull, ContextNotFound, SharedContexts
 from cluster.node_cache import NAMESPACE, RemoteNodeCache
 from icecache import SamplingParams
+from icecache.packing import packed_size_bound
 from tests.icecache.haystack import QUESTION, passkey_document
 
 GiB = 1 << 30
@@ -32,7 +33,7 @@ def test_second_index_of_a_document_is_a_shared_hit(shared, engine):
     assert second.cached and second.context_id == first.context_id
     assert reuse_s < first.context.prefill_s / 5  # a lookup and a map, no prefill
     assert second.context is first.context  # the same mapping, not a second copy
-    assert len([s for s in shm.list_segments() if first.segment in s]) == 1
+    assert second.extent == first.extent and ray.get(shared.cache.stats.remote())["contexts"] == 1
 
     params = SamplingParams(max_tokens=8, temperature=0.0)
     expected = engine.generate(QUESTION, params, context=engine.index(doc))
@@ -77,3 +78,33 @@ def test_a_document_bigger_than_the_cache_is_refused(ray_local, engine):
         small.index("t", engine.tokenize("word " * 300))
     assert ray.get(small.cache.stats.remote())["segments"] == 0
     ray.kill(small.cache)
+
+
+def test_documents_go_into_the_preallocated_slab_mapped_once(ray_local, engine):
+    cache = RemoteNodeCache.options(name="prealloc_cache", namespace=NAMESPACE).remote(64 << 20)
+    contexts = SharedContexts(engine, b"p", 64 << 20, cache=cache)
+    try:
+        assert contexts.map_slabs(preallocate=True) == 64 << 20
+        (slab,) = ray.get(cache.slabs_held.remote())
+        leases = [contexts.index("t", engine.tokenize(f"Document {i}: " + "some words here. " * 40)) for i in range(2)]
+        stats = ray.get(cache.stats.remote())
+        assert stats["slabs_made"] == 1 and stats["contexts"] == 2 and slab in shm.list_segments()
+        assert len({lease.extent for lease in leases}) == 2
+        # each was written once into the slab and is read back from it: the same tokens as a private index
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        for i, lease in enumerate(leases):
+            private = engine.index(f"Document {i}: " + "some words here. " * 40)
+            assert (engine.generate(QUESTION, params, context=lease.context).token_ids
+                    == engine.generate(QUESTION, params, context=private).token_ids)
+            contexts.release(lease)
+        assert stats["bytes"] < 2 * engine_bound(engine, leases)  # the unused tail of each reservation came back
+    finally:
+        ray.get(cache.shutdown.remote())
+        ray.kill(cache)
+    assert slab not in shm.list_segments()
+
+
+def engine_bound(engine, leases) -> int:
+    s = engine.shape
+    return max(packed_size_bound(engine.config, s.num_layers, s.num_kv_heads, s.head_dim, s.dtype,
+                                 engine.model.config.vocab_size, lease.context.num_tokens) for lease in leases)

@@ -1,5 +1,6 @@
-"""The node cache actor on a real Ray cluster with real shm segments: leases, LRU eviction
-under a byte capacity, tenants, and cleanup when holders or the cache itself die."""
+"""The node cache actor on a real Ray cluster with real shm segments: contexts placed in
+slabs, leases, LRU eviction under a byte capacity, tenants, and cleanup when holders or the
+cache itself die."""
 
 import os
 import signal
@@ -33,10 +34,14 @@ def put(cache, key: str, num_bytes: int, pid: int = os.getpid(), tenant: str = "
     grant = call(cache, "reserve", tenant, key, "m", 10, num_bytes, pid)
     assert grant["status"] == "reserved", grant
     mapping = shm.Mapping(grant["segment"], writable=True)
-    mapping.view[:num_bytes] = bytes([fill]) * num_bytes
+    mapping.view[grant["offset"]:grant["offset"] + num_bytes] = bytes([fill]) * num_bytes
     mapping.close()
     assert call(cache, "publish", grant["lease"])
     return grant
+
+
+def read(grant: dict, num_bytes: int) -> memoryview:
+    return shm.Mapping(grant["segment"]).view[grant["offset"]:grant["offset"] + num_bytes]
 
 
 def doomed_process() -> subprocess.Popen:
@@ -51,7 +56,7 @@ def test_lru_eviction_spares_leased_contexts(cache):
     call(cache, "release", touch["lease"])
 
     d = put(cache, "d" * 32, MiB)  # needs room: c, the least recently used unleased, goes
-    assert not call(cache, "holds", "c" * 32, "t") and c["segment"] not in shm.list_segments()
+    assert not call(cache, "holds", "c" * 32, "t") and (d["segment"], d["offset"]) == (c["segment"], c["offset"])
     assert call(cache, "holds", "a" * 32, "t") and call(cache, "holds", "b" * 32, "t")
 
     full = call(cache, "reserve", "t", "e" * 32, "m", 10, 2 * MiB, os.getpid())
@@ -60,9 +65,10 @@ def test_lru_eviction_spares_leased_contexts(cache):
     stats = call(cache, "stats")
     assert stats["evictions"] == 2 and stats["contexts"] == 2 and stats["bytes"] == 2 * MiB  # c, then a
 
-    # what a reader maps is what the writer wrote
-    view = shm.Mapping(b["segment"]).view
-    assert bytes(view[:4]) == bytes([1]) * 4
+    # what a reader maps is what the writer wrote, and contexts never overlap
+    view = read(b, MiB)
+    assert bytes(view) == bytes([1]) * MiB and bytes(read(d, MiB)) == bytes([7]) * MiB
+    assert call(cache, "stats")["slabs_made"] == 1  # one slab, reused
     with pytest.raises(TypeError):
         view[0] = 0  # read-only mapping
     call(cache, "release", d["lease"])
@@ -91,13 +97,13 @@ def test_a_dead_writers_unpublished_segment_is_discarded(cache):
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert call(cache, "acquire", "t", "w" * 32, os.getpid())["status"] == "missing"
-    assert grant["segment"] not in shm.list_segments()
+    assert call(cache, "stats")["bytes"] == 0  # its extent is free again
 
 
 def test_tenants_do_not_see_each_other(cache):
     put(cache, "a" * 32, MiB, tenant="alice")
-    assert call(cache, "acquire", "bob", "a" * 32, os.getpid()) == call(cache, "acquire", "bob", "0" * 32,
-                                                                         os.getpid()) == {"status": "missing", "gone": []}
+    other, unknown = (call(cache, "acquire", "bob", k * 32, os.getpid()) for k in "a0")
+    assert other == unknown and other["status"] == "missing" and other["gone"] == []
     assert not call(cache, "holds", "a" * 32, "bob")
     assert not call(cache, "drop", "bob", "a" * 32)
     assert call(cache, "holds", "a" * 32, "alice")
@@ -107,9 +113,12 @@ def test_drop_waits_for_the_last_lease(cache):
     grant = put(cache, "a" * 32, MiB)
     assert call(cache, "drop", "t", "a" * 32)
     assert call(cache, "acquire", "t", "a" * 32, os.getpid())["status"] == "missing"  # no new users
-    assert grant["segment"] in shm.list_segments()  # the writer's lease still holds it
+    assert call(cache, "stats")["bytes"] == MiB  # the writer's lease still holds it...
+    again = put(cache, "a" * 32, MiB, fill=9)  # ...so a fresh copy of it goes elsewhere
+    assert again["offset"] != grant["offset"] and bytes(read(grant, MiB)) == bytes([7]) * MiB
     call(cache, "release", grant["lease"])
-    assert grant["segment"] not in shm.list_segments()
+    assert call(cache, "stats")["bytes"] == MiB and call(cache, "holds", "a" * 32, "t")
+    call(cache, "release", again["lease"])
 
 
 def test_segments_go_when_the_cache_is_killed(ray_local):
@@ -121,3 +130,49 @@ def test_segments_go_when_the_cache_is_killed(ray_local):
     while grant["segment"] in shm.list_segments() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert grant["segment"] not in shm.list_segments()
+
+
+def test_a_writer_returns_what_it_did_not_use_of_its_reservation(cache):
+    grant = call(cache, "reserve", "t", "a" * 32, "m", 10, 2 * MiB, os.getpid())
+    assert call(cache, "publish", grant["lease"], MiB // 2)  # reserved at an upper bound, used less
+    assert call(cache, "stats")["bytes"] == MiB // 2
+    b = put(cache, "b" * 32, 2 * MiB)  # fits beside it only because the tail came back
+    assert b["offset"] >= MiB // 2 and call(cache, "holds", "a" * 32, "t")
+    assert call(cache, "acquire", "t", "a" * 32, os.getpid())["num_bytes"] == MiB // 2
+
+
+def test_slabs_are_made_as_needed_and_given_back_for_a_larger_context(ray_local):
+    handle = RemoteNodeCache.options(name=f"test_cache_{uuid.uuid4().hex[:8]}", namespace=NAMESPACE).remote(
+        4 * MiB, MiB)  # 1 MiB slabs
+    try:
+        a = put(handle, "a" * 32, MiB // 2)
+        b = put(handle, "b" * 32, MiB // 2)
+        assert a["segment"] == b["segment"] and call(handle, "stats")["slabs"] == 1  # two in one slab
+        put(handle, "c" * 32, MiB)
+        assert call(handle, "stats")["slabs"] == 2
+        for grant in (a, b):
+            call(handle, "release", grant["lease"])
+        assert call(handle, "drop", "t", "a" * 32) and call(handle, "drop", "t", "b" * 32)
+        big = put(handle, "d" * 32, 3 * MiB)  # 2 MiB free: the emptied 1 MiB slab is given back for a 3 MiB one
+        stats = call(handle, "stats")
+        assert stats["slabs"] == 2 and stats["slab_bytes"] == 4 * MiB and a["segment"] not in shm.list_segments()
+        assert big["segment"] in shm.list_segments() and call(handle, "holds", "c" * 32, "t")
+    finally:
+        ray.get(handle.shutdown.remote())
+        ray.kill(handle)
+
+
+def test_preallocate_makes_one_slab_of_the_capacity(ray_local):
+    handle = RemoteNodeCache.options(name=f"test_cache_{uuid.uuid4().hex[:8]}", namespace=NAMESPACE).remote(
+        4 * MiB, MiB)
+    try:
+        slabs = call(handle, "preallocate")
+        assert call(handle, "preallocate") == slabs and len(slabs) == 1  # idempotent
+        grants = [put(handle, k * 32, MiB) for k in "abcd"]
+        assert {g["segment"] for g in grants} == set(slabs) and call(handle, "stats")["slabs_made"] == 1
+        assert sorted(g["offset"] for g in grants) == [0, MiB, 2 * MiB, 3 * MiB]
+        assert os.stat(shm.SHM_DIR / slabs[0]).st_size == 4 * MiB
+    finally:
+        ray.get(handle.shutdown.remote())
+        ray.kill(handle)
+    assert slabs[0] not in shm.list_segments()
