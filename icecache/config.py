@@ -45,6 +45,10 @@ class IceCacheConfig:
     # a document being indexed is prefilled this many tokens per pass (one pass per scheduler step):
     # larger passes run nearer the GPU's matmul peak, smaller ones stall running streams less
     index_chunk_tokens: int = 8192
+    # share of the GPU memory free when the engine starts that whole copies of the hot contexts' KV may
+    # take (least recently used goes first): a question on one of them attends to that copy instead
+    # of reading the context's host pages over PCIe again (0 = off; the decode step never needs it)
+    resident_context_share: float = 0.25
     # where Engine.index keeps a document's KV while prefilling it: "device", "host" (bounded device
     # memory: each chunk reads the past KV back, layer by layer, in chunks of at least
     # OFFLOAD_CHUNK_TOKENS), or "auto" = host on a GPU when the KV would take over half its free memory
@@ -65,6 +69,9 @@ class IceCacheConfig:
                      "reuse_layers", "prefill_chunk_tokens", "index_chunk_tokens", "rerank"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, f"must be a positive int, got {value!r}")
+        share = self.resident_context_share
+        _require(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1,
+                 "resident_context_share", f"must be a number in [0, 1), got {share!r}")
         for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")

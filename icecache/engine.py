@@ -153,7 +153,9 @@ class Engine:
                   device_pages: bool = False, host_bytes: int | str | None = "auto", keep_idle: int = 8) -> Scheduler:
         """A continuous-batching scheduler over this engine (see icecache.scheduler).
         device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
-        free now on CUDA (room for activations and graph pools), no limit on CPU; None = no limit.
+        free now on CUDA (room for activations and graph pools) less what the runner may
+        still take for resident contexts (config.resident_context_share), no limit on CPU;
+        None = no limit.
         device_pages: the requests decoding together on one document read its pages from a
         copy in GPU memory instead of over PCIe (faster at high concurrency; the copy is
         not counted in device_bytes).

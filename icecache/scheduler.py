@@ -386,6 +386,7 @@ class Scheduler:
         def drop() -> None:
             for group in [g for g in self._groups.get(context.uid, []) if g in self._idle]:
                 self._free(group)
+            self.runner.forget(context)
         return self.call(drop)
 
     def _check_alive(self) -> None:

@@ -150,3 +150,21 @@ def test_offloaded_prefill_on_cuda_matches_the_plain_one(dtype):
             assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), f"layer {layer}"
     assert torch.allclose(contexts["device"].last_logits.float(), contexts["host"].last_logits.float(), atol=tol * 10,
                           rtol=tol * 10)
+
+
+def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
+    _, gpu = models
+    ids = torch.randint(0, 512, (2000,), generator=torch.Generator().manual_seed(5)).tolist()
+    off = Engine.from_model(gpu, config=CONFIG.replace(resident_context_share=0.0), model_id="tiny")
+    on = Engine.from_model(gpu, config=CONFIG, model_id="tiny")
+    assert off.runner.resident is None and on.runner.resident.budget_bytes > 0
+    with torch.inference_mode():
+        ctx = on.index(ids)
+        expected = off.runner.prefill_one(RequestKV(off.shape, off.config, ctx), [7, 8, 9], ctx.num_tokens)
+        first = on.runner.prefill_one(RequestKV(on.shape, on.config, ctx), [7, 8, 9], ctx.num_tokens)
+        assert ctx in on.runner.resident  # kept by the first question's pass...
+        second = on.runner.prefill_one(RequestKV(on.shape, on.config, ctx), [7, 8, 9], ctx.num_tokens)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)  # ...and the second attends to it, with the same result
+    on.runner.forget(ctx)
+    assert ctx not in on.runner.resident and on.runner.resident.used_bytes == 0

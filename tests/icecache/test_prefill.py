@@ -1,6 +1,8 @@
 """Bounded-memory prefill: a document's KV kept in host memory while it is prefilled, each
 chunk reading the past back one layer at a time, gives the context a plain prefill gives."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.attention import prefill_attention, prefill_attention_parts
 from icecache.config import OFFLOAD_CHUNK_TOKENS
 from icecache.models import random_model, tiny_config
+from icecache.runner import ResidentContexts
 
 
 def kv_in_token_order(ctx, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,3 +63,17 @@ def test_offloaded_prefill_gives_the_same_context_and_tokens():
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"layer {layer}: {(a - b).abs().max()}"
     assert torch.allclose(plain.last_logits, offloaded.last_logits, atol=1e-4, rtol=1e-4)
     assert offloaded_tokens == plain_tokens and len(plain_tokens) == 8
+
+
+def test_resident_contexts_keep_the_most_recent_under_their_budget():
+    kv = lambda: {0: (torch.zeros(4, 256), torch.zeros(4, 256))}  # 8 KiB a context
+    resident = ResidentContexts(20 << 10)
+    a, b, c, big = (SimpleNamespace(uid=i) for i in range(4))
+    assert resident.put(a, kv()) and resident.put(b, kv())
+    assert resident.get(a) is not None  # a is now more recent than b
+    assert resident.put(c, kv())  # 24 KiB > 20: b goes
+    assert a in resident and c in resident and b not in resident and resident.used_bytes == 16 << 10
+    assert not resident.put(big, {0: (torch.zeros(4, 1024), torch.zeros(4, 1024))})  # over the whole budget
+    assert big not in resident and a in resident
+    resident.forget(a)
+    assert a not in resident and resident.used_bytes == 8 << 10
