@@ -79,8 +79,9 @@ class IceCacheLLM:
 
     def _warm_up(self, num_tokens: int) -> None:
         """Index a private document and answer questions on it, alone and 4 at a time, the
-        way requests will: kernels compile and the first graphs are captured here, before
-        the replica reports healthy, not on a user's request."""
+        way requests will, then compile the kernels for every other document shape and
+        batch size: kernels compile and the first graphs are captured here, before the
+        replica reports healthy, not on a user's request."""
         start = time.perf_counter()
         vocab = self.engine.model.config.vocab_size
         ids = [100 + (i * 7919) % max(1, vocab - 100) for i in range(num_tokens)]
@@ -97,7 +98,13 @@ class IceCacheLLM:
             if errors:
                 raise RuntimeError(f"the replica's warm-up failed: {errors[0]!r}") from errors[0]
         self.scheduler.forget(ctx).result()
-        log.info("replica warmed up on a %d-token document in %.1f s", num_tokens, time.perf_counter() - start)
+        try:
+            variants = self.scheduler.call(self.engine.precompile_kernels).result()
+        except Exception:  # the replica still serves; a new document's shape then compiles on its first question
+            log.exception("precompiling the decode kernels failed")
+            variants = 0
+        log.info("replica warmed up on a %d-token document in %.1f s (%d kernel variants compiled or loaded)",
+                 num_tokens, time.perf_counter() - start, variants)
 
     def _build(self, ids: list[int]) -> Context:
         """Prefill and index a document in the scheduler thread (between decode steps)."""

@@ -166,8 +166,9 @@ class Engine:
         graphs) after their last request leaves, for the next request on that context."""
         if device_bytes == "auto":
             device_bytes = None
-            if self.device.type == "cuda":
-                device_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.8)
+            if self.device.type == "cuda":  # less what the runner may keep of hot contexts
+                resident = self.runner.resident.budget_bytes - self.runner.resident.used_bytes if self.runner.resident else 0
+                device_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.8) - resident
         if host_bytes == "auto":
             host_bytes = _available_host_bytes()
             host_bytes = int(host_bytes * 0.8) if host_bytes is not None else None
@@ -216,6 +217,15 @@ class Engine:
         if self.config.reuse_layers > 1:
             return True  # IceCache-reuse is built on the static path only
         return path == "static" or (path == "auto" and self.device.type == "cuda")
+
+    def precompile_kernels(self) -> int:
+        """Compile the GPU decode kernels for documents and batches of every shape now, so
+        none compiles on a request's path (call it after a warm-up question has run a
+        decode step). On the static CUDA path only; -> variants compiled (0 elsewhere)."""
+        if self.device.type != "cuda" or not self.static_decode:
+            return 0
+        from icecache.kernels import precompile
+        return precompile(self.config.search_width)
 
     def _dense_kv(self) -> tuple[int, int]:
         """(layers that keep the whole context on the device, KV bytes a token takes in one layer)."""

@@ -19,6 +19,13 @@ import triton
 import triton.language as tl
 
 _BLOCK = 32  # candidates (tree nodes, pages) per program of a score kernel (tl.dot needs >= 16)
+# Triton compiles a kernel per distinct set of constexprs and (unless told not to) per
+# divisibility of each int argument. Sizes that change with the context or the batch are
+# therefore not specialized on (do_not_specialize below), and the constexprs that do vary
+# with them (a ranking's row width NB, its parts CP; dense attention's row tile RP) are
+# compiled for every value up front by precompile(), after a warm-up step has recorded a
+# launch of each kernel: otherwise the first question on a document of a new shape waits
+# seconds for the compiler (5.5 s at 32k tokens and 7.8 s at 128k on an H200).
 MAX_SELECT = 32768  # widest row a single program ranks in registers (a tree level, a layer's pages)
 
 
@@ -210,7 +217,7 @@ def _box_scores(q, scaling, lo, hi):
     return (up + tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))) * scaling
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'n_parents', 'K', 'stride'])
 def _child_scores(q_ptr, lo_ptr, hi_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n,
                   n_parents, K, stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BLOCK: tl.constexpr, KP: tl.constexpr):
@@ -245,7 +252,7 @@ RANK_LEVEL, RANK_SUM, RANK_MAX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(
 RANK_OF_HEADS = {"sum": RANK_SUM, "max": RANK_MAX}  # IceCacheConfig.page_heads -> its page ranking
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['K', 'n_parents', 'stride', 'num_parts', 'extra', 'width'])
 def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr, K, n_parents, stride, num_parts,
                     extra, width, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
                     KP: tl.constexpr, KW: tl.constexpr, RANK: tl.constexpr):
@@ -283,6 +290,49 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
 _ROW_PROGRAMS = 2048  # candidate-scoring programs a batch is spread over (before the worst row's chunks are)
 
 
+_LAUNCHED: dict[tuple, tuple[tuple, dict]] = {}  # a launch of each kernel and fixed constexprs, for precompile()
+
+
+def _launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
+    """Launch, remembering the argument types of the first launch of each variant family
+    (pointers by dtype, so no tensor is kept alive)."""
+    varying = ("KP", "NB", "CP", "RP", "num_warps")
+    family = (kernel, tuple(sorted((k, v) for k, v in constexprs.items() if k not in varying)),
+              tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args))
+    if family not in _LAUNCHED:
+        _LAUNCHED[family] = (tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), constexprs)
+    kernel[grid](*args, **constexprs)
+
+
+def _powers(low: int, high: int) -> list[int]:
+    return [1 << i for i in range(low.bit_length() - 1, max(low, high).bit_length())]
+
+
+def precompile(width: int, widest: int = 8192) -> int:
+    """Compile now every variant the launches seen so far can take on other contexts and
+    batch sizes: a tree walk of beam `width` (its first level keeps one parent, the next
+    ones `width`: KP), rankings of rows up to `widest` candidates (NB) over any number of
+    parts (CP), dense attention over any row tile (RP). Call it after one decode step of
+    each kind has run (a warm-up question); variants already built load from Triton's
+    cache. -> the number of variants."""
+    kps = sorted({16, max(16, triton.next_power_of_2(width))})
+    jobs = []
+    for (kernel, _, _), (args, constexprs) in list(_LAUNCHED.items()):
+        if kernel is _select_compact:
+            hs = args[-1]
+            for kp, nb in ((kp, nb) for kp in kps for nb in _powers(16, min(widest, MAX_SELECT))):
+                most_parts = min(triton.cdiv(nb, _BLOCK), triton.cdiv(_ROW_PROGRAMS, max(1, hs)))
+                for cp in _powers(16, triton.next_power_of_2(most_parts)):
+                    jobs.append((kernel, args, {**constexprs, "KP": kp, "NB": nb, "CP": cp, "num_warps": _warps(nb)}))
+        elif kernel is _child_scores:
+            jobs += [(kernel, args, {**constexprs, "KP": kp}) for kp in kps]
+        elif kernel is _prefix_attention:
+            jobs += [(kernel, args, {**constexprs, "RP": rp}) for rp in _powers(16, 64)]
+    for kernel, args, constexprs in jobs:
+        kernel.warmup(*args, grid=(1,), **constexprs)
+    return len(jobs)
+
+
 def _programs_per_row(rows: int, widest: int) -> int:
     """Programs per row of the candidate scorers: every chunk of the widest row its own
     program while the batch is small, fewer (each looping over several) when it is big."""
@@ -305,20 +355,20 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     for depth, (lo, hi, order, start, n_parents, widest) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
         chunks = _programs_per_row(H, widest)
-        _child_scores[(H, chunks)](q, lo, hi, order, start, parents, raw, cand, parts, lo.shape[1], n_parents, K,
-                                   stride, scaling, lo.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK,
-                                   KP=max(16, triton.next_power_of_2(K)))
+        _launch(_child_scores, (H, chunks), (q, lo, hi, order, start, parents, raw, cand, parts, lo.shape[1], n_parents,
+                                             K, stride, scaling, lo.shape[0]),
+                dict(G=G, GP=GP, D=D, BLOCK=_BLOCK, KP=max(16, triton.next_power_of_2(K))))
         NB = max(16, triton.next_power_of_2(widest))
-        _select_compact[(H,)](raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
-                              lo.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB,
-                              KP=max(16, triton.next_power_of_2(K)), KW=triton.next_power_of_2(width), RANK=RANK_LEVEL,
-                              num_warps=_warps(NB))
+        _launch(_select_compact, (H,), (raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
+                                         lo.shape[0]),
+                dict(G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB, KP=max(16, triton.next_power_of_2(K)),
+                     KW=triton.next_power_of_2(width), RANK=RANK_LEVEL, num_warps=_warps(NB)))
         parents, K = out, width
     return parents
 
 
 # ---------------------------------------------------------------------------- page ranking
-@triton.jit
+@triton.jit(do_not_specialize=['K', 'n_clusters', 'n_shared', 'n_private', 'stride'])
 def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, phi_ptr, pvalid_ptr, raw_ptr,
                  cand_ptr, part_ptr, K, n_clusters, n_shared, n_private, stride, scaling, HS, G: tl.constexpr,
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
@@ -389,15 +439,15 @@ def select_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page
                               page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=_BLOCK, KP=KP)
     ids = torch.empty(H, num_pages, dtype=torch.long, device=q.device)
     NB = max(16, triton.next_power_of_2(n))
-    _select_compact[(H,)](raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, chunks, n_private,
-                          num_pages, page_valid.shape[0], G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)),
-                          NB=NB, KP=KP, KW=triton.next_power_of_2(num_pages), RANK=RANK_OF_HEADS[heads],
-                          num_warps=_warps(NB))
+    _launch(_select_compact, (H,), (raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, chunks,
+                                     n_private, num_pages, page_valid.shape[0]),
+            dict(G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB, KP=KP,
+                 KW=triton.next_power_of_2(num_pages), RANK=RANK_OF_HEADS[heads], num_warps=_warps(NB)))
     return ids
 
 
 # ---------------------------------------------------------------------------- window push
-@triton.jit
+@triton.jit(do_not_specialize=['W', 'n_private'])
 def _push(k_ptr, v_ptr, win_k_ptr, win_v_ptr, count_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, plo_ptr, phi_ptr,
           W, n_private, HS, D: tl.constexpr, P: tl.constexpr):
     """Put the new token in the window ring; once the ring is full, the token it
@@ -438,7 +488,7 @@ def push(k: torch.Tensor, v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Ten
 
 
 # ---------------------------------------------------------------------------- attention
-@triton.jit
+@triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'n_private', 'W'])
 def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
                       priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr, acc_ptr,
                       num_sink, R, n_shared, n_private, W, scaling, HS, G: tl.constexpr, GP: tl.constexpr,
@@ -496,7 +546,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['blocks'])
 def _merge_attention(part_ptr, acc_ptr, out_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                      BP: tl.constexpr, blocks):
     """out[h, g] = sum_b e^(m_b - M) acc_b / sum_b e^(m_b - M) l_b (one program per KV head)."""
@@ -567,7 +617,7 @@ def dense_scratch_sizes(max_batch: int, HS: int, G: int, D: int, n: int) -> dict
     return {"dense_parts": cells * 2, "dense_acc": cells * D}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'rows', 'span'])
 def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, G: tl.constexpr,
                       D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
     """Flash-decoding over a context's keys [HS, n, D] that every request shares: program
@@ -618,7 +668,7 @@ def _online_softmax(m_run, l_run, acc, sc, ok, v, LOW: tl.constexpr):
     return m_new, l_run * alpha + tl.sum(p, axis=1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['splits', 'rows_pad', 'T'])
 def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_ptr, splits, rows_pad, T, scaling,
                  HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, BLOCK: tl.constexpr):
     """Query row g of request b, KV head h (one program each, so a lone request still
@@ -676,8 +726,8 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     B, HS, G, D = q.shape
     n, T = ctx_k.shape[1], own_k.shape[2]
     RP, tiles, splits, span = dense_plan(B, HS, G, n)
-    _prefix_attention[(tiles, splits, HS)](q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, G=G, D=D,
-                                           RP=RP, BLOCK=_BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32)
+    _launch(_prefix_attention, (tiles, splits, HS), (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS),
+            dict(G=G, D=D, RP=RP, BLOCK=_BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
     _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
                               SC=32, BLOCK=_BLOCK_KEYS)
     return out

@@ -264,3 +264,30 @@ def test_batched_slots_give_each_request_what_it_gets_alone(monkeypatch, kernels
         assert len(got[r]) == steps[r]
         diff = (torch.stack(got[r]) - alone[r]).abs().max()
         assert diff < 1e-4, f"request {r}: logits differ by {diff}"
+
+
+@pytest.mark.gpu
+def test_after_precompile_a_document_of_another_shape_compiles_nothing():
+    """Walks over two trees of very different widths after precompile(): no kernel compiles
+    on the second (sizes are not specialized on; the widths' variants were built)."""
+    from icecache import kernels
+    from icecache.index.tree import build_tree
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for k in (kernels._select_compact, kernels._child_scores)
+                   for cache in k.device_caches.values())
+
+    def walk(n: int, seed: int) -> None:
+        keys = (torch.randn(2, n, 32, generator=torch.Generator().manual_seed(seed)) * 2).to(DEVICE, torch.bfloat16)
+        plan = kernels.WalkPlan(build_tree(keys, 16, (0.03, 0.2), 16, seed=seed)[0], 8)
+        sizes = kernels.scratch_sizes(2, 3, 32, plan, 0, 0, 1, 1, 16)
+        scratch = [torch.empty(sizes[k], dtype=kernels.SCRATCH_DTYPES.get(k, torch.float32), device=DEVICE)
+                   for k in ("raw", "cand", "parts", "tops")]
+        q = torch.randn(2, 3, 32, device=DEVICE, dtype=torch.bfloat16)
+        kernels.walk_tree(q, plan, torch.zeros(2, dtype=torch.int32, device=DEVICE), 0.2, *scratch)
+
+    walk(3000, 0)
+    assert kernels.precompile(8, widest=4096) > 0
+    before = compiled()
+    walk(60000, 1)
+    assert compiled() == before
