@@ -18,6 +18,10 @@ from icecache.runner import ModelRunner, Progress
 from icecache.scheduler import Scheduler
 
 
+CHAT_DOCUMENT_ROLES = ("system", "user")  # turns a document can open a chat as
+_DOCUMENT_PLACEHOLDER = "\u2063document\u2063"
+
+
 class Engine:
     """A model plus the IceCache KV machinery. Stateless between requests except for the
     contexts it hands out, which callers own."""
@@ -132,21 +136,50 @@ class Engine:
         self._check_length(len(ids), "document")
         return ids
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None,
-             context: Context | None = None) -> GenerationOutput:
-        """Generate a reply to chat messages using the model's chat template."""
-        return self.generate(self.chat_ids(messages), params, context)
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, context: Context | None = None,
+             document_role: str | None = None) -> GenerationOutput:
+        """Generate a reply to chat messages using the model's chat template. document_role:
+        the context is a document indexed as the chat's first turn of that role
+        (chat_document_ids), and the messages continue that chat."""
+        return self.generate(self.chat_ids(messages, document_role), params, context)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_document_ids(self, document: str, role: str = "system") -> list[int]:
+        """A document as the first turn of a chat (role "system" or "user"), in the model's
+        chat template: what to index so that chats on it (chat_ids with document_role)
+        read as one conversation, token for token."""
+        if role not in CHAT_DOCUMENT_ROLES:
+            raise ValueError(f"chat role: expected one of {CHAT_DOCUMENT_ROLES}, got {role!r}")
+        if not isinstance(document, str) or not document:
+            raise ValueError("document: expected non-empty text for a chat")
+        ids = self._encode(self._render([{"role": role, "content": document}], False), add_special=False,
+                           what="document")
+        self._check_length(len(ids), "document")
+        return ids
+
+    def chat_ids(self, messages: list[dict], document_role: str | None = None) -> list[int]:
+        """Prompt ids of chat messages (ending with the assistant's turn opened). With
+        document_role, the messages continue a chat whose first turn is an indexed document
+        of that role: only what the template puts after that turn."""
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise ValueError("messages: expected a non-empty list of {'role': str, 'content': str}")
-        if self.tokenizer is None:
-            raise ValueError("messages: this engine has no tokenizer")
+        if document_role is None:
+            return self._encode(self._render(messages, True), add_special=False, what="messages")
+        if document_role not in CHAT_DOCUMENT_ROLES:
+            raise ValueError(f"chat role: expected one of {CHAT_DOCUMENT_ROLES}, got {document_role!r}")
+        # the template rendered with a placeholder document: the text after its turn does not depend on it
+        first = [{"role": document_role, "content": _DOCUMENT_PLACEHOLDER}]
+        head, whole = self._render(first, False), self._render(first + messages, True)
+        if not whole.startswith(head):
+            raise ValueError("messages: this model's chat template does not continue a document's turn")
+        return self._encode(whole[len(head):], add_special=False, what="messages")
+
+    def _render(self, messages: list[dict], open_reply: bool) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("messages: this model has no chat template")
         with self.tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._encode(text, add_special=False, what="messages")
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_reply)
 
     # ---------------------------------------------------------------- the request loop
     def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto",

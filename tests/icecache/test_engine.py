@@ -106,6 +106,24 @@ def test_chat_uses_the_template_and_stops_at_eos(engine):
     assert out.finish_reason == "eos"
 
 
+def test_chat_over_an_indexed_document_reads_as_one_conversation(engine):
+    doc = "The secret code of the vault is 4711. The vault is in Zurich."
+    messages = [{"role": "user", "content": "What is the secret code?"}]
+    ctx = engine.index(engine.chat_document_ids(doc, "system"))
+    on_context = engine.chat(messages, GREEDY, context=ctx, document_role="system")
+    whole = engine.tokenizer.apply_chat_template([{"role": "system", "content": doc}, *messages], tokenize=False,
+                                                 add_generation_prompt=True)
+    whole_ids = engine.tokenizer(whole, add_special_tokens=False).input_ids
+    # the document's turn plus the continuation are exactly the template over the whole chat...
+    assert list(ctx.token_ids) + engine.chat_ids(messages, "system") == whole_ids
+    # ...so the answer is the one the whole chat prefilled at once gets (the budget covers it all)
+    assert on_context.token_ids == engine.generate(whole_ids, GREEDY).token_ids and "4711" in on_context.text
+    with pytest.raises(ValueError, match="chat role"):
+        engine.chat_document_ids(doc, "assistant")
+    with pytest.raises(ValueError, match="chat role"):
+        engine.chat_ids(messages, "tool")
+
+
 def test_stats_report_what_happened(engine, context):
     out = engine.generate(QUESTION, GREEDY, context=context)
     s = out.stats
