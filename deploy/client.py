@@ -36,14 +36,19 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def index(self, document: str | bytes | list[int]) -> pb.IndexReply:
-        """Upload a document in chunks and index it."""
-        return self.stub.IndexDocument(_chunks(document), metadata=self.metadata, timeout=self.timeout_s)
+    def index(self, document: str | bytes | list[int], chat_role: str | None = None) -> pb.IndexReply:
+        """Upload a document in chunks and index it; with chat_role ("system" or "user"), as
+        the first turn of a chat that generate(messages=...) continues."""
+        return self.stub.IndexDocument(_chunks(document, chat_role), metadata=self.metadata, timeout=self.timeout_s)
 
     def generate(self, prompt: str, max_tokens: int = 64, context_id: str | None = None,
-                 document: str | bytes | None = None, **sampling) -> Iterator[pb.GenerateReply]:
-        """Stream replies: text pieces, then one with stats."""
-        request = pb.GenerateRequest(prompt=prompt, sampling=pb.Sampling(max_tokens=max_tokens, **sampling))
+                 document: str | bytes | None = None, messages: list[dict] | None = None,
+                 chat_role: str | None = None, **sampling) -> Iterator[pb.GenerateReply]:
+        """Stream replies: text pieces, then one with stats. messages (prompt ""): chat turns
+        {"role", "content"} in the model's template, continuing the document's chat."""
+        request = pb.GenerateRequest(prompt=prompt, sampling=pb.Sampling(max_tokens=max_tokens, **sampling),
+                                     messages=[pb.ChatMessage(**m) for m in messages or ()],
+                                     chat_role=chat_role or "")
         if context_id is not None:
             request.context_id = context_id
         if document is not None:
@@ -67,14 +72,15 @@ class Client:
         return self.stub.GetStats(pb.StatsRequest(), metadata=self.metadata, timeout=self.timeout_s)
 
 
-def _chunks(document: str | bytes | list[int]) -> Iterator[pb.DocumentChunk]:
+def _chunks(document: str | bytes | list[int], chat_role: str | None = None) -> Iterator[pb.DocumentChunk]:
+    role = chat_role or ""
     if isinstance(document, list):
         for i in range(0, max(len(document), 1), CHUNK_BYTES // 4):
-            yield pb.DocumentChunk(token_ids=document[i:i + CHUNK_BYTES // 4])
+            yield pb.DocumentChunk(token_ids=document[i:i + CHUNK_BYTES // 4], chat_role=role)
         return
     data = document.encode() if isinstance(document, str) else document
     for i in range(0, max(len(data), 1), CHUNK_BYTES):
-        yield pb.DocumentChunk(text=data[i:i + CHUNK_BYTES])
+        yield pb.DocumentChunk(text=data[i:i + CHUNK_BYTES], chat_role=role)
 
 
 def main(argv: list[str] | None = None) -> int:

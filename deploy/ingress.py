@@ -1,18 +1,24 @@
-"""The gRPC front door (behind Serve's gRPC proxy): validates requests, names the tenant,
-forwards to the model deployment and turns every failure into a status code with a clear
-message. Protobuf messages exist only here; the model replicas see plain Python values."""
+"""The app's front door, for gRPC (behind Serve's gRPC proxy) and for OpenAI-compatible
+HTTP (behind Serve's HTTP proxy, deploy/openai_api.py): validates requests, names the
+tenant, forwards to the model deployment and turns every failure into a status code with
+a clear message. Protobuf and HTTP exist only here; the model replicas see plain Python
+values."""
 
-from __future__ import annotations
 
+import logging
 import re
+import time
 
 import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.node_cache import find_node_cache
+from deploy import openai_api as oa
 from deploy.config import AppArgs
 from deploy.errors import RequestError, not_found
 from icecache import SamplingParams
@@ -23,13 +29,18 @@ DEFAULT_TENANT = "default"
 _TENANT = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{32}$")
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+log = logging.getLogger(__name__)
+http = FastAPI(title="IceCache", description="OpenAI-compatible API over indexed long documents")
 
 
 def tenant_of(grpc_context) -> str:
     metadata = dict(grpc_context.invocation_metadata() or ())
-    tenant = metadata.get(TENANT_KEY, DEFAULT_TENANT)
+    return check_tenant(metadata.get(TENANT_KEY, DEFAULT_TENANT), "tenant metadata")
+
+
+def check_tenant(tenant: str, where: str) -> str:
     if not _TENANT.match(tenant):
-        raise RequestError("INVALID_ARGUMENT", "tenant metadata: 1-128 characters of letters, digits and ._:@-")
+        raise RequestError("INVALID_ARGUMENT", f"{where}: 1-128 characters of letters, digits and ._:@-")
     return tenant
 
 
@@ -75,28 +86,32 @@ def fail(grpc_context, error: RequestError) -> None:
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+@serve.ingress(http)
 class IceCacheIngress:
     def __init__(self, llm: DeploymentHandle, args: dict) -> None:
         self.llm = llm
         self.args = AppArgs(**args)
+        self.model_name = oa.served_model(self.args.model)
+        self.started = int(time.time())
 
     async def IndexDocument(self, chunks, grpc_context) -> pb.IndexReply:
         """Client-streamed document chunks -> an indexed context."""
         try:
             tenant = tenant_of(grpc_context)
-            text, token_ids = bytearray(), []
+            text, token_ids, chat_role = bytearray(), [], None
             async for chunk in chunks:
                 if isinstance(chunk, bytes):
                     chunk = pb.DocumentChunk.FromString(chunk)
                 text += chunk.text
                 token_ids += chunk.token_ids
+                chat_role = chat_role or chunk.chat_role or None
                 check_document_size(len(text) + 4 * len(token_ids), self.args.max_document_bytes)
             if text and token_ids:
                 raise RequestError("INVALID_ARGUMENT", "document: send text or token_ids, not both")
             if not text and not token_ids:
                 raise RequestError("INVALID_ARGUMENT", "document: empty")
             document = decode_text(bytes(text), "document") if text else token_ids
-            out = await self.llm.index.remote(tenant, document)
+            out = await self.llm.index.remote(tenant, document, chat_role)
             return pb.IndexReply(**out)
         except RequestError as e:
             fail(grpc_context, e)
@@ -117,10 +132,14 @@ class IceCacheIngress:
                 document = decode_text(request.document, "document")
                 if not document:
                     raise RequestError("INVALID_ARGUMENT", "document: empty")
-            if not request.prompt and source is None:
-                raise RequestError("INVALID_ARGUMENT", "prompt: empty (and no context_id or document)")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
+            if messages and request.prompt:
+                raise RequestError("INVALID_ARGUMENT", "prompt, messages: send one of them, not both")
+            if not request.prompt and not messages and source is None:
+                raise RequestError("INVALID_ARGUMENT", "prompt: empty (and no messages, context_id or document)")
             stream = self.llm.options(stream=True).generate.remote(
-                tenant=tenant, prompt=request.prompt, sampling=sampling, context_id=context_id, document=document)
+                tenant=tenant, prompt=request.prompt, sampling=sampling, context_id=context_id, document=document,
+                messages=messages, chat_role=request.chat_role or None)
             async for item in stream:
                 if "text" in item:
                     yield pb.GenerateReply(text=item["text"])
@@ -155,3 +174,120 @@ class IceCacheIngress:
     @staticmethod
     def _caches() -> list:
         return [h for node in ray.nodes() if node.get("Alive") and (h := find_node_cache(node["NodeID"]))]
+
+    # ------------------------------------------------------------------ OpenAI-compatible HTTP
+    @http.get("/v1/models")
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started,
+                                            "owned_by": "icecache"}]}
+
+    @http.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, chat=False)
+
+    @http.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, chat=True)
+
+    @http.post("/v1/contexts")
+    async def create_context(self, request: Request):
+        """Index a document ({"document": text, "chat_role": optional}) -> {"id", ...}."""
+        try:
+            tenant = check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+            body = await self._json(request)
+            document = oa.check_document(body.get("document"), self.args.max_document_bytes)
+            role = body.get("chat_role")
+            out = await self.llm.index.remote(tenant, document, role)
+        except RequestError as e:
+            return self._error(e)
+        except _REPLICA_GONE:
+            return self._error(RequestError("UNAVAILABLE", "the model replica died while indexing; retry"))
+        return {"id": out["context_id"], "object": "context", **{k: v for k, v in out.items() if k != "context_id"}}
+
+    @http.delete("/v1/contexts/{context_id}")
+    async def delete_context(self, context_id: str, request: Request):
+        try:
+            tenant = check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+            check_context_id(context_id)
+            released = False
+            for cache in self._caches():
+                released |= await cache.drop.remote(tenant, context_id)
+            if not released:
+                raise not_found(context_id)
+        except RequestError as e:
+            return self._error(e)
+        return {"id": context_id, "object": "context", "deleted": True}
+
+    @staticmethod
+    async def _json(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError("INVALID_ARGUMENT", "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError("INVALID_ARGUMENT", "the request body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _error(error: RequestError) -> JSONResponse:
+        status, body = oa.error_body(error)
+        (log.warning if status < 500 else log.error)("HTTP %d: %s", status, error.message)
+        return JSONResponse(body, status_code=status)
+
+    async def _openai(self, request: Request, chat: bool):
+        """A completion or chat completion: whole, or streamed as server-sent events. Errors
+        before the first token get their HTTP status; later ones end the stream with an
+        error event."""
+        try:
+            tenant = check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+            req = oa.parse_request(await self._json(request), chat, self.model_name, self.args.max_new_tokens,
+                                   self.args.max_document_bytes)
+            if "context_id" in req:
+                check_context_id(req["context_id"])
+            stream, include_usage = req.pop("stream"), req.pop("include_usage")
+            items = self.llm.options(stream=True).generate.remote(tenant=tenant, prompt=req.pop("prompt", ""), **req)
+            it = items.__aiter__()
+            first = await it.__anext__()
+        except RequestError as e:
+            return self._error(e)
+        except _REPLICA_GONE:
+            return self._error(RequestError("UNAVAILABLE", "the model replica died; retry"))
+        reply = oa.Reply(chat, self.model_name)
+        if not stream:
+            pieces, stats, item = [], None, first
+            try:
+                while True:
+                    if "text" in item:
+                        pieces.append(item["text"])
+                    else:
+                        stats = item["stats"]
+                    item = await it.__anext__()
+            except StopAsyncIteration:
+                pass
+            except RequestError as e:
+                return self._error(e)
+            except _REPLICA_GONE:
+                return self._error(RequestError("UNAVAILABLE", "the model replica died mid-request; retry"))
+            return JSONResponse(reply.whole("".join(pieces), stats))
+
+        async def events():
+            if chat:
+                yield reply.chunk(first=True)
+            item = first
+            try:
+                while True:
+                    if "text" in item:
+                        yield reply.chunk(item["text"])
+                    else:
+                        yield reply.chunk(stats=item["stats"])
+                        if include_usage:
+                            yield reply.usage_chunk(item["stats"])
+                    item = await it.__anext__()
+            except StopAsyncIteration:
+                pass
+            except RequestError as e:
+                yield oa.event(oa.error_body(e)[1])
+            except _REPLICA_GONE:
+                yield oa.event(oa.error_body(RequestError("UNAVAILABLE", "the model replica died mid-stream"))[1])
+            yield oa.DONE
+        return StreamingResponse(events(), media_type="text/event-stream")

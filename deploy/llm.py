@@ -19,6 +19,7 @@ from ray.util import metrics
 from cluster.contexts import Lease, SharedContexts
 from deploy.config import AppArgs
 from deploy.errors import RequestError, as_request_error
+from deploy.openai_api import served_model
 from icecache import Context, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,32 @@ class IceCacheLLM:
             warmup = 4096 if self.engine.device.type == "cuda" else 0
         if warmup:
             self._warm_up(min(warmup, self.max_document_tokens - 64))
-        self._ttft = metrics.Histogram("icecache_ttft_seconds", "Time to first token at the replica",
-                                       boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("reused",))
-        self._tokens = metrics.Counter("icecache_output_tokens", "Tokens generated")
+        self._metrics()
+
+    def _metrics(self) -> None:
+        """Serve-side metrics of this replica (Ray's Prometheus endpoint), tagged by tenant and model."""
+        tags = ("tenant", "model")
+        seconds = [0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]
+        self._ttft = metrics.Histogram("icecache_ttft_seconds", "Time to first token, from arrival at the replica",
+                                       boundaries=seconds, tag_keys=("reused", *tags))
+        self._tpot = metrics.Histogram("icecache_tpot_seconds", "Time per output token after the first",
+                                       boundaries=seconds, tag_keys=tags)
+        self._pages = metrics.Histogram("icecache_pages_per_token", "Pages read per sparse layer and output token",
+                                        boundaries=[1, 2, 4, 8, 12, 16, 24, 32, 64], tag_keys=tags)
+        self._requests = metrics.Counter("icecache_requests", "Requests ended, by status", tag_keys=("status", *tags))
+        self._tokens = metrics.Counter("icecache_output_tokens", "Tokens generated", tag_keys=tags)
+        self._prompt_tokens = metrics.Counter("icecache_prompt_tokens", "Prompt tokens prefilled (a reused "
+                                              "document's not counted)", tag_keys=tags)
+        self._indexed = metrics.Counter("icecache_documents_indexed", "Documents this replica prefilled and indexed",
+                                        tag_keys=tags)
+        model = served_model(self.args.model)
+        for m in (self._ttft, self._tpot, self._pages, self._requests, self._tokens, self._prompt_tokens, self._indexed):
+            m.set_default_tags({"model": model})
+
+    def _ended(self, tenant: str, status: str) -> None:
+        self._requests.inc(tags={"status": status, "tenant": tenant})
+        if status != "OK":
+            log.warning("request of tenant %s ended %s", tenant, status)
 
     def check_health(self) -> None:
         """Serve's health check: fails once the scheduler thread has stopped (a failed step),
@@ -114,30 +138,40 @@ class IceCacheLLM:
         return done.result()
 
     # ------------------------------------------------------------------ helpers
-    def _document_ids(self, document: str | list[int]) -> list[int]:
-        ids = self.engine.tokenize(document)
+    def _document_ids(self, document: str | list[int], chat_role: str | None = None) -> list[int]:
+        """A document's ids: as given, or (chat_role) as the first turn of a chat."""
+        if chat_role is not None:
+            if not isinstance(document, str):
+                raise ValueError("document: a chat's document must be text, not token ids")
+            ids = self.engine.chat_document_ids(document, chat_role)
+        else:
+            ids = self.engine.tokenize(document)
         if len(ids) > self.max_document_tokens:
             raise ValueError(f"document: {len(ids)} tokens, over the limit of {self.max_document_tokens}")
         return ids
 
-    def _lease(self, tenant: str, context_id: str | None, document: str | list[int] | None) -> Lease | None:
+    def _lease(self, tenant: str, context_id: str | None, document: str | list[int] | None,
+               chat_role: str | None = None) -> Lease | None:
         if context_id:
             return self.contexts.open(tenant, context_id)
         if document is not None:
-            return self.contexts.index(tenant, self._document_ids(document))
+            return self.contexts.index(tenant, self._document_ids(document, chat_role))
         return None
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     # ------------------------------------------------------------------ requests
-    async def index(self, tenant: str, document: str | list[int]) -> dict:
-        """Prefill and publish a document in this node's cache (or find it there)."""
+    async def index(self, tenant: str, document: str | list[int], chat_role: str | None = None) -> dict:
+        """Prefill and publish a document in this node's cache (or find it there); with
+        chat_role, as the first turn of a chat in the model's template."""
         def work() -> dict:
             try:
-                lease = self._lease(tenant, None, document)
+                lease = self._lease(tenant, None, document, chat_role)
                 try:
                     ctx = lease.context
+                    if not lease.cached:
+                        self._indexed.inc(tags={"tenant": tenant})
                     return {"context_id": lease.context_id, "num_tokens": ctx.num_tokens, "cached": lease.cached,
                             "prefill_s": 0.0 if lease.cached else ctx.prefill_s,
                             "index_build_s": 0.0 if lease.cached else ctx.build_s, "node_id": self.node_id}
@@ -148,9 +182,12 @@ class IceCacheLLM:
         return await self._in_thread(work)
 
     async def generate(self, tenant: str, prompt: str, sampling: dict, context_id: str | None = None,
-                       document: str | list[int] | None = None) -> AsyncIterator[dict]:
+                       document: str | list[int] | None = None, messages: list[dict] | None = None,
+                       chat_role: str | None = None) -> AsyncIterator[dict]:
         """Stream {"text": piece} items, then one {"stats": {...}}. Cancelling the call stops
-        decoding at the next token and releases the context."""
+        decoding at the next token and releases the context. messages (instead of prompt):
+        chat messages in the model's template; with a context or document, they continue
+        the chat it opens as a turn of chat_role (default "system")."""
         arrived = time.perf_counter()
         loop = asyncio.get_running_loop()
         items: collections.deque = collections.deque()  # (kind, value), filled from the scheduler thread
@@ -186,21 +223,39 @@ class IceCacheLLM:
                 if cancelled.is_set():
                     put("end", None)
                     return
-                lease = self._lease(tenant, context_id, document)
+                text = prompt
+                if messages is not None:
+                    on_document = context_id is not None or document is not None
+                    role = (chat_role or "system") if on_document else None
+                    text = self.engine.chat_ids(messages, role)
+                    lease = self._lease(tenant, context_id, document, role)
+                else:
+                    lease = self._lease(tenant, context_id, document)
                 first = [True]
 
                 def sink(item) -> None:
                     if isinstance(item, str):
                         if first[0]:
                             self._ttft.observe(time.perf_counter() - arrived,
-                                               tags={"reused": str(bool(lease and lease.cached))})
+                                               tags={"reused": str(bool(lease and lease.cached)), "tenant": tenant})
                             first[0] = False
                         put("text", item)
                     elif isinstance(item, Exception):  # the scheduler logged it
-                        put("error", as_request_error(item)
-                            or RequestError("INTERNAL", f"the request failed in the model replica: {item!r}"))
+                        error = as_request_error(item) or RequestError(
+                            "INTERNAL", f"the request failed in the model replica: {item!r}")
+                        self._ended(tenant, error.code)
+                        put("error", error)
                     else:
-                        self._tokens.inc(len(item.token_ids))
+                        s, tagged = item.stats, {"tenant": tenant}
+                        fresh = s["prompt_tokens"] + (0 if lease and lease.cached else s["context_tokens"])
+                        for counter, n in ((self._tokens, len(item.token_ids)), (self._prompt_tokens, fresh)):
+                            if n > 0:  # Ray's counters refuse 0
+                                counter.inc(n, tags=tagged)
+                        if s["output_tokens"] > 1:
+                            self._tpot.observe(s["tpot_s"], tags=tagged)
+                        if s.get("pages_loaded_per_token"):
+                            self._pages.observe(s["pages_loaded_per_token"], tags=tagged)
+                        self._ended(tenant, "OK")
                         put("stats", stats(item, lease))
 
                 def on_done() -> None:  # the scheduler no longer reads the context
@@ -208,14 +263,16 @@ class IceCacheLLM:
                         self.contexts.release(lease)
                     put("end", None)
 
-                submitted.append(self.scheduler.submit(prompt, params, lease.context if lease else None, sink=sink,
+                submitted.append(self.scheduler.submit(text, params, lease.context if lease else None, sink=sink,
                                                        on_done=on_done, arrived=arrived))
                 if cancelled.is_set():
                     submitted[0].cancel()
             except Exception as e:
                 if lease is not None:
                     self.contexts.release(lease)
-                put("error", as_request_error(e) or e)
+                error = as_request_error(e)
+                self._ended(tenant, error.code if error else "INTERNAL")
+                put("error", error or e)
                 put("end", None)
 
         self._threads.submit(work)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/icecache.proto\x12\x0bicecache.v1\"0\n\rDocumentChunk\x12\x0c\n\x04text\x18\x01 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x7f\n\nIndexReply\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rindex_build_s\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"\xc2\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"~\n\x0fGenerateRequest\x12\x14\n\ncontext_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x64ocument\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.icecache.v1.SamplingB\x08\n\x06source\"\xa6\x02\n\x0fGenerationStats\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_reused\x18\x05 \x01(\x08\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x07 \x01(\x01\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x12\n\ncontext_id\x18\t \x01(\t\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x12\n\nreplica_id\x18\x0b \x01(\t\x12\x1e\n\x16pages_loaded_per_token\x18\x0c \x01(\x01\x12\x12\n\npeak_batch\x18\r \x01(\x05\"V\n\rGenerateReply\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.icecache.v1.GenerationStatsH\x00\x42\x06\n\x04kind\"$\n\x0eReleaseRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xba\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ontexts\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\x11\n\tevictions\x18\x07 \x01(\x03\x12\x0e\n\x06leases\x18\x08 \x01(\x03\x12\x10\n\x08segments\x18\t \x01(\x03\x12\x10\n\x08prefills\x18\n \x01(\x03\"3\n\nStatsReply\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.icecache.v1.NodeStats2\xa4\x02\n\x08IceCache\x12\x46\n\rIndexDocument\x12\x1a.icecache.v1.DocumentChunk\x1a\x17.icecache.v1.IndexReply(\x01\x12\x46\n\x08Generate\x12\x1c.icecache.v1.GenerateRequest\x1a\x1a.icecache.v1.GenerateReply0\x01\x12H\n\x0eReleaseContext\x12\x1b.icecache.v1.ReleaseRequest\x1a\x19.icecache.v1.ReleaseReply\x12>\n\x08GetStats\x12\x19.icecache.v1.StatsRequest\x1a\x17.icecache.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/icecache.proto\x12\x0bicecache.v1\"C\n\rDocumentChunk\x12\x0c\n\x04text\x18\x01 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tchat_role\x18\x03 \x01(\t\"\x7f\n\nIndexReply\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rindex_build_s\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"\xc2\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xbd\x01\n\x0fGenerateRequest\x12\x14\n\ncontext_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x64ocument\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.icecache.v1.Sampling\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.icecache.v1.ChatMessage\x12\x11\n\tchat_role\x18\x06 \x01(\tB\x08\n\x06source\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa6\x02\n\x0fGenerationStats\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_reused\x18\x05 \x01(\x08\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x07 \x01(\x01\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x12\n\ncontext_id\x18\t \x01(\t\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x12\n\nreplica_id\x18\x0b \x01(\t\x12\x1e\n\x16pages_loaded_per_token\x18\x0c \x01(\x01\x12\x12\n\npeak_batch\x18\r \x01(\x05\"V\n\rGenerateReply\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.icecache.v1.GenerationStatsH\x00\x42\x06\n\x04kind\"$\n\x0eReleaseRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xba\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ontexts\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\x11\n\tevictions\x18\x07 \x01(\x03\x12\x0e\n\x06leases\x18\x08 \x01(\x03\x12\x10\n\x08segments\x18\t \x01(\x03\x12\x10\n\x08prefills\x18\n \x01(\x03\"3\n\nStatsReply\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.icecache.v1.NodeStats2\xa4\x02\n\x08IceCache\x12\x46\n\rIndexDocument\x12\x1a.icecache.v1.DocumentChunk\x1a\x17.icecache.v1.IndexReply(\x01\x12\x46\n\x08Generate\x12\x1c.icecache.v1.GenerateRequest\x1a\x1a.icecache.v1.GenerateReply0\x01\x12H\n\x0eReleaseContext\x12\x1b.icecache.v1.ReleaseRequest\x1a\x19.icecache.v1.ReleaseReply\x12>\n\x08GetStats\x12\x19.icecache.v1.StatsRequest\x1a\x17.icecache.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,27 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.icecache_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOCUMENTCHUNK']._serialized_start=38
-  _globals['_DOCUMENTCHUNK']._serialized_end=86
-  _globals['_INDEXREPLY']._serialized_start=88
-  _globals['_INDEXREPLY']._serialized_end=215
-  _globals['_SAMPLING']._serialized_start=218
-  _globals['_SAMPLING']._serialized_end=412
-  _globals['_GENERATEREQUEST']._serialized_start=414
-  _globals['_GENERATEREQUEST']._serialized_end=540
-  _globals['_GENERATIONSTATS']._serialized_start=543
-  _globals['_GENERATIONSTATS']._serialized_end=837
-  _globals['_GENERATEREPLY']._serialized_start=839
-  _globals['_GENERATEREPLY']._serialized_end=925
-  _globals['_RELEASEREQUEST']._serialized_start=927
-  _globals['_RELEASEREQUEST']._serialized_end=963
-  _globals['_RELEASEREPLY']._serialized_start=965
-  _globals['_RELEASEREPLY']._serialized_end=997
-  _globals['_STATSREQUEST']._serialized_start=999
-  _globals['_STATSREQUEST']._serialized_end=1013
-  _globals['_NODESTATS']._serialized_start=1016
-  _globals['_NODESTATS']._serialized_end=1202
-  _globals['_STATSREPLY']._serialized_start=1204
-  _globals['_STATSREPLY']._serialized_end=1255
-  _globals['_ICECACHE']._serialized_start=1258
-  _globals['_ICECACHE']._serialized_end=1550
+  _globals['_DOCUMENTCHUNK']._serialized_end=105
+  _globals['_INDEXREPLY']._serialized_start=107
+  _globals['_INDEXREPLY']._serialized_end=234
+  _globals['_SAMPLING']._serialized_start=237
+  _globals['_SAMPLING']._serialized_end=431
+  _globals['_GENERATEREQUEST']._serialized_start=434
+  _globals['_GENERATEREQUEST']._serialized_end=623
+  _globals['_CHATMESSAGE']._serialized_start=625
+  _globals['_CHATMESSAGE']._serialized_end=669
+  _globals['_GENERATIONSTATS']._serialized_start=672
+  _globals['_GENERATIONSTATS']._serialized_end=966
+  _globals['_GENERATEREPLY']._serialized_start=968
+  _globals['_GENERATEREPLY']._serialized_end=1054
+  _globals['_RELEASEREQUEST']._serialized_start=1056
+  _globals['_RELEASEREQUEST']._serialized_end=1092
+  _globals['_RELEASEREPLY']._serialized_start=1094
+  _globals['_RELEASEREPLY']._serialized_end=1126
+  _globals['_STATSREQUEST']._serialized_start=1128
+  _globals['_STATSREQUEST']._serialized_end=1142
+  _globals['_NODESTATS']._serialized_start=1145
+  _globals['_NODESTATS']._serialized_end=1331
+  _globals['_STATSREPLY']._serialized_start=1333
+  _globals['_STATSREPLY']._serialized_end=1384
+  _globals['_ICECACHE']._serialized_start=1387
+  _globals['_ICECACHE']._serialized_end=1679
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,9 @@ def free_port() -> int:
 
 @dataclass
 class App:
-    address: str
+    address: str  # gRPC host:port
+    http: str = ""  # the HTTP proxy's base URL (the OpenAI-compatible API is under /v1)
+    metrics: str = ""  # this node's Prometheus endpoint
 
     def client(self, tenant: str | None = None, timeout_s: float = 300) -> Client:
         return Client(self.address, tenant=tenant, timeout_s=timeout_s)
@@ -43,12 +45,12 @@ class App:
 
 
 def start_serve(llm_options: dict, args: dict | None = None) -> App:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER]),
-                http_options={"host": "127.0.0.1", "port": free_port()})
+                http_options={"host": "127.0.0.1", "port": http_port})
     serve.run(build_app_with({**APP_ARGS, **(args or {})}, llm_options=llm_options), name="icecache",
-              route_prefix="/icecache")
-    return App(f"localhost:{port}")
+              route_prefix="/")
+    return App(f"localhost:{port}", f"http://127.0.0.1:{http_port}")
 
 
 def stop_serve() -> None:
@@ -68,6 +70,9 @@ def wait_for_no_segments(timeout_s: float = 15.0) -> list[str]:
 @pytest.fixture(scope="module")
 def app():
     """One node, two model replicas."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield start_serve({"num_replicas": 2})
+    metrics_port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    app = start_serve({"num_replicas": 2})
+    app.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    yield app
     stop_serve()

@@ -74,6 +74,7 @@ def test_two_replicas_share_one_prefill(app, engine):
     assert not indexed.cached and indexed.num_tokens > 1000
     prefills = sum(n.prefills for n in app.node_stats().values())
     hits = sum(n.hits for n in app.node_stats().values())
+    segments, held = shm.list_segments(), sum(n.bytes for n in app.node_stats().values())
 
     results = []
     def ask():
@@ -90,7 +91,8 @@ def test_two_replicas_share_one_prefill(app, engine):
     assert len({text for text, _ in results}) == 1
     assert client.index(doc).cached
     assert sum(n.prefills for n in app.node_stats().values()) == prefills  # no second prefill anywhere
-    assert len(shm.list_segments()) == 1  # one slab of the node cache holds every context
+    # one copy in shared memory: no new segment, no more bytes held
+    assert shm.list_segments() == segments and sum(n.bytes for n in app.node_stats().values()) == held
 
 
 def test_tenants_cannot_use_or_learn_of_each_others_contexts(app, engine):
@@ -182,6 +184,118 @@ def test_load_32_concurrent_streams_on_one_context(app, engine):
     assert peak >= 4  # the replicas batch concurrent streams instead of serialising them
     assert shm.list_segments() == segments_before
     assert sum(n.leases for n in app.node_stats().values()) == 0
+
+
+def http_json(method: str, url: str, tenant: str, body: dict | bytes | None = None) -> tuple[int, dict]:
+    """One plain HTTP call (the context endpoints are ours, not in the openai client)."""
+    import json
+    import urllib.error
+    import urllib.request
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"X-Tenant": tenant, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def openai_client(app, tenant: str):
+    import openai
+    return openai.OpenAI(base_url=f"{app.http}/v1", api_key="unused", default_headers={"X-Tenant": tenant},
+                         max_retries=0, timeout=300)
+
+
+def test_the_openai_client_completes_and_chats_on_an_indexed_document(app, engine):
+    import openai
+    oai, grpc_client = openai_client(app, "oa"), app.client(tenant="oa")
+    assert [m.id for m in oai.models.list().data] == ["SmolLM2-135M-Instruct"]
+    doc = "The secret code of the vault is 4711. The vault is in Zurich. " * 3
+    status, made = http_json("POST", f"{app.http}/v1/contexts", "oa", {"document": doc})
+    assert status == 200 and made["object"] == "context" and made["num_tokens"] > 0
+
+    prompt = "\nThe secret code of the vault is"
+    whole = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8, temperature=0,
+                                   extra_body={"context_id": made["id"]})
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(
+        prompt=prompt, max_tokens=8, temperature=0, stream=True, model="SmolLM2-135M-Instruct",
+        extra_body={"context_id": made["id"]}))
+    text, stats = grpc_client.ask(prompt, 8, context_id=made["id"], **GREEDY)
+    assert whole.choices[0].text == streamed == text and "4711" in text  # the same answer over HTTP and gRPC
+    assert whole.usage.prompt_tokens == stats.context_tokens + stats.prompt_tokens
+    assert whole.usage.prompt_tokens_details.cached_tokens == made["num_tokens"]  # the document was reused
+    assert whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
+
+    # a chat whose first turn is the document: indexed once, then continued by messages
+    _, chat_doc = http_json("POST", f"{app.http}/v1/contexts", "oa", {"document": doc, "chat_role": "system"})
+    messages = [{"role": "user", "content": "What is the secret code?"}]
+    reply = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=12,
+                                        temperature=0, extra_body={"context_id": chat_doc["id"]})
+    chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=12,
+                                              temperature=0, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"context_id": chat_doc["id"]}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    inline = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=12,
+                                         temperature=0, extra_body={"document": doc})  # same text: the same context
+    # the template applied to the whole conversation at once, sent as one plain prompt (exact prefill)
+    at_once = engine.tokenizer.apply_chat_template([{"role": "system", "content": doc}, *messages], tokenize=False,
+                                                   add_generation_prompt=True)
+    plain = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=at_once, max_tokens=12, temperature=0)
+    answer = reply.choices[0].message.content
+    assert answer == streamed == inline.choices[0].message.content == plain.choices[0].text and "4711" in answer
+    assert reply.usage.prompt_tokens_details.cached_tokens == chat_doc["num_tokens"]
+    over_grpc = grpc_client.index(doc, chat_role="system")  # the same chat over gRPC: the same context, answer
+    assert over_grpc.context_id == chat_doc["id"] and over_grpc.cached
+    assert grpc_client.ask("", 12, context_id=over_grpc.context_id, messages=messages, **GREEDY)[0] == answer
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    status, gone = http_json("DELETE", f"{app.http}/v1/contexts/{made['id']}", "oa")
+    assert status == 200 and gone["deleted"]
+    with pytest.raises(openai.NotFoundError):  # released: the next request on it is a 404
+        oai.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
+                               extra_body={"context_id": made["id"]})
+
+
+def test_openai_errors_have_their_status_and_shape(app):
+    import openai
+    oai = openai_client(app, "oa-bad")
+    cases = [(lambda: oai.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=0),
+              openai.BadRequestError, "max_tokens"),
+             (lambda: oai.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=4, n=2),
+              openai.BadRequestError, "n: not supported"),
+             (lambda: oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[], max_tokens=4),
+              openai.BadRequestError, "messages"),
+             (lambda: oai.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=4,
+                                             extra_body={"context_id": "0" * 32}), openai.NotFoundError, "not found"),
+             (lambda: oai.completions.create(model="gpt-4", prompt="x", max_tokens=4), openai.NotFoundError,
+              "does not exist")]
+    for call, kind, fragment in cases:
+        with pytest.raises(kind) as failure:
+            call()
+        assert fragment in failure.value.body["message"] and failure.value.body["type"], failure.value.body
+    status, bad_json = http_json("POST", f"{app.http}/v1/completions", "oa-bad", b"{")
+    assert status == 400 and "JSON" in bad_json["error"]["message"]
+    status, bad_tenant = http_json("POST", f"{app.http}/v1/completions", "a b", {"prompt": "x"})
+    assert status == 400 and "X-Tenant" in bad_tenant["error"]["message"]
+    assert http_json("DELETE", f"{app.http}/v1/contexts/{'0' * 32}", "oa-bad")[0] == 404
+    assert oai.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello", max_tokens=2).usage.completion_tokens
+
+
+def test_the_replicas_metrics_reach_prometheus(app):
+    """After the requests above: the replicas' histograms and counters, tagged by tenant and
+    model, on the node's Prometheus endpoint (Ray exports every few seconds)."""
+    import urllib.request
+    wanted = ["ray_icecache_ttft_seconds_bucket", "ray_icecache_tpot_seconds_bucket",
+              "ray_icecache_pages_per_token_bucket", "ray_icecache_requests", 'status="OK"',
+              'status="NOT_FOUND"', 'tenant="oa"', 'model="SmolLM2-135M-Instruct"', "ray_icecache_output_tokens",
+              "ray_icecache_prompt_tokens", "ray_icecache_documents_indexed", "ray_icecache_cache_slab_bytes"]
+    deadline, missing = time.monotonic() + 60, wanted
+    while missing and time.monotonic() < deadline:
+        text = urllib.request.urlopen(app.metrics, timeout=10).read().decode()
+        missing = [w for w in wanted if w not in text]
+        time.sleep(2)
+    assert not missing, missing
 
 
 def test_a_cancelled_stream_stops_decoding_and_releases_its_context(app, engine, document):
