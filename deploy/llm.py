@@ -78,6 +78,8 @@ class IceCacheLLM:
                                        boundaries=seconds, tag_keys=("reused", *tags))
         self._tpot = metrics.Histogram("icecache_tpot_seconds", "Time per output token after the first",
                                        boundaries=seconds, tag_keys=tags)
+        self._queue = metrics.Histogram("icecache_queue_seconds", "Arrival at the replica to admission into a batch",
+                                        boundaries=seconds, tag_keys=tags)
         self._pages = metrics.Histogram("icecache_pages_per_token", "Pages read per sparse layer and output token",
                                         boundaries=[1, 2, 4, 8, 12, 16, 24, 32, 64], tag_keys=tags)
         self._requests = metrics.Counter("icecache_requests", "Requests ended, by status", tag_keys=("status", *tags))
@@ -87,7 +89,7 @@ class IceCacheLLM:
         self._indexed = metrics.Counter("icecache_documents_indexed", "Documents this replica prefilled and indexed",
                                         tag_keys=tags)
         model = served_model(self.args.model)
-        for m in (self._ttft, self._tpot, self._pages, self._requests, self._tokens, self._prompt_tokens, self._indexed):
+        for m in (self._ttft, self._tpot, self._queue, self._pages, self._requests, self._tokens, self._prompt_tokens, self._indexed):
             m.set_default_tags({"model": model})
 
     def _ended(self, tenant: str, status: str) -> None:
@@ -213,7 +215,7 @@ class IceCacheLLM:
                                                      else s["prefill_s"] or 0.0),
                 "context_id": lease.context_id if lease else "", "node_id": self.node_id,
                 "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"],
-                "peak_batch": s["peak_batch"]}
+                "peak_batch": s["peak_batch"], "queue_s": s["queue_s"]}
 
         def work() -> None:
             """Lease the context (may prefill a document), then hand the request to the scheduler."""
@@ -251,6 +253,7 @@ class IceCacheLLM:
                         for counter, n in ((self._tokens, len(item.token_ids)), (self._prompt_tokens, fresh)):
                             if n > 0:  # Ray's counters refuse 0
                                 counter.inc(n, tags=tagged)
+                        self._queue.observe(s["queue_s"], tags=tagged)
                         if s["output_tokens"] > 1:
                             self._tpot.observe(s["tpot_s"], tags=tagged)
                         if s.get("pages_loaded_per_token"):

@@ -111,6 +111,7 @@ class Sequence:
         self.sink, self.on_done = sink, on_done
         self.items: collections.deque = collections.deque()  # when there is no sink
         self.t0 = arrived if arrived is not None else time.perf_counter()
+        self.admitted: float | None = None  # when it left the waiting queue
         self.prompt_ids = prompt_ids
         self.reused = context is not None
         self.job: IndexJob | None = None
@@ -225,6 +226,7 @@ class Sequence:
             text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
             stats={
                 "ttft_s": self.ttft,
+                "queue_s": (self.admitted or self.t0) - self.t0,  # arrival to admission
                 "tpot_s": sum(self.step_times) / n if steps else 0.0,
                 # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
                 "tpot_median_s": statistics.median(self.step_times) if steps else 0.0,
@@ -463,6 +465,7 @@ class Scheduler:
                     seq.release()
                     continue
                 self.active.append(seq)
+                seq.admitted = time.perf_counter()
                 contexts.add(seq.context_key)
                 used += need
                 host += seq.host_bytes

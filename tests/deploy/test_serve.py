@@ -286,7 +286,7 @@ def test_the_replicas_metrics_reach_prometheus(app):
     """After the requests above: the replicas' histograms and counters, tagged by tenant and
     model, on the node's Prometheus endpoint (Ray exports every few seconds)."""
     import urllib.request
-    wanted = ["ray_icecache_ttft_seconds_bucket", "ray_icecache_tpot_seconds_bucket",
+    wanted = ["ray_icecache_ttft_seconds_bucket", "ray_icecache_tpot_seconds_bucket", "ray_icecache_queue_seconds_bucket",
               "ray_icecache_pages_per_token_bucket", "ray_icecache_requests", 'status="OK"',
               'status="NOT_FOUND"', 'tenant="oa"', 'model="SmolLM2-135M-Instruct"', "ray_icecache_output_tokens",
               "ray_icecache_prompt_tokens", "ray_icecache_documents_indexed", "ray_icecache_cache_slab_bytes"]

@@ -296,3 +296,12 @@ def test_a_failed_step_fails_every_request_and_stops_the_scheduler(eng, monkeypa
         scheduler.submit([5], greedy(2), context=ctx)
     with pytest.raises(SchedulerDead):
         scheduler.call(lambda: None)
+
+
+def test_stats_say_how_long_a_request_waited_for_room(eng):
+    sched = eng.scheduler(max_batch=1)
+    ctx = eng.index(doc(300, 11))
+    first, second = (sched.submit([5, 6, 7], greedy(6), context=ctx) for _ in range(2))
+    drain(sched, [first, second])
+    a, b = output(first).stats, output(second).stats
+    assert 0 <= a["queue_s"] < b["queue_s"] <= b["ttft_s"]  # the second waited while the first decoded
