@@ -228,3 +228,23 @@ def test_rerank_picks_the_candidates_holding_the_most_attention_mass():
         mass_rerank += float(page_mass.gather(1, picked).sum())
         mass_bound += float(page_mass.gather(1, bound[:, :R]).sum())
     assert mass_rerank > mass_bound
+
+
+def test_sub_parent_search_by_cluster_window_equals_the_brute_force():
+    """build_tree groups a cluster's tokens by their nearest sub-parent of the same cluster;
+    the search compares a block of tokens only with the window of candidates its clusters
+    span. It must pick what comparing every token with every candidate picks."""
+    from icecache.index import tree
+    H, n, page = 4, 20000, 16
+    keys = torch.randn(H, n, 64, generator=torch.Generator().manual_seed(0))
+    tk = transform_keys(keys, key_scale(keys))
+    parent, _ = tree._nearest(tk, tk[:, torch.randperm(n, generator=torch.Generator().manual_seed(1))[:600]])
+    sub = tree._sub_parents(tk, parent, page, torch.Generator().manual_seed(3))
+    pick = torch.rand(H, n, generator=torch.Generator().manual_seed(3)).argsort(1)[:, :n // page]  # the same draw
+    cluster = parent.gather(1, pick)
+    s = torch.einsum("hme,hce->hmc", tk, tk.gather(1, pick[..., None].expand(-1, -1, tk.shape[-1])))
+    best = s.masked_fill(parent[..., None] != cluster[:, None, :], float("-inf")).max(-1)
+    expected = torch.where(best.values.isneginf(), -1, pick.gather(1, best.indices))
+    by_cluster = pick.gather(1, cluster.sort(dim=1, stable=True).indices)  # _sub_parents numbers candidates so
+    got = torch.where(sub < 0, -1, by_cluster.gather(1, sub.clamp_min(0)))
+    assert torch.equal(got, expected) and (sub < 0).any()  # and some clusters drew no candidate
