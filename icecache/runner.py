@@ -52,14 +52,21 @@ class ResidentContexts:
         self._kept.move_to_end(context.uid)
         return entry[0]
 
-    def put(self, context: Context, layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Keep a context's per-layer (K, V) if it fits the budget, evicting the least
-        recently used; False if it is larger than the whole budget."""
-        size = sum(t.numel() * t.element_size() for kv in layers.values() for t in kv)
+    def make_room(self, size: int) -> bool:
+        """Evict the least recently used copies until `size` more bytes fit; False (and no
+        eviction) if size is over the whole budget."""
         if size > self.budget_bytes:
             return False
         while self._kept and self.used_bytes + size > self.budget_bytes:
             self._kept.popitem(last=False)
+        return True
+
+    def put(self, context: Context, layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Keep a context's per-layer (K, V) if it fits the budget, evicting the least
+        recently used; False if it is larger than the whole budget."""
+        size = sum(t.numel() * t.element_size() for kv in layers.values() for t in kv)
+        if not self.make_room(size):
+            return False
         self._kept[context.uid] = (layers, size)
         return True
 
@@ -85,10 +92,18 @@ class ContextReader:
         self.resident = resident if self.stream is not None else None
         self.kept = resident.get(context) if self.resident is not None else None
         self.read: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers read from the host this pass
+        # a pass that keeps what it reads holds every layer until its end: room is made first,
+        # and a context larger than the whole budget is read a layer at a time as before
+        self.keep = self.kept is None and self.resident is not None and self.resident.make_room(self._device_bytes())
+
+    def _device_bytes(self) -> int:
+        """What every layer's (K, V) of the context takes on the device."""
+        first = self._host_tensors(self.order[0])[0]  # [H, tokens, D]
+        return len(self.order) * 2 * first.shape[0] * self.ctx.num_tokens * first.shape[-1] * self.dtype.itemsize
 
     def finish(self) -> None:
         """The pass is over: keep what it read on the device if the resident budget allows."""
-        if self.resident is not None and self.kept is None and len(self.read) == len(self.order):
+        if self.keep and len(self.read) == len(self.order):
             self.resident.put(self.ctx, self.read)
         self.read = {}
 
@@ -119,7 +134,7 @@ class ContextReader:
         if self.kept is not None:
             return self.kept[layer]
         kv = self._read(layer)
-        if self.resident is not None:
+        if self.keep:
             self.read[layer] = kv
         return kv
 

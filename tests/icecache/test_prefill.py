@@ -77,3 +77,5 @@ def test_resident_contexts_keep_the_most_recent_under_their_budget():
     assert big not in resident and a in resident
     resident.forget(a)
     assert a not in resident and resident.used_bytes == 8 << 10
+    assert resident.make_room(16 << 10) and c not in resident  # room made ahead of a pass evicts too
+    assert not resident.make_room(21 << 10) and resident.used_bytes == 0
