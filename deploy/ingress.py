@@ -38,6 +38,10 @@ def tenant_of(grpc_context) -> str:
     return check_tenant(metadata.get(TENANT_KEY, DEFAULT_TENANT), "tenant metadata")
 
 
+def http_tenant(request: Request) -> str:
+    return check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+
+
 def check_tenant(tenant: str, where: str) -> str:
     if not _TENANT.match(tenant):
         raise RequestError("INVALID_ARGUMENT", f"{where}: 1-128 characters of letters, digits and ._:@-")
@@ -193,7 +197,7 @@ class IceCacheIngress:
     async def create_context(self, request: Request):
         """Index a document ({"document": text, "chat_role": optional}) -> {"id", ...}."""
         try:
-            tenant = check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+            tenant = http_tenant(request)
             body = await self._json(request)
             document = oa.check_document(body.get("document"), self.args.max_document_bytes)
             role = body.get("chat_role")
@@ -207,7 +211,7 @@ class IceCacheIngress:
     @http.delete("/v1/contexts/{context_id}")
     async def delete_context(self, context_id: str, request: Request):
         try:
-            tenant = check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+            tenant = http_tenant(request)
             check_context_id(context_id)
             released = False
             for cache in self._caches():
@@ -239,7 +243,7 @@ class IceCacheIngress:
         before the first token get their HTTP status; later ones end the stream with an
         error event."""
         try:
-            tenant = check_tenant(request.headers.get(oa.TENANT_HEADER, DEFAULT_TENANT), "X-Tenant header")
+            tenant = http_tenant(request)
             req = oa.parse_request(await self._json(request), chat, self.model_name, self.args.max_new_tokens,
                                    self.args.max_document_bytes)
             if "context_id" in req:
