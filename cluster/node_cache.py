@@ -20,7 +20,6 @@ recently used first when a new one needs room under the byte capacity.
 from __future__ import annotations
 
 import atexit
-import bisect
 import itertools
 import os
 import time

@@ -97,7 +97,10 @@ def test_a_dead_writers_unpublished_segment_is_discarded(cache):
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert call(cache, "acquire", "t", "w" * 32, os.getpid())["status"] == "missing"
-    assert call(cache, "stats")["bytes"] == 0  # its extent is free again
+    assert call(cache, "stats")["bytes"] == 0  # its extent is free again...
+    again = call(cache, "reserve", "t", "x" * 32, "m", 10, MiB, os.getpid())
+    assert (again["segment"], again["offset"]) == (grant["segment"], grant["offset"])  # ...and is reused
+    call(cache, "release", again["lease"])
 
 
 def test_tenants_do_not_see_each_other(cache):
