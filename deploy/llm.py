@@ -89,7 +89,8 @@ class IceCacheLLM:
         self._indexed = metrics.Counter("icecache_documents_indexed", "Documents this replica prefilled and indexed",
                                         tag_keys=tags)
         model = served_model(self.args.model)
-        for m in (self._ttft, self._tpot, self._queue, self._pages, self._requests, self._tokens, self._prompt_tokens, self._indexed):
+        for m in (self._ttft, self._tpot, self._queue, self._pages, self._requests, self._tokens, self._prompt_tokens,
+                  self._indexed):
             m.set_default_tags({"model": model})
 
     def _ended(self, tenant: str, status: str) -> None:
@@ -157,7 +158,10 @@ class IceCacheLLM:
         if context_id:
             return self.contexts.open(tenant, context_id)
         if document is not None:
-            return self.contexts.index(tenant, self._document_ids(document, chat_role))
+            lease = self.contexts.index(tenant, self._document_ids(document, chat_role))
+            if not lease.cached:  # indexed here, whether by IndexDocument or inline with a question
+                self._indexed.inc(tags={"tenant": tenant})
+            return lease
         return None
 
     async def _in_thread(self, fn, *args):
@@ -172,8 +176,6 @@ class IceCacheLLM:
                 lease = self._lease(tenant, None, document, chat_role)
                 try:
                     ctx = lease.context
-                    if not lease.cached:
-                        self._indexed.inc(tags={"tenant": tenant})
                     return {"context_id": lease.context_id, "num_tokens": ctx.num_tokens, "cached": lease.cached,
                             "prefill_s": 0.0 if lease.cached else ctx.prefill_s,
                             "index_build_s": 0.0 if lease.cached else ctx.build_s, "node_id": self.node_id}
