@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from icecache.attention import attention_lse, merge_attention
+from icecache.attention import attention_lse, merge_attention, packed_causal_lse
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
@@ -178,22 +178,22 @@ class PrefillPack:
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
-        context = None
+        parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling)]  # each chunk over itself
         if self.reader is not None:  # every row attends to the whole context: one read for the pack
             ctx_k, ctx_v = self.reader.layer(layer)
-            context = attention_lse(q, ctx_k, ctx_v, False, scaling)
-        outs = []
-        for req, (s, e) in zip(self.requests, self.spans):
-            own = req.own[layer]
-            parts = [attention_lse(q[:, s:e], k[:, s:e], v[:, s:e], True, scaling)]
-            if own.length:  # the request's earlier chunks (offloaded ones come back from the host)
-                parts.append(attention_lse(q[:, s:e], own.k.to(q.device, non_blocking=True),
-                                           own.v.to(q.device, non_blocking=True), False, scaling))
-            if context is not None:
-                parts.append((context[0][:, s:e], context[1][:, s:e]))
-            outs.append(merge_attention(parts))
+            parts.append(attention_lse(q, ctx_k, ctx_v, False, scaling))
+        owns = [req.own[layer] for req in self.requests]
+        if any(own.length for own in owns):  # requests' earlier chunks (offloaded ones come back from the host)
+            out = torch.zeros_like(q)
+            lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)  # no mass elsewhere
+            for own, (s, e) in zip(owns, self.spans):
+                if own.length:
+                    out[:, s:e], lse[:, s:e] = attention_lse(q[:, s:e], own.k.to(q.device, non_blocking=True),
+                                                             own.v.to(q.device, non_blocking=True), False, scaling)
+            parts.append((out, lse))
+        for own, (s, e) in zip(owns, self.spans):
             own.append(k[:, s:e], v[:, s:e])
-        return torch.cat(outs, dim=1).transpose(0, 1)
+        return merge_attention(parts).transpose(0, 1)
 
 
 class ModelRunner:

@@ -79,3 +79,37 @@ def test_resident_contexts_keep_the_most_recent_under_their_budget():
     assert a not in resident and resident.used_bytes == 8 << 10
     assert resident.make_room(16 << 10) and c not in resident  # room made ahead of a pass evicts too
     assert not resident.make_room(21 << 10) and resident.used_bytes == 0
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_a_packed_prefill_gives_each_question_what_it_gets_alone(device, dtype):
+    """Questions on one context packed into one pass (one of them continuing a chunk of
+    its own from an earlier pass) get the logits and own KV they get prefilled alone: no
+    question sees another's tokens."""
+    from icecache.cache import RequestKV
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA")
+    model = random_model(tiny_config("llama"), torch.device(device), dtype)
+    eng = Engine.from_model(model, config=IceCacheConfig(token_budget=96, page_size=16, sink_tokens=16,
+                                                         window_tokens=16), model_id="tiny")
+    ids = torch.randint(0, 500, (700,), generator=torch.Generator().manual_seed(3)).tolist()
+    questions = [[5, 6, 7], [8] * 9, [11, 12, 13, 14, 15]]
+    with torch.inference_mode():
+        ctx = eng.index(ids)
+        n = ctx.num_tokens
+        alone = []
+        for q in questions:
+            req = RequestKV(eng.shape, eng.config, ctx)
+            alone.append((eng.runner.prefill([req], [q], [n], ctx)[0], req))
+        reqs = [RequestKV(eng.shape, eng.config, ctx) for _ in questions]
+        eng.runner.prefill([reqs[2]], [questions[2][:2]], [n], ctx)  # an earlier chunk of the third
+        packed = eng.runner.prefill(reqs, [questions[0], questions[1], questions[2][2:]], [n, n, n + 2], ctx)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for i, (logits, req) in enumerate(alone):
+        scale = logits.float().abs().max()
+        assert (packed[i].float() - logits.float()).abs().max() <= tol * scale, i
+        for layer in (0, len(req.own) - 1):
+            want, got = req.own[layer].k, reqs[i].own[layer].k
+            assert got.shape == want.shape
+            assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max(), (i, layer)
