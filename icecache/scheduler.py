@@ -180,6 +180,12 @@ class Sequence:
         self.cancelled = True
 
     # ---------------------------------------------------------------- phases
+    def first_token(self) -> int | None:
+        """The first output token, from the prefill's logits: handed out before the request
+        takes its decode slot (loading a slot is no part of the time to first token)."""
+        self.position = self.context.num_tokens + len(self.own_ids)
+        return self.next_token()
+
     def start_decode(self, group: "_Group | None") -> None:
         """Into the decode phase: on the static path in a slot of `group`."""
         if group is not None:
@@ -187,7 +193,6 @@ class Sequence:
             self.req.own = None  # the decoder holds its own copies
         else:
             self.req.start_decode()
-        self.position = self.context.num_tokens + len(self.own_ids)
         self.phase = "decode"
 
     def next_token(self) -> int | None:
@@ -416,6 +421,10 @@ class Scheduler:
         try:
             while True:
                 with self._lock:
+                    idle = not self._stop and not self.has_work
+                if idle and self.capture_idle():  # one graph recorded; look for work again
+                    continue
+                with self._lock:
                     while not self._stop and not self.has_work:
                         self._lock.wait()
                     if self._stop:
@@ -486,17 +495,26 @@ class Scheduler:
             self._prefill_prompts()
             feeding: list[tuple[Sequence, int]] = []
             for seq in self.active:
-                if seq.done:
-                    continue
-                if seq.phase == "start":
-                    self._guard([seq], lambda: seq.start_decode(self._group_for(seq)))
                 if seq.phase == "decode" and not seq.done:
                     token = self._guard([seq], seq.next_token)
                     if token is not None:
                         feeding.append((seq, token))
+            starting = [s for s in self.active if s.phase == "start" and not s.done]
+            first = {seq: self._guard([seq], seq.first_token) for seq in starting}  # every first token out, then
+            for seq, token in first.items():  # the slots load
+                if token is not None and not seq.done:
+                    self._guard([seq], lambda: seq.start_decode(self._group_for(seq)))
+                    if not seq.done:
+                        feeding.append((seq, token))
             self._decode(feeding)
         finally:
             self.active = [s for s in self.active if not s.done]
+
+    def capture_idle(self) -> bool:
+        """With nothing to run: record one CUDA graph a group has run eagerly (a batch size a
+        burst passed through). -> whether one was recorded."""
+        groups = [g for gs in self._groups.values() for g in gs]
+        return any(g.decoder.capture_pending() for g in reversed(groups))
 
     def _run_calls(self) -> None:
         while True:
@@ -568,11 +586,18 @@ class Scheduler:
                 [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members], members[0].context))
             if logits is None:
                 continue
+            ready = []
             for i, (seq, chunk) in enumerate(pack):
                 seq.pending = seq.pending[len(chunk):]
                 seq.next_pos += len(chunk)
                 if not seq.pending:
                     seq.logits, seq.phase = logits[i], "start"
+                    ready.append((i, seq))
+            greedy = [(i, seq) for i, seq in ready if seq.params.temperature == 0.0]
+            if greedy:  # the pack's greedy first tokens picked on the device: one copy, one sync
+                picks = logits[[i for i, _ in greedy]].argmax(-1).tolist()
+                for (_, seq), token in zip(greedy, picks):
+                    seq.chosen = token
 
     # ---------------------------------------------------------------- device state of contexts
     def _group_for(self, seq: Sequence) -> _Group | None:
