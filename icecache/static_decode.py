@@ -46,6 +46,10 @@ from icecache.selectors import oracle_pages, random_draw, random_pages, recent_t
 
 log = logging.getLogger(__name__)
 
+# eager steps of one batch size before its CUDA graph is recorded on the request path (a size
+# that recurs); the sizes a burst only passes through are recorded when the scheduler is idle
+CAPTURE_AFTER = 3
+
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CUDA tensor aliasing pinned/registered host memory (no copy): kernels read it over PCIe."""
@@ -427,6 +431,7 @@ class StaticDecoder:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batch size -> graph, its logits
         self._pool = None  # one memory pool for every batch size's graph (they never run at once)
         self._eager: set[int] = set()  # batch sizes whose capture failed
+        self._runs: dict[int, int] = {}  # eager steps per batch size not yet captured
         if own_kv is not None:
             self.load(0, own_kv, max_new_tokens)
 
@@ -548,7 +553,9 @@ class StaticDecoder:
         of a static buffer when graphed: read before the next step). The step runs at
         padded_batch(B): the free slots past B decode a dummy token from an empty state,
         which the next load() of a slot overwrites. graph: on CUDA, replay a CUDA graph of
-        that size, recorded after one eager (warm-up) step of it."""
+        that size, recorded once that size has run CAPTURE_AFTER eager steps (a burst of
+        arrivals passes through sizes it never keeps: recording each would stall the batch)
+        or by capture_pending() when the decoder is idle."""
         B = len(tokens)
         if not 0 < B <= self.slots:
             raise ValueError(f"tokens: {B} for a decoder of {self.slots} slots")
@@ -565,13 +572,34 @@ class StaticDecoder:
             self._graphs[padded][0].replay()
             return self._graphs[padded][1][:B]
         logits = self._forward(padded)
-        if graph and self.device.type == "cuda" and padded not in self._eager:
-            try:
-                self.capture(padded)
-            except RuntimeError as e:  # recording runs nothing: the state is intact, this size stays eager
-                self._eager.add(padded)
-                log.warning("CUDA graph capture of batch size %d failed (%r); it runs eagerly", padded, e)
+        self._runs[padded] = self._runs.get(padded, 0) + 1
+        if graph and self._runs[padded] >= CAPTURE_AFTER:
+            self._try_capture(padded)
         return logits[:B]
+
+    @property
+    def graphed(self) -> set[int]:
+        """Batch sizes whose steps replay a recorded CUDA graph."""
+        return set(self._graphs)
+
+    def capture_pending(self) -> bool:
+        """Record the graph of one batch size that has run eagerly but is not captured yet
+        (for a scheduler's idle moments: the next burst of that size replays it). Recording
+        runs nothing, so any moment between steps will do. -> whether there was one to record."""
+        pending = [B for B in self._runs if B not in self._graphs and B not in self._eager]
+        if not pending or self.device.type != "cuda":
+            return False
+        self._try_capture(min(pending))
+        return True
+
+    def _try_capture(self, B: int) -> None:
+        if self.device.type != "cuda" or B in self._eager:
+            return
+        try:
+            self.capture(B)
+        except RuntimeError as e:  # recording runs nothing: the state is intact, this size stays eager
+            self._eager.add(B)
+            log.warning("CUDA graph capture of batch size %d failed (%r); it runs eagerly", B, e)
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Run one token of slot 0; returns logits [vocab] (a static buffer when graphed: copy to keep)."""

@@ -12,7 +12,7 @@ import icecache.cache as cache_module
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV, StepBatch
 from icecache.models import random_model, tiny_config
-from icecache.static_decode import StaticDecoder
+from icecache.static_decode import CAPTURE_AFTER, StaticDecoder
 
 pytestmark = pytest.mark.gpu
 CONFIG = IceCacheConfig(token_budget=16 + 16 + 4 * 16, page_size=16, sink_tokens=16, window_tokens=16,
@@ -129,6 +129,38 @@ def test_device_pages_decode_like_pages_read_over_pcie(models):
             steps = [dec.step_batch([5, 6, 7], [ctx.num_tokens + 3 + i] * 3, graph=True).clone() for i in range(8)]
             seen.append(torch.stack(steps))
     assert torch.allclose(seen[0], seen[1], atol=1e-5), (seen[0] - seen[1]).abs().max()
+
+
+def test_a_batch_size_is_graphed_once_it_recurs_or_when_the_decoder_idles(models):
+    """A size a burst only passes through runs eagerly (no capture on the request path);
+    one that recurs is recorded, and capture_pending() records the rest. Same logits as a
+    decoder that never records."""
+    _, gpu = models
+    eng = Engine.from_model(gpu, config=CONFIG.replace(decode_path="static"), model_id="tiny")
+    ids = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(5)).tolist()
+    runs = []
+    with torch.inference_mode():
+        ctx = eng.index(ids)
+        req = RequestKV(eng.shape, eng.config, ctx)
+        eng.runner.prefill_one(req, [7, 8, 9], ctx.num_tokens)
+        own = [(kv.k, kv.v) for kv in req.own]
+        pos = ctx.num_tokens + 3
+        for graph in (False, True):
+            dec = StaticDecoder(eng.model, eng.config, ctx, slots=4, slot_tokens=48)
+            for slot in range(3):
+                dec.load(slot, own, 32)
+            out = []
+            for i in range(CAPTURE_AFTER + 2):  # 3 requests step at size 4
+                out.append(dec.step_batch([5, 6, 7], [pos + i] * 3, graph=graph).clone())
+                assert (4 in dec.graphed) == (graph and i + 1 >= CAPTURE_AFTER)
+            out.append(dec.step_batch([9], [pos + CAPTURE_AFTER + 2], graph=graph).clone())  # size 1, once: eager
+            assert 1 not in dec.graphed
+            if graph:
+                assert dec.capture_pending() and dec.graphed == {1, 4}
+                assert not dec.capture_pending()
+            out.append(dec.step_batch([9], [pos + CAPTURE_AFTER + 3], graph=graph).clone())  # replayed when graphed
+            runs.append(torch.cat(out))
+    assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
