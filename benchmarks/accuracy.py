@@ -25,6 +25,8 @@ import random
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,8 +177,27 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
     return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
 
 
-def score(text: str, answers: list[str]) -> float:
+def score(task: str, text: str, answers: list[str]) -> float:
+    """The fraction of expected answers that appear in the text (any case)."""
     return sum(a.lower() in text.lower() for a in answers) / len(answers)
+
+
+@dataclass
+class Case:
+    """One question on one document, with what a right answer contains."""
+    document: str
+    question: str
+    answers: list[str]
+    max_tokens: int
+
+
+def local_cases(tokenizer, cases: int) -> Callable[[str, int, int], list[Case]]:
+    """The suite's own tasks: `cases` cases per (task, length, seed), built from seeds."""
+    def make(task_name: str, n: int, seed: int) -> list[Case]:
+        task = TASKS[task_name]
+        rng = random.Random(f"{task_name}-{n}-{seed}")
+        return [Case(*task.build(tokenizer, n, rng), task.max_tokens) for _ in range(cases)]
+    return make
 
 
 RECORD_KEY = ("task", "length", "seed", "case", "method", "budget")  # one answer per key; a record adds "score"
@@ -186,47 +207,72 @@ def record_key(record: dict) -> tuple:
     return tuple(record[name] for name in RECORD_KEY)
 
 
-def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], cases: int, methods: list[str],
-        budgets: list[int], log=print, checkpoint=None, done: list[dict] | None = None) -> dict:
-    """Evaluate every case with every method and budget. Each answer is a record (task,
-    length, seed, case, method, budget, score); `checkpoint(report)` is called after every
-    case. Cases whose records are all in `done` (an earlier, interrupted run) are skipped."""
+def answer(engine: Engine, case: Case, runs: list[tuple[str, int]], timing: dict) -> dict[tuple[str, int], str]:
+    """The case answered by each (method, budget), greedy: the document is prefilled and
+    indexed once per layout (sinks, window, reuse) and every method reads that context,
+    so only the choice of pages differs."""
+    params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0)
+    contexts, texts = {}, {}
+    for method, budget in runs:
+        cfg = method_config(method, budget or 256)
+        eng = engine.with_config(cfg)
+        key = (cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
+        if key not in contexts:
+            t = time.perf_counter()
+            contexts[key] = eng.index(case.document)
+            timing["prefill"] += time.perf_counter() - t
+        t = time.perf_counter()
+        texts[(method, budget)] = eng.generate(case.question, params, context=contexts[key]).text
+        timing[method] += time.perf_counter() - t
+    return texts
+
+
+def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], methods: list[str],
+        budgets: list[int], make_cases: Callable[[str, int, int], list[Case]], scorer=score, log=print,
+        checkpoint=None, done: list[dict] | None = None) -> dict:
+    """Evaluate every case of make_cases(task, length, seed) with every method and budget,
+    scored by scorer(task, text, answers) in [0, 1]. Each answer is a record (task, length,
+    seed, case, method, budget, score); `checkpoint(report)` is called after every case.
+    Cases whose records are all in `done` (an earlier, interrupted run) are skipped."""
     records = list(done or [])
     have = {record_key(r) for r in records}
     timing = defaultdict(float)
     runs = [(m, b) for m in methods for b in ([0] if m == "full" else budgets)]
     for task_name in tasks:
-        task = TASKS[task_name]
         for n in lengths:
             for seed in seeds:
-                rng = random.Random(f"{task_name}-{n}-{seed}")
-                for case in range(cases):
-                    doc, question, answers = task.build(engine.tokenizer, n, rng)  # advances rng: always build
-                    todo = [(m, b) for m, b in runs if (task_name, n, seed, case, m, b) not in have]
+                for i, case in enumerate(make_cases(task_name, n, seed)):
+                    todo = [(m, b) for m, b in runs if (task_name, n, seed, i, m, b) not in have]
                     if not todo:
                         continue
-                    params = SamplingParams(max_tokens=task.max_tokens, temperature=0.0)
-                    contexts = {}
                     scores = {}
-                    for method, budget in todo:
-                        cfg = method_config(method, budget or 256)
-                        eng = engine.with_config(cfg)
-                        key = (cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
-                        if key not in contexts:  # one prefill per layout (sinks/window/reuse) per case
-                            t = time.perf_counter()
-                            contexts[key] = eng.index(doc)
-                            timing["prefill"] += time.perf_counter() - t
-                        t = time.perf_counter()
-                        out = eng.generate(question, params, context=contexts[key])
-                        timing[method] += time.perf_counter() - t
-                        scores[(method, budget)] = score(out.text, answers)
-                        records.append({"task": task_name, "length": n, "seed": seed, "case": case,
+                    for (method, budget), text in answer(engine, case, todo, timing).items():
+                        scores[(method, budget)] = scorer(task_name, text, case.answers)
+                        records.append({"task": task_name, "length": n, "seed": seed, "case": i,
                                         "method": method, "budget": budget, "score": scores[(method, budget)]})
                     if checkpoint is not None:
                         checkpoint(summarise(records, timing))
-                    log(f"{task_name} {n} seed {seed} case {case}: " + ", ".join(
+                    log(f"{task_name} {n} seed {seed} case {i}: " + ", ".join(
                         f"{m}@{b}={v:.2f}" for (m, b), v in scores.items()))
     return summarise(records, timing)
+
+
+def paired(records: list[dict], resamples: int = 2000) -> list[dict]:
+    """Per (length, method, budget): the mean over cases (every task) of the method's score
+    minus full attention's on the same case, with a 95% bootstrap interval over cases."""
+    full = {(r["task"], r["length"], r["seed"], r["case"]): r["score"] for r in records if r["method"] == "full"}
+    diffs = defaultdict(list)
+    for r in records:
+        base = full.get((r["task"], r["length"], r["seed"], r["case"]))
+        if r["method"] != "full" and base is not None:
+            diffs[(r["length"], r["method"], r["budget"])].append(r["score"] - base)
+    rng = random.Random(0)
+    out = []
+    for (n, method, budget), d in sorted(diffs.items()):
+        means = sorted(statistics.fmean(rng.choices(d, k=len(d))) for _ in range(resamples))
+        out.append({"length": n, "method": method, "budget": budget, "cases": len(d), "diff": statistics.fmean(d),
+                    "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]})
+    return out
 
 
 def summarise(records: list[dict], timing: dict) -> dict:
@@ -251,7 +297,8 @@ def summarise(records: list[dict], timing: dict) -> dict:
     for r in rows:
         averages[(r["method"], r["budget"])].append(r["mean"])
     suite = {f"{m}@{b}": statistics.mean(v) for (m, b), v in sorted(averages.items())}
-    return {"rows": rows, "suite_average": suite, "wall_s": dict(timing), "records": records}
+    return {"rows": rows, "suite_average": suite, "paired_vs_full": paired(records), "wall_s": dict(timing),
+            "records": records}
 
 
 def merge(reports: list[dict]) -> dict:
@@ -362,8 +409,8 @@ def main(argv=None) -> int:
         scratch.write_text(json.dumps({**report, "model": engine.model_id, "device": str(engine.device)}))
         os.replace(scratch, partial)
 
-    report = run(engine, args.tasks, args.lengths, args.seeds, args.cases, args.methods, args.budgets,
-                 checkpoint=checkpoint, done=done)
+    report = run(engine, args.tasks, args.lengths, args.seeds, args.methods, args.budgets,
+                 local_cases(engine.tokenizer, args.cases), checkpoint=checkpoint, done=done)
     partial.unlink(missing_ok=True)
     report.update({"model": engine.model_id, "device": str(engine.device), "date": time.strftime("%Y-%m-%d"),
                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
