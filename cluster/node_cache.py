@@ -339,15 +339,3 @@ def find_node_cache(node_id: str):
         return ray.get_actor(actor_name(node_id), namespace=NAMESPACE)
     except ValueError:
         return None
-
-
-def shutdown_node_caches(timeout_s: float = 30.0) -> int:
-    """Unlink every node's segments and stop the cache actors (for `serve shutdown` scripts
-    and tests). Returns the number of segments removed."""
-    removed = 0
-    for node in ray.nodes():
-        handle = find_node_cache(node["NodeID"]) if node.get("Alive") else None
-        if handle is not None:
-            removed += ray.get(handle.shutdown.remote(), timeout=timeout_s)
-            ray.kill(handle)
-    return removed

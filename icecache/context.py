@@ -39,7 +39,6 @@ class Context:
     last_logits: torch.Tensor  # [vocab] logits after the last token
     prefill_s: float = 0.0
     build_s: float = 0.0
-    stats: dict = field(default_factory=dict)
     # unique in this process, never reused: what device state built from this context is keyed by
     uid: int = field(default_factory=lambda: next(_UIDS), compare=False)
 
