@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +34,7 @@ class Context:
 
     model_id: str
     token_ids: tuple[int, ...]
-    layout: tuple  # the config fields the stored layout depends on
+    layout: Layout
     dense: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> full (K, V) [H, n, D]
     sparse: dict[int, SparseLayer]
     last_logits: torch.Tensor  # [vocab] logits after the last token
@@ -98,8 +99,7 @@ class Context:
 
     def cycle_leader(self, layer: int) -> int:
         """The sparse layer whose page selection `layer` uses (itself unless IceCache-reuse)."""
-        reuse = self.layout[7]
-        dense = self.layout[3]
+        reuse, dense = self.layout.reuse_layers, self.layout.dense_layers
         return layer - (layer - dense) % reuse
 
     def flat_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +111,26 @@ class Context:
         return torch.cat([s.sink_k, mid_k, s.tail_k], dim=1), torch.cat([s.sink_v, mid_v, s.tail_v], dim=1)
 
 
-def layout_of(config: IceCacheConfig) -> tuple:
-    return (config.page_size, config.sink_tokens, config.window_tokens, config.dense_layers,
-            config.promotion_ratio, config.top_level_max, config.seed, config.reuse_layers)
+class Layout(NamedTuple):
+    """The config fields a context's stored layout depends on: a context serves a config
+    only if they agree."""
+    page_size: int
+    sink_tokens: int
+    window_tokens: int
+    dense_layers: int
+    promotion_ratio: tuple[float, ...]
+    top_level_max: int
+    seed: int
+    reuse_layers: int
+
+    @classmethod
+    def from_list(cls, values: list) -> "Layout":
+        """From its JSON form (a list; the promotion ratios a list within it)."""
+        return cls(*(tuple(v) if isinstance(v, list) else v for v in values))
+
+
+def layout_of(config: IceCacheConfig) -> Layout:
+    return Layout(*(getattr(config, name) for name in Layout._fields))
 
 
 def build_context(model_id: str, token_ids, layer_kv: list[tuple[torch.Tensor, torch.Tensor] | None],

@@ -16,7 +16,7 @@ from dataclasses import fields
 import torch
 
 from icecache.config import IceCacheConfig
-from icecache.context import Context, SparseLayer, layout_of
+from icecache.context import Context, Layout, SparseLayer, layout_of
 from icecache.index.tree import TreeIndex, level_sizes, max_pages
 from icecache.store import HostPageStore
 
@@ -123,10 +123,6 @@ def pack_into(ctx: Context, buffer: memoryview) -> int:
     return total
 
 
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
 def unpack(buffer: memoryview) -> Context:
     """A Context whose tensors are views of `buffer` (no copy). The buffer may be read-only;
     the engine never writes to a context's tensors."""
@@ -159,5 +155,5 @@ def unpack(buffer: memoryview) -> Context:
         sparse[l] = SparseLayer(get(f"{p}.sink_k"), get(f"{p}.sink_v"), get(f"{p}.tail_k"), get(f"{p}.tail_v"),
                                 TreeIndex(**tree), pages)
     token_ids = tuple(get("token_ids").tolist())
-    return Context(meta["model_id"], token_ids, _tuples(meta["layout"]), dense, sparse, get("last_logits"),
+    return Context(meta["model_id"], token_ids, Layout.from_list(meta["layout"]), dense, sparse, get("last_logits"),
                    meta["prefill_s"], meta["build_s"])
