@@ -152,7 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "icecache" / "ruler",
                     help="generated samples, kept between runs")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ruler.json"))
-    ap.add_argument("--resume", action="store_true", help="keep the answers of --out's .partial.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the answers of --out's .partial.json (an interrupted run), or of --out itself "
+                         "(a smaller finished one), and do only the rest")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON (--out)")
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -167,7 +169,10 @@ def main(argv=None) -> int:
     engine.tokenizer.save_pretrained(tokenizer_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial.json")
-    done = json.loads(partial.read_text())["records"] if args.resume and partial.exists() else None
+    done = None
+    if args.resume:  # an interrupted run's answers, or a finished smaller run's
+        earlier = partial if partial.exists() else args.out
+        done = json.loads(earlier.read_text())["records"] if earlier.exists() else None
 
     def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
         scratch = partial.with_suffix(".tmp")
