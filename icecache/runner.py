@@ -166,34 +166,58 @@ class ContextReader:
 
 class PrefillPack:
     """One forward pass's prefill: chunks of `requests` packed in one sequence (spans of
-    it, in order), all continuing the same context (read through `reader`) or none."""
+    it, in order), each continuing its request's context (read through `readers`, by the
+    context's uid) or none. Requests on different contexts share the pass: the weights
+    are read, and the layers launched, once for all of them."""
 
     decoding = False  # StepBatch routes it to prefill_attend
 
-    def __init__(self, requests: list[RequestKV], lengths: list[int], reader: ContextReader | None) -> None:
-        self.requests, self.reader = requests, reader
+    def __init__(self, requests: list[RequestKV], lengths: list[int], readers: dict[int, ContextReader]) -> None:
+        self.requests, self.readers = requests, readers
         ends = torch.tensor(lengths).cumsum(0).tolist()
         self.spans = [(end - n, end) for end, n in zip(ends, lengths)]
+        columns: dict[int, list[int]] = {}  # context uid -> the pack's token positions on it
+        for req, (s, e) in zip(requests, self.spans):
+            if req.context is not None:
+                columns.setdefault(req.context.uid, []).extend(range(s, e))
+        self.columns = {uid: torch.tensor(cols) for uid, cols in columns.items()}
 
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
         parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling)]  # each chunk over itself
-        if self.reader is not None:  # every row attends to the whole context: one read for the pack
-            ctx_k, ctx_v = self.reader.layer(layer)
-            parts.append(attention_lse(q, ctx_k, ctx_v, False, scaling))
+        T = q.shape[1]
+        spread = None  # (out, lse) over the pack's rows: a row's part from its own context, none elsewhere
+        for uid, cols in self.columns.items():  # each context read once, attended by the rows on it
+            ctx_k, ctx_v = self.readers[uid].layer(layer)
+            if len(cols) == T:
+                parts.append(attention_lse(q, ctx_k, ctx_v, False, scaling))
+                continue
+            if spread is None:
+                spread = _no_attention(q)
+            cols = cols.to(q.device)
+            out, lse = attention_lse(q.index_select(1, cols), ctx_k, ctx_v, False, scaling)
+            spread[0].index_copy_(1, cols, out)
+            spread[1].index_copy_(1, cols, lse)
         owns = [req.own[layer] for req in self.requests]
         if any(own.length for own in owns):  # requests' earlier chunks (offloaded ones come back from the host)
-            out = torch.zeros_like(q)
-            lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)  # no mass elsewhere
+            earlier = _no_attention(q)
             for own, (s, e) in zip(owns, self.spans):
                 if own.length:
-                    out[:, s:e], lse[:, s:e] = attention_lse(q[:, s:e], own.k.to(q.device, non_blocking=True),
-                                                             own.v.to(q.device, non_blocking=True), False, scaling)
-            parts.append((out, lse))
+                    earlier[0][:, s:e], earlier[1][:, s:e] = attention_lse(
+                        q[:, s:e], own.k.to(q.device, non_blocking=True), own.v.to(q.device, non_blocking=True),
+                        False, scaling)
+            parts.append(earlier)
+        if spread is not None:
+            parts.append(spread)
         for own, (s, e) in zip(owns, self.spans):
             own.append(k[:, s:e], v[:, s:e])
         return merge_attention(parts).transpose(0, 1)
+
+
+def _no_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (out, lse) part with no mass on any row (lse -inf), to fill some rows of."""
+    return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
 
 
 class ModelRunner:
@@ -222,25 +246,26 @@ class ModelRunner:
                          logits_to_keep=keep, **{BATCH_KWARG: batch})
         return out.logits[:, -1] if logits_at is None else out.logits[0]
 
-    def prefill(self, requests: Sequence[RequestKV], chunks: Sequence[list[int]], starts: Sequence[int],
-                context: Context | None) -> torch.Tensor:
+    def prefill(self, requests: Sequence[RequestKV], chunks: Sequence[list[int]], starts: Sequence[int]
+                ) -> torch.Tensor:
         """One packed pass: chunks[i] (token ids at positions starts[i]...) of requests[i],
-        all on `context` (or all without one). -> logits [len(chunks), vocab] after each chunk."""
+        each on its request's context (or none). -> logits [len(chunks), vocab] after each chunk."""
         assert len(requests) == len(chunks) == len(starts) and all(chunks), "one non-empty chunk per request"
         ids = torch.tensor([t for c in chunks for t in c])[None]
         positions = torch.cat([torch.arange(s, s + len(c)) for s, c in zip(starts, chunks)])[None]
         lengths = [len(c) for c in chunks]
         last = torch.tensor(lengths).cumsum(0) - 1
-        reader = ContextReader(context, self.device, self.shape.dtype, self.resident) if context is not None else None
-        logits = self.forward(StepBatch([PrefillPack(list(requests), lengths, reader)]), ids, positions, last)
-        if reader is not None:
+        contexts = {req.context.uid: req.context for req in requests if req.context is not None}
+        readers = {uid: ContextReader(ctx, self.device, self.shape.dtype, self.resident) for uid, ctx in contexts.items()}
+        logits = self.forward(StepBatch([PrefillPack(list(requests), lengths, readers)]), ids, positions, last)
+        for reader in readers.values():
             reader.finish()
         return logits
 
     def prefill_one(self, req: RequestKV, token_ids: list[int], start: int) -> torch.Tensor:
         """Prefill one request's tokens (at positions start...) on its context, in one
         pass. -> logits [vocab] after the last token."""
-        return self.prefill([req], [token_ids], [start], req.context)[0]
+        return self.prefill([req], [token_ids], [start])[0]
 
     def document_request(self, num_tokens: int) -> RequestKV:
         """KV state for indexing a document of num_tokens from its start: on the device, or
@@ -261,7 +286,7 @@ class ModelRunner:
         logits = None
         for s in range(0, len(token_ids), chunk):
             piece = token_ids[s:s + chunk]
-            logits = self.prefill([req], [piece], [s], None)[0]
+            logits = self.prefill([req], [piece], [s])[0]
             if progress:
                 progress(s + len(piece), len(token_ids))
         return logits

@@ -89,7 +89,7 @@ class IndexJob:
             self.started = time.perf_counter()
             self.req = runner.document_request(len(self.ids))
         piece = self.ids[self.done_tokens:self.done_tokens + runner.chunk_tokens(self.req)]
-        logits = runner.prefill([self.req], [piece], [self.done_tokens], None)[0]
+        logits = runner.prefill([self.req], [piece], [self.done_tokens])[0]
         self.done_tokens += len(piece)
         if self.done_tokens < len(self.ids):
             return None
@@ -564,40 +564,36 @@ class Scheduler:
             self._guard([seq], index_pass)
 
     def _prefill_prompts(self) -> None:
-        """Prefill waiting questions: per context, the oldest prompts packed into one pass,
-        up to prefill_chunk_tokens in all (a longer prompt continues at the next step)."""
-        by_context: dict[int, list[Sequence]] = {}
-        for seq in self.active:
-            if seq.phase == "prompt" and not seq.done:
-                by_context.setdefault(seq.context_key, []).append(seq)
+        """Prefill waiting questions: the oldest prompts, on any contexts, packed into one
+        pass up to prefill_chunk_tokens in all (a longer prompt continues at the next step)."""
         budget = self.engine.config.prefill_chunk_tokens
-        for seqs in by_context.values():
+        pack: list[tuple[Sequence, list[int]]] = []
+        for seq in self.active:
             if budget <= 0:
-                return
-            pack: list[tuple[Sequence, list[int]]] = []
-            for seq in seqs:
-                if budget <= 0:
-                    break
+                break
+            if seq.phase == "prompt" and not seq.done:
                 chunk = seq.pending[:budget]
                 pack.append((seq, chunk))
                 budget -= len(chunk)
-            members = [s for s, _ in pack]
-            logits = self._guard(members, lambda: self.runner.prefill(
-                [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members], members[0].context))
-            if logits is None:
-                continue
-            ready = []
-            for i, (seq, chunk) in enumerate(pack):
-                seq.pending = seq.pending[len(chunk):]
-                seq.next_pos += len(chunk)
-                if not seq.pending:
-                    seq.logits, seq.phase = logits[i], "start"
-                    ready.append((i, seq))
-            greedy = [(i, seq) for i, seq in ready if seq.params.temperature == 0.0]
-            if greedy:  # the pack's greedy first tokens picked on the device: one copy, one sync
-                picks = logits[[i for i, _ in greedy]].argmax(-1).tolist()
-                for (_, seq), token in zip(greedy, picks):
-                    seq.chosen = token
+        if not pack:
+            return
+        members = [s for s, _ in pack]
+        logits = self._guard(members, lambda: self.runner.prefill(
+            [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members]))
+        if logits is None:
+            return
+        ready = []
+        for i, (seq, chunk) in enumerate(pack):
+            seq.pending = seq.pending[len(chunk):]
+            seq.next_pos += len(chunk)
+            if not seq.pending:
+                seq.logits, seq.phase = logits[i], "start"
+                ready.append((i, seq))
+        greedy = [(i, seq) for i, seq in ready if seq.params.temperature == 0.0]
+        if greedy:  # the pack's greedy first tokens picked on the device: one copy, one sync
+            picks = logits[[i for i, _ in greedy]].argmax(-1).tolist()
+            for (_, seq), token in zip(greedy, picks):
+                seq.chosen = token
 
     # ---------------------------------------------------------------- device state of contexts
     def _group_for(self, seq: Sequence) -> _Group | None:

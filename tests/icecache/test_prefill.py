@@ -84,27 +84,29 @@ def test_resident_contexts_keep_the_most_recent_under_their_budget():
 @pytest.mark.parametrize("device, dtype", [("cpu", torch.float32),
                                            pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
 def test_a_packed_prefill_gives_each_question_what_it_gets_alone(device, dtype):
-    """Questions on one context packed into one pass (one of them continuing a chunk of
+    """Questions on two contexts packed into one pass (one of them continuing a chunk of
     its own from an earlier pass) get the logits and own KV they get prefilled alone: no
-    question sees another's tokens."""
+    question sees another's tokens or another's context."""
     from icecache.cache import RequestKV
     if device == "cuda" and not torch.cuda.is_available():
         pytest.fail("the gpu tests need CUDA")
     model = random_model(tiny_config("llama"), torch.device(device), dtype)
     eng = Engine.from_model(model, config=IceCacheConfig(token_budget=96, page_size=16, sink_tokens=16,
                                                          window_tokens=16), model_id="tiny")
-    ids = torch.randint(0, 500, (700,), generator=torch.Generator().manual_seed(3)).tolist()
+    gen = torch.Generator().manual_seed(3)
     questions = [[5, 6, 7], [8] * 9, [11, 12, 13, 14, 15]]
     with torch.inference_mode():
-        ctx = eng.index(ids)
-        n = ctx.num_tokens
+        first, second = (eng.index(torch.randint(0, 500, (n,), generator=gen).tolist()) for n in (700, 530))
+        on = [first, second, first]  # the question's context
         alone = []
-        for q in questions:
+        for q, ctx in zip(questions, on):
             req = RequestKV(eng.shape, eng.config, ctx)
-            alone.append((eng.runner.prefill([req], [q], [n], ctx)[0], req))
-        reqs = [RequestKV(eng.shape, eng.config, ctx) for _ in questions]
-        eng.runner.prefill([reqs[2]], [questions[2][:2]], [n], ctx)  # an earlier chunk of the third
-        packed = eng.runner.prefill(reqs, [questions[0], questions[1], questions[2][2:]], [n, n, n + 2], ctx)
+            alone.append((eng.runner.prefill([req], [q], [ctx.num_tokens])[0], req))
+        reqs = [RequestKV(eng.shape, eng.config, ctx) for ctx in on]
+        n = first.num_tokens
+        eng.runner.prefill([reqs[2]], [questions[2][:2]], [n])  # an earlier chunk of the third
+        packed = eng.runner.prefill(reqs, [questions[0], questions[1], questions[2][2:]],
+                                    [n, second.num_tokens, n + 2])
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for i, (logits, req) in enumerate(alone):
         scale = logits.float().abs().max()

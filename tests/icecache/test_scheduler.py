@@ -204,10 +204,10 @@ def test_background_thread_serves_concurrent_submitters(eng):
 
 
 @pytest.mark.parametrize("path", ["dynamic", "static"])
-def test_questions_on_one_context_prefill_in_one_pass_and_answer_as_alone(eng, path, monkeypatch):
-    """Five questions waiting on one context are prefilled in one packed pass (the context's
-    KV read once for all), a sixth on another context in its own; each gets the tokens it
-    gets alone."""
+def test_waiting_questions_prefill_in_one_pass_and_answer_as_alone(eng, path, monkeypatch):
+    """Five questions waiting on one context and a sixth on another are prefilled in one
+    packed pass (each context's KV read once for the questions on it); each gets the
+    tokens it gets alone."""
     eng = eng.with_config(SMALL.replace(decode_path=path))
     ctx, other = eng.index(doc(500, 11)), eng.index(doc(300, 12))
     asks = [(ctx, [5, 6, 7]), (ctx, list(range(20, 60))), (ctx, [9]), (ctx, list(range(70, 75))),
@@ -216,16 +216,16 @@ def test_questions_on_one_context_prefill_in_one_pass_and_answer_as_alone(eng, p
     passes = []
     real = eng.runner.prefill
 
-    def spy(requests, chunks, starts, context):  # the real pass, counted
-        passes.append((context, [len(c) for c in chunks]))
-        return real(requests, chunks, starts, context)
+    def spy(requests, chunks, starts):  # the real pass, counted
+        passes.append(([r.context for r in requests], [len(c) for c in chunks]))
+        return real(requests, chunks, starts)
 
     monkeypatch.setattr(eng.runner, "prefill", spy)
     scheduler = eng.scheduler(max_batch=8)
     seqs = [scheduler.submit(p, greedy(6), context=c) for c, p in asks]
     drain(scheduler, seqs)
     assert [output(s).token_ids for s in seqs] == alone
-    assert passes == [(ctx, [3, 40, 1, 5, 2]), (other, [3])]
+    assert passes == [([ctx] * 5 + [other], [3, 40, 1, 5, 2, 3])]
 
 
 def test_a_long_question_continues_its_pass_at_the_next_step(eng):
