@@ -73,20 +73,32 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out[0].reshape(Hq, T, D), lse[0].reshape(Hq, T)
 
 
+_VARLEN_REFUSED: set[str] = set()  # why the variable-length kernel cannot run here, once seen
+
+
 def packed_causal_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each span of a pack over itself only (spans of `lengths`, in
     order), with its log-sum-exp: q [Hq, T, D], k/v [H, T, D] -> (out [Hq, T, D], lse
     [Hq, T] fp32). On a CUDA GPU in 16-bit, one variable-length flash call for the whole
-    pack (torch.nn.attention.varlen); elsewhere one attention_lse per span."""
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and len(lengths) > 1:
-        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+    pack (FlashAttention-2's varlen kernel, which torch ships); elsewhere, or where that
+    kernel refuses, one attention_lse per span."""
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and len(lengths) > 1 \
+            and not _VARLEN_REFUSED:
+        Hq, T, _ = q.shape
+        g = Hq // k.shape[0]
         cu = torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
         longest = max(lengths)
-        out, lse = varlen_attn(q.transpose(0, 1).contiguous(), k.transpose(0, 1).contiguous(),
-                               v.transpose(0, 1).contiguous(), cu, cu, longest, longest,
-                               return_aux=AuxRequest(lse=True), scale=scaling, window_size=(-1, 0), enable_gqa=True)
-        return out.transpose(0, 1), lse
+        try:
+            out, lse = torch.ops.aten._flash_attention_forward(
+                q.transpose(0, 1).contiguous(), k.repeat_interleave(g, 0).transpose(0, 1).contiguous(),
+                v.repeat_interleave(g, 0).transpose(0, 1).contiguous(), cu, cu, longest, longest, 0.0, True, False,
+                scale=scaling)[:2]
+            if lse.shape == (Hq, T):
+                return out.transpose(0, 1), lse
+            _VARLEN_REFUSED.add(f"log-sum-exp of shape {tuple(lse.shape)}")
+        except (RuntimeError, TypeError) as e:
+            _VARLEN_REFUSED.add(repr(e))
     ends = torch.tensor(lengths).cumsum(0).tolist()
     parts = [attention_lse(q[:, e - n:e], k[:, e - n:e], v[:, e - n:e], True, scaling) for e, n in zip(ends, lengths)]
     return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
