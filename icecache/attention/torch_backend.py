@@ -3,8 +3,12 @@ are checked against."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def prefill_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor,
@@ -99,6 +103,8 @@ def packed_causal_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
             _VARLEN_REFUSED.add(f"log-sum-exp of shape {tuple(lse.shape)}")
         except (RuntimeError, TypeError) as e:
             _VARLEN_REFUSED.add(repr(e))
+        log.warning("packed prefill: the varlen flash kernel cannot run here (%s); one call per question",
+                    next(iter(_VARLEN_REFUSED)))
     ends = torch.tensor(lengths).cumsum(0).tolist()
     parts = [attention_lse(q[:, e - n:e], k[:, e - n:e], v[:, e - n:e], True, scaling) for e, n in zip(ends, lengths)]
     return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
