@@ -234,8 +234,9 @@ class _SparseState:
                                    S["cand"], S["parts"], self.page_heads)
         if self.rerank == 1:
             return ids
-        return rerank_pages(q, ids, (self.shared_k, self.shared_valid),
-                            (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1)), self.R, scaling)
+        from icecache import rerank_kernel
+        return rerank_kernel.rerank_pages(q, ids, self.shared_k, self.shared_valid, self.priv_k[:B].flatten(0, 1),
+                                          self.priv_valid[:B].flatten(0, 1), self.R, scaling)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache import kernels

@@ -81,10 +81,10 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
 @pytest.mark.parametrize("selector,rerank", [("quest", 1), ("oracle", 1), ("random", 1), ("streaming", 1),
                                              ("icecache", 3)])
 def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, rerank):
-    """The comparison selectors, and the re-ranking of the kernels' candidate pages, run
-    as torch ops on the Triton path too; it attends over what they pick (StreamingLLM: a
-    window ring as wide as the budget past the sinks) and must give the torch path's
-    logits, with the same pages, as tokens move into private pages."""
+    """The comparison selectors run as torch ops on the Triton path too, and the
+    re-ranking of the kernels' candidate pages as its own kernel; it attends over what
+    they pick (StreamingLLM: a window ring as wide as the budget past the sinks) and must
+    give the torch path's logits, with the same pages, as tokens move into private pages."""
     steps = 20
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector,
                                                     rerank=rerank)
@@ -291,3 +291,30 @@ def test_after_precompile_a_document_of_another_shape_compiles_nothing():
     before = compiled()
     walk(60000, 1)
     assert compiled() == before
+
+
+@pytest.mark.parametrize("num_shared", [40, 0])
+def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
+    """rerank_kernel.rerank_pages = index.tree.rerank_pages: same pages, same order, over
+    shared and private candidates, with absent (-1) and empty candidates among them."""
+    from icecache.index.tree import rerank_pages as reference
+    from icecache.rerank_kernel import rerank_pages
+    gen = torch.Generator().manual_seed(num_shared)
+    B, HS, G, D, P, M, C, R = 2, 2, 3, 16, 16, 6, 12, 4
+    rows = B * HS
+    q = torch.randn(rows, G, D, generator=gen)
+    shared_k = torch.randn(HS, num_shared, P, D, generator=gen).to(torch.bfloat16)
+    shared_valid = torch.randint(1, P + 1, (HS, num_shared), generator=gen)
+    if num_shared:
+        shared_valid[:, 3] = 0  # an empty page among the candidates
+    priv_k = torch.randn(rows, M, P, D, generator=gen)
+    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
+    candidates = torch.stack([torch.randperm(num_shared + M, generator=gen)[:C] for _ in range(rows)]).to(torch.int32)
+    candidates[:, -2:] = -1
+    if num_shared:
+        candidates[0, 0] = 3
+    want = reference(q, candidates.long(), (shared_k, shared_valid), (priv_k, priv_valid), R, 0.25)
+    got = rerank_pages(*(t.to(DEVICE) for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid)), R, 0.25)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.cpu().long(), want), (got, want)
+    assert (got >= 0).sum() > 0
