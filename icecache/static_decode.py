@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # eager steps of one batch size before its CUDA graph is recorded on the request path (a size
 # that recurs); the sizes a burst only passes through are recorded when the scheduler is idle
 CAPTURE_AFTER = 3
+_FUSED_RERANK_FAILED: list[str] = []  # why rerank_kernel could not build or run in this process, if it could not
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -234,9 +235,17 @@ class _SparseState:
                                    S["cand"], S["parts"], self.page_heads)
         if self.rerank == 1:
             return ids
-        from icecache import rerank_kernel
-        return rerank_kernel.rerank_pages(q, ids, self.shared_k, self.shared_valid, self.priv_k[:B].flatten(0, 1),
-                                          self.priv_valid[:B].flatten(0, 1), self.R, scaling)
+        private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))
+        if not _FUSED_RERANK_FAILED:
+            from triton.errors import TritonError
+
+            from icecache import rerank_kernel
+            try:
+                return rerank_kernel.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling)
+            except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
+                _FUSED_RERANK_FAILED.append(repr(e))
+                log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
+        return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache import kernels

@@ -318,3 +318,26 @@ def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
     assert got.dtype == torch.int32
     assert torch.equal(got.cpu().long(), want), (got, want)
     assert (got >= 0).sum() > 0
+
+
+def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkeypatch, caplog):
+    """A GPU where the fused kernel fails to build (a fault we cannot cause here) still
+    decodes, re-ranking in torch ops, and says so once."""
+    from triton.errors import TritonError
+
+    import icecache.rerank_kernel as rerank_kernel
+    import icecache.static_decode as static_decode
+
+    def broken(*args, **kwargs):
+        raise TritonError("no such instruction on this GPU")
+
+    monkeypatch.setattr(static_decode, "_FUSED_RERANK_FAILED", [])
+    monkeypatch.setattr(rerank_kernel, "rerank_pages", broken)
+    steps = 4
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, rerank=3)
+    ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
+    fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
+    assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    assert len(static_decode._FUSED_RERANK_FAILED) == 1
+    assert caplog.text.count("re-ranking in torch ops") == 1
