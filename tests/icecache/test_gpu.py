@@ -110,17 +110,23 @@ def test_static_cuda_graph_decode_matches_cpu(models):
     assert torch.allclose(logits_cpu, logits_gpu, atol=2e-3, rtol=1e-3)
 
 
-def test_device_pages_decode_like_pages_read_over_pcie(models):
-    """StaticDecoder(device_pages=True) reads a GPU copy of the pages: same logits, batched."""
-    _, gpu = models
+def static_question(gpu, seed: int):
+    """A static-path engine, a 3000-token context indexed on it, and a 3-token question's
+    prefilled KV per layer (to load into decoder slots)."""
     eng = Engine.from_model(gpu, config=CONFIG.replace(decode_path="static"), model_id="tiny")
-    ids = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(4)).tolist()
-    seen = []
+    ids = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(seed)).tolist()
     with torch.inference_mode():
         ctx = eng.index(ids)
         req = RequestKV(eng.shape, eng.config, ctx)
         eng.runner.prefill_one(req, [7, 8, 9], ctx.num_tokens)
-        own = [(kv.k, kv.v) for kv in req.own]
+    return eng, ctx, [(kv.k, kv.v) for kv in req.own]
+
+
+def test_device_pages_decode_like_pages_read_over_pcie(models):
+    """StaticDecoder(device_pages=True) reads a GPU copy of the pages: same logits, batched."""
+    eng, ctx, own = static_question(models[1], seed=4)
+    seen = []
+    with torch.inference_mode():
         for device_pages in (False, True):
             dec = StaticDecoder(eng.model, eng.config, ctx, slots=3, slot_tokens=32, device_pages=device_pages)
             for slot in range(3):
@@ -135,15 +141,9 @@ def test_a_batch_size_is_graphed_once_it_recurs_or_when_the_decoder_idles(models
     """A size a burst only passes through runs eagerly (no capture on the request path);
     one that recurs is recorded, and capture_pending() records the rest. Same logits as a
     decoder that never records."""
-    _, gpu = models
-    eng = Engine.from_model(gpu, config=CONFIG.replace(decode_path="static"), model_id="tiny")
-    ids = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(5)).tolist()
+    eng, ctx, own = static_question(models[1], seed=5)
     runs = []
     with torch.inference_mode():
-        ctx = eng.index(ids)
-        req = RequestKV(eng.shape, eng.config, ctx)
-        eng.runner.prefill_one(req, [7, 8, 9], ctx.num_tokens)
-        own = [(kv.k, kv.v) for kv in req.own]
         pos = ctx.num_tokens + 3
         for graph in (False, True):
             dec = StaticDecoder(eng.model, eng.config, ctx, slots=4, slot_tokens=48)
