@@ -37,3 +37,9 @@ def as_request_error(error: BaseException) -> RequestError | None:
     if isinstance(error, ValueError):
         return RequestError("INVALID_ARGUMENT", str(error))
     return None
+
+
+def check_document_size(num_bytes: int, limit: int) -> None:
+    """A document over the app's max_document_bytes is bad input, whichever door it came in by."""
+    if num_bytes > limit:
+        raise RequestError("INVALID_ARGUMENT", f"document: over the limit of {limit} bytes")

@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.node_cache import find_node_cache
 from deploy import openai_api as oa
 from deploy.config import AppArgs
-from deploy.errors import RequestError, not_found
+from deploy.errors import RequestError, check_document_size, not_found
 from icecache import SamplingParams
 from protos import icecache_pb2 as pb
 
@@ -59,11 +59,6 @@ def decode_text(data: bytes, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError("INVALID_ARGUMENT", f"{what}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
-
-
-def check_document_size(num_bytes: int, limit: int) -> None:
-    if num_bytes > limit:
-        raise RequestError("INVALID_ARGUMENT", f"document: over the limit of {limit} bytes")
 
 
 def sampling_of(msg: pb.Sampling, max_new_tokens: int) -> dict:

@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 
-from deploy.errors import RequestError
+from deploy.errors import RequestError, check_document_size
 from icecache import SamplingParams
 
 TENANT_HEADER = "x-tenant"
@@ -154,8 +154,7 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
 def check_document(document, max_document_bytes: int) -> str:
     if not isinstance(document, str) or not document:
         raise _bad("document: expected non-empty text")
-    if len(document.encode()) > max_document_bytes:
-        raise _bad(f"document: over the limit of {max_document_bytes} bytes")
+    check_document_size(len(document.encode()), max_document_bytes)
     return document
 
 
