@@ -45,6 +45,10 @@ class CacheFull(RuntimeError):
     """The node cache cannot make room for a context."""
 
 
+class ContextPending(TimeoutError):
+    """Another replica has been preparing this context for longer than this one waits."""
+
+
 @dataclass
 class Lease:
     """A request's hold on a cached context; release it when the request ends."""
@@ -204,7 +208,7 @@ class SharedContexts:
     # ------------------------------------------------------------------ protocol
     def _await_published(self, tenant: str, context_id: str) -> dict | None:
         """The lease grant of a published context, waiting while another replica writes it;
-        None if there is none. TimeoutError if it stays in preparation too long."""
+        None if there is none. ContextPending if it stays in preparation too long."""
         deadline = time.monotonic() + self.pending_timeout_s
         while True:
             grant = ray.get(self.cache.acquire.remote(tenant, context_id, self.pid, self._idle_extents()))
@@ -214,15 +218,14 @@ class SharedContexts:
             if grant["status"] == "missing":
                 return None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"context {context_id} has been in preparation for {self.pending_timeout_s} s")
+                raise ContextPending(f"context {context_id} has been in preparation for over "
+                                     f"{self.pending_timeout_s:.0f} s by another replica")
             time.sleep(_PENDING_POLL_S)
 
     def open(self, tenant: str, context_id: str) -> Lease:
-        """Lease a cached context by id; ContextNotFound if this tenant has none by that id."""
-        try:
-            grant = self._await_published(tenant, context_id)
-        except TimeoutError:
-            grant = None
+        """Lease a cached context by id; ContextNotFound if this tenant has none by that id,
+        ContextPending if another replica is still preparing it after pending_timeout_s."""
+        grant = self._await_published(tenant, context_id)
         if grant is None:
             raise ContextNotFound(context_id)
         return self._leased(grant, context_id, cached=True)
@@ -247,10 +250,7 @@ class SharedContexts:
 
     def _index(self, tenant: str, context_id: str, token_ids: list[int]) -> Lease:
         while True:
-            try:
-                grant = self._await_published(tenant, context_id)  # another replica may be prefilling it
-            except TimeoutError as e:
-                raise CacheFull(str(e)) from None
+            grant = self._await_published(tenant, context_id)  # another replica may be prefilling it
             if grant is not None:
                 return self._leased(grant, context_id, cached=True)
             # the extent is reserved before the prefill, at an upper bound of the context's size, so

@@ -4,7 +4,7 @@ turns them into the call's status."""
 
 from __future__ import annotations
 
-from cluster.contexts import CacheFull, ContextNotFound
+from cluster.contexts import CacheFull, ContextNotFound, ContextPending
 from icecache.scheduler import SchedulerDead, SchedulerFull
 
 
@@ -32,6 +32,8 @@ def as_request_error(error: BaseException) -> RequestError | None:
         return not_found(error.args[0])
     if isinstance(error, (CacheFull, SchedulerFull)):
         return RequestError("RESOURCE_EXHAUSTED", str(error))
+    if isinstance(error, ContextPending):  # the context exists; it is not ready yet
+        return RequestError("UNAVAILABLE", f"{error}; retry")
     if isinstance(error, SchedulerDead):  # the replica is failing its health check and will be replaced
         return RequestError("UNAVAILABLE", f"the model replica cannot serve: {error}; retry")
     if isinstance(error, ValueError):

@@ -1,12 +1,13 @@
 """Replica-side index-or-reuse through the node cache, on the real model and real shm."""
 
+import os
 import time
 
 import pytest
 import ray
 
 from cluster import shm
-from cluster.contexts import CacheFull, ContextNotFound, SharedContexts
+from cluster.contexts import CacheFull, ContextNotFound, ContextPending, SharedContexts
 from cluster.node_cache import NAMESPACE, RemoteNodeCache
 from icecache import SamplingParams
 from icecache.packing import packed_size_bound
@@ -69,6 +70,30 @@ def test_ids_are_per_tenant(shared, engine):
         shared.open("alice", "0" * 32)
     shared.release(lease)
     shared.release(shared.open("alice", lease.context_id))
+
+
+def test_a_context_another_replica_keeps_preparing_is_pending_not_missing(ray_local, engine):
+    """A document reserved by a live writer that never publishes: after pending_timeout_s a
+    question on its id and a second index of it end as ContextPending (retry), not as an
+    unknown id or a full cache."""
+    cache = RemoteNodeCache.options(name="pending_cache", namespace=NAMESPACE).remote(64 << 20)
+    contexts = SharedContexts(engine, b"w", 64 << 20, cache=cache, pending_timeout_s=1.0)
+    ids = engine.tokenize("A document that one replica is still prefilling.")
+    context_id = contexts.context_id("t", ids)
+    try:
+        grant = ray.get(cache.reserve.remote("t", context_id, engine.model_id, len(ids), 1 << 20, os.getpid()))
+        assert grant["status"] == "reserved"
+        for call in (lambda: contexts.open("t", context_id), lambda: contexts.index("t", ids)):
+            start = time.perf_counter()
+            with pytest.raises(ContextPending, match="in preparation"):
+                call()
+            assert 1.0 <= time.perf_counter() - start < 10
+        ray.get(cache.release.remote(grant["lease"]))
+        with pytest.raises(ContextNotFound):  # the writer gave up: nothing by that id
+            contexts.open("t", context_id)
+    finally:
+        ray.get(cache.shutdown.remote())
+        ray.kill(cache)
 
 
 def test_a_document_bigger_than_the_cache_is_refused(ray_local, engine):

@@ -3,7 +3,7 @@ HTTP the status and OpenAI error type that clients retry on (429 and 503) or not
 
 import pytest
 
-from cluster.contexts import CacheFull, ContextNotFound
+from cluster.contexts import CacheFull, ContextNotFound, ContextPending
 from deploy.errors import as_request_error
 from deploy.openai_api import error_body
 from icecache.scheduler import SchedulerDead, SchedulerFull
@@ -14,6 +14,8 @@ from icecache.scheduler import SchedulerDead, SchedulerFull
     (SchedulerFull("1024 requests waiting"), "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     (SchedulerDead("the scheduler stopped after a failed step"), "UNAVAILABLE", 503, "service_unavailable"),
     (ContextNotFound("ab12"), "NOT_FOUND", 404, "not_found_error"),
+    (ContextPending("context ab12 has been in preparation for over 600 s by another replica"), "UNAVAILABLE", 503,
+     "service_unavailable"),
     (ValueError("max_tokens: must be >= 1, got 0"), "INVALID_ARGUMENT", 400, "invalid_request_error"),
 ])
 def test_each_failure_has_its_status_and_keeps_its_message(error, code, status, kind):
