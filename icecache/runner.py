@@ -201,12 +201,15 @@ class PrefillPack:
             spread[1].index_copy_(1, cols, lse)
         owns = [req.own[layer] for req in self.requests]
         if any(own.length for own in owns):  # requests' earlier chunks (offloaded ones come back from the host)
-            earlier = _no_attention(q)
+            earlier = _no_attention(q) if len(owns) > 1 else None  # a document's chunk: its rows are all of q
             for own, (s, e) in zip(owns, self.spans):
                 if own.length:
-                    earlier[0][:, s:e], earlier[1][:, s:e] = attention_lse(
-                        q[:, s:e], own.k.to(q.device, non_blocking=True), own.v.to(q.device, non_blocking=True),
-                        False, scaling)
+                    part = attention_lse(q[:, s:e], own.k.to(q.device, non_blocking=True),
+                                         own.v.to(q.device, non_blocking=True), False, scaling)
+                    if earlier is None:
+                        earlier = part
+                    else:
+                        earlier[0][:, s:e], earlier[1][:, s:e] = part
             parts.append(earlier)
         if spread is not None:
             parts.append(spread)
