@@ -26,7 +26,7 @@ import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV
-from icecache.static_decode import StaticDecoder, _SparseState
+from icecache.static_decode import StaticDecoder
 
 GiB = 1 << 30
 
@@ -133,7 +133,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
         result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
             from icecache import kernels
-            sparse = [s for s in dec.states if isinstance(s, _SparseState)]
+            sparse = dec.sparse_states
             H, D, G = eng.shape.num_kv_heads, eng.shape.head_dim, eng.shape.group
             q = torch.randn(H, G, D, device="cuda")
             scaling = D ** -0.5

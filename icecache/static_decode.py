@@ -588,6 +588,11 @@ class StaticDecoder:
         return logits[:B]
 
     @property
+    def sparse_states(self) -> list[_SparseState]:
+        """The sparse layers' per-layer state, in layer order (benchmarks time its parts)."""
+        return [s for s in self.states if isinstance(s, _SparseState)]
+
+    @property
     def graphed(self) -> set[int]:
         """Batch sizes whose steps replay a recorded CUDA graph."""
         return set(self._graphs)

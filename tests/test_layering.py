@@ -1,4 +1,5 @@
-"""icecache/ is the engine and must stay usable without Ray."""
+"""icecache/ is the engine and must stay usable without Ray; no module of ours reaches into
+another's private names."""
 
 import ast
 import pathlib
@@ -25,3 +26,28 @@ def test_cluster_never_imports_deploy():
                  for node in ast.walk(ast.parse(path.read_text()))
                  if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "deploy"]
     assert list(root.rglob("*.py")) and not offenders
+
+
+def test_no_module_imports_or_reads_another_modules_private_names():
+    """`from icecache.x import _name` and `x._name` on an imported module of ours are
+    refused in the library and the benchmarks: what a tool needs is public API of the
+    module that owns it."""
+    ours = ("icecache", "cluster", "deploy", "benchmarks")
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    offenders, files = [], 0
+    for package in ours:
+        for path in (ROOT.parent / package).rglob("*.py"):
+            files += 1
+            tree = ast.parse(path.read_text())
+            modules = set()  # names bound to a module or object imported from ours
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ours:
+                    offenders += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                                  if private(a.name)]
+                    modules |= {a.asname or a.name for a in node.names}
+                elif isinstance(node, ast.Import):
+                    modules |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in ours}
+            offenders += [f"{path.name}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                          if isinstance(node, ast.Attribute) and private(node.attr)
+                          and isinstance(node.value, ast.Name) and node.value.id in modules]
+    assert files > 40 and not offenders, offenders
