@@ -277,7 +277,8 @@ def paired(records: list[dict], resamples: int = 2000) -> list[dict]:
 
 def summarise(records: list[dict], timing: dict) -> dict:
     """Mean and std over seeds (of each seed's mean over its cases) per (task, length,
-    method, budget), retention vs full, the suite average per method@budget; the records
+    method, budget), retention vs full, the task average per method@budget over every
+    length and per length (by_length), paired differences against full; the records
     are kept, so reports can be merged and resumed."""
     by_seed = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -293,12 +294,14 @@ def summarise(records: list[dict], timing: dict) -> dict:
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values),
                      "cases": sum(map(len, by_seed[(task, n, method, budget)].values())),
                      "full_mean": full, "retention": mean / full if full else None})
-    averages = defaultdict(list)
+    averages, per_length = defaultdict(list), defaultdict(lambda: defaultdict(list))
     for r in rows:
         averages[(r["method"], r["budget"])].append(r["mean"])
+        per_length[str(r["length"])][f"{r['method']}@{r['budget']}"].append(r["mean"])
     suite = {f"{m}@{b}": statistics.mean(v) for (m, b), v in sorted(averages.items())}
-    return {"rows": rows, "suite_average": suite, "paired_vs_full": paired(records), "wall_s": dict(timing),
-            "records": records}
+    by_length = {n: {k: statistics.mean(v) for k, v in sorted(row.items())} for n, row in sorted(per_length.items())}
+    return {"rows": rows, "suite_average": suite, "by_length": by_length, "paired_vs_full": paired(records),
+            "wall_s": dict(timing), "records": records}
 
 
 def merge(reports: list[dict]) -> dict:

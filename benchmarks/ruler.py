@@ -30,11 +30,9 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -129,14 +127,6 @@ def scorer(specs: dict):
     return score
 
 
-def by_length(report: dict) -> dict[str, dict[str, float]]:
-    """Task average per length and method@budget."""
-    out = defaultdict(lambda: defaultdict(list))
-    for r in report["rows"]:
-        out[str(r["length"])][f"{r['method']}@{r['budget']}"].append(r["mean"])
-    return {n: {k: statistics.mean(v) for k, v in sorted(row.items())} for n, row in sorted(out.items())}
-
-
 def main(argv=None) -> int:
     specs = task_specs()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -184,7 +174,7 @@ def main(argv=None) -> int:
                           scorer(specs), checkpoint=checkpoint, done=done)
     partial.unlink(missing_ok=True)
     report.update({"benchmark": "RULER (nvidia-long-context-eval, synthetic.yaml, base template)",
-                   "by_length": by_length(report), "model": engine.model_id, "device": str(engine.device),
+                   "model": engine.model_id, "device": str(engine.device),
                    "date": time.strftime("%Y-%m-%d"), "total_wall_s": time.perf_counter() - start,
                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                             if k not in ("out", "cache")}})
