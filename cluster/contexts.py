@@ -28,7 +28,7 @@ import numpy as np
 import ray
 
 from cluster import shm
-from cluster.node_cache import get_node_cache
+from cluster.node_cache import Reply, get_node_cache
 from icecache import Context, Engine
 from icecache.context import layout_of
 from icecache.packing import pack_into, packed_size_bound, unpack
@@ -144,19 +144,19 @@ class SharedContexts:
                  time.perf_counter() - start)
         return mapped
 
-    def _context(self, grant: dict) -> Context:
+    def _context(self, grant: Reply) -> Context:
         """The context a grant names, unpacked from its extent once per process."""
-        extent = grant["extent"]
+        extent = grant.extent
         with self._lock:
             held = self._held.get(extent)
             if held is not None:
                 held.users += 1
                 self._held.move_to_end(extent)
                 return held.context
-        mapping = self._locked(grant["segment"], self._slab(grant["segment"]))
-        view = mapping.view[grant["offset"]:grant["offset"] + grant["num_bytes"]]
+        mapping = self._locked(grant.segment, self._slab(grant.segment))
+        view = mapping.view[grant.offset:grant.offset + grant.num_bytes]
         # views of the slab (no copy); the tree moves to the engine's device once per context
-        return self._hold(extent, grant["segment"], unpack(view).with_index_on(self.engine.device))
+        return self._hold(extent, grant.segment, unpack(view).with_index_on(self.engine.device))
 
     def _hold(self, extent: str, slab: str, ctx: Context) -> Context:
         with self._lock:
@@ -197,25 +197,25 @@ class SharedContexts:
                 locking.exception()  # wait: the mapping must not close under its page-locking
             mapping.close()
 
-    def _leased(self, grant: dict, context_id: str, cached: bool) -> Lease:
+    def _leased(self, grant: Reply, context_id: str, cached: bool) -> Lease:
         try:
             ctx = self._context(grant)
         except BaseException:
-            self.cache.release.remote(grant["lease"])
+            self.cache.release.remote(grant.lease)
             raise
-        return Lease(grant["lease"], context_id, ctx, cached, grant["extent"])
+        return Lease(grant.lease, context_id, ctx, cached, grant.extent)
 
     # ------------------------------------------------------------------ protocol
-    def _await_published(self, tenant: str, context_id: str) -> dict | None:
+    def _await_published(self, tenant: str, context_id: str) -> Reply | None:
         """The lease grant of a published context, waiting while another replica writes it;
         None if there is none. ContextPending if it stays in preparation too long."""
         deadline = time.monotonic() + self.pending_timeout_s
         while True:
             grant = ray.get(self.cache.acquire.remote(tenant, context_id, self.pid, self._idle_extents()))
-            self._close_idle(grant.get("gone", []), grant.get("slabs"))
-            if grant["status"] == "ready":
+            self._close_idle(grant.gone, grant.slabs)
+            if grant.status == "ready":
                 return grant
-            if grant["status"] == "missing":
+            if grant.status == "missing":
                 return None
             if time.monotonic() > deadline:
                 raise ContextPending(f"context {context_id} has been in preparation for over "
@@ -261,36 +261,36 @@ class SharedContexts:
                                       eng.shape.dtype, eng.model.config.vocab_size, len(token_ids))
             grant = ray.get(self.cache.reserve.remote(tenant, context_id, eng.model_id, len(token_ids), bound,
                                                       self.pid))
-            if grant["status"] == "full":
-                raise CacheFull(grant["message"])
-            if grant["status"] == "ready":
+            if grant.status == "full":
+                raise CacheFull(grant.message)
+            if grant.status == "ready":
                 return self._leased(grant, context_id, cached=True)
-            if grant["status"] == "reserved":
+            if grant.status == "reserved":
                 return self._write(context_id, token_ids, grant)
             # "pending": another replica reserved it meanwhile; wait for its copy
 
-    def _write(self, context_id: str, token_ids: list[int], grant: dict) -> Lease:
+    def _write(self, context_id: str, token_ids: list[int], grant: Reply) -> Lease:
         """Prefill and index the document into the extent reserved by `grant`, publish it."""
         t0 = time.perf_counter()
-        slab = self._slab(grant["segment"])  # a new slab is page-locked while the scheduler prefills
+        slab = self._slab(grant.segment)  # a new slab is page-locked while the scheduler prefills
         try:
             ctx = self.build(token_ids)
             t1 = time.perf_counter()
-            view = self._locked(grant["segment"], slab).view[grant["offset"]:grant["offset"] + grant["num_bytes"]]
+            view = self._locked(grant.segment, slab).view[grant.offset:grant.offset + grant.num_bytes]
             t2 = time.perf_counter()
             written = self.run(lambda: pack_into(ctx, view))  # by DMA from the device, once
             t3 = time.perf_counter()
-            ray.get(self.cache.publish.remote(grant["lease"], written))
+            ray.get(self.cache.publish.remote(grant.lease, written))
         except BaseException:
-            ray.get(self.cache.release.remote(grant["lease"]))  # unpublished: the cache frees its extent
+            ray.get(self.cache.release.remote(grant.lease))  # unpublished: the cache frees its extent
             raise
         shared = unpack(view).with_index_from(ctx)  # the trees already on the device stay
         log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
                  "for the page-lock, write %.2f s (%.1f GiB), publish %.2f s", ctx.num_tokens, context_id[:8],
                  ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30, time.perf_counter() - t3)
         del ctx  # requests use the shared copy, so the device pages are freed now
-        return Lease(grant["lease"], context_id, self._hold(grant["extent"], grant["segment"], shared), False,
-                     grant["extent"])
+        return Lease(grant.lease, context_id, self._hold(grant.extent, grant.segment, shared), False,
+                     grant.extent)
 
     def release(self, lease: Lease) -> None:
         """End a request's hold on its context."""

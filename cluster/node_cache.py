@@ -37,6 +37,30 @@ DEFAULT_SLAB_BYTES = 256 << 20
 _ALIGN = 4096  # contexts start on page boundaries of their slab
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The cache's answer to acquire() and reserve(). status:
+    "ready": a published context is leased to the caller;
+    "reserved": an extent is leased to the caller to write, then publish();
+    "pending": another replica is writing that context;
+    "missing": no such context for this tenant (acquire only);
+    "full": no room (reserve only; `message` says why).
+    With a lease: where the bytes are (segment, offset, num_bytes) and the placement's
+    unique name (extent). acquire() also returns `gone` (the caller's held extents no
+    longer cached) and `slabs` (the slabs that still exist)."""
+
+    status: str
+    lease: int | None = None
+    segment: str | None = None
+    offset: int = 0
+    num_bytes: int = 0
+    extent: str | None = None
+    num_tokens: int = 0
+    slabs: list[str] | None = None
+    gone: list[str] = field(default_factory=list)
+    message: str = ""
+
+
 def actor_name(node_id: str) -> str:
     return f"icecache_node_cache_{node_id}"
 
@@ -197,43 +221,41 @@ class NodeCache:
         """The slabs' names, oldest first (a replica maps each once)."""
         return list(self.slabs)
 
-    def _grant(self, record: Record, pid: int, status: str = "ready") -> dict:
-        return {"status": status, "lease": self._lease(record, pid), "segment": record.slab, "offset": record.offset,
-                "num_bytes": record.num_bytes, "extent": record.extent, "num_tokens": record.num_tokens,
-                "slabs": self.slabs_held()}
+    def _grant(self, record: Record, pid: int, status: str = "ready", gone: list[str] | None = None) -> Reply:
+        return Reply(status, self._lease(record, pid), record.slab, record.offset, record.num_bytes, record.extent,
+                     record.num_tokens, self.slabs_held(), gone or [])
 
     # ------------------------------------------------------------------ protocol
-    def acquire(self, tenant: str, key: str, pid: int, held: list[str] | tuple = ()) -> dict:
-        """Lease a published context. {"status": "ready", lease, segment, ...}, or
-        {"status": "pending"} while another replica is writing it, or {"status": "missing"}.
-        A context of another tenant is "missing" through the same path as an unknown key.
-        held: extents the caller keeps contexts of without a lease; the reply's "gone" lists
-        those no longer cached (evicted or dropped), which the caller should let go of, and
-        "slabs" the slabs that still exist (the caller unmaps any other)."""
+    def acquire(self, tenant: str, key: str, pid: int, held: list[str] | tuple = ()) -> Reply:
+        """Lease a published context: "ready" with the lease, or "pending" while another
+        replica is writing it, or "missing". A context of another tenant is "missing"
+        through the same path as an unknown key. held: extents the caller keeps contexts of
+        without a lease; the reply's `gone` lists those no longer cached (evicted or
+        dropped), which the caller should let go of, and `slabs` the slabs that still exist
+        (the caller unmaps any other)."""
         self._reap()
         live = {r.extent for r in self.records.values() if not r.dropped}
         gone = [name for name in held if name not in live]
         record = self.records.get(key)
         if record is None or record.tenant != tenant or record.dropped:
             self._count("misses")
-            return {"status": "missing", "gone": gone, "slabs": self.slabs_held()}
+            return Reply("missing", slabs=self.slabs_held(), gone=gone)
         if not record.ready:
-            return {"status": "pending", "gone": gone, "slabs": self.slabs_held()}
+            return Reply("pending", slabs=self.slabs_held(), gone=gone)
         self._count("hits")
-        result = self._grant(record, pid)
+        result = self._grant(record, pid, gone=gone)
         self._export()
-        return {**result, "gone": gone}
+        return result
 
-    def reserve(self, tenant: str, key: str, model_id: str, num_tokens: int, num_bytes: int, pid: int) -> dict:
-        """Make room for a context the caller is about to write. {"status": "reserved", lease,
-        segment, offset, num_bytes, extent} (the caller writes num_bytes at offset of the
-        slab segment, then publish()es), or "ready" / "pending" if the context exists or
-        is being written, or {"status": "full", "message"}."""
+    def reserve(self, tenant: str, key: str, model_id: str, num_tokens: int, num_bytes: int, pid: int) -> Reply:
+        """Make room for a context the caller is about to write: "reserved" (the caller
+        writes num_bytes at offset of the slab segment, then publish()es), or "ready" /
+        "pending" if the context exists or is being written, or "full" with a message."""
         self._reap()
         record = self.records.get(key)
         if record is not None and record.tenant == tenant and not record.dropped:
             if not record.ready:
-                return {"status": "pending"}
+                return Reply("pending")
             self._count("hits")
             return self._grant(record, pid)
         if record is not None and record.dropped and record.leases:  # a fresh copy takes the key; the old one's
@@ -243,12 +265,11 @@ class NodeCache:
         try:
             spot = self._place(num_bytes) if num_bytes <= self.capacity_bytes else None
         except OSError as e:  # the shm filesystem lacks room for a new slab
-            return {"status": "full", "message": str(e)}
+            return Reply("full", message=str(e))
         if spot is None:
             leased = sum(r.num_bytes for r in self.placed.values() if r.leases)
-            return {"status": "full", "message": (
-                f"the context needs {num_bytes} bytes; the node cache holds {self.capacity_bytes} bytes, "
-                f"{leased} of them leased by requests in flight")}
+            return Reply("full", message=(f"the context needs {num_bytes} bytes; the node cache holds "
+                                          f"{self.capacity_bytes} bytes, {leased} of them leased by requests in flight"))
         slab, offset = spot
         record = Record(key, tenant, model_id, num_tokens, slab, offset, num_bytes, f"{slab}+{next(self._serial)}")
         self.records[key] = self.placed[record.extent] = record

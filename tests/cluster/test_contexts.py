@@ -82,13 +82,13 @@ def test_a_context_another_replica_keeps_preparing_is_pending_not_missing(ray_lo
     context_id = contexts.context_id("t", ids)
     try:
         grant = ray.get(cache.reserve.remote("t", context_id, engine.model_id, len(ids), 1 << 20, os.getpid()))
-        assert grant["status"] == "reserved"
+        assert grant.status == "reserved"
         for call in (lambda: contexts.open("t", context_id), lambda: contexts.index("t", ids)):
             start = time.perf_counter()
             with pytest.raises(ContextPending, match="in preparation"):
                 call()
             assert 1.0 <= time.perf_counter() - start < 10
-        ray.get(cache.release.remote(grant["lease"]))
+        ray.get(cache.release.remote(grant.lease))
         with pytest.raises(ContextNotFound):  # the writer gave up: nothing by that id
             contexts.open("t", context_id)
     finally:
