@@ -129,7 +129,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
         req = RequestKV(eng.shape, eng.config, ctx.with_index_on(eng.device))
         eng.runner.prefill_one(req, question, ctx.num_tokens)
         dec = StaticDecoder(eng.model, eng.config, ctx.with_index_on(eng.device), [(kv.k, kv.v) for kv in req.own],
-                            tokens)
+                            tokens, question_pages=req.question_pages)
         result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
             from icecache import kernels
@@ -167,6 +167,8 @@ def main(argv=None) -> int:
                     help="also run IceCache-reuse with cycles of this many sparse layers (own index)")
     ap.add_argument("--rerank", type=int, nargs="*", default=[],
                     help="also run IceCache re-ranking this many candidate pages per retrieved page by their keys")
+    ap.add_argument("--question-pages", type=int, default=0,
+                    help="also run IceCache with this many question pages among the candidates, re-ranking 2x")
     args = parse_gpu_args(ap, argv, "decode_speed", plot)
     if args is None:
         return 0
@@ -206,6 +208,12 @@ def main(argv=None) -> int:
                 row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=r)), ctx,
                                       args.tokens, breakdown=True)
                 print(f"[{n}] (c'') IceCache@{budget}, re-ranking {r}x candidates: {row[key]}")
+            if args.question_pages:
+                key = f"icecache_{budget}_question{args.question_pages}_rerank2"
+                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=2,
+                                                                     question_pages=args.question_pages)), ctx,
+                                      args.tokens, breakdown=True)
+                print(f"[{n}] IceCache@{budget}, {args.question_pages} question pages, re-ranking 2x: {row[key]}")
         if args.reuse_layers > 1:  # its own context: followers are stored in their leader's page layout
             reuse_eng = eng.with_config(IceCacheConfig(reuse_layers=args.reuse_layers))
             t = time.perf_counter()

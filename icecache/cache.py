@@ -182,6 +182,7 @@ class RequestKV:
         self.sparse: dict[int, SparseLayerState] = {}
         self.pages_loaded = 0
         self.pages_selected = 0
+        self.question_pages: dict[int, torch.Tensor] = {}  # sparse layer -> [H, K] pages the question picked
 
     # prefill: runner.PrefillPack attends for the request and appends its tokens to `own`
 
@@ -235,7 +236,9 @@ class RequestKV:
             C = R * self.config.rerank
             page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,
                                     self.config.page_heads)
-            if C > R:  # the candidates' keys pick R of them
+            if layer in self.question_pages:  # the question's own pages are candidates at every step
+                page_ids = torch.cat([page_ids, self.question_pages[layer].to(page_ids.device)], dim=1)
+            if page_ids.shape[1] > R:  # the candidates' keys pick R of them
                 page_ids = rerank_pages(qg, page_ids, shared, private, R, scaling)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)
         self.pages_selected += int((page_ids >= 0).sum())

@@ -62,6 +62,10 @@ class IceCacheConfig:
     # candidate pages per retrieved page: the box bounds pick rerank x retrieved_pages candidates,
     # then the candidates' keys rank them by exact attention mass (1 = by the bounds alone)
     rerank: int = 1
+    # pages per KV head that a question's own attention picks while it is prefilled on the context
+    # (its last QUESTION_ROWS tokens' exact attention mass over the context's pages); they join the
+    # bounds' candidates at every decode step, whose keys then keep the best retrieved_pages (0 = off)
+    question_pages: int = 0
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -75,6 +79,8 @@ class IceCacheConfig:
         for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")
+        _require(_is_int(self.question_pages) and self.question_pages >= 0, "question_pages",
+                 f"must be a non-negative int, got {self.question_pages!r}")
         _require(self.window_tokens >= 1, "window_tokens", "must be at least 1 (the token being decoded)")
         ratios = self.promotion_ratio
         _require(isinstance(ratios, tuple) and len(ratios) >= 1, "promotion_ratio",
@@ -95,6 +101,8 @@ class IceCacheConfig:
                      "cross-layer reuse runs on the static decode path (decode_path 'auto' or 'static')")
         _require(self.rerank == 1 or self.selector == "icecache", "rerank",
                  f"re-ranking works with selector='icecache', got selector={self.selector!r}")
+        _require(self.question_pages == 0 or self.selector == "icecache", "question_pages",
+                 f"question pages work with selector='icecache', got selector={self.selector!r}")
         if self.mode == "icecache":
             fixed = self.sink_tokens + self.window_tokens
             _require(self.token_budget >= fixed + self.page_size, "token_budget",

@@ -23,11 +23,13 @@ from icecache.kernels import supported
 
 @triton.jit(do_not_specialize=['C', 'n_shared', 'n_private'])
 def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvalid_ptr, lse_ptr, C, n_shared,
-              n_private, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+              n_private, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+              CP: tl.constexpr):
     """Program (h, i): candidate cand[h, i] (< n_shared: a shared page of KV head h % HS, else
     the row's private page; -1 = none) -> lse[h, i, :G], each query head's log-sum-exp of
-    scores over the page's valid keys (-inf for an absent or empty page). One program per
-    candidate, so the pages' reads (host memory over PCIe) are in flight together."""
+    scores over the page's valid keys (-inf for an absent or empty page, or one that an
+    earlier candidate of the row names already). One program per candidate, so the pages'
+    reads (host memory over PCIe) are in flight together."""
     h = tl.program_id(0)
     i = tl.program_id(1)
     hs = h % HS
@@ -43,7 +45,10 @@ def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvali
     first = t == 0
     count = tl.sum(tl.load(shared_valid_ptr + hs * n_shared + sid, mask=first & shared, other=0), axis=0)
     count += tl.sum(tl.load(pvalid_ptr + h * n_private + pid, mask=first & private, other=0), axis=0)
-    ok = t < count
+    c = tl.arange(0, CP)
+    earlier = tl.load(cand_ptr + h * C + c, mask=c < i, other=-2)
+    repeated = tl.max(tl.where(earlier == tl.max(page, axis=0), 1, 0), axis=0)
+    ok = t < count * (1 - repeated)
     k = tl.load(shared_k_ptr + ((hs * n_shared + sid[:, None]) * P + t[:, None]) * D + d[None, :],
                 mask=(ok & shared)[:, None], other=0.0).to(tl.float32)
     k += tl.load(priv_k_ptr + ((h * n_private + pid[:, None]) * P + t[:, None]) * D + d[None, :],
@@ -85,8 +90,8 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
                  priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float) -> torch.Tensor:
-    """index.tree.rerank_pages in one kernel launch. q: [rows, G, D]; candidates [rows, C]
-    (best bounds first, -1 = none, ids >= N private); shared_k [HS, N, P, D] and
+    """index.tree.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
+    (best bounds first, -1 = none, ids >= N private, a repeated id counts once); shared_k [HS, N, P, D] and
     shared_valid [HS, N], read by row r as KV head r % HS; priv_k [rows, M, P, D],
     priv_valid [rows, M]. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
     for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid):
@@ -96,10 +101,10 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     P = priv_k.shape[2]
     assert supported(D, P, G), f"no kernel for head dim {D}, page size {P}, {G} query heads per KV head"
     R = min(num_pages, C)
-    GP = max(16, triton.next_power_of_2(G))
+    GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
     lse = torch.empty(rows, C, G, dtype=torch.float32, device=candidates.device)
     _page_lse[(rows, C)](q, candidates, shared_k, shared_valid, priv_k, priv_valid, lse, C, shared_k.shape[1],
-                         priv_k.shape[1], scaling, max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P)
+                         priv_k.shape[1], scaling, max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P, CP=CP)
     out = torch.empty(rows, R, dtype=candidates.dtype, device=candidates.device)
-    _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=max(16, triton.next_power_of_2(C)))
+    _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=CP)
     return out

@@ -22,6 +22,7 @@ from icecache.attention import attention_lse, merge_attention, packed_causal_lse
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
+from icecache.index.tree import question_pages
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -157,11 +158,23 @@ class ContextReader:
         n = self.ctx.num_tokens - sink_k.shape[1] - tail_k.shape[1]  # every head holds n middle tokens
         empty = (torch.arange(P, device=self.device) >= valid[..., None]).reshape(H, N * P).to(torch.int8)
         slots = empty.argsort(dim=1, stable=True)[:, :n, None].expand(H, n, D)  # valid slots first
-        mid_k = keys.reshape(H, N * P, D).gather(1, slots)
+        mid_k = keys.reshape(H, N * P, D).gather(1, slots)  # valid slots in page order, as HostPageStore.flat
         mid_v = values.reshape(H, N * P, D).gather(1, slots)
         k = torch.cat([sink_k, mid_k, tail_k], dim=1).to(self.dtype)
         v = torch.cat([sink_v, mid_v, tail_v], dim=1).to(self.dtype)
         return k, v
+
+
+    def token_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The page and the position of every middle token that layer(layer) returns after the
+        sinks (the valid slots in page order, as both reads order them): ([H, n], [H, n]) on
+        the device."""
+        s = self.ctx.sparse[layer]
+        H, N, P, _ = s.pages.keys.shape
+        valid = s.pages.valid.to(self.device)
+        ok = torch.arange(P, device=self.device) < valid[..., None]  # [H, N, P]
+        pages = torch.arange(N, device=self.device)[None, :, None].expand(H, N, P)[ok].reshape(H, -1)
+        return pages, s.pages.positions.to(self.device, non_blocking=True)[ok].reshape(H, -1)
 
 
 class PrefillPack:
@@ -190,6 +203,7 @@ class PrefillPack:
         spread = None  # (out, lse) over the pack's rows: a row's part from its own context, none elsewhere
         for uid, cols in self.columns.items():  # each context read once, attended by the rows on it
             ctx_k, ctx_v = self.readers[uid].layer(layer)
+            self._pick_question_pages(layer, uid, q, ctx_k, scaling)
             if len(cols) == T:
                 parts.append(attention_lse(q, ctx_k, ctx_v, False, scaling))
                 continue
@@ -216,6 +230,32 @@ class PrefillPack:
         for own, (s, e) in zip(owns, self.spans):
             own.append(k[:, s:e], v[:, s:e])
         return merge_attention(parts).transpose(0, 1)
+
+
+    def _pick_question_pages(self, layer: int, uid: int, q: torch.Tensor, ctx_k: torch.Tensor,
+                             scaling: float) -> None:
+        """For each request of the pack on context uid that wants them (config.question_pages),
+        the context pages its chunk's last QUESTION_ROWS tokens point to in this layer: what
+        they attend to, and the page_size positions after it (index.tree.question_pages).
+        The last chunk's choice stands."""
+        reader = self.readers[uid]
+        if layer not in reader.ctx.sparse:
+            return
+        where = None
+        for req, (s, e) in zip(self.requests, self.spans):
+            if req.context is None or req.context.uid != uid or not req.config.question_pages:
+                continue
+            if where is None:
+                where = reader.token_pages(layer)
+                num_sink = reader.ctx.sparse[layer].sink_k.shape[1]
+                mid_k = ctx_k[:, num_sink:num_sink + where[0].shape[1]]
+            rows = q[:, max(s, e - QUESTION_ROWS):e]
+            req.question_pages[layer] = question_pages(rows, mid_k, *where, reader.ctx.num_tokens,
+                                                       reader.ctx.sparse[layer].tree.num_pages,
+                                                       req.config.question_pages, req.config.page_size, scaling)
+
+
+QUESTION_ROWS = 16  # a question's last tokens, whose attention over the context picks its question pages
 
 
 def _no_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,7 +277,7 @@ class _Group:
         return len(self.seqs) < self.decoder.slots and seq.slot_tokens <= self.decoder.slot_tokens
 
     def add(self, seq: Sequence, own_kv: list) -> None:
-        self.decoder.load(len(self.seqs), own_kv, seq.params.max_tokens)
+        self.decoder.load(len(self.seqs), own_kv, seq.params.max_tokens, seq.req.question_pages)
         self.seqs.append(seq)
         seq.group = self
 

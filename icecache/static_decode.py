@@ -189,17 +189,22 @@ class _SparseState:
         self.priv_hi = torch.zeros_like(self.priv_lo)
         self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
+        # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
+        self.question = torch.full((slots, H, config.question_pages), -1, dtype=torch.long, device=device)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
     def slot_tensors(self) -> list[torch.Tensor]:
-        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.win_k, self.win_v]
+        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.win_k, self.win_v,
+                self.question]
 
-    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0) -> None:
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0,
+             question: torch.Tensor | None = None) -> None:
         """A request's recent tokens (the last `before` tokens of the context's middle, its
         tail, then the request's own prompt) into slot: the oldest `cut` of them into private
-        pages, the rest into the window ring."""
+        pages, the rest into the window ring. question: [H, K] the pages its question picked."""
         dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
+        self.question[slot] = -1 if question is None else question.to(dev)
         more_k, more_v = recent_tokens(self.pages, before)
         recent_k = torch.cat([more_k.to(dev, dtype), self.tail_k, own_k.to(dev, dtype)], dim=1)
         recent_v = torch.cat([more_v.to(dev, dtype), self.tail_v, own_v.to(dev, dtype)], dim=1)
@@ -233,7 +238,9 @@ class _SparseState:
                                    self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
                                    self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"],
                                    S["cand"], S["parts"], self.page_heads)
-        if self.rerank == 1:
+        if self.question.shape[2]:
+            ids = torch.cat([ids, self.question[:B].flatten(0, 1).to(ids.dtype)], dim=1)
+        if ids.shape[1] == self.R:
             return ids
         private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))
         if not _FUSED_RERANK_FAILED:
@@ -316,7 +323,9 @@ class _SparseState:
             parts.append(shared_part(tree, None if quest else tree_keep(tree, q, self.search_width, scaling)))
         parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
         ids = rank_pages(q, scaling, parts, R * self.rerank, "max" if quest else self.page_heads)
-        if self.rerank == 1:
+        if self.question.shape[2]:
+            ids = torch.cat([ids, self.question[b]], dim=1)
+        if ids.shape[1] == R:
             return ids
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,
                             scaling)
@@ -386,12 +395,13 @@ class StaticDecoder:
 
     def __init__(self, model: torch.nn.Module, config: IceCacheConfig, context: Context,
                  own_kv: list | None = None, max_new_tokens: int = 0, *, slots: int = 1,
-                 slot_tokens: int | None = None, device_pages: bool = False) -> None:
+                 slot_tokens: int | None = None, device_pages: bool = False,
+                 question_pages: dict[int, torch.Tensor] | None = None) -> None:
         """slot_tokens: the most own tokens (prompt + decoded) a slot holds; with own_kv,
         at least its prompt plus max_new_tokens. device_pages: copy the context's host
         pages into device memory (for a document many requests read at once: one copy
         serves them all, and page reads stop being bound by PCIe); by default they are
-        read in place from host memory."""
+        read in place from host memory. question_pages: the one request's (RequestKV's)."""
         self.model, self.config, self.context = model, config, context
         inner = model.model
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
@@ -443,11 +453,13 @@ class StaticDecoder:
         self._eager: set[int] = set()  # batch sizes whose capture failed
         self._runs: dict[int, int] = {}  # eager steps per batch size not yet captured
         if own_kv is not None:
-            self.load(0, own_kv, max_new_tokens)
+            self.load(0, own_kv, max_new_tokens, question_pages)
 
     # ---------------------------------------------------------------- slots
-    def load(self, slot: int, own_kv: list, max_new_tokens: int) -> None:
-        """Put a prefilled request (its prompt's KV per layer, [H, m, D] each) in `slot`."""
+    def load(self, slot: int, own_kv: list, max_new_tokens: int,
+             question_pages: dict[int, torch.Tensor] | None = None) -> None:
+        """Put a prefilled request (its prompt's KV per layer, [H, m, D] each) in `slot`;
+        question_pages: layer -> [H, K] the pages its question picked (RequestKV's)."""
         m = own_kv[0][0].shape[1]
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot: {slot} outside this decoder's {self.slots} slots")
@@ -464,9 +476,9 @@ class StaticDecoder:
             recent += before
             cut = max(0, recent - window)  # the oldest of them start in private pages
             self.ring.counts[slot, 0], self.ring.counts[slot, 1] = recent - cut, cut
-        for state, (k, v) in zip(self.states, own_kv):
+        for i, (state, (k, v)) in enumerate(zip(self.states, own_kv)):
             if isinstance(state, _SparseState):
-                state.load(slot, k, v, cut, before)
+                state.load(slot, k, v, cut, before, (question_pages or {}).get(i))
             else:
                 state.load(slot, k, v)
 

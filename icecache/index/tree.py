@@ -475,14 +475,38 @@ def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scal
     return torch.logsumexp(s.masked_fill(~ok[:, None], _NEG_INF), dim=-1)
 
 
+def question_pages(q: torch.Tensor, keys: torch.Tensor, page_of: torch.Tensor, position: torch.Tensor,
+                   num_tokens: int, num_pages: int, count: int, follow: int, scaling: float) -> torch.Tensor:
+    """The `count` pages per KV head that a question's rows point to: each row's and query
+    head's softmax over the pages' tokens, summed, plus the same mass moved to the `follow`
+    positions after each token (an answer follows the passage the question matches, and a
+    page holds tokens of similar keys, not neighbours), gathered by page.
+    q: [Hq, w, D] (the question's last rows); keys: [H, n, D] the context's paged tokens;
+    page_of, position: [H, n] each token's page and position (< num_tokens).
+    -> [H, count] page ids, best first, -1 where fewer pages have mass."""
+    H, n, D = keys.shape
+    Hq, w, _ = q.shape
+    rows = q.reshape(H, Hq // H * w, D)  # a KV head's query heads' rows together
+    mass = torch.zeros(H, num_pages, dtype=torch.float32, device=q.device)
+    for h in range(H):  # one head at a time: [rows, n] scores, not [H, rows, n]
+        p = torch.softmax((rows[h] @ keys[h].transpose(0, 1)).float() * scaling, dim=-1).sum(0)  # [n]
+        by_position = torch.zeros(num_tokens + 1, dtype=torch.float32, device=q.device)
+        by_position[1:].scatter_add_(0, position[h], p)
+        total = by_position.cumsum(0)  # total[i] = mass of positions < i
+        at = position[h]
+        before = total[at] - total[(at - follow).clamp_min(0)]  # mass of the `follow` positions before each token
+        mass[h].scatter_add_(0, page_of[h], p + before)
+    return top_pages(mass.masked_fill(mass <= 0, _NEG_INF), count)
+
+
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor],
                  private: tuple[torch.Tensor, torch.Tensor], num_pages: int, scaling: float) -> torch.Tensor:
     """The `num_pages` of the candidate pages that hold the most attention mass of q, from
     their keys (the oracle's measure, over the candidates only): each page's log-sum-exp
     of scores per query head, the KV head's query heads combined by summed softmax shares.
 
-    q: [rows, g, D]; candidates: [rows, C] page ids (best bounds first, -1 = none), ids
-    >= N private; shared: (keys [Hs, N, P, D], valid [Hs, N]), read by row r as KV head
+    q: [rows, g, D]; candidates: [rows, C] page ids (best bounds first, -1 = none, a
+    repeated id counts once), ids >= N private; shared: (keys [Hs, N, P, D], valid [Hs, N]), read by row r as KV head
     r % Hs (rows = requests x Hs); private: (keys [rows, M, P, D], valid [rows, M]).
     Fixed shapes, no host sync. -> [rows, min(num_pages, C)] ids, best first, -1 = none."""
     rows, _ = candidates.shape
@@ -503,7 +527,8 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.
         keys, valid = read(sk, hs, sid), read(sv, hs, sid)
     else:
         keys, valid = read(pk, r, pid), read(pv, r, pid)
-    valid = valid.masked_fill(candidates < 0, 0)
+    earlier = (candidates[:, :, None] == candidates[:, None, :]).tril(-1).any(2)  # a page already a candidate
+    valid = valid.masked_fill((candidates < 0) | earlier, 0)
     best = top_pages(_combine_heads(page_log_mass(q, keys, valid, scaling), valid > 0, "sum"), num_pages)
     return torch.where(best >= 0, candidates.gather(1, best.clamp_min(0)), -1)
 

@@ -8,7 +8,7 @@ from icecache import IceCacheConfig, SamplingParams
     ("window_tokens", 0), ("dense_layers", 1.5), ("promotion_ratio", (0.0,)), ("promotion_ratio", (1.5, 0.2)),
     ("promotion_ratio", ()), ("search_width", 0), ("reuse_layers", 0), ("prefill_chunk_tokens", 0),
     ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"), ("page_heads", "mean"),
-    ("rerank", 0), ("rerank", 2.0),
+    ("rerank", 0), ("rerank", 2.0), ("question_pages", -1), ("question_pages", 1.5),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -19,6 +19,8 @@ def test_rerank_is_for_the_tree_selector():
     with pytest.raises(ValueError, match="rerank.*selector"):
         IceCacheConfig(rerank=4, selector="quest")
     assert IceCacheConfig(rerank=4).rerank == 4
+    with pytest.raises(ValueError, match="question_pages.*selector"):
+        IceCacheConfig(question_pages=4, selector="oracle")
 
 
 def test_defaults_follow_the_reference_layout():

@@ -248,3 +248,24 @@ def test_sub_parent_search_by_cluster_window_equals_the_brute_force():
     by_cluster = pick.gather(1, cluster.sort(dim=1, stable=True).indices)  # _sub_parents numbers candidates so
     got = torch.where(sub < 0, -1, by_cluster.gather(1, sub.clamp_min(0)))
     assert torch.equal(got, expected) and (sub < 0).any()  # and some clusters drew no candidate
+
+
+def test_question_pages_are_where_the_question_looks_and_what_follows():
+    """question_pages sums the question rows' attention over the context's tokens by page:
+    a page holding the keys the rows match comes first; with `follow`, so does the page
+    holding the tokens right after them (by position), which the rows do not match."""
+    from icecache.index.tree import question_pages
+    g = torch.Generator().manual_seed(5)
+    n, P, num_pages = 64, 4, 16
+    keys = torch.randn(1, n, D, generator=g) * 0.1
+    page_of = torch.arange(n).view(1, n) // P  # token i in page i // P ...
+    match, after = 5, 50  # token 5 (page 1) is at position 20, token 50 (page 12) at position 21
+    order = list(range(n))
+    order[5], order[20], order[50], order[21] = 20, 5, 21, 50
+    position = torch.tensor(order).view(1, n)
+    keys[0, match] = torch.randn(D, generator=g) * 3
+    q = keys[0, match].expand(2, 3, D).clone()  # 2 query heads x 3 rows, all pointing at it
+    near = question_pages(q, keys, page_of, position, n, num_pages, 1, 0, D ** -0.5)
+    assert near.tolist() == [[match // P]]
+    both = question_pages(q, keys, page_of, position, n, num_pages, 2, 1, D ** -0.5)
+    assert both[0, 0] == match // P and both[0, 1] == after // P

@@ -34,7 +34,8 @@ def decoders(monkeypatch, arch: str, doc_tokens: int, question: list[int], steps
         with torch.inference_mode():
             req = RequestKV(eng.shape, eng.config, ctx)
             logits = eng.runner.prefill_one(req, question, ctx.num_tokens) if question else ctx.last_logits
-            out.append((StaticDecoder(eng.model, config, ctx, [(kv.k, kv.v) for kv in req.own], steps), logits))
+            out.append((StaticDecoder(eng.model, config, ctx, [(kv.k, kv.v) for kv in req.own], steps,
+                                      question_pages=req.question_pages), logits))
     return eng, ctx, out
 
 
@@ -78,16 +79,20 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
 
-@pytest.mark.parametrize("selector,rerank", [("quest", 1), ("oracle", 1), ("random", 1), ("streaming", 1),
-                                             ("icecache", 3)])
-def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, rerank):
+@pytest.mark.parametrize("selector,rerank,question", [("quest", 1, 0), ("oracle", 1, 0), ("random", 1, 0),
+                                                      ("streaming", 1, 0), ("icecache", 3, 0), ("icecache", 1, 3),
+                                                      ("icecache", 2, 4)])
+def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, rerank, question):
     """The comparison selectors run as torch ops on the Triton path too, and the
-    re-ranking of the kernels' candidate pages as its own kernel; it attends over what
-    they pick (StreamingLLM: a window ring as wide as the budget past the sinks) and must
-    give the torch path's logits, with the same pages, as tokens move into private pages."""
+    re-ranking of the kernels' candidate pages (with the question's pages among them, if
+    any) as its own kernel; it attends over what they pick (StreamingLLM: a window ring as
+    wide as the budget past the sinks) and must give the torch path's logits, with the
+    same pages, as tokens move into private pages."""
     steps = 20
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector,
-                                                    rerank=rerank)
+                                                    rerank=rerank, question_pages=question)
+    if question:  # the question picked real pages, which are candidates in both decoders
+        assert all((s.question[0] >= 0).any() for s in ref.sparse_states)
     assert fast.scratch is not None and ref.scratch is None
     ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
     fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
@@ -311,6 +316,7 @@ def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
     priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
     candidates = torch.stack([torch.randperm(num_shared + M, generator=gen)[:C] for _ in range(rows)]).to(torch.int32)
     candidates[:, -2:] = -1
+    candidates[1, 4] = candidates[1, 1]  # a page named twice (a question's page the bounds picked too) counts once
     if num_shared:
         candidates[0, 0] = 3
     want = reference(q, candidates.long(), (shared_k, shared_valid), (priv_k, priv_valid), R, 0.25)

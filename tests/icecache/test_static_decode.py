@@ -37,26 +37,27 @@ def test_decode_path_is_validated():
         IceCacheConfig(decode_path="fast")
 
 
-@pytest.mark.parametrize("selector,rerank", [("quest", 1), ("oracle", 1), ("streaming", 1), ("icecache", 1),
-                                             ("icecache", 4)])
-def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank):
+@pytest.mark.parametrize("selector,rerank,question", [("quest", 1, 0), ("oracle", 1, 0), ("streaming", 1, 0),
+                                                      ("icecache", 1, 0), ("icecache", 4, 0), ("icecache", 2, 6)])
+def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank, question):
     """Quest, the oracle, StreamingLLM and IceCache (with and without re-ranking the
-    bounds' candidates by their keys) give the same tokens on the static path (the GPU's,
-    where the accuracy suite runs) as on the dynamic path. One-token pages make both
+    bounds' candidates by their keys, and with the question's own pages among them) give
+    the same tokens on the static path (the GPU's, where the accuracy suite runs) as on
+    the dynamic path. One-token pages make both
     paths' private pages the same: with larger pages the dynamic path groups a request's
     tokens by cluster and the static path by arrival, so their page choices may differ."""
     model = random_model(tiny_config("llama"), torch.device("cpu"))
     ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(2)).tolist()
     config = IceCacheConfig(token_budget=4 + 4 + 12, page_size=1, sink_tokens=4, window_tokens=4, dense_layers=1,
-                            selector=selector, rerank=rerank)
+                            selector=selector, rerank=rerank, question_pages=question)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     outs = {}
     for path in ("dynamic", "static"):
         eng = Engine.from_model(model, config=config.replace(decode_path=path))
-        outs[path] = eng.generate([7], params, context=eng.index(ids))
+        outs[path] = eng.generate([7, 8, 9], params, context=eng.index(ids))
     assert outs["static"].token_ids == outs["dynamic"].token_ids and len(outs["static"].token_ids) == 20
     full = Engine.from_model(model, config=config.replace(mode="full"))
-    assert outs["static"].token_ids != full.generate([7], params, context=full.index(ids)).token_ids
+    assert outs["static"].token_ids != full.generate([7, 8, 9], params, context=full.index(ids)).token_ids
     for out in outs.values():  # StreamingLLM reads no pages; the others fill the budget every step
         sparse_rows = (model.config.num_hidden_layers - 1) * model.config.num_key_value_heads
         expected = 0 if selector == "streaming" else 12 * sparse_rows
