@@ -158,7 +158,8 @@ class FactsQA(Task):
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
 METHODS = ("full", "icecache", "icecache_sum", "icecache_beam256", "icecache_reuse", "icecache_rerank2",
-           "icecache_rerank4", "oracle", "quest", "streaming", "random")
+           "icecache_rerank4", "icecache_question", "icecache_question_rerank2",
+           "icecache_question2", "icecache_question_rerank4", "oracle", "quest", "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
@@ -173,6 +174,11 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
         "icecache_reuse": dict(reuse_layers=2),  # IceCache-reuse: cycles of 2 sparse layers share one selection
         "icecache_rerank2": dict(rerank=2),  # the bounds pick 2x the pages, their keys' attention mass keeps half
         "icecache_rerank4": dict(rerank=4),
+        # the question's own attention picks as many pages as the budget retrieves; they join the candidates
+        "icecache_question": dict(question_pages=(budget - 2 * edge) // 16),
+        "icecache_question_rerank2": dict(question_pages=(budget - 2 * edge) // 16, rerank=2),
+        "icecache_question2": dict(question_pages=(budget - 2 * edge) // 8),
+        "icecache_question_rerank4": dict(question_pages=(budget - 2 * edge) // 16, rerank=4),
     }.get(method, {} if method == "icecache" else dict(selector=method))
     return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
 
@@ -207,16 +213,18 @@ def record_key(record: dict) -> tuple:
     return tuple(record[name] for name in RECORD_KEY)
 
 
-def answer(engine: Engine, case: Case, runs: list[tuple[str, int]], timing: dict) -> dict[tuple[str, int], str]:
+def answer(engine: Engine, case: Case, runs: list[tuple[str, int]], timing: dict,
+           contexts: dict | None = None) -> dict[tuple[str, int], str]:
     """The case answered by each (method, budget), greedy: the document is prefilled and
     indexed once per layout (sinks, window, reuse) and every method reads that context,
-    so only the choice of pages differs."""
+    so only the choice of pages differs. Cases that share a document and a `contexts`
+    dict share its contexts too."""
     params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0)
-    contexts, texts = {}, {}
+    contexts, texts = {} if contexts is None else contexts, {}
     for method, budget in runs:
         cfg = method_config(method, budget or 256)
         eng = engine.with_config(cfg)
-        key = (cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
+        key = (case.document, cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
         if key not in contexts:
             t = time.perf_counter()
             contexts[key] = eng.index(case.document)
@@ -241,12 +249,13 @@ def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], 
     for task_name in tasks:
         for n in lengths:
             for seed in seeds:
+                contexts = {}  # the seed's cases may share a document
                 for i, case in enumerate(make_cases(task_name, n, seed)):
                     todo = [(m, b) for m, b in runs if (task_name, n, seed, i, m, b) not in have]
                     if not todo:
                         continue
                     scores = {}
-                    for (method, budget), text in answer(engine, case, todo, timing).items():
+                    for (method, budget), text in answer(engine, case, todo, timing, contexts).items():
                         scores[(method, budget)] = scorer(task_name, text, case.answers)
                         records.append({"task": task_name, "length": n, "seed": seed, "case": i,
                                         "method": method, "budget": budget, "score": scores[(method, budget)]})
