@@ -157,9 +157,8 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_sum", "icecache_beam256", "icecache_reuse", "icecache_rerank2",
-           "icecache_rerank4", "icecache_question", "icecache_question_rerank2",
-           "icecache_question2", "icecache_question_rerank4", "oracle", "quest", "streaming", "random")
+METHODS = ("full", "icecache", "icecache_bounds", "icecache_sum", "icecache_beam256", "icecache_reuse",
+           "icecache_rerank2", "icecache_rerank4", "oracle", "quest", "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
@@ -168,17 +167,13 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
     if method == "full":
         return IceCacheConfig(mode="full")
     edge = 16 if budget < 256 else 32
-    variant = {
+    variant = {  # the default: the bounds' 2R best and the question's pages, re-ranked by their keys
+        "icecache_bounds": dict(rerank=1, question_pages=0),  # pages by the bounds alone (the default until 2026-12)
         "icecache_sum": dict(page_heads="sum"),  # pages ranked by the query heads' summed softmax shares
         "icecache_beam256": dict(search_width=256),  # the tree walk keeps 256 nodes per level, not 64
         "icecache_reuse": dict(reuse_layers=2),  # IceCache-reuse: cycles of 2 sparse layers share one selection
-        "icecache_rerank2": dict(rerank=2),  # the bounds pick 2x the pages, their keys' attention mass keeps half
-        "icecache_rerank4": dict(rerank=4),
-        # the question's own attention picks as many pages as the budget retrieves; they join the candidates
-        "icecache_question": dict(question_pages=(budget - 2 * edge) // 16),
-        "icecache_question_rerank2": dict(question_pages=(budget - 2 * edge) // 16, rerank=2),
-        "icecache_question2": dict(question_pages=(budget - 2 * edge) // 8),
-        "icecache_question_rerank4": dict(question_pages=(budget - 2 * edge) // 16, rerank=4),
+        "icecache_rerank2": dict(rerank=2, question_pages=0),  # the bounds' 2R best, re-ranked: no question pages
+        "icecache_rerank4": dict(rerank=4, question_pages=0),
     }.get(method, {} if method == "icecache" else dict(selector=method))
     return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
 

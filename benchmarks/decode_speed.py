@@ -166,9 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-layers", type=int, default=0,
                     help="also run IceCache-reuse with cycles of this many sparse layers (own index)")
     ap.add_argument("--rerank", type=int, nargs="*", default=[],
-                    help="also run IceCache re-ranking this many candidate pages per retrieved page by their keys")
-    ap.add_argument("--question-pages", type=int, default=0,
-                    help="also run IceCache with this many question pages among the candidates, re-ranking 2x")
+                    help="also run IceCache re-ranking this many of the bounds' candidates per retrieved page by "
+                         "their keys, without question pages")
+    ap.add_argument("--bounds", action="store_true",
+                    help="also run IceCache choosing pages by the bounds alone (no question pages, no re-ranking)")
     args = parse_gpu_args(ap, argv, "decode_speed", plot)
     if args is None:
         return 0
@@ -205,15 +206,14 @@ def main(argv=None) -> int:
             print(f"[{n}] (c) IceCache@{budget}: {row[f'icecache_{budget}']}")
             for r in args.rerank:
                 key = f"icecache_{budget}_rerank{r}"
-                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=r)), ctx,
-                                      args.tokens, breakdown=True)
+                config = IceCacheConfig(token_budget=budget, rerank=r, question_pages=0)
+                row[key] = run_engine(eng.with_config(config), ctx, args.tokens, breakdown=True)
                 print(f"[{n}] (c'') IceCache@{budget}, re-ranking {r}x candidates: {row[key]}")
-            if args.question_pages:
-                key = f"icecache_{budget}_question{args.question_pages}_rerank2"
-                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=2,
-                                                                     question_pages=args.question_pages)), ctx,
-                                      args.tokens, breakdown=True)
-                print(f"[{n}] IceCache@{budget}, {args.question_pages} question pages, re-ranking 2x: {row[key]}")
+            if args.bounds:  # the default until 2026-12: pages by the bounds alone
+                key = f"icecache_{budget}_bounds"
+                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=1, question_pages=0)),
+                                      ctx, args.tokens, breakdown=True)
+                print(f"[{n}] IceCache@{budget}, pages by the bounds alone: {row[key]}")
         if args.reuse_layers > 1:  # its own context: followers are stored in their leader's page layout
             reuse_eng = eng.with_config(IceCacheConfig(reuse_layers=args.reuse_layers))
             t = time.perf_counter()

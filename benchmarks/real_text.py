@@ -99,11 +99,12 @@ def fact_cases(tokenizer) -> callable:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: every document at 4000 and 7500 tokens, seed 0, "
-                                                         "full attention and the default IceCache at 256")
+                                                         "full attention, the default IceCache and pages by the "
+                                                         "bounds alone, at 256")
     ap.add_argument("--documents", nargs="+", default=list(DOCUMENTS), choices=list(DOCUMENTS))
     ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000, 7500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["full", "icecache", "icecache_rerank2", "icecache_rerank4",
+    ap.add_argument("--methods", nargs="+", default=["full", "icecache", "icecache_bounds", "icecache_rerank4",
                                                      "quest", "oracle", "streaming"], choices=accuracy.METHODS)
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--device", default="cpu", help="where the model runs (fp32)")
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
         accuracy.plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return 0
     if args.quick:
-        args.lengths, args.seeds, args.methods, args.budgets = [4000, 7500], [0], ["full", "icecache"], [256]
+        args.lengths, args.seeds, args.budgets = [4000, 7500], [0], [256]
+        args.methods = ["full", "icecache", "icecache_bounds"]
     start = time.perf_counter()
     engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
     args.out.parent.mkdir(parents=True, exist_ok=True)

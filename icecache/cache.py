@@ -233,7 +233,7 @@ class RequestKV:
             valid = torch.cat([shared[1].to(qg.device), private[1]], dim=1)
             page_ids = random_pages(valid, R, state.draw + state.win_first_pos + state.win_k.shape[1])
         else:
-            C = R * self.config.rerank
+            C = R * self.config.candidates[0]
             page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,
                                     self.config.page_heads)
             if layer in self.question_pages:  # the question's own pages are candidates at every step

@@ -59,13 +59,15 @@ class IceCacheConfig:
     # how a KV head's query heads rank its pages: the "max" bound over the heads (Quest's rule: a
     # page one head needs is kept), or the "sum" of each head's softmax share of the page bounds
     page_heads: str = "max"
+    # How the "icecache" selector fills the budget (the comparison selectors ignore both fields):
     # candidate pages per retrieved page: the box bounds pick rerank x retrieved_pages candidates,
     # then the candidates' keys rank them by exact attention mass (1 = by the bounds alone)
-    rerank: int = 1
+    rerank: int = 2
     # pages per KV head that a question's own attention picks while it is prefilled on the context
-    # (its last QUESTION_ROWS tokens' exact attention mass over the context's pages); they join the
-    # bounds' candidates at every decode step, whose keys then keep the best retrieved_pages (0 = off)
-    question_pages: int = 0
+    # (what its last tokens attend to, and the page_size positions after it); they join the bounds'
+    # candidates at every decode step, before the keys keep the best retrieved_pages (0 = off;
+    # 12 = as many as the default budget retrieves)
+    question_pages: int = 12
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -99,15 +101,19 @@ class IceCacheConfig:
             _require(self.selector == "icecache", "reuse_layers", "cross-layer reuse works with selector='icecache'")
             _require(self.decode_path != "dynamic", "reuse_layers",
                      "cross-layer reuse runs on the static decode path (decode_path 'auto' or 'static')")
-        _require(self.rerank == 1 or self.selector == "icecache", "rerank",
-                 f"re-ranking works with selector='icecache', got selector={self.selector!r}")
-        _require(self.question_pages == 0 or self.selector == "icecache", "question_pages",
-                 f"question pages work with selector='icecache', got selector={self.selector!r}")
         if self.mode == "icecache":
             fixed = self.sink_tokens + self.window_tokens
             _require(self.token_budget >= fixed + self.page_size, "token_budget",
                      f"must cover sink_tokens + window_tokens + one page ({fixed + self.page_size}), "
                      f"got {self.token_budget}")
+
+    @property
+    def candidates(self) -> tuple[int, int]:
+        """(rerank, question_pages) as the decode paths apply them: only the "icecache"
+        selector in "icecache" mode re-ranks and takes question pages."""
+        if self.mode == "icecache" and self.selector == "icecache":
+            return self.rerank, self.question_pages
+        return 1, 0
 
     @property
     def retrieved_pages(self) -> int:

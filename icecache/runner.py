@@ -168,13 +168,15 @@ class ContextReader:
     def token_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The page and the position of every middle token that layer(layer) returns after the
         sinks (the valid slots in page order, as both reads order them): ([H, n], [H, n]) on
-        the device."""
+        the device, without a host sync."""
         s = self.ctx.sparse[layer]
         H, N, P, _ = s.pages.keys.shape
-        valid = s.pages.valid.to(self.device)
-        ok = torch.arange(P, device=self.device) < valid[..., None]  # [H, N, P]
-        pages = torch.arange(N, device=self.device)[None, :, None].expand(H, N, P)[ok].reshape(H, -1)
-        return pages, s.pages.positions.to(self.device, non_blocking=True)[ok].reshape(H, -1)
+        n = self.ctx.num_tokens - s.sink_k.shape[1] - s.tail_k.shape[1]  # every head holds n middle tokens
+        valid = s.pages.valid.to(self.device, non_blocking=True)
+        empty = (torch.arange(P, device=self.device) >= valid[..., None]).reshape(H, N * P).to(torch.int8)
+        slots = empty.argsort(dim=1, stable=True)[:, :n]  # valid slots first, in page order
+        positions = s.pages.positions.to(self.device, non_blocking=True).reshape(H, N * P)
+        return slots // P, positions.gather(1, slots)
 
 
 class PrefillPack:
@@ -203,9 +205,9 @@ class PrefillPack:
         spread = None  # (out, lse) over the pack's rows: a row's part from its own context, none elsewhere
         for uid, cols in self.columns.items():  # each context read once, attended by the rows on it
             ctx_k, ctx_v = self.readers[uid].layer(layer)
-            self._pick_question_pages(layer, uid, q, ctx_k, scaling)
             if len(cols) == T:
                 parts.append(attention_lse(q, ctx_k, ctx_v, False, scaling))
+                self._pick_question_pages(layer, uid, q, parts[-1][1], ctx_k, scaling)
                 continue
             if spread is None:
                 spread = _no_attention(q)
@@ -213,6 +215,7 @@ class PrefillPack:
             out, lse = attention_lse(q.index_select(1, cols), ctx_k, ctx_v, False, scaling)
             spread[0].index_copy_(1, cols, out)
             spread[1].index_copy_(1, cols, lse)
+            self._pick_question_pages(layer, uid, q, spread[1], ctx_k, scaling)
         owns = [req.own[layer] for req in self.requests]
         if any(own.length for own in owns):  # requests' earlier chunks (offloaded ones come back from the host)
             earlier = _no_attention(q) if len(owns) > 1 else None  # a document's chunk: its rows are all of q
@@ -232,27 +235,34 @@ class PrefillPack:
         return merge_attention(parts).transpose(0, 1)
 
 
-    def _pick_question_pages(self, layer: int, uid: int, q: torch.Tensor, ctx_k: torch.Tensor,
+    def _pick_question_pages(self, layer: int, uid: int, q: torch.Tensor, lse: torch.Tensor, ctx_k: torch.Tensor,
                              scaling: float) -> None:
-        """For each request of the pack on context uid that wants them (config.question_pages),
-        the context pages its chunk's last QUESTION_ROWS tokens point to in this layer: what
-        they attend to, and the page_size positions after it (index.tree.question_pages).
-        The last chunk's choice stands."""
+        """For the requests of the pack on context uid that want them (config.question_pages),
+        the context pages their chunks' last QUESTION_ROWS tokens point to in this layer, all
+        at once: what the rows attend to (lse: [Hq, T] their log-sum-exp over the context),
+        and the page_size positions after it (index.tree.question_pages). A request's last
+        chunk's choice stands."""
         reader = self.readers[uid]
-        if layer not in reader.ctx.sparse:
+        wanting = [(i, req) for i, req in enumerate(self.requests) if req.context is not None
+                   and req.context.uid == uid and req.config.candidates[1] and layer in reader.ctx.sparse]
+        if not wanting:
             return
-        where = None
-        for req, (s, e) in zip(self.requests, self.spans):
-            if req.context is None or req.context.uid != uid or not req.config.question_pages:
-                continue
-            if where is None:
-                where = reader.token_pages(layer)
-                num_sink = reader.ctx.sparse[layer].sink_k.shape[1]
-                mid_k = ctx_k[:, num_sink:num_sink + where[0].shape[1]]
-            rows = q[:, max(s, e - QUESTION_ROWS):e]
-            req.question_pages[layer] = question_pages(rows, mid_k, *where, reader.ctx.num_tokens,
-                                                       reader.ctx.sparse[layer].tree.num_pages,
-                                                       req.config.question_pages, req.config.page_size, scaling)
+        rows, owner = [], []
+        for k, (i, _) in enumerate(wanting):
+            s, e = self.spans[i]
+            rows.extend(range(max(s, e - QUESTION_ROWS), e))
+            owner.extend([k] * (e - max(s, e - QUESTION_ROWS)))
+        rows = torch.tensor(rows, device=q.device)
+        sparse = reader.ctx.sparse[layer]
+        page_of, position = reader.token_pages(layer)
+        num_sink = sparse.sink_k.shape[1]
+        config = wanting[0][1].config
+        picked = question_pages(q.index_select(1, rows), lse.index_select(1, rows), torch.tensor(owner, device=q.device),
+                                len(wanting), ctx_k[:, num_sink:num_sink + page_of.shape[1]], page_of, position,
+                                reader.ctx.num_tokens, sparse.tree.num_pages, config.question_pages,
+                                config.page_size, scaling)
+        for (_, req), pages in zip(wanting, picked):
+            req.question_pages[layer] = pages
 
 
 QUESTION_ROWS = 16  # a question's last tokens, whose attention over the context picks its question pages

@@ -164,7 +164,7 @@ class _SparseState:
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
         self.page_heads = config.page_heads
-        self.rerank = config.rerank
+        self.rerank, question = config.candidates
         self.selector = config.selector
         self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
         self.ring, self.scratch = ring, scratch
@@ -190,7 +190,7 @@ class _SparseState:
         self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
-        self.question = torch.full((slots, H, config.question_pages), -1, dtype=torch.long, device=device)
+        self.question = torch.full((slots, H, question), -1, dtype=torch.long, device=device)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
@@ -204,7 +204,9 @@ class _SparseState:
         tail, then the request's own prompt) into slot: the oldest `cut` of them into private
         pages, the rest into the window ring. question: [H, K] the pages its question picked."""
         dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
-        self.question[slot] = -1 if question is None else question.to(dev)
+        self.question[slot] = -1
+        if question is not None:  # fewer columns where the context has fewer pages than asked for
+            self.question[slot, :, :question.shape[1]] = question.to(dev)
         more_k, more_v = recent_tokens(self.pages, before)
         recent_k = torch.cat([more_k.to(dev, dtype), self.tail_k, own_k.to(dev, dtype)], dim=1)
         recent_v = torch.cat([more_v.to(dev, dtype), self.tail_v, own_v.to(dev, dtype)], dim=1)

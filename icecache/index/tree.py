@@ -475,28 +475,36 @@ def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scal
     return torch.logsumexp(s.masked_fill(~ok[:, None], _NEG_INF), dim=-1)
 
 
-def question_pages(q: torch.Tensor, keys: torch.Tensor, page_of: torch.Tensor, position: torch.Tensor,
-                   num_tokens: int, num_pages: int, count: int, follow: int, scaling: float) -> torch.Tensor:
-    """The `count` pages per KV head that a question's rows point to: each row's and query
-    head's softmax over the pages' tokens, summed, plus the same mass moved to the `follow`
-    positions after each token (an answer follows the passage the question matches, and a
-    page holds tokens of similar keys, not neighbours), gathered by page.
-    q: [Hq, w, D] (the question's last rows); keys: [H, n, D] the context's paged tokens;
-    page_of, position: [H, n] each token's page and position (< num_tokens).
-    -> [H, count] page ids, best first, -1 where fewer pages have mass."""
+def question_pages(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
+                   keys: torch.Tensor, page_of: torch.Tensor, position: torch.Tensor, num_tokens: int,
+                   num_pages: int, count: int, follow: int, scaling: float) -> torch.Tensor:
+    """The `count` pages per KV head that each request's question rows point to: every
+    row's attention over the pages' tokens (its softmax over the whole context, from the
+    row's log-sum-exp there), summed over the request's rows and query heads, plus the same
+    mass moved to the `follow` positions after each token (an answer follows the passage a
+    question matches, and a page holds tokens of similar keys, not neighbours), by page.
+    q: [Hq, W, D] the questions' last rows; row_lse: [Hq, W]; owner: [W] each row's request
+    (< num_requests); keys: [H, n, D] the context's paged tokens; page_of, position: [H, n]
+    each token's page and position (< num_tokens). Fixed shapes, no host sync.
+    -> [num_requests, H, count] page ids, best first, -1 where fewer pages have mass."""
     H, n, D = keys.shape
-    Hq, w, _ = q.shape
-    rows = q.reshape(H, Hq // H * w, D)  # a KV head's query heads' rows together
-    mass = torch.zeros(H, num_pages, dtype=torch.float32, device=q.device)
-    for h in range(H):  # one head at a time: [rows, n] scores, not [H, rows, n]
-        p = torch.softmax((rows[h] @ keys[h].transpose(0, 1)).float() * scaling, dim=-1).sum(0)  # [n]
-        by_position = torch.zeros(num_tokens + 1, dtype=torch.float32, device=q.device)
-        by_position[1:].scatter_add_(0, position[h], p)
-        total = by_position.cumsum(0)  # total[i] = mass of positions < i
-        at = position[h]
-        before = total[at] - total[(at - follow).clamp_min(0)]  # mass of the `follow` positions before each token
-        mass[h].scatter_add_(0, page_of[h], p + before)
-    return top_pages(mass.masked_fill(mass <= 0, _NEG_INF), count)
+    Hq, W, _ = q.shape
+    g = Hq // H
+    rows = q.reshape(H, g * W, D)  # a KV head's query heads' rows together, head-major
+    lse = row_lse.reshape(H, g * W, 1).float()
+    weights = torch.nn.functional.one_hot(owner.repeat(g), num_requests).float()  # [g * W, requests]
+    mass = torch.zeros(num_requests, H, n, dtype=torch.float32, device=q.device)
+    chunk = max(1024, (1 << 26) // (H * g * W))  # at most ~256 MB of scores at once
+    for c in range(0, n, chunk):
+        p = torch.exp(torch.einsum("hrd,hnd->hrn", rows, keys[:, c:c + chunk]).float() * scaling - lse)
+        mass[:, :, c:c + chunk] = torch.einsum("hrn,rq->qhn", p, weights)
+    at = position.expand(num_requests, H, n)
+    by_position = torch.zeros(num_requests, H, num_tokens + 1, dtype=torch.float32, device=q.device)
+    total = by_position.scatter_add_(2, at + 1, mass).cumsum(2)  # total[..., i]: the mass of positions < i
+    before = total.gather(2, at) - total.gather(2, (at - follow).clamp_min(0))  # of the `follow` positions before
+    weight = torch.zeros(num_requests, H, num_pages, dtype=torch.float32, device=q.device)
+    weight.scatter_add_(2, page_of.expand(num_requests, H, n), mass + before)
+    return top_pages(weight.masked_fill(weight <= 0, _NEG_INF).flatten(0, 1), count).view(num_requests, H, -1)
 
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor],

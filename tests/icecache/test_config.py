@@ -15,12 +15,14 @@ def test_invalid_config_names_the_field(field, value):
         IceCacheConfig(**{field: value})
 
 
-def test_rerank_is_for_the_tree_selector():
-    with pytest.raises(ValueError, match="rerank.*selector"):
-        IceCacheConfig(rerank=4, selector="quest")
-    assert IceCacheConfig(rerank=4).rerank == 4
-    with pytest.raises(ValueError, match="question_pages.*selector"):
-        IceCacheConfig(question_pages=4, selector="oracle")
+def test_rerank_and_question_pages_are_the_tree_selectors():
+    """Re-ranking and question pages belong to the "icecache" selector (on by default); the
+    comparison selectors and full mode leave them out, so they need no fields zeroed."""
+    assert IceCacheConfig().candidates == (2, 12)
+    assert IceCacheConfig(rerank=4, question_pages=0).candidates == (4, 0)
+    assert IceCacheConfig(rerank=4, selector="quest").candidates == (1, 0)
+    assert IceCacheConfig(selector="oracle").candidates == (1, 0)
+    assert IceCacheConfig(mode="full").candidates == (1, 0)
 
 
 def test_defaults_follow_the_reference_layout():

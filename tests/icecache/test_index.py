@@ -265,7 +265,11 @@ def test_question_pages_are_where_the_question_looks_and_what_follows():
     position = torch.tensor(order).view(1, n)
     keys[0, match] = torch.randn(D, generator=g) * 3
     q = keys[0, match].expand(2, 3, D).clone()  # 2 query heads x 3 rows, all pointing at it
-    near = question_pages(q, keys, page_of, position, n, num_pages, 1, 0, D ** -0.5)
-    assert near.tolist() == [[match // P]]
-    both = question_pages(q, keys, page_of, position, n, num_pages, 2, 1, D ** -0.5)
-    assert both[0, 0] == match // P and both[0, 1] == after // P
+    lse = torch.logsumexp(torch.einsum("hwd,nd->hwn", q, keys[0]) * D ** -0.5, dim=-1)  # [2, 3]
+    owner = torch.tensor([0, 0, 0])  # the three rows are one request's
+    near = question_pages(q, lse, owner, 1, keys, page_of, position, n, num_pages, 1, 0, D ** -0.5)
+    assert near.tolist() == [[[match // P]]]
+    both = question_pages(q, lse, owner, 1, keys, page_of, position, n, num_pages, 2, 1, D ** -0.5)
+    assert both[0, 0].tolist() == [match // P, after // P]
+    two = question_pages(q, lse, torch.tensor([0, 1, 1]), 2, keys, page_of, position, n, num_pages, 2, 1, D ** -0.5)
+    assert torch.equal(two[0], both[0]) and torch.equal(two[1], both[0])  # each request from its own rows
