@@ -261,6 +261,29 @@ def run(engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int], 
     return summarise(records, timing)
 
 
+def run_to(out: Path, resume: bool, engine: Engine, tasks: list[str], lengths: list[int], seeds: list[int],
+           methods: list[str], budgets: list[int], make_cases: Callable[[str, int, int], list[Case]],
+           scorer=score) -> dict:
+    """run(), checkpointed to out's .partial.json after every case (removed at the end);
+    resume: keep the answers of that file (an interrupted run) or of out itself (a smaller
+    finished one) and answer only the rest."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
+    done = None
+    if resume:
+        earlier = partial if partial.exists() else out
+        done = json.loads(earlier.read_text())["records"] if earlier.exists() else None
+
+    def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
+        scratch = partial.with_suffix(".tmp")
+        scratch.write_text(json.dumps({**report, "model": engine.model_id, "device": str(engine.device)}))
+        os.replace(scratch, partial)
+
+    report = run(engine, tasks, lengths, seeds, methods, budgets, make_cases, scorer, checkpoint=checkpoint, done=done)
+    partial.unlink(missing_ok=True)
+    return report
+
+
 def paired(records: list[dict], resamples: int = 2000) -> list[dict]:
     """Per (length, method, budget): the mean over cases (every task) of the method's score
     minus full attention's on the same case, with a 95% bootstrap interval over cases."""
@@ -404,28 +427,23 @@ def main(argv=None) -> int:
         args.methods, args.budgets = ["full", "icecache", "streaming"], [256]
     start = time.perf_counter()
     engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".partial.json")
-    done = None
-    if args.resume:
-        earlier = partial if partial.exists() else args.out
-        done = json.loads(earlier.read_text())["records"] if earlier.exists() else None
+    report = run_to(args.out, args.resume, engine, args.tasks, args.lengths, args.seeds, args.methods, args.budgets,
+                    local_cases(engine.tokenizer, args.cases))
+    write(report, args, engine, start, show="suite_average")
+    return 0
 
-    def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
-        scratch = partial.with_suffix(".tmp")
-        scratch.write_text(json.dumps({**report, "model": engine.model_id, "device": str(engine.device)}))
-        os.replace(scratch, partial)
 
-    report = run(engine, args.tasks, args.lengths, args.seeds, args.methods, args.budgets,
-                 local_cases(engine.tokenizer, args.cases), checkpoint=checkpoint, done=done)
-    partial.unlink(missing_ok=True)
-    report.update({"model": engine.model_id, "device": str(engine.device), "date": time.strftime("%Y-%m-%d"),
-                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
-                   "total_wall_s": time.perf_counter() - start})
-    print(json.dumps(report["suite_average"], indent=1))
+def write(report: dict, args: argparse.Namespace, engine: Engine, start: float, show: str = "by_length",
+          **about) -> None:
+    """Add the run's facts (model, device, date, wall time, arguments but --out and --cache,
+    `about`) to report, print its `show` part, write it to args.out and its plot beside it."""
+    report.update({**about, "model": engine.model_id, "device": str(engine.device), "date": time.strftime("%Y-%m-%d"),
+                   "total_wall_s": time.perf_counter() - start,
+                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                            if k not in ("out", "cache")}})
+    print(json.dumps(report[show], indent=1))
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.out.with_suffix(".png"))
-    return 0
 
 
 if __name__ == "__main__":

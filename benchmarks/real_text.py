@@ -21,7 +21,6 @@ import argparse
 import importlib.metadata
 import inspect
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -120,28 +119,9 @@ def main(argv=None) -> int:
         args.methods = ["full", "icecache", "icecache_bounds"]
     start = time.perf_counter()
     engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".partial.json")
-    done = None
-    if args.resume:
-        earlier = partial if partial.exists() else args.out
-        done = json.loads(earlier.read_text())["records"] if earlier.exists() else None
-
-    def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
-        scratch = partial.with_suffix(".tmp")
-        scratch.write_text(json.dumps(report))
-        os.replace(scratch, partial)
-
-    report = accuracy.run(engine, args.documents, args.lengths, args.seeds, args.methods, args.budgets,
-                          fact_cases(engine.tokenizer), checkpoint=checkpoint, done=done)
-    partial.unlink(missing_ok=True)
-    report.update({"benchmark": "facts planted in real documents", "model": engine.model_id,
-                   "device": str(engine.device), "date": time.strftime("%Y-%m-%d"),
-                   "total_wall_s": time.perf_counter() - start,
-                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}})
-    print(json.dumps(report["by_length"], indent=1))
-    args.out.write_text(json.dumps(report, indent=1))
-    accuracy.plot(report, args.out.with_suffix(".png"))
+    report = accuracy.run_to(args.out, args.resume, engine, args.documents, args.lengths, args.seeds, args.methods,
+                             args.budgets, fact_cases(engine.tokenizer))
+    accuracy.write(report, args, engine, start, benchmark="facts planted in real documents")
     return 0
 
 

@@ -157,30 +157,11 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
     tokenizer_dir = args.cache / "tokenizer"
     engine.tokenizer.save_pretrained(tokenizer_dir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".partial.json")
-    done = None
-    if args.resume:  # an interrupted run's answers, or a finished smaller run's
-        earlier = partial if partial.exists() else args.out
-        done = json.loads(earlier.read_text())["records"] if earlier.exists() else None
-
-    def checkpoint(report: dict) -> None:  # whole or absent: a run killed mid-write leaves the last one
-        scratch = partial.with_suffix(".tmp")
-        scratch.write_text(json.dumps(report))
-        os.replace(scratch, partial)
-
-    report = accuracy.run(engine, args.tasks, args.lengths, args.seeds, args.methods, args.budgets,
-                          ruler_cases(specs, args.samples, tokenizer_dir, args.cache, args.max_tokens),
-                          scorer(specs), checkpoint=checkpoint, done=done)
-    partial.unlink(missing_ok=True)
-    report.update({"benchmark": "RULER (nvidia-long-context-eval, synthetic.yaml, base template)",
-                   "model": engine.model_id, "device": str(engine.device),
-                   "date": time.strftime("%Y-%m-%d"), "total_wall_s": time.perf_counter() - start,
-                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                            if k not in ("out", "cache")}})
-    print(json.dumps(report["by_length"], indent=1))
-    args.out.write_text(json.dumps(report, indent=1))
-    accuracy.plot(report, args.out.with_suffix(".png"))
+    report = accuracy.run_to(args.out, args.resume, engine, args.tasks, args.lengths, args.seeds, args.methods,
+                             args.budgets, ruler_cases(specs, args.samples, tokenizer_dir, args.cache, args.max_tokens),
+                             scorer(specs))
+    accuracy.write(report, args, engine, start,
+                   benchmark="RULER (nvidia-long-context-eval, synthetic.yaml, base template)")
     return 0
 
 

@@ -91,9 +91,9 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
                  priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float) -> torch.Tensor:
     """index.tree.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
-    (best bounds first, -1 = none, ids >= N private, a repeated id counts once); shared_k [HS, N, P, D] and
-    shared_valid [HS, N], read by row r as KV head r % HS; priv_k [rows, M, P, D],
-    priv_valid [rows, M]. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
+    (best bounds first, -1 = none, ids >= N private, a repeated id counts once); shared_k
+    [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
+    [rows, M, P, D], priv_valid [rows, M]. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
     for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid):
         assert t.is_contiguous(), f"kernel input of shape {tuple(t.shape)} is not contiguous"
     rows, C = candidates.shape

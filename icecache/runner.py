@@ -164,7 +164,6 @@ class ContextReader:
         v = torch.cat([sink_v, mid_v, tail_v], dim=1).to(self.dtype)
         return k, v
 
-
     def token_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The page and the position of every middle token that layer(layer) returns after the
         sinks (the valid slots in page order, as both reads order them): ([H, n], [H, n]) on
@@ -234,7 +233,6 @@ class PrefillPack:
             own.append(k[:, s:e], v[:, s:e])
         return merge_attention(parts).transpose(0, 1)
 
-
     def _pick_question_pages(self, layer: int, uid: int, q: torch.Tensor, lse: torch.Tensor, ctx_k: torch.Tensor,
                              scaling: float) -> None:
         """For the requests of the pack on context uid that want them (config.question_pages),
@@ -257,8 +255,9 @@ class PrefillPack:
         page_of, position = reader.token_pages(layer)
         num_sink = sparse.sink_k.shape[1]
         config = wanting[0][1].config
-        picked = question_pages(q.index_select(1, rows), lse.index_select(1, rows), torch.tensor(owner, device=q.device),
-                                len(wanting), ctx_k[:, num_sink:num_sink + page_of.shape[1]], page_of, position,
+        owner = torch.tensor(owner, device=q.device)
+        picked = question_pages(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting),
+                                ctx_k[:, num_sink:num_sink + page_of.shape[1]], page_of, position,
                                 reader.ctx.num_tokens, sparse.tree.num_pages, config.question_pages,
                                 config.page_size, scaling)
         for (_, req), pages in zip(wanting, picked):

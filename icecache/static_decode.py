@@ -242,7 +242,7 @@ class _SparseState:
                                    S["cand"], S["parts"], self.page_heads)
         if self.question.shape[2]:
             ids = torch.cat([ids, self.question[:B].flatten(0, 1).to(ids.dtype)], dim=1)
-        if ids.shape[1] == self.R:
+        if ids.shape[1] <= self.R:  # no more candidates than pages to keep: nothing to re-rank
             return ids
         private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))
         if not _FUSED_RERANK_FAILED:
@@ -327,7 +327,7 @@ class _SparseState:
         ids = rank_pages(q, scaling, parts, R * self.rerank, "max" if quest else self.page_heads)
         if self.question.shape[2]:
             ids = torch.cat([ids, self.question[b]], dim=1)
-        if ids.shape[1] == R:
+        if ids.shape[1] <= R:
             return ids
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,
                             scaling)

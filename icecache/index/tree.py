@@ -514,8 +514,9 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.
     of scores per query head, the KV head's query heads combined by summed softmax shares.
 
     q: [rows, g, D]; candidates: [rows, C] page ids (best bounds first, -1 = none, a
-    repeated id counts once), ids >= N private; shared: (keys [Hs, N, P, D], valid [Hs, N]), read by row r as KV head
-    r % Hs (rows = requests x Hs); private: (keys [rows, M, P, D], valid [rows, M]).
+    repeated id counts once), ids >= N private; shared: (keys [Hs, N, P, D], valid [Hs, N]),
+    read by row r as KV head r % Hs (rows = requests x Hs); private: (keys [rows, M, P, D],
+    valid [rows, M]).
     Fixed shapes, no host sync. -> [rows, min(num_pages, C)] ids, best first, -1 = none."""
     rows, _ = candidates.shape
     (sk, sv), (pk, pv) = shared, private
