@@ -46,7 +46,7 @@ def percentile(values: list[float], q: float) -> float:
 def build_model(shape: str, device: torch.device, max_positions: int, vocab: int):
     if shape == "8b":
         return llama_8b(max_positions, vocab)
-    from icecache.models import random_model, tiny_config
+    from icecache.testing import random_model, tiny_config
     config = tiny_config("llama", vocab_size=vocab, max_position_embeddings=max_positions, num_hidden_layers=4)
     return random_model(config, device, torch.float32)
 

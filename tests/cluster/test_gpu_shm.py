@@ -9,7 +9,7 @@ import torch
 
 from cluster import shm
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.packing import pack_into, packed_size, unpack
 
 pytestmark = pytest.mark.gpu

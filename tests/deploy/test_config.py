@@ -10,7 +10,7 @@ from deploy.config import AppArgs
 from deploy.errors import as_request_error
 from deploy.llm import IceCacheLLM
 from icecache import Engine, IceCacheConfig
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.scheduler import SchedulerDead
 
 

@@ -11,7 +11,7 @@ import torch
 import icecache.cache as cache_module
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV, StepBatch
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.static_decode import CAPTURE_AFTER, StaticDecoder
 
 pytestmark = pytest.mark.gpu

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

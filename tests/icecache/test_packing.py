@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.packing import pack_into, packed_size, packed_size_bound, unpack
 from tests.icecache.haystack import passkey_document
 

@@ -9,7 +9,7 @@ import torch
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.attention import prefill_attention, prefill_attention_parts
 from icecache.config import OFFLOAD_CHUNK_TOKENS
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.runner import ResidentContexts
 
 

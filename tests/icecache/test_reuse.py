@@ -6,7 +6,7 @@ import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.static_decode import StaticDecoder
 from tests.icecache.haystack import QUESTION, passkey_document
 

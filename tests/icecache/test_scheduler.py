@@ -8,7 +8,7 @@ import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.engine import GenerationOutput
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from icecache.scheduler import SchedulerDead, SchedulerFull
 
 SMALL = IceCacheConfig(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,

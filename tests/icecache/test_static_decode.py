@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.models import random_model, tiny_config
+from icecache.testing import random_model, tiny_config
 from tests.icecache.haystack import QUESTION, passkey_document
 
 SMALL = dict(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1)
