@@ -156,8 +156,7 @@ class ContextReader:
         sink_k, sink_v, tail_k, tail_v, keys, values, valid = moved
         H, N, P, D = keys.shape
         n = self.ctx.num_tokens - sink_k.shape[1] - tail_k.shape[1]  # every head holds n middle tokens
-        empty = (torch.arange(P, device=self.device) >= valid[..., None]).reshape(H, N * P).to(torch.int8)
-        slots = empty.argsort(dim=1, stable=True)[:, :n, None].expand(H, n, D)  # valid slots first
+        slots = _valid_slots(valid, P, n)[..., None].expand(H, n, D)
         mid_k = keys.reshape(H, N * P, D).gather(1, slots)  # valid slots in page order, as HostPageStore.flat
         mid_v = values.reshape(H, N * P, D).gather(1, slots)
         k = torch.cat([sink_k, mid_k, tail_k], dim=1).to(self.dtype)
@@ -171,11 +170,17 @@ class ContextReader:
         s = self.ctx.sparse[layer]
         H, N, P, _ = s.pages.keys.shape
         n = self.ctx.num_tokens - s.sink_k.shape[1] - s.tail_k.shape[1]  # every head holds n middle tokens
-        valid = s.pages.valid.to(self.device, non_blocking=True)
-        empty = (torch.arange(P, device=self.device) >= valid[..., None]).reshape(H, N * P).to(torch.int8)
-        slots = empty.argsort(dim=1, stable=True)[:, :n]  # valid slots first, in page order
+        slots = _valid_slots(s.pages.valid.to(self.device, non_blocking=True), P, n)
         positions = s.pages.positions.to(self.device, non_blocking=True).reshape(H, N * P)
         return slots // P, positions.gather(1, slots)
+
+
+def _valid_slots(valid: torch.Tensor, page_size: int, n: int) -> torch.Tensor:
+    """The n valid slots of pages [H, N] holding valid[h, p] tokens each, in page order, as
+    flat slot indices [H, n] (every head holds n tokens), without a host sync."""
+    H, N = valid.shape
+    empty = torch.arange(page_size, device=valid.device) >= valid[..., None]  # [H, N, P]
+    return empty.reshape(H, N * page_size).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
 
 
 class PrefillPack:
