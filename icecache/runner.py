@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -32,12 +33,13 @@ class ResidentContexts:
     a byte budget. A question's prefill attends to every token of its context; with the
     context resident that costs a pass over device memory instead of reading all its host
     pages over PCIe again (4.3 GB for 32k tokens of an 8B model: ~80 ms a pass), which is
-    what questions arriving one after another on one document would otherwise each pay."""
+    what questions arriving one after another on one document would otherwise each pay.
+    With the KV each sparse layer's token-to-page map is kept (ContextReader.token_pages),
+    what a question's pages are picked by."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self._kept: collections.OrderedDict[int, tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], int]] = (
-            collections.OrderedDict())
+        self._kept: collections.OrderedDict[int, tuple[Resident, int]] = collections.OrderedDict()
 
     @property
     def used_bytes(self) -> int:
@@ -46,7 +48,7 @@ class ResidentContexts:
     def __contains__(self, context: Context) -> bool:
         return context.uid in self._kept
 
-    def get(self, context: Context) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    def get(self, context: Context) -> Resident | None:
         entry = self._kept.get(context.uid)
         if entry is None:
             return None
@@ -62,17 +64,24 @@ class ResidentContexts:
             self._kept.popitem(last=False)
         return True
 
-    def put(self, context: Context, layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Keep a context's per-layer (K, V) if it fits the budget, evicting the least
-        recently used; False if it is larger than the whole budget."""
-        size = sum(t.numel() * t.element_size() for kv in layers.values() for t in kv)
+    def put(self, context: Context, kept: Resident) -> bool:
+        """Keep a context's device copy if it fits the budget, evicting the least recently
+        used; False if it is larger than the whole budget."""
+        size = sum(t.numel() * t.element_size() for part in kept for pair in part.values() for t in pair)
         if not self.make_room(size):
             return False
-        self._kept[context.uid] = (layers, size)
+        self._kept[context.uid] = (kept, size)
         return True
 
     def forget(self, context: Context) -> None:
         self._kept.pop(context.uid, None)
+
+
+class Resident(NamedTuple):
+    """A context's copy on the device: every layer's (K, V) [H, n, D] as ContextReader.layer
+    returns them, and every sparse layer's (page, position) [H, n] as token_pages does."""
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    token_pages: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 class ContextReader:
@@ -93,6 +102,7 @@ class ContextReader:
         self.resident = resident if self.stream is not None else None
         self.kept = resident.get(context) if self.resident is not None else None
         self.read: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers read from the host this pass
+        self.maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # their token_pages, made as they are read
         # a pass that keeps what it reads holds every layer until its end: room is made first,
         # and a context larger than the whole budget is read a layer at a time as before
         self.keep = self.kept is None and self.resident is not None and self.resident.make_room(self._device_bytes())
@@ -100,19 +110,22 @@ class ContextReader:
     def _device_bytes(self) -> int:
         """What every layer's (K, V) of the context takes on the device."""
         first = self._host_tensors(self.order[0])[0]  # [H, tokens, D]
-        return len(self.order) * 2 * first.shape[0] * self.ctx.num_tokens * first.shape[-1] * self.dtype.itemsize
+        H, D = first.shape[0], first.shape[-1]
+        maps = len(self.ctx.sparse) * 2 * H * self.ctx.num_tokens * 8  # int64 page and position per token
+        return len(self.order) * 2 * H * self.ctx.num_tokens * D * self.dtype.itemsize + maps
 
     def finish(self) -> None:
         """The pass is over: keep what it read on the device if the resident budget allows."""
         if self.keep and len(self.read) == len(self.order):
-            self.resident.put(self.ctx, self.read)
-        self.read = {}
+            self.resident.put(self.ctx, Resident(self.read, self.maps))
+        self.read, self.maps = {}, {}
 
     def _host_tensors(self, layer: int) -> list[torch.Tensor]:
         if layer in self.ctx.dense:
             return list(self.ctx.dense[layer])
         s = self.ctx.sparse[layer]
-        return [s.sink_k, s.sink_v, s.tail_k, s.tail_v, s.pages.keys, s.pages.values, s.pages.valid]
+        return [s.sink_k, s.sink_v, s.tail_k, s.tail_v, s.pages.keys, s.pages.values, s.pages.valid,
+                s.pages.positions]
 
     def _issue(self, layer: int) -> None:
         """Start the copy of `layer` on the side stream, into memory allocated on this one
@@ -133,10 +146,12 @@ class ContextReader:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every context token's (K, V) in `layer`: [H, n, D] each, on the device."""
         if self.kept is not None:
-            return self.kept[layer]
+            return self.kept.kv[layer]
         kv = self._read(layer)
         if self.keep:
             self.read[layer] = kv
+        elif layer in self.maps:  # nothing kept past the pass: only the layer now attending needs its map
+            self.maps = {layer: self.maps[layer]}
         return kv
 
     def _read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +168,12 @@ class ContextReader:
         if layer in self.ctx.dense:
             k, v = moved
             return k.to(self.dtype), v.to(self.dtype)
-        sink_k, sink_v, tail_k, tail_v, keys, values, valid = moved
+        sink_k, sink_v, tail_k, tail_v, keys, values, valid, positions = moved
         H, N, P, D = keys.shape
         n = self.ctx.num_tokens - sink_k.shape[1] - tail_k.shape[1]  # every head holds n middle tokens
-        slots = _valid_slots(valid, P, n)[..., None].expand(H, n, D)
+        slots = _valid_slots(valid, P, n)
+        self.maps[layer] = (slots // P, positions.reshape(H, N * P).gather(1, slots))
+        slots = slots[..., None].expand(H, n, D)
         mid_k = keys.reshape(H, N * P, D).gather(1, slots)  # valid slots in page order, as HostPageStore.flat
         mid_v = values.reshape(H, N * P, D).gather(1, slots)
         k = torch.cat([sink_k, mid_k, tail_k], dim=1).to(self.dtype)
@@ -166,7 +183,11 @@ class ContextReader:
     def token_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The page and the position of every middle token that layer(layer) returns after the
         sinks (the valid slots in page order, as both reads order them): ([H, n], [H, n]) on
-        the device, without a host sync."""
+        the device, without a host sync. Made once per context where it stays resident."""
+        if self.kept is not None:
+            return self.kept.token_pages[layer]
+        if layer in self.maps:  # made by the layer's read from the host
+            return self.maps[layer]
         s = self.ctx.sparse[layer]
         H, N, P, _ = s.pages.keys.shape
         n = self.ctx.num_tokens - s.sink_k.shape[1] - s.tail_k.shape[1]  # every head holds n middle tokens

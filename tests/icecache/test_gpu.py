@@ -192,11 +192,16 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
     assert off.runner.resident is None and on.runner.resident.budget_bytes > 0
     with torch.inference_mode():
         ctx = on.index(ids)
-        expected = off.runner.prefill_one(RequestKV(off.shape, off.config, ctx), [7, 8, 9], ctx.num_tokens)
-        first = on.runner.prefill_one(RequestKV(on.shape, on.config, ctx), [7, 8, 9], ctx.num_tokens)
+        requests = [RequestKV(e.shape, e.config, ctx) for e in (off, on, on)]
+        expected = off.runner.prefill_one(requests[0], [7, 8, 9], ctx.num_tokens)
+        first = on.runner.prefill_one(requests[1], [7, 8, 9], ctx.num_tokens)
         assert ctx in on.runner.resident  # kept by the first question's pass...
-        second = on.runner.prefill_one(RequestKV(on.shape, on.config, ctx), [7, 8, 9], ctx.num_tokens)
+        second = on.runner.prefill_one(requests[2], [7, 8, 9], ctx.num_tokens)
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)  # ...and the second attends to it, with the same result
+    assert requests[0].question_pages.keys() == set(ctx.sparse)  # the question's pages, from the kept maps too
+    for req in requests[1:]:
+        for layer, pages in requests[0].question_pages.items():
+            assert torch.equal(req.question_pages[layer], pages), f"layer {layer}"
     on.runner.forget(ctx)
     assert ctx not in on.runner.resident and on.runner.resident.used_bytes == 0

@@ -10,7 +10,7 @@ from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.attention import prefill_attention, prefill_attention_parts
 from icecache.config import OFFLOAD_CHUNK_TOKENS
 from icecache.testing import random_model, tiny_config
-from icecache.runner import ResidentContexts
+from icecache.runner import Resident, ResidentContexts
 
 
 def kv_in_token_order(ctx, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +66,15 @@ def test_offloaded_prefill_gives_the_same_context_and_tokens():
 
 
 def test_resident_contexts_keep_the_most_recent_under_their_budget():
-    kv = lambda: {0: (torch.zeros(4, 256), torch.zeros(4, 256))}  # 8 KiB a context
+    kv = lambda: Resident({0: (torch.zeros(4, 128), torch.zeros(4, 128))},  # 8 KiB a context, maps counted
+                          {0: (torch.zeros(4, 128), torch.zeros(4, 128))})
     resident = ResidentContexts(20 << 10)
     a, b, c, big = (SimpleNamespace(uid=i) for i in range(4))
     assert resident.put(a, kv()) and resident.put(b, kv())
     assert resident.get(a) is not None  # a is now more recent than b
     assert resident.put(c, kv())  # 24 KiB > 20: b goes
     assert a in resident and c in resident and b not in resident and resident.used_bytes == 16 << 10
-    assert not resident.put(big, {0: (torch.zeros(4, 1024), torch.zeros(4, 1024))})  # over the whole budget
+    assert not resident.put(big, Resident({0: (torch.zeros(4, 1024), torch.zeros(4, 1024))}, {}))  # over the whole budget
     assert big not in resident and a in resident
     resident.forget(a)
     assert a not in resident and resident.used_bytes == 8 << 10
