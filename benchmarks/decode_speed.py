@@ -132,7 +132,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
                             tokens, question_pages=req.question_pages)
         result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
-            from icecache import kernels
+            from icecache.kernels.attention import sparse_attention
             sparse = dec.sparse_states
             H, D, G = eng.shape.num_kv_heads, eng.shape.head_dim, eng.shape.group
             q = torch.randn(H, G, D, device="cuda")
@@ -143,10 +143,9 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
 
             def attention(page_ids):
                 for s, i in zip(sparse, page_ids):
-                    kernels.sparse_attention(q, s.sink_k, s.sink_v, i, s.shared_k, s.shared_v, s.shared_valid,
-                                             s.priv_k[0], s.priv_v[0], s.priv_valid[0], s.win_k[0], s.win_v[0],
-                                             s.ring.counts[:1], scaling, dec.scratch["att_parts"],
-                                             dec.scratch["att_acc"], out)
+                    sparse_attention(q, s.sink_k, s.sink_v, i, s.shared_k, s.shared_v, s.shared_valid, s.priv_k[0],
+                                     s.priv_v[0], s.priv_valid[0], s.win_k[0], s.win_v[0], s.ring.counts[:1], scaling,
+                                     dec.scratch["att_parts"], dec.scratch["att_acc"], out)
             with_pages = cuda_time(lambda: attention(ids))
             without = cuda_time(lambda: attention([none] * len(sparse)))
             parts = {"index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),

@@ -257,7 +257,7 @@ class Engine:
         decode step). On the static CUDA path only; -> variants compiled (0 elsewhere)."""
         if self.device.type != "cuda" or not self.static_decode:
             return 0
-        from icecache.kernels import precompile
+        from icecache.kernels.common import precompile
         return precompile(self.config.search_width)
 
     def _dense_kv(self) -> tuple[int, int]:

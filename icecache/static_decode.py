@@ -18,7 +18,7 @@ What differs from the dynamic path (cache.py), by design:
 * a request's own tokens that leave the window go to private pages in arrival order
   (page = n // page_size), which keeps shapes static; they are always candidates and are
   ranked by the same box bound as shared pages (each page's box grows as tokens arrive);
-* on CUDA a sparse layer runs as ~10 Triton kernels (kernels.py: push, tree walk over
+* on CUDA a sparse layer runs as ~10 Triton kernels (icecache/kernels/: push, tree walk over
   the children of kept nodes only, page ranking over the kept clusters' pages only,
   attention reading pages in place); the torch code here is their reference and the
   CPU path;
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # eager steps of one batch size before its CUDA graph is recorded on the request path (a size
 # that recurs); the sizes a burst only passes through are recorded when the scheduler is idle
 CAPTURE_AFTER = 3
-_FUSED_RERANK_FAILED: list[str] = []  # why rerank_kernel could not build or run in this process, if it could not
+_FUSED_RERANK_FAILED: list[str] = []  # why kernels.rerank could not build or run in this process, if it could not
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,7 +81,7 @@ class _DenseState:
         self.own = own  # [B] the slots' own tokens before this step (shared by the dense layers)
         self.scratch = scratch
         if scratch is not None:
-            from icecache.kernels import dense_scratch_sizes
+            from icecache.kernels.attention import dense_scratch_sizes
             for name, numel in dense_scratch_sizes(slots, H, scratch.group, D, n).items():
                 scratch.need(name, numel)
 
@@ -101,7 +101,7 @@ class _DenseState:
         self.own_k[rows, :, at] = k.to(self.own_k.dtype)
         self.own_v[rows, :, at] = v.to(self.own_v.dtype)
         if self.scratch is not None:
-            from icecache.kernels import dense_attention
+            from icecache.kernels.attention import dense_attention
             S = self.scratch
             return dense_attention(q.contiguous(), self.ctx_k, self.ctx_v, self.own_k, self.own_v, at,
                                    scaling, S["dense_parts"], S["dense_acc"], torch.empty_like(q))
@@ -142,7 +142,7 @@ class _Scratch:
         self.sizes[name] = max(self.sizes.get(name, 0), numel)
 
     def allocate(self) -> None:
-        from icecache.kernels import SCRATCH_DTYPES
+        from icecache.kernels.common import SCRATCH_DTYPES
         self.buffers = {n: torch.empty(size, dtype=SCRATCH_DTYPES.get(n, torch.float32), device=self.device)
                         for n, size in self.sizes.items()}
 
@@ -222,7 +222,8 @@ class _SparseState:
 
     # ------------------------------------------------------------ the Triton path (CUDA)
     def _plan_kernels(self, slots: int, H: int, D: int) -> None:
-        from icecache.kernels import WalkPlan, scratch_sizes
+        from icecache.kernels.common import scratch_sizes
+        from icecache.kernels.walk import WalkPlan
         self.plan = WalkPlan(self.tree, self.search_width)
         self.root = torch.zeros(slots * H, dtype=torch.int32, device=self.win_k.device)  # the top level's parent
         for name, numel in scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
@@ -230,16 +231,16 @@ class _SparseState:
             self.scratch.need(name, numel)
 
     def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        from icecache import kernels
+        from icecache.kernels import walk
         tree, S = self.tree, self.scratch
         B = q.shape[0] // self.H
         top = None  # kept level-1 clusters
         if self.plan.levels:
-            top = kernels.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
-        ids = kernels.select_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
-                                   self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
-                                   self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"],
-                                   S["cand"], S["parts"], self.page_heads)
+            top = walk.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
+        ids = walk.rank_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
+                              self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
+                              self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"], S["cand"],
+                              S["parts"], self.page_heads)
         if self.question.shape[2]:
             ids = torch.cat([ids, self.question[:B].flatten(0, 1).to(ids.dtype)], dim=1)
         if ids.shape[1] <= self.R:  # no more candidates than pages to keep: nothing to re-rank
@@ -248,29 +249,29 @@ class _SparseState:
         if not _FUSED_RERANK_FAILED:
             from triton.errors import TritonError
 
-            from icecache import rerank_kernel
+            from icecache.kernels import rerank
             try:
-                return rerank_kernel.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling)
+                return rerank.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling)
             except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
                 _FUSED_RERANK_FAILED.append(repr(e))
                 log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
-        from icecache import kernels
+        from icecache.kernels.attention import sparse_attention
+        from icecache.kernels.push import push
         B, H, G, D = q.shape
         rows = lambda t: t[:B].flatten(0, 1)  # noqa: E731  [B, H, ...] -> [B * H, ...]
-        kernels.push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
+        push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
                      self.ring.counts[:B], rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
                      rows(self.priv_lo), rows(self.priv_hi))
         qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
         page_ids = self.select(qf, scaling)
         S = self.scratch
-        out = kernels.sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
-                                       self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
-                                       rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling,
-                                       S["att_parts"], S["att_acc"],
-                                       torch.empty(B * H, G, D, dtype=q.dtype, device=q.device))
+        out = sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
+                               self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
+                               rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling, S["att_parts"],
+                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device))
         return out.view(B, H, G, D), page_ids
 
     # ------------------------------------------------------------ the torch path (reference, CPU)
@@ -381,7 +382,7 @@ def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, gro
         return forced == "1"
     if device.type != "cuda":
         return False
-    from icecache.kernels import MAX_SELECT, supported
+    from icecache.kernels.common import MAX_SELECT, supported
     return supported(head_dim, config.page_size, group) and widest_row <= MAX_SELECT
 
 
@@ -493,7 +494,7 @@ class StaticDecoder:
     # ---------------------------------------------------------------- steps
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from icecache.model_kernels import can_fuse_norm, rms_norm
+            from icecache.kernels.model import can_fuse_norm, rms_norm
             if can_fuse_norm(module, x):
                 return rms_norm(x, module)
         return module(x)
@@ -505,7 +506,7 @@ class StaticDecoder:
         if delta is None:
             return h, self._norm(module, h)
         if self.fused:
-            from icecache.model_kernels import add_rms_norm, can_fuse_norm
+            from icecache.kernels.model import add_rms_norm, can_fuse_norm
             if can_fuse_norm(module, h) and delta.dtype == h.dtype and delta.shape == h.shape:
                 return h, add_rms_norm(h, delta.contiguous(), module)
         h = h + delta
@@ -514,8 +515,8 @@ class StaticDecoder:
     @staticmethod
     def _merge(layer: torch.nn.Module) -> tuple:
         """The layer's q/k/v and (for a SiLU-gated MLP) gate/up projections merged into one
-        weight each (model_kernels.merge_linears), or None where they cannot be."""
-        from icecache.model_kernels import merge_linears
+        weight each (kernels.model.merge_linears), or None where they cannot be."""
+        from icecache.kernels.model import merge_linears
         attn, mlp = layer.self_attn, layer.mlp
         qkv = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         gate_up = None
@@ -528,7 +529,7 @@ class StaticDecoder:
         gate_up = self._merged[i][1]
         if gate_up is None:
             return self.layers[i].mlp(x)
-        from icecache.model_kernels import silu_mul
+        from icecache.kernels.model import silu_mul
         return self.layers[i].mlp.down_proj(silu_mul(torch.nn.functional.linear(x, *gate_up)))
 
     @torch.inference_mode()
@@ -552,7 +553,7 @@ class StaticDecoder:
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = self._norm(attn.q_norm, q.contiguous()), self._norm(attn.k_norm, k.contiguous())
             if self.fused:
-                from icecache.model_kernels import rope
+                from icecache.kernels.model import rope
                 q, k = rope(q.view(B, H * g, D), k.view(B, H, D), cos.view(B, D), sin.view(B, D))
             else:
                 q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, heads, 1, D]

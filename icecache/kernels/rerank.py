@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from icecache.kernels import supported
+from icecache.kernels.common import supported
 
 
 @triton.jit(do_not_specialize=['C', 'n_shared', 'n_private'])

@@ -6,7 +6,7 @@ At batch 1 a decode step is hundreds of such tiny kernels, and inside a CUDA gra
 still costs a launch slot, so they are a visible share of a token's time.
 
 Both round where transformers rounds (after each bf16 product), so they give the same
-values as the modules they replace; tests/icecache/test_kernels.py checks that.
+values as the modules they replace; tests/icecache/kernels/ checks that.
 """
 
 from __future__ import annotations

@@ -1,0 +1,259 @@
+"""Decode attention: a sparse layer's (sinks + selected pages + window, flash-decoding over
+blocks of a page) and a dense layer's (a shared context read once for the whole batch, then
+each request's own tokens)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from icecache.kernels.common import VARIANTS, check_contiguous, launch, powers, row_tile
+
+@triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'n_private', 'W'])
+def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
+                      priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr, acc_ptr,
+                      num_sink, R, n_shared, n_private, W, scaling, HS, G: tl.constexpr, GP: tl.constexpr,
+                      D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
+    """One block of P keys per program (a sink block, a selected page, or a window
+    block): partial softmax (max, sum) and weighted values for flash-decoding's merge.
+    Shared pages are read where they lie (a UVA view of host memory on CUDA). Row h:
+    sinks and shared pages of KV head h % HS, the rest of request h // HS's row."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    hs = h % HS
+    blocks = tl.num_programs(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    t = tl.arange(0, P)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+    if b < SINK_BLOCKS:
+        tok = b * P + t
+        ok = tok < num_sink
+        rows = (hs * num_sink + tok[:, None]) * D + d[None, :]
+        k = tl.load(sink_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(sink_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+    elif b < SINK_BLOCKS + R:
+        page = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
+        if page < 0:
+            ok = t < 0
+            k = tl.zeros((P, D), tl.float32)
+            v = tl.zeros((P, D), tl.float32)
+        elif page < n_shared:
+            ok = t < tl.load(shared_valid_ptr + hs * n_shared + page)
+            rows = ((hs * n_shared + page) * P + t[:, None]) * D + d[None, :]
+            k = tl.load(shared_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(shared_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        else:
+            own = page - n_shared
+            ok = t < tl.load(pvalid_ptr + h * n_private + own)
+            rows = ((h * n_private + own) * P + t[:, None]) * D + d[None, :]
+            k = tl.load(priv_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(priv_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+    else:
+        tok = (b - SINK_BLOCKS - R) * P + t
+        filled = tl.minimum(tl.load(count_ptr + (h // HS) * 2) + 1, W)  # the ring after this step's push
+        ok = tok < filled
+        rows = (h * W + tok[:, None]) * D + d[None, :]
+        k = tl.load(win_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(win_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [GP, P]
+    s = tl.where(ok[None, :], s, -float("inf"))
+    m = tl.max(s, axis=1)
+    safe = tl.where(m > -float("inf"), m, 0.0)
+    p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
+    acc = tl.dot(p, v, input_precision="ieee")  # [GP, D]
+    base = (h * blocks + b) * GP + g
+    tl.store(part_ptr + base * 2, m)
+    tl.store(part_ptr + base * 2 + 1, tl.sum(p, axis=1))
+    tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
+
+
+@triton.jit(do_not_specialize=['blocks'])
+def _merge_attention(part_ptr, acc_ptr, out_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                     BP: tl.constexpr, blocks):
+    """out[h, g] = sum_b e^(m_b - M) acc_b / sum_b e^(m_b - M) l_b (one program per KV head)."""
+    h = tl.program_id(0)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    b = tl.arange(0, BP)
+    base = (h * blocks + b[:, None]) * GP + g[None, :]  # [BP, GP]
+    m = tl.load(part_ptr + base * 2, mask=b[:, None] < blocks, other=-float("inf"))
+    l = tl.load(part_ptr + base * 2 + 1, mask=b[:, None] < blocks, other=0.0)
+    big = tl.max(m, axis=0)
+    scale = tl.where(m > -float("inf"), tl.exp(m - tl.where(big > -float("inf"), big, 0.0)[None, :]), 0.0)  # [BP, GP]
+    total = tl.sum(scale * l, axis=0)  # [GP]
+    out = tl.zeros((GP, D), tl.float32)
+    for i in range(0, blocks):
+        w = tl.load(part_ptr + ((h * blocks + i) * GP + g) * 2)
+        w = tl.where(w > -float("inf"), tl.exp(w - tl.where(big > -float("inf"), big, 0.0)), 0.0)
+        out += w[:, None] * tl.load(acc_ptr + ((h * blocks + i) * GP + g[:, None]) * D + d[None, :])
+    out = out / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + (h * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
+
+
+def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, page_ids: torch.Tensor,
+                     shared_k: torch.Tensor, shared_v: torch.Tensor, shared_valid: torch.Tensor,
+                     priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
+                     win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
+                     acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Decode attention of q [H, G, D] (any float dtype; H = B * HS rows: B requests, HS KV heads)
+    over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared
+    [HS, N, P, D], else the row's private [H, M, P, D]; -1 = none) and the row's window
+    ring [H, W, D] holding min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]."""
+    check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v, priv_valid,
+                      win_k, win_v)
+    H, G, D = q.shape
+    P = priv_k.shape[2]
+    R = page_ids.shape[1]
+    W = win_k.shape[1]
+    GP = row_tile(G)
+    sink_blocks = triton.cdiv(sink_k.shape[1], P)
+    blocks = sink_blocks + R + triton.cdiv(W, P)
+    _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v,
+                                   priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R,
+                                   shared_k.shape[1], priv_k.shape[1], W, scaling, sink_k.shape[0], G=G, GP=GP,
+                                   D=D, P=P,
+                                   SINK_BLOCKS=sink_blocks)
+    _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
+    return out
+
+
+
+# ---------------------------------------------------------------------------- dense layers
+BLOCK_KEYS = 64  # context keys per inner step of the shared-context attention
+_PREFIX_PROGRAMS = 1024  # programs to spread a context's keys over (several waves on a big GPU)
+
+
+def dense_plan(batch: int, HS: int, G: int, n: int) -> tuple[int, int, int, int]:
+    """(rows per program, row tiles, splits, keys per split) of dense_attention's grid."""
+    rows = batch * G
+    RP = min(64, max(16, triton.next_power_of_2(rows)))
+    tiles = triton.cdiv(rows, RP)
+    splits = max(1, min(triton.cdiv(n, BLOCK_KEYS), triton.cdiv(_PREFIX_PROGRAMS, HS * tiles)))
+    span = triton.cdiv(triton.cdiv(max(n, 1), splits), BLOCK_KEYS) * BLOCK_KEYS
+    return RP, tiles, triton.cdiv(max(n, 1), span), span
+
+
+def dense_scratch_sizes(max_batch: int, HS: int, G: int, D: int, n: int) -> dict[str, int]:
+    """Work buffers of dense_attention for any batch up to max_batch."""
+    cells = max(HS * s * t * rp for rp, t, s, _ in (dense_plan(b, HS, G, n) for b in range(1, max_batch + 1)))
+    return {"dense_parts": cells * 2, "dense_acc": cells * D}
+
+
+@triton.jit(do_not_specialize=['n', 'rows', 'span'])
+def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, G: tl.constexpr,
+                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
+    """Flash-decoding over a context's keys [HS, n, D] that every request shares: program
+    (row tile t, split s, KV head h) takes the query rows r = b * G + g of all requests b
+    in tile t and the keys of split s, so a key block is read once for the whole batch.
+    -> per row (max, sum exp) into part and the weighted values into acc. LOW: a bf16/fp16
+    context is multiplied on tensor cores in its own dtype (fp32 sums), as flash attention does."""
+    t, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r = t * RP + tl.arange(0, RP)
+    d = tl.arange(0, D)
+    b, g = r // G, r % G
+    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None],
+                other=0.0).to(tl.float32)
+    m_run = tl.full((RP,), -float("inf"), tl.float32)
+    l_run = tl.zeros((RP,), tl.float32)
+    acc = tl.zeros((RP, D), tl.float32)
+    end = tl.minimum(s * span + span, n)
+    for k0 in range(s * span, end, BLOCK):
+        tok = k0 + tl.arange(0, BLOCK)
+        ok = tok < end
+        at = (h * n + tok[:, None]) * D + d[None, :]
+        k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
+        if LOW:
+            sc = tl.dot(q.to(k.dtype), tl.trans(k)) * scaling
+        else:
+            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v, LOW)
+    base = (h * tl.num_programs(1) + s) * tl.num_programs(0) * RP + r
+    tl.store(part_ptr + base * 2, m_run)
+    tl.store(part_ptr + base * 2 + 1, l_run)
+    tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _online_softmax(m_run, l_run, acc, sc, ok, v, LOW: tl.constexpr):
+    """Fold a tile of scores sc [rows, BLOCK] (keys valid where ok) and their values
+    v [BLOCK, D] into the running (max, sum exp, weighted values) of each row (LOW: the
+    weights times v in v's dtype, on tensor cores)."""
+    m_new = tl.maximum(m_run, tl.max(sc, axis=1))
+    safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
+    p = tl.where(ok[None, :], tl.exp(sc - safe[:, None]), 0.0)
+    if LOW:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    return m_new, l_run * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit(do_not_specialize=['splits', 'rows_pad', 'T'])
+def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_ptr, splits, rows_pad, T, scaling,
+                 HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, BLOCK: tl.constexpr):
+    """Query row g of request b, KV head h (one program each, so a lone request still
+    spreads over B * HS * G programs): the shared context's partials merged, SC splits at a
+    time, then the request's own tokens own[b, h, :count[b] + 1] (this step's included)
+    folded in. -> out[b, h, g]."""
+    x, g = tl.program_id(0), tl.program_id(1)
+    b, h = x // HS, x % HS
+    d = tl.arange(0, D)
+    m_run = tl.full([], -float("inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for s0 in range(0, splits, SC):
+        sc = s0 + tl.arange(0, SC)
+        cell = (h * splits + sc) * rows_pad + b * G + g
+        m = tl.load(part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
+        l = tl.load(part_ptr + cell * 2 + 1, mask=sc < splits, other=0.0)
+        part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
+        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+    q = tl.load(q_ptr + ((b * HS + h) * G + g) * D + d).to(tl.float32)
+    filled = tl.load(count_ptr + b) + 1
+    for k0 in range(0, filled, BLOCK):
+        tok = k0 + tl.arange(0, BLOCK)
+        ok = tok < filled
+        own = ((b * HS + h) * T + tok[:, None]) * D + d[None, :]
+        k = tl.load(own_k_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(own_v_ptr + own, mask=ok[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(ok, tl.sum(q[None, :] * k, axis=1) * scaling, -float("inf"))
+        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, sc, ok.to(tl.float32), v)
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(out_ptr + ((b * HS + h) * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _fold_partials(m_run, l_run, acc, m, l, part):
+    """Fold parts (max m, sum exp l, weighted values part [n, D]) into one row's running
+    (max, sum exp, weighted values); a key is the part with l = 1 and part = its value."""
+    m_new = tl.maximum(m_run, tl.max(m, axis=0))
+    safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
+    w = tl.where(m > -float("inf"), tl.exp(m - safe), 0.0)
+    return m_new, l_run * alpha + tl.sum(w * l, axis=0), acc * alpha + tl.sum(w[:, None] * part, axis=0)
+
+
+def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, own_k: torch.Tensor,
+                    own_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
+                    acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Exact decode attention of B requests over a context they share plus their own tokens.
+
+    q: [B, HS, G, D] (any float dtype); ctx_k/v: [HS, n, D], read once for the whole batch; own_k/v:
+    [>= B, HS, T, D] the requests' own tokens, of which counts[b] + 1 are filled (this
+    step's token at counts[b]); parts/acc: fp32 scratch (dense_scratch_sizes). -> out
+    [B, HS, G, D]."""
+    check_contiguous(q, ctx_k, ctx_v, own_k, own_v, counts)
+    B, HS, G, D = q.shape
+    n, T = ctx_k.shape[1], own_k.shape[2]
+    RP, tiles, splits, span = dense_plan(B, HS, G, n)
+    launch(_prefix_attention, (tiles, splits, HS), (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS),
+            dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
+    _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
+                              SC=32, BLOCK=BLOCK_KEYS)
+    return out
+
+
+VARIANTS[_prefix_attention] = lambda args, constexprs, kps, widest: [{**constexprs, "RP": rp} for rp in powers(16, 64)]

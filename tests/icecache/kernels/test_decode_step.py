@@ -1,0 +1,190 @@
+"""The GPU decode step with its Triton kernels (icecache/kernels/) against the torch path
+of static_decode.py, its reference: same pages, same logits.
+
+On this CPU machine the kernels run in Triton's interpreter (exact, slow), so CI checks
+their logic; tests/icecache/test_gpu.py checks them compiled on a GPU."""
+
+import pytest
+import torch
+
+from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.cache import RequestKV
+from icecache.static_decode import StaticDecoder
+from icecache.testing import random_model, tiny_config
+
+triton = pytest.importorskip("triton", reason="the kernels need triton (a test dependency)")
+
+from icecache.kernels import common  # noqa: E402
+
+# compiled on a GPU machine, interpreted (TRITON_INTERPRET=1, tests/conftest.py) elsewhere
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CONFIG = IceCacheConfig(token_budget=16 + 16 + 4 * 16, page_size=16, sink_tokens=16, window_tokens=16,
+                        dense_layers=1, search_width=8, prefill_chunk_tokens=512)
+
+
+def decoders(monkeypatch, arch: str, doc_tokens: int, question: list[int], steps: int, **overrides):
+    """Two decoders over the same indexed context, torch path and Triton path."""
+    config = CONFIG.replace(**overrides)
+    model = random_model(tiny_config(arch, num_hidden_layers=3, hidden_size=192, num_attention_heads=6,
+                                     num_key_value_heads=2),
+                         DEVICE, torch.float32)
+    eng = Engine.from_model(model, config=config, model_id="tiny")
+    ids = torch.randint(0, 500, (doc_tokens,), generator=torch.Generator().manual_seed(doc_tokens)).tolist()
+    ctx = eng.index(ids)
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ICECACHE_KERNELS", flag)
+        with torch.inference_mode():
+            req = RequestKV(eng.shape, eng.config, ctx)
+            logits = eng.runner.prefill_one(req, question, ctx.num_tokens) if question else ctx.last_logits
+            out.append((StaticDecoder(eng.model, config, ctx, [(kv.k, kv.v) for kv in req.own], steps,
+                                      question_pages=req.question_pages), logits))
+    return eng, ctx, out
+
+
+def run(decoder: StaticDecoder, logits: torch.Tensor, start: int, steps: int):
+    pages, seen = [], []
+    with torch.inference_mode():
+        for i in range(steps):
+            token = int(logits.argmax())
+            logits = decoder.step(token, start + i).clone()
+            seen.append(logits)
+            # as sets: the kernels list a layer's pages by id, the torch path best first
+            pages.append([p.sort(dim=1).values for p in decoder.last_pages if p is not None])
+    return pages, torch.stack(seen)
+
+
+@pytest.mark.parametrize("arch,doc_tokens,question,reuse,row_programs,heads", [
+    ("llama", 1500, [5, 6, 7], 1, None, "sum"), ("qwen3", 700, [], 1, None, "sum"),
+    ("llama", 60, list(range(3, 40)), 1, None, "sum"), ("llama", 900, [5, 6], 2, None, "sum"),
+    ("llama", 1500, [5, 6, 7], 1, 1, "sum"), ("llama", 1500, [5, 6, 7], 1, None, "max")])
+def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, question, reuse, row_programs, heads):
+    """Same pages every layer and step, same logits: documents with a tree, without one
+    (60 tokens: all sinks and tail), questions long enough to start in private pages,
+    decoding past the window so tokens move into private pages mid-run, IceCache-reuse,
+    one scoring program per row looping over all its chunks (as in a big batch), and
+    pages ranked by the query heads' largest bound (page_heads="max")."""
+    if row_programs is not None:
+        monkeypatch.setattr(common, "ROW_PROGRAMS", row_programs)
+    steps = 24
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, arch, doc_tokens, question, steps,
+                                                    reuse_layers=reuse, page_heads=heads)
+    assert fast.scratch is not None and ref.scratch is None
+    start = ctx.num_tokens + len(question)
+    ref_pages, ref_logits = run(ref, logits, start, steps)
+    fast_pages, fast_logits = run(fast, logits, start, steps)
+    for step, (a, b) in enumerate(zip(ref_pages, fast_pages)):
+        for layer, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {step}, sparse layer {layer}: {x.tolist()} vs {y.tolist()}"
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    assert int(ref.ring.counts[0, 1]) > 0  # tokens did move into private pages
+    assert any((p >= 0).any() for step in ref_pages for p in step)
+
+
+@pytest.mark.parametrize("selector,rerank,question", [("quest", 1, 0), ("oracle", 1, 0), ("random", 1, 0),
+                                                      ("streaming", 1, 0), ("icecache", 3, 0), ("icecache", 1, 3),
+                                                      ("icecache", 2, 4)])
+def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, rerank, question):
+    """The comparison selectors run as torch ops on the Triton path too, and the
+    re-ranking of the kernels' candidate pages (with the question's pages among them, if
+    any) as its own kernel; it attends over what they pick (StreamingLLM: a window ring as
+    wide as the budget past the sinks) and must give the torch path's logits, with the
+    same pages, as tokens move into private pages."""
+    steps = 20
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector,
+                                                    rerank=rerank, question_pages=question)
+    if question:  # the question picked real pages, which are candidates in both decoders
+        assert all((s.question[0] >= 0).any() for s in ref.sparse_states)
+    assert fast.scratch is not None and ref.scratch is None
+    ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
+    fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
+    assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    picked = sum(int((p >= 0).sum()) for step in ref_pages for p in step)
+    assert picked == 0 if selector == "streaming" else picked > 0
+    if selector == "streaming":
+        assert ref.ring.window == CONFIG.token_budget - CONFIG.sink_tokens
+
+
+def test_engine_generates_the_same_text_on_either_path(monkeypatch):
+    """Through Engine.generate (static path): the kernels change no token."""
+    model = random_model(tiny_config("llama", num_hidden_layers=3), DEVICE, torch.float32)
+    ids = torch.randint(0, 500, (900,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    tokens = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ICECACHE_KERNELS", flag)
+        eng = Engine.from_model(model, config=CONFIG.replace(decode_path="static"), model_id="tiny")
+        tokens.append(eng.generate([9, 10, 11], params, context=eng.index(ids)).token_ids)
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 12
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_batched_slots_give_each_request_what_it_gets_alone(monkeypatch, kernels):
+    """One decoder, three slots on one context: requests join at different steps (one with
+    a question long enough to start in private pages), the first leaves and the last slot
+    moves into its place; every request's logits equal those of running it alone."""
+    monkeypatch.setenv("ICECACHE_KERNELS", kernels)
+    model = random_model(tiny_config("llama", num_hidden_layers=3, hidden_size=192, num_attention_heads=6,
+                                     num_key_value_heads=2), DEVICE, torch.float32)
+    eng = Engine.from_model(model, config=CONFIG, model_id="tiny")
+    ids = torch.randint(0, 500, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    ctx = eng.index(ids)
+    questions, joins, steps = [[5, 6, 7], list(range(3, 40)), [8]], [0, 2, 4], [8, 12, 10]
+    prefilled = []
+    with torch.inference_mode():
+        for q in questions:
+            req = RequestKV(eng.shape, eng.config, ctx)
+            prefilled.append(([(kv.k, kv.v) for kv in req.own], eng.runner.prefill_one(req, q, ctx.num_tokens)))
+        alone = []
+        for (own, logits), q, n in zip(prefilled, questions, steps):
+            dec = StaticDecoder(eng.model, CONFIG, ctx, own, n)
+            alone.append(run(dec, logits, ctx.num_tokens + len(q), n)[1])
+        batch = StaticDecoder(eng.model, CONFIG, ctx, slots=3, slot_tokens=64)
+        assert (batch.scratch is not None) == (kernels == "1")
+        slots, got, last = [], [[] for _ in questions], [lg for _, lg in prefilled]
+        for t in range(max(j + n for j, n in zip(joins, steps))):
+            for r, j in enumerate(joins):
+                if j == t:
+                    batch.load(len(slots), prefilled[r][0], steps[r])
+                    slots.append(r)
+            if not slots:
+                continue
+            tokens = [int(last[r].argmax()) for r in slots]
+            positions = [ctx.num_tokens + len(questions[r]) + len(got[r]) for r in slots]
+            logits = batch.step_batch(tokens, positions).clone()
+            for b, r in enumerate(slots):
+                got[r].append(logits[b])
+                last[r] = logits[b]
+            for r in [r for r in slots if len(got[r]) == steps[r]]:  # finished: the last slot moves in
+                i = slots.index(r)
+                batch.move(len(slots) - 1, i)
+                slots[i] = slots[-1]
+                slots.pop()
+    for r in range(len(questions)):
+        assert len(got[r]) == steps[r]
+        diff = (torch.stack(got[r]) - alone[r]).abs().max()
+        assert diff < 1e-4, f"request {r}: logits differ by {diff}"
+
+
+def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkeypatch, caplog):
+    """A GPU where the fused kernel fails to build (a fault we cannot cause here) still
+    decodes, re-ranking in torch ops, and says so once."""
+    from triton.errors import TritonError
+
+    from icecache.kernels import rerank
+    import icecache.static_decode as static_decode
+
+    def broken(*args, **kwargs):
+        raise TritonError("no such instruction on this GPU")
+
+    monkeypatch.setattr(static_decode, "_FUSED_RERANK_FAILED", [])
+    monkeypatch.setattr(rerank, "rerank_pages", broken)
+    steps = 4
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, rerank=3)
+    ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
+    fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
+    assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    assert len(static_decode._FUSED_RERANK_FAILED) == 1
+    assert caplog.text.count("re-ranking in torch ops") == 1
