@@ -23,7 +23,7 @@ from icecache.attention import attention_lse, merge_attention, packed_causal_lse
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
-from icecache.index.tree import question_pages
+from icecache.index.tree import question_mass, question_pages
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -221,6 +221,17 @@ class PrefillPack:
             if req.context is not None:
                 columns.setdefault(req.context.uid, []).extend(range(s, e))
         self.columns = {uid: torch.tensor(cols) for uid, cols in columns.items()}
+        self._on_device: dict[tuple, torch.Tensor] = {}  # index lists every layer uses, copied once a pass
+
+    def _device(self, key: tuple, values, device: torch.device) -> torch.Tensor:
+        """An index list on the device, copied once for the pass without waiting for the GPU
+        (a blocking copy a layer would stall the CPU's launches until the GPU caught up)."""
+        if key not in self._on_device:
+            host = torch.as_tensor(values)
+            if device.type == "cuda":
+                host = host.pin_memory()  # freed only once the copy is done (the caching host allocator)
+            self._on_device[key] = host.to(device, non_blocking=True)
+        return self._on_device[key]
 
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
@@ -236,7 +247,7 @@ class PrefillPack:
                 continue
             if spread is None:
                 spread = _no_attention(q)
-            cols = cols.to(q.device)
+            cols = self._device(("columns", uid), cols, q.device)
             out, lse = attention_lse(q.index_select(1, cols), ctx_k, ctx_v, False, scaling)
             spread[0].index_copy_(1, cols, out)
             spread[1].index_copy_(1, cols, lse)
@@ -276,21 +287,30 @@ class PrefillPack:
             s, e = self.spans[i]
             rows.extend(range(max(s, e - QUESTION_ROWS), e))
             owner.extend([k] * (e - max(s, e - QUESTION_ROWS)))
-        rows = torch.tensor(rows, device=q.device)
+        rows, owner = self._device(("rows", uid), rows, q.device), self._device(("owner", uid), owner, q.device)
         sparse = reader.ctx.sparse[layer]
         page_of, position = reader.token_pages(layer)
         num_sink = sparse.sink_k.shape[1]
         config = wanting[0][1].config
-        owner = torch.tensor(owner, device=q.device)
-        picked = question_pages(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting),
-                                ctx_k[:, num_sink:num_sink + page_of.shape[1]], page_of, position,
-                                reader.ctx.num_tokens, sparse.tree.num_pages, config.question_pages,
-                                config.page_size, scaling)
+        mass = _question_mass(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting),
+                              ctx_k[:, num_sink:num_sink + page_of.shape[1]], scaling)
+        picked = question_pages(mass, page_of, position, reader.ctx.num_tokens, sparse.tree.num_pages,
+                                config.question_pages, config.page_size)
         for (_, req), pages in zip(wanting, picked):
             req.question_pages[layer] = pages
 
 
 QUESTION_ROWS = 16  # a question's last tokens, whose attention over the context picks its question pages
+
+
+def _question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
+                   keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """index.tree.question_mass, as one Triton kernel on CUDA (kernels.question)."""
+    D = keys.shape[-1]
+    if keys.device.type == "cuda" and D >= 16 and D & (D - 1) == 0:
+        from icecache.kernels.question import question_mass as fused
+        return fused(q, row_lse, owner, num_requests, keys, scaling)
+    return question_mass(q, row_lse, owner, num_requests, keys, scaling)
 
 
 def _no_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
