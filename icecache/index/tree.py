@@ -475,18 +475,14 @@ def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scal
     return torch.logsumexp(s.masked_fill(~ok[:, None], _NEG_INF), dim=-1)
 
 
-def question_pages(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
-                   keys: torch.Tensor, page_of: torch.Tensor, position: torch.Tensor, num_tokens: int,
-                   num_pages: int, count: int, follow: int, scaling: float) -> torch.Tensor:
-    """The `count` pages per KV head that each request's question rows point to: every
-    row's attention over the pages' tokens (its softmax over the whole context, from the
-    row's log-sum-exp there), summed over the request's rows and query heads, plus the same
-    mass moved to the `follow` positions after each token (an answer follows the passage a
-    question matches, and a page holds tokens of similar keys, not neighbours), by page.
+def question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
+                  keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Each request's question rows' attention over the context's paged tokens: every row's
+    softmax over the whole context (from the row's log-sum-exp there), summed over the
+    request's rows and query heads. kernels.question.question_mass is the GPU kernel.
     q: [Hq, W, D] the questions' last rows; row_lse: [Hq, W]; owner: [W] each row's request
-    (< num_requests); keys: [H, n, D] the context's paged tokens; page_of, position: [H, n]
-    each token's page and position (< num_tokens). Fixed shapes, no host sync.
-    -> [num_requests, H, count] page ids, best first, -1 where fewer pages have mass."""
+    (< num_requests, ascending); keys: [H, n, D] the context's paged tokens.
+    Fixed shapes, no host sync. -> [num_requests, H, n] fp32."""
     H, n, D = keys.shape
     Hq, W, _ = q.shape
     g = Hq // H
@@ -498,11 +494,24 @@ def question_pages(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, 
     for c in range(0, n, chunk):
         p = torch.exp(torch.einsum("hrd,hnd->hrn", rows, keys[:, c:c + chunk]).float() * scaling - lse)
         mass[:, :, c:c + chunk] = torch.einsum("hrn,rq->qhn", p, weights)
+    return mass
+
+
+def question_pages(mass: torch.Tensor, page_of: torch.Tensor, position: torch.Tensor, num_tokens: int,
+                   num_pages: int, count: int, follow: int) -> torch.Tensor:
+    """The `count` pages per KV head that each request's question points to: its rows'
+    attention mass on the context's tokens (question_mass), plus the same mass moved to the
+    `follow` positions after each token (an answer follows the passage a question matches,
+    and a page holds tokens of similar keys, not neighbours), summed by page.
+    mass: [requests, H, n]; page_of, position: [H, n] each token's page and position
+    (< num_tokens). Fixed shapes, no host sync.
+    -> [requests, H, count] page ids, best first, -1 where fewer pages have mass."""
+    num_requests, H, n = mass.shape
     at = position.expand(num_requests, H, n)
-    by_position = torch.zeros(num_requests, H, num_tokens + 1, dtype=torch.float32, device=q.device)
+    by_position = torch.zeros(num_requests, H, num_tokens + 1, dtype=torch.float32, device=mass.device)
     total = by_position.scatter_add_(2, at + 1, mass).cumsum(2)  # total[..., i]: the mass of positions < i
     before = total.gather(2, at) - total.gather(2, (at - follow).clamp_min(0))  # of the `follow` positions before
-    weight = torch.zeros(num_requests, H, num_pages, dtype=torch.float32, device=q.device)
+    weight = torch.zeros(num_requests, H, num_pages, dtype=torch.float32, device=mass.device)
     weight.scatter_add_(2, page_of.expand(num_requests, H, n), mass + before)
     return top_pages(weight.masked_fill(weight <= 0, _NEG_INF).flatten(0, 1), count).view(num_requests, H, -1)
 

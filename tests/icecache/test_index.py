@@ -254,7 +254,7 @@ def test_question_pages_are_where_the_question_looks_and_what_follows():
     """question_pages sums the question rows' attention over the context's tokens by page:
     a page holding the keys the rows match comes first; with `follow`, so does the page
     holding the tokens right after them (by position), which the rows do not match."""
-    from icecache.index.tree import question_pages
+    from icecache.index.tree import question_mass, question_pages
     g = torch.Generator().manual_seed(5)
     n, P, num_pages = 64, 4, 16
     keys = torch.randn(1, n, D, generator=g) * 0.1
@@ -267,9 +267,12 @@ def test_question_pages_are_where_the_question_looks_and_what_follows():
     q = keys[0, match].expand(2, 3, D).clone()  # 2 query heads x 3 rows, all pointing at it
     lse = torch.logsumexp(torch.einsum("hwd,nd->hwn", q, keys[0]) * D ** -0.5, dim=-1)  # [2, 3]
     owner = torch.tensor([0, 0, 0])  # the three rows are one request's
-    near = question_pages(q, lse, owner, 1, keys, page_of, position, n, num_pages, 1, 0, D ** -0.5)
+    mass = question_mass(q, lse, owner, 1, keys, D ** -0.5)
+    assert mass.shape == (1, 1, n) and torch.allclose(mass.sum(), torch.tensor(6.0))  # 6 rows' softmaxes
+    near = question_pages(mass, page_of, position, n, num_pages, 1, 0)
     assert near.tolist() == [[[match // P]]]
-    both = question_pages(q, lse, owner, 1, keys, page_of, position, n, num_pages, 2, 1, D ** -0.5)
+    both = question_pages(mass, page_of, position, n, num_pages, 2, 1)
     assert both[0, 0].tolist() == [match // P, after // P]
-    two = question_pages(q, lse, torch.tensor([0, 1, 1]), 2, keys, page_of, position, n, num_pages, 2, 1, D ** -0.5)
+    two = question_pages(question_mass(q, lse, torch.tensor([0, 1, 1]), 2, keys, D ** -0.5), page_of, position, n,
+                         num_pages, 2, 1)
     assert torch.equal(two[0], both[0]) and torch.equal(two[1], both[0])  # each request from its own rows
