@@ -18,7 +18,8 @@ from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
-from icecache.index.tree import PrivatePages, all_pages, rerank_pages, select_pages
+from icecache.index.select import all_pages, rerank_pages, select_pages
+from icecache.index.tree import PrivatePages
 from icecache.selectors import oracle_pages, quest_pages, random_draw, random_pages, recent_tokens
 
 ATTN_IMPLEMENTATION = "icecache"

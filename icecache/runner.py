@@ -23,7 +23,7 @@ from icecache.attention import attention_lse, merge_attention, packed_causal_lse
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
-from icecache.index.tree import question_mass, question_pages
+from icecache.index.select import question_mass, question_pages
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -275,7 +275,7 @@ class PrefillPack:
         """For the requests of the pack on context uid that want them (config.question_pages),
         the context pages their chunks' last QUESTION_ROWS tokens point to in this layer, all
         at once: what the rows attend to (lse: [Hq, T] their log-sum-exp over the context),
-        and the page_size positions after it (index.tree.question_pages). A request's last
+        and the page_size positions after it (index.select.question_pages). A request's last
         chunk's choice stands."""
         reader = self.readers[uid]
         wanting = [(i, req) for i, req in enumerate(self.requests) if req.context is not None
@@ -305,7 +305,7 @@ QUESTION_ROWS = 16  # a question's last tokens, whose attention over the context
 
 def _question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
                    keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """index.tree.question_mass, as one Triton kernel on CUDA (kernels.question)."""
+    """index.select.question_mass, as one Triton kernel on CUDA (kernels.question)."""
     D = keys.shape[-1]
     if keys.device.type == "cuda" and D >= 16 and D & (D - 1) == 0:
         from icecache.kernels.question import question_mass as fused

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, TreeIndex, candidate_parts, rank_pages, rerank_pages, top_pages
+from icecache.index.select import candidate_parts, rank_pages, rerank_pages, top_pages
+from icecache.index.tree import PrivatePages, TreeIndex
 from icecache.store import HostPageStore
 
 _HASH_MUL = 0x45D9F3B  # a 32-bit integer hash's multiplier (x ^ x >> 16) * m, twice

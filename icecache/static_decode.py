@@ -41,7 +41,8 @@ import torch
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.index.tree import TreeIndex, page_bounds, rank_pages, rerank_pages, shared_part, tree_keep
+from icecache.index.select import rank_pages, rerank_pages, shared_part, tree_keep
+from icecache.index.tree import TreeIndex, page_bounds
 from icecache.selectors import oracle_pages, random_draw, random_pages, recent_tokens
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """A question's attention mass on its context's tokens, for the pages it points to
-(IceCacheConfig.question_pages; index.tree.question_mass is the torch reference).
+(IceCacheConfig.question_pages; index.select.question_mass is the torch reference).
 
 In torch ops every (row, token) score is written out in fp32 and read back three times:
 for 16 questions on a 128k-token document that is 4 GB a layer, ~130 ms a prefill pass on
@@ -52,7 +52,7 @@ def _question_mass(q_ptr, lse_ptr, start_ptr, k_ptr, out_ptr, n, rows, num_reque
 
 def question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
                   keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """index.tree.question_mass in one launch. q: [Hq, W, D]; row_lse: [Hq, W]; owner: [W]
+    """index.select.question_mass in one launch. q: [Hq, W, D]; row_lse: [Hq, W]; owner: [W]
     each row's request, ascending (a request's rows together); keys: [H, n, D], each head's
     tokens contiguous (a slice of the context's tokens is). No host sync.
     -> [num_requests, H, n] fp32."""

@@ -6,7 +6,7 @@ The box bounds pick rerank x R candidate pages; this keeps the R of them that ho
 most attention mass of the step's query: per candidate, every query head's log-sum-exp
 of scores over the page's valid keys (read where they lie: host pages through their UVA
 view, private pages on the device), each head's softmax share over the candidates,
-summed over the KV head's query heads, top R. index.tree.rerank_pages is the torch
+summed over the KV head's query heads, top R. index.select.rerank_pages is the torch
 reference (and the CPU path). On an H200 at 128k, one program per row looping over its
 candidates made the index query 4x slower (2.0 -> 8.2 ms a token at rerank=4): the page
 reads from host memory ran one after another.
@@ -90,7 +90,7 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
                  priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float) -> torch.Tensor:
-    """index.tree.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
+    """index.select.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
     (best bounds first, -1 = none, ids >= N private, a repeated id counts once); shared_k
     [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
     [rows, M, P, D], priv_valid [rows, M]. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""

@@ -1,4 +1,4 @@
-"""The tree walk and the page choice by box bounds (index.tree.tree_keep and rank_pages are
+"""The tree walk and the page choice by box bounds (index.select.tree_keep and rank_pages are
 their torch references): per level, score the children of the nodes kept on the level
 above and keep the best; then rank the pages of the kept level-1 clusters and the row's
 private pages."""
@@ -150,7 +150,7 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
     private pages), the `width` best into out[h, :] as ids from cand, ranked by RANK:
     RANK_LEVEL (a tree level): the best log-share (raw - the head's log-sum-exp) over the
     query heads; RANK_SUM (pages): the softmax shares summed over the query heads;
-    RANK_MAX (pages): the largest raw score over the query heads (index.tree._combine_heads)."""
+    RANK_MAX (pages): the largest raw score over the query heads (index.select.combine_heads)."""
     h = tl.program_id(0)
     i = tl.arange(0, NB)
     _, total = _compact_slots(parents_ptr, start_ptr, h, h % HS, K, n_parents, i, KP)
@@ -180,7 +180,7 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
 
 def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: float, raw: torch.Tensor,
               cand: torch.Tensor, parts: torch.Tensor, tops: torch.Tensor) -> torch.Tensor:
-    """The tree walk (index.tree.tree_keep) for every row: per level, score the children of
+    """The tree walk (index.select.tree_keep) for every row: per level, score the children of
     the nodes kept on the level above, keep the `plan.width` best per row.
 
     q: [H, G, D] (any float dtype; scored in fp32), H = B * HS rows (B requests sharing the tree of HS KV heads); root:
@@ -249,7 +249,7 @@ def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_l
                  page_hi: torch.Tensor, page_valid: torch.Tensor, priv_lo: torch.Tensor, priv_hi: torch.Tensor,
                  priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
                  parts: torch.Tensor, heads: str = "max") -> torch.Tensor:
-    """The `num_pages` best pages per row by their boxes (index.tree.rank_pages),
+    """The `num_pages` best pages per row by their boxes (index.select.rank_pages),
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.
 

@@ -3,7 +3,8 @@ import torch
 from icecache import IceCacheConfig
 from icecache.gpu_pool import PagePool
 from icecache.index.transform import key_scale, transform_keys, transform_queries
-from icecache.index.tree import PrivatePages, all_pages, box_bound, build_tree, select_pages
+from icecache.index.select import all_pages, select_pages
+from icecache.index.tree import PrivatePages, box_bound, build_tree
 
 H, N, D = 3, 7000, 64
 
@@ -204,7 +205,7 @@ def test_rerank_picks_the_candidates_holding_the_most_attention_mass():
     pages of most true attention mass, summed over the query heads; given the bounds' 4R
     best it keeps R of them, and on clustered keys those hold more attention mass than the
     bounds' own R best."""
-    from icecache.index.tree import rerank_pages
+    from icecache.index.select import rerank_pages
     from icecache.selectors import oracle_pages
     from icecache.store import HostPageStore
     keys = clustered_keys(4)
@@ -254,7 +255,7 @@ def test_question_pages_are_where_the_question_looks_and_what_follows():
     """question_pages sums the question rows' attention over the context's tokens by page:
     a page holding the keys the rows match comes first; with `follow`, so does the page
     holding the tokens right after them (by position), which the rows do not match."""
-    from icecache.index.tree import question_mass, question_pages
+    from icecache.index.select import question_mass, question_pages
     g = torch.Generator().manual_seed(5)
     n, P, num_pages = 64, 4, 16
     keys = torch.randn(1, n, D, generator=g) * 0.1

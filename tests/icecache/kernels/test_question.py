@@ -1,11 +1,11 @@
-"""kernels/question.py against index.tree.question_mass."""
+"""kernels/question.py against index.select.question_mass."""
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="the kernels need triton (a test dependency)")
 
-from icecache.index.tree import question_mass as reference  # noqa: E402
+from icecache.index.select import question_mass as reference  # noqa: E402
 from icecache.kernels.question import question_mass  # noqa: E402
 
 # compiled on a GPU machine, interpreted (TRITON_INTERPRET=1, tests/conftest.py) elsewhere

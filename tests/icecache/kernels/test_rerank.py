@@ -1,4 +1,4 @@
-"""kernels/rerank.py against index.tree.rerank_pages."""
+"""kernels/rerank.py against index.select.rerank_pages."""
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.mark.parametrize("num_shared", [40, 0])
 def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
-    """kernels.rerank.rerank_pages = index.tree.rerank_pages: same pages, same order, over
+    """kernels.rerank.rerank_pages = index.select.rerank_pages: same pages, same order, over
     shared and private candidates, with absent (-1) and empty candidates among them."""
-    from icecache.index.tree import rerank_pages as reference
+    from icecache.index.select import rerank_pages as reference
     from icecache.kernels.rerank import rerank_pages
     gen = torch.Generator().manual_seed(num_shared)
     B, HS, G, D, P, M, C, R = 2, 2, 3, 16, 16, 6, 12, 4

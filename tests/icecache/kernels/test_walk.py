@@ -6,7 +6,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="the kernels need triton (a test dependency)")
 
-from icecache.index.tree import build_tree, tree_keep  # noqa: E402
+from icecache.index.select import tree_keep  # noqa: E402
+from icecache.index.tree import build_tree  # noqa: E402
 from icecache.kernels import common, walk  # noqa: E402
 
 # compiled on a GPU machine, interpreted (TRITON_INTERPRET=1, tests/conftest.py) elsewhere
@@ -17,7 +18,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     (6, None, torch.float32), (16, 1, torch.float32),
     pytest.param(6, None, torch.bfloat16, marks=pytest.mark.gpu)])  # tensor-core bf16 dots: the GPU
 def test_kernel_tree_walk_keeps_the_same_clusters(monkeypatch, width, row_programs, dtype):
-    """The kernel tree walk keeps the same level-1 clusters as index.tree.tree_keep, on a
+    """The kernel tree walk keeps the same level-1 clusters as index.select.tree_keep, on a
     tree with several levels and clusters of many pages, for two requests sharing the
     tree (rows = request x KV head) with different queries; with a beam as wide as the top
     level (which the plan then skips), one scoring program per row, and bf16 keys and
