@@ -119,7 +119,7 @@ class IceCacheLLM:
             done = [threading.Event() for _ in range(batch)]
             for event in done:
                 self.scheduler.submit([11, 12, 13], params, ctx, on_done=event.set,
-                                      sink=lambda item: errors.append(item) if isinstance(item, Exception) else None)
+                                      on_item=lambda item: errors.append(item) if isinstance(item, Exception) else None)
             for event in done:
                 event.wait()
             if errors:
@@ -237,7 +237,7 @@ class IceCacheLLM:
                     lease = self._lease(tenant, context_id, document)
                 first = [True]
 
-                def sink(item) -> None:
+                def on_item(item) -> None:
                     if isinstance(item, str):
                         if first[0]:
                             self._ttft.observe(time.perf_counter() - arrived,
@@ -268,7 +268,7 @@ class IceCacheLLM:
                         self.contexts.release(lease)
                     put("end", None)
 
-                submitted.append(self.scheduler.submit(text, params, lease.context if lease else None, sink=sink,
+                submitted.append(self.scheduler.submit(text, params, lease.context if lease else None, on_item=on_item,
                                                        on_done=on_done, arrived=arrived))
                 if cancelled.is_set():
                     submitted[0].cancel()

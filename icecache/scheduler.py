@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -47,21 +46,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from icecache.cache import RequestKV, StepBatch
+from icecache.cache import StepBatch
 from icecache.config import SamplingParams
 from icecache.context import Context
-from icecache.outputs import GenerationOutput
-from icecache.sampling import TextStream, make_generator, sample
+from icecache.sequence import DecodeGroup, IndexJob, OnItem, Sequence
 from icecache.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
     from icecache.engine import Engine
-    from icecache.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 _SLOT_TOKENS = 512  # a group's slots hold a multiple of this many own tokens (prompt + decoded)
-Sink = Callable[[object], None]  # receives text pieces (str), then a GenerationOutput, or an Exception
 
 
 class SchedulerFull(RuntimeError):
@@ -70,239 +66,6 @@ class SchedulerFull(RuntimeError):
 
 class SchedulerDead(RuntimeError):
     """The scheduler's thread has stopped after a failed step; nothing more runs here."""
-
-
-class IndexJob:
-    """A document being prefilled and indexed inside the scheduler, one pass per step.
-    on_done receives the Context (pages on the device if on_device) or the Exception."""
-
-    def __init__(self, ids: list[int], on_done: Callable[[object], None], on_device: bool) -> None:
-        self.ids, self.on_done, self.on_device = ids, on_done, on_device
-        self.req: RequestKV | None = None  # allocated at the first pass
-        self.done_tokens = 0
-        self.started = 0.0
-        self.finished = False
-
-    def run_pass(self, runner: "ModelRunner") -> Context | None:
-        """Prefill the next pass; the built Context once the document is whole, else None."""
-        if self.req is None:
-            self.started = time.perf_counter()
-            self.req = runner.document_request(len(self.ids))
-        piece = self.ids[self.done_tokens:self.done_tokens + runner.chunk_tokens(self.req)]
-        logits = runner.prefill([self.req], [piece], [self.done_tokens])[0]
-        self.done_tokens += len(piece)
-        if self.done_tokens < len(self.ids):
-            return None
-        return runner.build_context(self.req, self.ids, logits, self.started, self.on_device)
-
-    def finish(self, result) -> None:
-        if not self.finished:
-            self.finished = True
-            self.req = None
-            self.on_done(result)
-
-
-class Sequence:
-    """One request in flight: its phase, KV state, sampling state and output so far."""
-
-    def __init__(self, engine: "Engine", params: SamplingParams, context: Context | None, prompt_ids: list[int],
-                 sink: Sink | None, on_done: Callable[[], None] | None = None, arrived: float | None = None) -> None:
-        self.engine, self.params, self.context = engine, params, context
-        self.sink, self.on_done = sink, on_done
-        self.items: collections.deque = collections.deque()  # when there is no sink
-        self.t0 = arrived if arrived is not None else time.perf_counter()
-        self.admitted: float | None = None  # when it left the waiting queue
-        self.prompt_ids = prompt_ids
-        self.reused = context is not None
-        self.job: IndexJob | None = None
-        if context is None:  # the prompt itself is indexed, then decoded from
-            self.phase, self.own_ids, self.pending = "index", [], []
-            self.job = IndexJob(prompt_ids, self._indexed, on_device=False)
-            self.req = None
-            self.next_pos = len(prompt_ids)
-        else:  # the prompt continues an indexed context
-            self.phase, self.own_ids, self.pending = "prompt", prompt_ids, list(prompt_ids)
-            self.req = RequestKV(engine.shape, engine.config, context)
-            self.next_pos = context.num_tokens
-        self.logits: torch.Tensor | None = None
-        self.chosen: int | None = None  # a token already picked on the device (greedy), else sample logits
-        if context is not None and not self.pending:  # nothing to prefill: decode from the context's last logits
-            self.logits, self.phase = context.last_logits, "start"
-        self.group: _Group | None = None  # static path: the batch it decodes in
-        self.position = 0
-        self.generator = make_generator(params)
-        self.text = TextStream(engine.tokenizer, params.stop, engine.tokenizer_lock)
-        self.eos = set() if params.ignore_eos else engine.eos_ids()
-        self.step_times: list[float] = []
-        self.ttft: float | None = None
-        self.last_token_at = 0.0
-        self.finish = "length"
-        self.peak_batch = 0  # most requests one decode pass carried along with this one
-        self.done = False
-        self.cancelled = False
-        context_tokens = context.num_tokens if context else len(prompt_ids)
-        self.device_bytes = engine.request_device_bytes(context_tokens, len(self.own_ids), params.max_tokens)
-        self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
-        self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
-
-    def _indexed(self, result: Context) -> None:
-        """The prompt's own index is built (a failure ends the request before this)."""
-        self.context = result
-        self.req = RequestKV(self.engine.shape, self.engine.config, result)
-        self.logits, self.phase = result.last_logits, "start"
-
-    @property
-    def slot_tokens(self) -> int:
-        """Own tokens a decoder slot must hold for this request: prompt, output, and one spare."""
-        return len(self.own_ids) + self.params.max_tokens + 1
-
-    @property
-    def context_key(self) -> int:
-        """Requests with the same key share their context's device state."""
-        return self.context.uid if self.context is not None else -id(self)
-
-    # ---------------------------------------------------------------- output
-    def emit(self, item) -> None:
-        """Hand a text piece, the final output or an Exception to the request's consumer."""
-        if self.sink is not None:
-            self.sink(item)
-        else:
-            self.items.append(item)
-
-    def fail(self, error: Exception) -> None:
-        """End the request with `error` (its consumer gets it) and free its state."""
-        if not self.done:
-            self.emit(error)
-            self.release()
-
-    def cancel(self) -> None:
-        """Stop at the next step; the request's memory is freed then."""
-        self.cancelled = True
-
-    # ---------------------------------------------------------------- phases
-    def first_token(self) -> int | None:
-        """The first output token, from the prefill's logits: handed out before the request
-        takes its decode slot (loading a slot is no part of the time to first token)."""
-        self.position = self.context.num_tokens + len(self.own_ids)
-        return self.next_token()
-
-    def start_decode(self, group: "_Group | None") -> None:
-        """Into the decode phase: on the static path in a slot of `group`."""
-        if group is not None:
-            group.add(self, [(kv.k, kv.v) for kv in self.req.own])
-            self.req.own = None  # the decoder holds its own copies
-        else:
-            self.req.start_decode()
-        self.phase = "decode"
-
-    def next_token(self) -> int | None:
-        """Sample from the last logits and hand out text; the token to feed next, or None
-        when the request is finished (its output has then been emitted)."""
-        now = time.perf_counter()
-        if self.ttft is None:
-            self.ttft = now - self.t0
-        else:
-            self.step_times.append(now - self.last_token_at)
-        self.last_token_at = now
-        token = self.chosen if self.chosen is not None else sample(self.logits, self.params, self.generator)
-        self.chosen = None
-        if token in self.eos:
-            self.finish = "eos"
-            return self._finish()
-        piece = self.text.add(token)
-        if piece:
-            self.emit(piece)
-        if self.text.stopped:
-            self.finish = "stop"
-            return self._finish()
-        if len(self.text.ids) >= self.params.max_tokens or self.position >= self.engine.max_context_tokens:
-            return self._finish()
-        return token
-
-    def _finish(self) -> None:  # returns None: no token to feed
-        tail = self.text.flush()
-        if tail:
-            self.emit(tail)
-        steps = len(self.step_times)
-        if self.group is not None and steps:  # every selected page is gathered each step
-            self.req.pages_loaded = self.req.pages_selected = self.group.pages_per_step(self) * steps
-        ctx, n = self.context, max(1, steps)
-        self.emit(GenerationOutput(
-            text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
-            stats={
-                "ttft_s": self.ttft,
-                "queue_s": (self.admitted or self.t0) - self.t0,  # arrival to admission
-                "tpot_s": sum(self.step_times) / n if steps else 0.0,
-                # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
-                "tpot_median_s": statistics.median(self.step_times) if steps else 0.0,
-                "context_tokens": ctx.num_tokens,
-                "prompt_tokens": len(self.own_ids),
-                "output_tokens": len(self.text.ids),
-                "context_reused": self.reused,
-                "prefill_s": ctx.prefill_s if not self.reused else None,
-                "index_build_s": ctx.build_s if not self.reused else None,
-                "pages_loaded": self.req.pages_loaded,
-                "pages_loaded_per_token": self.req.pages_loaded / n,
-                "pages_selected_per_token": self.req.pages_selected / n,
-                "host_bytes": ctx.host_bytes,
-                "mode": self.engine.config.mode,
-                "peak_batch": self.peak_batch,
-            }))
-        self.release()
-        return None
-
-    def release(self) -> None:
-        """Drop every tensor the request holds, then call on_done (once): from then on the
-        scheduler no longer reads the request's context."""
-        if self.done:
-            return
-        self.done = True
-        if self.group is not None:
-            self.group.remove(self)
-        self.req = self.group = self.logits = self.job = None
-        if self.on_done is not None:
-            self.on_done()
-
-
-class _Group:
-    """Requests decoding together on one context: a batched StaticDecoder whose slot i
-    holds seqs[i]. A leaving request's slot takes the last one's, so slots stay dense."""
-
-    def __init__(self, decoder: StaticDecoder, key: int, on_empty: Callable[["_Group"], None]) -> None:
-        self.decoder, self.key, self.on_empty = decoder, key, on_empty
-        self.seqs: list[Sequence] = []
-        self.device_bytes = decoder.device_bytes()
-
-    def fits(self, seq: Sequence) -> bool:
-        return len(self.seqs) < self.decoder.slots and seq.slot_tokens <= self.decoder.slot_tokens
-
-    def add(self, seq: Sequence, own_kv: list) -> None:
-        self.decoder.load(len(self.seqs), own_kv, seq.params.max_tokens, seq.req.question_pages)
-        self.seqs.append(seq)
-        seq.group = self
-
-    def remove(self, seq: Sequence) -> None:
-        i, last = self.seqs.index(seq), len(self.seqs) - 1
-        self.decoder.move(last, i)
-        self.seqs[i] = self.seqs[last]
-        self.seqs.pop()
-        if not self.seqs:
-            self.on_empty(self)
-
-    def pages_per_step(self, seq: Sequence) -> int:
-        return self.decoder.pages_per_step(self.seqs.index(seq))
-
-    def step(self, tokens: dict[Sequence, int]) -> None:
-        """One token for every request of the group (all are decoding)."""
-        logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
-                                         graph=self.decoder.device.type == "cuda")
-        if all(s.params.temperature == 0.0 for s in self.seqs):  # greedy: pick on the device, copy B ids
-            picked, logits = logits.argmax(-1).tolist(), [None] * len(self.seqs)
-        else:  # one copy and one sync for the batch; sampling runs on the host
-            picked, logits = [None] * len(self.seqs), logits.float().cpu()
-        for b, seq in enumerate(self.seqs):
-            seq.logits, seq.chosen = logits[b], picked[b]
-            seq.position += 1
 
 
 class Scheduler:
@@ -334,22 +97,22 @@ class Scheduler:
         self.error: BaseException | None = None  # what stopped the thread
         self.steps = 0
         self.largest_batch = 0  # most requests one decode pass has carried
-        self._groups: dict[int, list[_Group]] = {}  # static path: context uid -> its groups, busy or idle
-        self._idle: collections.OrderedDict[_Group, None] = collections.OrderedDict()  # least recently used first
+        self._groups: dict[int, list[DecodeGroup]] = {}  # static path: context uid -> its groups, busy or idle
+        self._idle: collections.OrderedDict[DecodeGroup, None] = collections.OrderedDict()  # least recently used first
 
     # ---------------------------------------------------------------- any thread
     def submit(self, prompt, params: SamplingParams | None = None, context: Context | None = None,
-               sink: Sink | None = None, on_done: Callable[[], None] | None = None,
+               on_item: OnItem | None = None, on_done: Callable[[], None] | None = None,
                arrived: float | None = None) -> Sequence:
         """Validate and queue a request. Raises ValueError for bad input or a request that
         can never fit the device budget, SchedulerFull when the queue is full, SchedulerDead
         after a failed step. Its text pieces and final GenerationOutput (or an Exception) go
-        to `sink`, else to the returned sequence's items; `on_done` runs once the scheduler
+        to `on_item`, else to the returned sequence's items; `on_done` runs once the scheduler
         has let go of it (finished, failed or cancelled), e.g. to release the context it
         reads. `arrived` (perf_counter) is when the request reached the server: its TTFT
         counts from then (default: now)."""
         ids, params, context = self.engine.validate(prompt, params, context)
-        seq = Sequence(self.engine, params, context, ids, sink, on_done, arrived)
+        seq = Sequence(self.engine, params, context, ids, on_item, on_done, arrived)
         if self.device_bytes is not None and seq.device_bytes > self.device_bytes:
             raise ValueError(f"request: its KV state needs {seq.device_bytes / 2**20:.0f} MiB of device memory, "
                              f"over this scheduler's budget of {self.device_bytes / 2**20:.0f} MiB")
@@ -596,7 +359,7 @@ class Scheduler:
                 seq.chosen = token
 
     # ---------------------------------------------------------------- device state of contexts
-    def _group_for(self, seq: Sequence) -> _Group | None:
+    def _group_for(self, seq: Sequence) -> DecodeGroup | None:
         """Static path: a group on seq's context with a free slot that fits it (an idle one
         first, else a new one with max_batch slots). None on the dynamic path."""
         if not self.engine.static_decode:
@@ -610,17 +373,17 @@ class Scheduler:
         eng = self.engine
         decoder = StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens,
                                 device_pages=self.device_pages)
-        group = _Group(decoder, seq.context_key, self._park)
+        group = DecodeGroup(decoder, seq.context_key, self._park)
         groups.append(group)
         return group
 
-    def _park(self, group: _Group) -> None:
+    def _park(self, group: DecodeGroup) -> None:
         """A group whose requests have all left: kept idle for its context's next requests."""
         self._idle[group] = None
         while len(self._idle) > self.keep_idle:
             self._free(next(iter(self._idle)))
 
-    def _free(self, group: _Group) -> None:
+    def _free(self, group: DecodeGroup) -> None:
         self._idle.pop(group, None)
         groups = self._groups[group.key]
         groups.remove(group)

@@ -181,11 +181,11 @@ def test_background_thread_serves_concurrent_submitters(eng):
         box = []
         finished = threading.Event()
 
-        def sink(item):
+        def on_item(item):
             box.append(item)
             if not isinstance(item, str):
                 finished.set()
-        scheduler.submit([5 + i, 6], greedy(5 + i), context=ctx, sink=sink)
+        scheduler.submit([5 + i, 6], greedy(5 + i), context=ctx, on_item=on_item)
         assert finished.wait(120)
         results[i] = box[-1]
         if len(results) == 6:
@@ -285,7 +285,7 @@ def test_a_failed_step_fails_every_request_and_stops_the_scheduler(eng, monkeypa
     done = [threading.Event(), threading.Event()]
     got: list[list] = [[], []]
     for i in range(2):  # the second waits behind max_batch=1
-        scheduler.submit([5, 6], greedy(4), context=ctx, sink=got[i].append, on_done=done[i].set)
+        scheduler.submit([5, 6], greedy(4), context=ctx, on_item=got[i].append, on_done=done[i].set)
     scheduler.start()
     assert all(d.wait(60) for d in done)
     for items in got:
