@@ -98,7 +98,7 @@ def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor,
     return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling)
 
 
-class SparseLayerState:
+class RequestSparseLayer:
     """A request's view of one sparse layer: device sinks, recent window, private pages, slots."""
 
     def __init__(self, ctx_layer, own_k: torch.Tensor, own_v: torch.Tensor, first_own_pos: int,
@@ -180,7 +180,7 @@ class RequestKV:
         self.first_own_pos = context.num_tokens if context is not None else 0
         self.decoding = False
         self.dense_ctx: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.sparse: dict[int, SparseLayerState] = {}
+        self.sparse: dict[int, RequestSparseLayer] = {}
         self.pages_loaded = 0
         self.pages_selected = 0
         self.question_pages: dict[int, torch.Tensor] = {}  # sparse layer -> [H, K] pages the question picked
@@ -198,7 +198,7 @@ class RequestKV:
                 self.dense_ctx[layer] = (k.to(dev, dtype), v.to(dev, dtype))
             else:
                 own = self.own[layer]
-                self.sparse[layer] = SparseLayerState(self.context.sparse[layer], own.k, own.v,
+                self.sparse[layer] = RequestSparseLayer(self.context.sparse[layer], own.k, own.v,
                                                       self.first_own_pos, self.config, self.shape, layer)
                 self.own[layer] = None  # its tokens now live in the window and private pages
         self.decoding = True

@@ -8,7 +8,7 @@ nodes are ranked, and pages are read where they lie (host memory, through a UVA 
 
 One file per concern: common (shapes, launches, shared helpers), walk (tree walk and page
 choice by bounds), rerank (page choice by keys), push, attention, model (norms, RoPE,
-SiLU). Each has a torch reference (index.tree, static_decode.py) that
+SiLU). Each has a torch reference (index/select.py, decode_layers.py) that
 tests/icecache/kernels/ checks it against.
 Without CUDA they can run in Triton's interpreter (slow, exact), which is how CPU CI
 checks them: TRITON_INTERPRET=1 must be set before torch is imported (torch imports

@@ -173,12 +173,12 @@ def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkey
     from triton.errors import TritonError
 
     from icecache.kernels import rerank
-    import icecache.static_decode as static_decode
+    import icecache.decode_layers as decode_layers
 
     def broken(*args, **kwargs):
         raise TritonError("no such instruction on this GPU")
 
-    monkeypatch.setattr(static_decode, "_FUSED_RERANK_FAILED", [])
+    monkeypatch.setattr(decode_layers, "FUSED_RERANK_FAILED", [])
     monkeypatch.setattr(rerank, "rerank_pages", broken)
     steps = 4
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, rerank=3)
@@ -186,5 +186,5 @@ def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkey
     fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
     assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
     assert (ref_logits - fast_logits).abs().max() < 1e-4
-    assert len(static_decode._FUSED_RERANK_FAILED) == 1
+    assert len(decode_layers.FUSED_RERANK_FAILED) == 1
     assert caplog.text.count("re-ranking in torch ops") == 1

@@ -1,0 +1,358 @@
+"""One layer's decode state on the static path, for every slot of a StaticDecoder:
+DenseSlots (a dense layer: the context's KV on the device, each slot's own tokens) and
+SparseSlots (a sparse layer: the shared tree and pages read in place, each slot's window
+ring and private pages), with the window Ring and kernel Scratch the layers share.
+A sparse layer selects its pages and attends either through the Triton kernels
+(icecache/kernels/, on CUDA) or through torch ops (the kernels' reference, and the CPU path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from icecache.attention import decode_attention
+from icecache.config import IceCacheConfig
+from icecache.index.select import rank_pages, rerank_pages, shared_part, tree_keep
+from icecache.index.tree import TreeIndex, page_bounds
+from icecache.selectors import oracle_pages, random_draw, random_pages, recent_tokens
+
+log = logging.getLogger(__name__)
+
+FUSED_RERANK_FAILED: list[str] = []  # why kernels.rerank could not build or run in this process, if it could not
+
+
+def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor aliasing pinned/registered host memory (no copy): kernels read it over PCIe."""
+    if device.type != "cuda":
+        return host
+    size = host.element_size()  # reinterpret as an int type the interface can name (bf16 has no typestr)
+    raw = host.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    typestr = f"<i{size}"
+
+    class _Iface:
+        __cuda_array_interface__ = {"shape": tuple(raw.shape), "typestr": typestr, "data": (raw.data_ptr(), False),
+                                    "version": 3, "strides": tuple(s * raw.element_size() for s in raw.stride())}
+
+    return torch.as_tensor(_Iface(), device=device).view(host.dtype)
+
+
+class DenseSlots:
+    """A dense layer: the context's whole KV on the device, once for every request (read
+    once per step for the whole batch), plus each slot's own tokens [B, H, T, D]."""
+
+    def __init__(self, ctx_k: torch.Tensor, ctx_v: torch.Tensor, slots: int, slot_tokens: int, dtype: torch.dtype,
+                 device: torch.device, own: torch.Tensor, scratch: "Scratch | None") -> None:
+        H, n, D = ctx_k.shape
+        self.ctx_k = ctx_k.to(device, dtype).contiguous()
+        self.ctx_v = ctx_v.to(device, dtype).contiguous()
+        self.own_k = torch.zeros(slots, H, slot_tokens, D, dtype=dtype, device=device)  # zeros: 0 * garbage = NaN
+        self.own_v = torch.zeros_like(self.own_k)
+        self.own = own  # [B] the slots' own tokens before this step (shared by the dense layers)
+        self.scratch = scratch
+        if scratch is not None:
+            from icecache.kernels.attention import dense_scratch_sizes
+            for name, numel in dense_scratch_sizes(slots, H, scratch.group, D, n).items():
+                scratch.need(name, numel)
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return [self.own_k, self.own_v]
+
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor) -> None:
+        m = own_k.shape[1]
+        self.own_k[slot, :, :m] = own_k.to(self.own_k.device, self.own_k.dtype)
+        self.own_v[slot, :, :m] = own_v.to(self.own_v.device, self.own_v.dtype)
+
+    def attend(self, q, k, v, scaling: float) -> torch.Tensor:
+        """q: [B, H, g, D]; k, v: [B, H, D] this step's token, stored at own[b]."""
+        B = q.shape[0]
+        rows = torch.arange(B, device=q.device)
+        at = self.own[:B]
+        self.own_k[rows, :, at] = k.to(self.own_k.dtype)
+        self.own_v[rows, :, at] = v.to(self.own_v.dtype)
+        if self.scratch is not None:
+            from icecache.kernels.attention import dense_attention
+            S = self.scratch
+            return dense_attention(q.contiguous(), self.ctx_k, self.ctx_v, self.own_k, self.own_v, at,
+                                   scaling, S["dense_parts"], S["dense_acc"], torch.empty_like(q))
+        H, n = self.ctx_k.shape[:2]
+        T = self.own_k.shape[2]
+        outs = []
+        for b in range(B):
+            keys = torch.cat([self.ctx_k, self.own_k[b]], dim=1)
+            values = torch.cat([self.ctx_v, self.own_v[b]], dim=1)
+            mask = torch.cat([torch.ones(n, dtype=torch.bool, device=q.device),
+                              torch.arange(T, device=q.device) <= at[b]])
+            outs.append(decode_attention(q[b], keys, values, mask.expand(H, -1), scaling))
+        return torch.stack(outs)
+
+
+class Ring:
+    """The counters every sparse layer shares (they push the same tokens), per slot:
+    tokens ever put in the window ring, tokens moved on to private pages. Layers read
+    them during a step; advance() moves the first B slots' once at its end."""
+
+    def __init__(self, slots: int, window: int, device: torch.device) -> None:
+        self.counts = torch.zeros(slots, 2, dtype=torch.long, device=device)  # [B, 2]
+        self.window = window
+
+    def advance(self, B: int) -> None:
+        c = self.counts[:B]
+        c[:, 1:] += (c[:, :1] >= self.window).long()
+        c[:, :1] += 1
+
+
+class Scratch:
+    """Work buffers of the Triton path, one set shared by the layers (they run in turn)."""
+
+    def __init__(self, device: torch.device, group: int) -> None:
+        self.device, self.group, self.sizes, self.buffers = device, group, {}, {}
+
+    def need(self, name: str, numel: int) -> None:
+        self.sizes[name] = max(self.sizes.get(name, 0), numel)
+
+    def allocate(self) -> None:
+        from icecache.kernels.common import SCRATCH_DTYPES
+        self.buffers = {n: torch.empty(size, dtype=SCRATCH_DTYPES.get(n, torch.float32), device=self.device)
+                        for n, size in self.sizes.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
+
+
+class SparseSlots:
+    """A sparse layer: the context's shared tree, host pages and sinks, and per slot a
+    window ring and private pages. Per-slot tensors lead with the slot: [B, H, ...]."""
+
+    def __init__(self, ctx_layer, slots: int, private_pages: int, config: IceCacheConfig, dtype: torch.dtype,
+                 device: torch.device, ring: Ring, scratch: Scratch | None,
+                 leader: "SparseSlots | None" = None, device_pages: bool = False, layer: int = 0) -> None:
+        H, _, D = ctx_layer.sink_k.shape
+        self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
+        self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
+        P, W = config.page_size, ring.window
+        self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
+        self.search_width = config.search_width
+        self.page_heads = config.page_heads
+        self.rerank, question = config.candidates
+        self.selector = config.selector
+        self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
+        self.ring, self.scratch = ring, scratch
+        self.pages = pages = ctx_layer.pages
+        self.tree: TreeIndex = ctx_layer.tree
+        self.num_shared = pages.num_pages
+        self.device_pages = device_pages
+        if device_pages:  # a copy in device memory: page reads at memory speed instead of over PCIe
+            self.shared_k, self.shared_v = pages.keys.to(device), pages.values.to(device)
+        else:
+            self.shared_k, self.shared_v = uva_view(pages.keys, device), uva_view(pages.values, device)
+        self.shared_valid = pages.valid.to(device)
+        self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
+        self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
+        self.tail_k = ctx_layer.tail_k.to(device, dtype)  # [H, num_tail, D]: where every slot's window starts
+        self.tail_v = ctx_layer.tail_v.to(device, dtype)
+        cap = private_pages
+        self.priv_k = torch.zeros(slots, H, cap, P, D, dtype=dtype, device=device)  # token n at page n // P
+        self.priv_v = torch.zeros_like(self.priv_k)
+        self.priv_valid = torch.zeros(slots, H, cap, dtype=torch.long, device=device)
+        self.priv_lo = torch.zeros(slots, H, cap, D, dtype=dtype, device=device)  # page boxes, kept as tokens arrive
+        self.priv_hi = torch.zeros_like(self.priv_lo)
+        self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
+        self.win_v = torch.zeros_like(self.win_k)
+        # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
+        self.question = torch.full((slots, H, question), -1, dtype=torch.long, device=device)
+        if scratch is not None and leader is None:
+            self._plan_kernels(slots, H, D)
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.win_k, self.win_v,
+                self.question]
+
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0,
+             question: torch.Tensor | None = None) -> None:
+        """A request's recent tokens (the last `before` tokens of the context's middle, its
+        tail, then the request's own prompt) into slot: the oldest `cut` of them into private
+        pages, the rest into the window ring. question: [H, K] the pages its question picked."""
+        dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
+        self.question[slot] = -1
+        if question is not None:  # fewer columns where the context has fewer pages than asked for
+            self.question[slot, :, :question.shape[1]] = question.to(dev)
+        more_k, more_v = recent_tokens(self.pages, before)
+        recent_k = torch.cat([more_k.to(dev, dtype), self.tail_k, own_k.to(dev, dtype)], dim=1)
+        recent_v = torch.cat([more_v.to(dev, dtype), self.tail_v, own_v.to(dev, dtype)], dim=1)
+        self.priv_valid[slot].zero_()
+        if cut:
+            n = torch.arange(cut, device=dev)
+            self.priv_k[slot][:, n // P, n % P] = recent_k[:, :cut]
+            self.priv_v[slot][:, n // P, n % P] = recent_v[:, :cut]
+            self.priv_valid[slot].index_add_(1, n // P, torch.ones(self.H, cut, dtype=torch.long, device=dev))
+        self.priv_lo[slot], self.priv_hi[slot] = page_bounds(self.priv_k[slot], self.priv_valid[slot])
+        w = recent_k.shape[1] - cut
+        self.win_k[slot, :, :w], self.win_v[slot, :, :w] = recent_k[:, cut:], recent_v[:, cut:]
+
+    # ------------------------------------------------------------ the Triton path (CUDA)
+    def _plan_kernels(self, slots: int, H: int, D: int) -> None:
+        from icecache.kernels.common import scratch_sizes
+        from icecache.kernels.walk import WalkPlan
+        self.plan = WalkPlan(self.tree, self.search_width)
+        self.root = torch.zeros(slots * H, dtype=torch.int32, device=self.win_k.device)  # the top level's parent
+        for name, numel in scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
+                                         self.sink_k.shape[1], self.R, self.W, self.P).items():
+            self.scratch.need(name, numel)
+
+    def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        from icecache.kernels import walk
+        tree, S = self.tree, self.scratch
+        B = q.shape[0] // self.H
+        top = None  # kept level-1 clusters
+        if self.plan.levels:
+            top = walk.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
+        ids = walk.rank_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
+                              self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
+                              self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"], S["cand"],
+                              S["parts"], self.page_heads)
+        if self.question.shape[2]:
+            ids = torch.cat([ids, self.question[:B].flatten(0, 1).to(ids.dtype)], dim=1)
+        if ids.shape[1] <= self.R:  # no more candidates than pages to keep: nothing to re-rank
+            return ids
+        private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))
+        if not FUSED_RERANK_FAILED:
+            from triton.errors import TritonError
+
+            from icecache.kernels import rerank
+            try:
+                return rerank.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling)
+            except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
+                FUSED_RERANK_FAILED.append(repr(e))
+                log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
+        return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling)
+
+    def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
+        from icecache.kernels.attention import sparse_attention
+        from icecache.kernels.push import push
+        B, H, G, D = q.shape
+        rows = lambda t: t[:B].flatten(0, 1)  # noqa: E731  [B, H, ...] -> [B * H, ...]
+        push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
+                     self.ring.counts[:B], rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
+                     rows(self.priv_lo), rows(self.priv_hi))
+        qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
+        page_ids = self.select(qf, scaling)
+        S = self.scratch
+        out = sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
+                               self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
+                               rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling, S["att_parts"],
+                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device))
+        return out.view(B, H, G, D), page_ids
+
+    # ------------------------------------------------------------ the torch path (reference, CPU)
+    def _push(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Slot b's new token into its ring; the token it replaces (once full) into private
+        pages. Indices stay 1-element tensors: a 0-d tensor index would be read back to the host."""
+        H, D = k.shape
+        counts = self.ring.counts[b]
+        win_k, win_v = self.win_k[b], self.win_v[b]
+        slot = counts[:1] % self.W
+        full = counts[:1] >= self.W
+        flat_k = self.priv_k[b].view(H, -1, D)  # [H, cap * P, D]: private slot n is token n
+        flat_v = self.priv_v[b].view(H, -1, D)
+        at = counts[1:]
+        old_k, old_v = win_k.index_select(1, slot), win_v.index_select(1, slot)  # [H, 1, D]
+        flat_k.index_copy_(1, at, torch.where(full, old_k, flat_k.index_select(1, at)))
+        flat_v.index_copy_(1, at, torch.where(full, old_v, flat_v.index_select(1, at)))
+        page = at // self.P
+        first = self.priv_valid[b].index_select(1, page)[..., None] == 0  # [H, 1, 1]: the page's first token
+        self.priv_valid[b].index_add_(1, page, full.long().expand(H, 1))
+        for box, extreme in ((self.priv_lo[b], torch.minimum), (self.priv_hi[b], torch.maximum)):
+            old = box.index_select(1, page)  # [H, 1, D]
+            box.index_copy_(1, page, torch.where(full, torch.where(first, old_k, extreme(old, old_k)), old))
+        win_k.index_copy_(1, slot, k[:, None])
+        win_v.index_copy_(1, slot, v[:, None])
+
+    def select(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Page ids [B * H, R] (private pages offset by num_shared), -1 where none.
+        q: [B * H, G, D] fp32, slot-major."""
+        if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
+            return self.leader.last_ids
+        if self.scratch is not None and self.selector == "icecache":
+            self.last_ids = self._select_kernels(q, scaling)
+            return self.last_ids
+        self.last_ids = torch.cat([self._select_slot(b, qb, scaling) for b, qb in enumerate(q.split(self.H))])
+        return self.last_ids
+
+    def _select_slot(self, b: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Slot b's pages (the torch path; the comparison selectors on CUDA too: torch ops
+        with fixed shapes, recorded in the step's graph)."""
+        tree, R, selector = self.tree, self.R, self.selector
+        if selector == "streaming":  # sinks + a window as wide as the rest of the budget: no pages
+            return torch.full((self.H, R), -1, dtype=torch.long, device=q.device)
+        if selector == "oracle":
+            return oracle_pages(q, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R, scaling)
+        if selector == "random":
+            valid = torch.cat([self.shared_valid, self.priv_valid[b]], dim=1)
+            return random_pages(valid, R, self.draw + self.ring.counts[b, :1])
+        quest = selector == "quest"  # Quest: every page ranked by the max bound over the query heads, no walk
+        parts = []
+        if tree.num_pages:
+            parts.append(shared_part(tree, None if quest else tree_keep(tree, q, self.search_width, scaling)))
+        parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
+        ids = rank_pages(q, scaling, parts, R * self.rerank, "max" if quest else self.page_heads)
+        if self.question.shape[2]:
+            ids = torch.cat([ids, self.question[b]], dim=1)
+        if ids.shape[1] <= R:
+            return ids
+        return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,
+                            scaling)
+
+    def fetch(self, b: int, page_ids: torch.Tensor):
+        """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""
+        H, R = page_ids.shape
+        h = torch.arange(H, device=page_ids.device)[:, None].expand(H, R)
+        priv_k, priv_v, priv_valid = self.priv_k[b], self.priv_v[b], self.priv_valid[b]
+        shared = page_ids < self.num_shared
+        sid = page_ids.clamp(0, max(self.shared_k.shape[1] - 1, 0))  # a real host page, even for private ids
+        pid = (page_ids - self.num_shared).clamp(0, priv_k.shape[1] - 1)
+        pick = shared[..., None, None]
+        if self.shared_k.shape[1]:
+            k = torch.where(pick, self.shared_k[h, sid].to(priv_k.dtype), priv_k[h, pid])
+            v = torch.where(pick, self.shared_v[h, sid].to(priv_v.dtype), priv_v[h, pid])
+            valid = torch.where(shared, self.shared_valid[h, sid], priv_valid[h, pid])
+        else:
+            k, v, valid = priv_k[h, pid], priv_v[h, pid], priv_valid[h, pid]
+        return k, v, valid.masked_fill(page_ids < 0, 0)
+
+    def attend(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [B, H, G, D]; k, v: [B, H, D] for the first B slots. -> (out [B, H, G, D], page ids [B * H, R])."""
+        if self.scratch is not None:
+            return self._attend_kernels(q, k, v, scaling)
+        B, H = q.shape[:2]
+        for b in range(B):
+            self._push(b, k[b], v[b])
+        page_ids = self.select(q.float().flatten(0, 1), scaling)
+        return torch.stack([self._attend_slot(b, q[b], ids, scaling)
+                            for b, ids in enumerate(page_ids.split(H))]), page_ids
+
+    def _attend_slot(self, b: int, q: torch.Tensor, page_ids: torch.Tensor, scaling: float) -> torch.Tensor:
+        pk, pv, valid = self.fetch(b, page_ids)
+        H, R, P, D = pk.shape
+        slot_ok = (torch.arange(P, device=q.device) < valid[..., None]).reshape(H, R * P)
+        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[b, :1] + 1).clamp(max=self.W)
+        keys = torch.cat([self.sink_k, pk.reshape(H, R * P, D), self.win_k[b]], dim=1)
+        values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v[b]], dim=1)
+        mask = torch.cat([torch.ones(H, self.sink_k.shape[1], dtype=torch.bool, device=q.device), slot_ok,
+                          filled.expand(H, -1)], dim=1)
+        return decode_attention(q, keys, values, mask, scaling)
+
+
+def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int, widest_row: int) -> bool:
+    """Whether sparse layers run as Triton kernels: on CUDA, for shapes they support and
+    rows (a tree level, a layer's pages) they rank in registers; otherwise the torch path
+    (ICECACHE_KERNELS=0 forces the torch path, =1 the kernels, e.g. interpreted on CPU)."""
+    forced = os.environ.get("ICECACHE_KERNELS")
+    if forced is not None:
+        return forced == "1"
+    if device.type != "cuda":
+        return False
+    from icecache.kernels.common import MAX_SELECT, supported
+    return supported(head_dim, config.page_size, group) and widest_row <= MAX_SELECT
