@@ -18,9 +18,9 @@ from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
-from icecache.index.select import all_pages, rerank_pages, select_pages
+from icecache.index.select import all_pages, candidate_parts, rerank_pages, select_pages
 from icecache.index.tree import PrivatePages
-from icecache.selectors import oracle_pages, quest_pages, random_draw, random_pages, recent_tokens
+from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
 
 ATTN_IMPLEMENTATION = "icecache"
 BATCH_KWARG = "icecache_batch"
@@ -110,8 +110,8 @@ class RequestSparseLayer:
         recent_v = torch.cat([ctx_layer.tail_v.to(dev, dtype), own_v], dim=1)
         first = first_own_pos - ctx_layer.tail_k.shape[1]
         self.window = config.window_tokens
-        self.selector = config.selector
-        if self.selector == "streaming":  # StreamingLLM: the whole budget past the sinks is recent tokens
+        self.selector = SELECTORS[config.selector]
+        if self.selector.window_fills_budget:  # StreamingLLM: the whole budget past the sinks is recent tokens
             self.window = config.token_budget - config.sink_tokens
             more_k, more_v = recent_tokens(ctx_layer.pages, self.window - recent_k.shape[1])
             recent_k = torch.cat([more_k.to(dev, dtype), recent_k], dim=1)
@@ -125,7 +125,7 @@ class RequestSparseLayer:
         self.win_k, self.win_v = recent_k[:, cut:], recent_v[:, cut:]
         self.win_first_pos = first + cut  # position of the oldest window token
         num_slots = config.retrieved_pages if config.mode == "icecache" else ctx_layer.tree.num_pages
-        if self.selector == "streaming":
+        if self.selector.window_fills_budget:
             num_slots = 0
         self.pool = PagePool(shape.num_kv_heads, num_slots, config.page_size, shape.head_dim, dtype, dev)
 
@@ -222,17 +222,14 @@ class RequestKV:
         R = self.config.retrieved_pages
         shared = (state.ctx.pages.keys, state.ctx.pages.valid)  # (keys, valid) of every page: shared, then private
         private = (state.private.keys[:, :used], state.private.valid[:, :used])
-        if state.selector == "streaming" and self.config.mode == "icecache":
+        if state.selector.window_fills_budget and self.config.mode == "icecache":
             page_ids = torch.full((H, 0), -1, dtype=torch.long, device=qg.device)  # sinks + window only
         elif self.config.mode == "full" or num_pages <= R:
             page_ids = all_pages(tree, state.private)  # the budget covers everything: no search
-        elif state.selector == "oracle":
-            page_ids = oracle_pages(qg, shared, private, R, scaling)
-        elif state.selector == "quest":
-            page_ids = quest_pages(qg, tree, state.private, R)
-        elif state.selector == "random":
-            valid = torch.cat([shared[1].to(qg.device), private[1]], dim=1)
-            page_ids = random_pages(valid, R, state.draw + state.win_first_pos + state.win_k.shape[1])
+        elif state.selector.pages is not None:
+            view = PageView(shared, private, lambda: candidate_parts(tree, state.private, None),
+                            state.draw + state.win_first_pos + state.win_k.shape[1])
+            page_ids = state.selector.pages(qg, view, R, scaling)
         else:
             C = R * self.config.candidates[0]
             page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from icecache.selectors import SELECTORS
+
 MODES = ("icecache", "full")
-SELECTORS = ("icecache", "oracle", "quest", "streaming", "random")
 PAGE_HEADS = ("max", "sum")
 DECODE_PATHS = ("auto", "static", "dynamic")
 PREFILL_OFFLOAD = ("auto", "device", "host")
@@ -90,7 +91,7 @@ class IceCacheConfig:
         for r in ratios:
             _require(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r < 1.0
                      and math.isfinite(r), "promotion_ratio", f"every ratio must lie in (0, 1), got {ratios!r}")
-        _require(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
+        _require(self.selector in SELECTORS, "selector", f"must be one of {tuple(SELECTORS)}, got {self.selector!r}")
         _require(self.page_heads in PAGE_HEADS, "page_heads",
                  f"must be one of {PAGE_HEADS}, got {self.page_heads!r}")
         _require(self.prefill_offload in PREFILL_OFFLOAD, "prefill_offload",
@@ -98,7 +99,8 @@ class IceCacheConfig:
         _require(self.decode_path in DECODE_PATHS, "decode_path",
                  f"must be one of {DECODE_PATHS}, got {self.decode_path!r}")
         if self.reuse_layers > 1:
-            _require(self.selector == "icecache", "reuse_layers", "cross-layer reuse works with selector='icecache'")
+            _require(SELECTORS[self.selector].walks_tree, "reuse_layers",
+                     "cross-layer reuse works with selector='icecache'")
             _require(self.decode_path != "dynamic", "reuse_layers",
                      "cross-layer reuse runs on the static decode path (decode_path 'auto' or 'static')")
         if self.mode == "icecache":
@@ -111,7 +113,7 @@ class IceCacheConfig:
     def candidates(self) -> tuple[int, int]:
         """(rerank, question_pages) as the decode paths apply them: only the "icecache"
         selector in "icecache" mode re-ranks and takes question pages."""
-        if self.mode == "icecache" and self.selector == "icecache":
+        if self.mode == "icecache" and SELECTORS[self.selector].walks_tree:
             return self.rerank, self.question_pages
         return 1, 0
 

@@ -17,7 +17,7 @@ from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.index.select import rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.index.tree import TreeIndex, page_bounds
-from icecache.selectors import oracle_pages, random_draw, random_pages, recent_tokens
+from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class SparseSlots:
         self.search_width = config.search_width
         self.page_heads = config.page_heads
         self.rerank, question = config.candidates
-        self.selector = config.selector
+        self.selector = SELECTORS[config.selector]
         self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
         self.ring, self.scratch = ring, scratch
         self.pages = pages = ctx_layer.pages
@@ -275,7 +275,7 @@ class SparseSlots:
         q: [B * H, G, D] fp32, slot-major."""
         if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
             return self.leader.last_ids
-        if self.scratch is not None and self.selector == "icecache":
+        if self.scratch is not None and self.selector.walks_tree:
             self.last_ids = self._select_kernels(q, scaling)
             return self.last_ids
         self.last_ids = torch.cat([self._select_slot(b, qb, scaling) for b, qb in enumerate(q.split(self.H))])
@@ -284,20 +284,17 @@ class SparseSlots:
     def _select_slot(self, b: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Slot b's pages (the torch path; the comparison selectors on CUDA too: torch ops
         with fixed shapes, recorded in the step's graph)."""
-        tree, R, selector = self.tree, self.R, self.selector
-        if selector == "streaming":  # sinks + a window as wide as the rest of the budget: no pages
+        tree, R = self.tree, self.R
+        if self.selector.window_fills_budget:  # sinks + a window as wide as the rest of the budget: no pages
             return torch.full((self.H, R), -1, dtype=torch.long, device=q.device)
-        if selector == "oracle":
-            return oracle_pages(q, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R, scaling)
-        if selector == "random":
-            valid = torch.cat([self.shared_valid, self.priv_valid[b]], dim=1)
-            return random_pages(valid, R, self.draw + self.ring.counts[b, :1])
-        quest = selector == "quest"  # Quest: every page ranked by the max bound over the query heads, no walk
-        parts = []
-        if tree.num_pages:
-            parts.append(shared_part(tree, None if quest else tree_keep(tree, q, self.search_width, scaling)))
-        parts.append((self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0))
-        ids = rank_pages(q, scaling, parts, R * self.rerank, "max" if quest else self.page_heads)
+        private_part = (self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0)
+        if self.selector.pages is not None:
+            bounds = lambda: [*([shared_part(tree, None)] if tree.num_pages else []), private_part]  # noqa: E731
+            view = PageView((self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), bounds,
+                            self.draw + self.ring.counts[b, :1])
+            return self.selector.pages(q, view, R, scaling)
+        parts = [shared_part(tree, tree_keep(tree, q, self.search_width, scaling))] if tree.num_pages else []
+        ids = rank_pages(q, scaling, [*parts, private_part], R * self.rerank, self.page_heads)
         if self.question.shape[2]:
             ids = torch.cat([ids, self.question[b]], dim=1)
         if ids.shape[1] <= R:

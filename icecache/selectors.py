@@ -1,5 +1,6 @@
-"""Page selectors other than the DCI-tree, at the same budget, sinks and window, so that an
-accuracy comparison differs only in which pages a decode step attends to:
+"""The page selectors, in one table (SELECTORS) that config validation and both decode
+paths read: IceCache's DCI-tree query, and the others at the same budget, sinks and window,
+so that an accuracy comparison differs only in which pages a decode step attends to:
 
 * `oracle`: the pages holding the most true attention mass (exact scores of every key: a ceiling);
 * `quest`: Quest's bound from per-page channel-wise key min/max (Tang et al., 2024);
@@ -15,11 +16,40 @@ every page summary: they are for measurement, not for speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from icecache.index.select import candidate_parts, rank_pages, rerank_pages, top_pages
-from icecache.index.tree import PrivatePages, TreeIndex
+from icecache.index.select import rank_pages, rerank_pages, top_pages
 from icecache.store import HostPageStore
+
+Parts = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index.select.rank_pages' (lo, hi, candidate)
+
+
+@dataclass
+class PageView:
+    """One request's pages of one sparse layer at one step, as a selector reads them."""
+    shared: tuple[torch.Tensor, torch.Tensor]  # (keys [H, N, P, D], valid [H, N]) of the context's pages
+    private: tuple[torch.Tensor, torch.Tensor]  # the request's own pages, numbered after the shared ones
+    bounds: Callable[[], Parts]  # every page's box, shared then private (made only if asked for)
+    draw: int | torch.Tensor  # this step's random draw (random_pages)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """How a sparse layer's page budget is filled."""
+    name: str
+    # (q [H, g, D], the request's pages, how many, scaling) -> page ids [H, num_pages], -1 = none;
+    # None: no function of its own (the DCI-tree query, which each decode path runs its own way)
+    pages: Callable[[torch.Tensor, PageView, int, float], torch.Tensor] | None = None
+    window_fills_budget: bool = False  # no pages: the window widens to the budget past the sinks
+
+    @property
+    def walks_tree(self) -> bool:
+        """IceCache's own query: the one that re-ranks, takes question pages and reuses layers."""
+        return self.pages is None and not self.window_fills_budget
+
 
 _HASH_MUL = 0x45D9F3B  # a 32-bit integer hash's multiplier (x ^ x >> 16) * m, twice
 _GOLDEN = 0x9E3779B9
@@ -35,12 +65,12 @@ def oracle_pages(q: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor], pri
     return rerank_pages(q, every.expand(q.shape[0], -1), shared, private, num_pages, scaling)
 
 
-def quest_pages(q: torch.Tensor, tree: TreeIndex, private: PrivatePages | None, num_pages: int) -> torch.Tensor:
+def quest_pages(q: torch.Tensor, bounds: Parts, num_pages: int) -> torch.Tensor:
     """Quest: upper bound of q.k over a page from its channel-wise min and max keys; the
     bound of a KV group is the max over its query heads. The shared pages' min and max are
     the tree's page boxes (the same pages, the same numbering): IceCache's page ranking
-    with page_heads="max" over every page, without the walk."""
-    return rank_pages(q.float(), 1.0, candidate_parts(tree, private, None), num_pages, "max")
+    with page_heads="max" over every page (bounds: every page's part), without the walk."""
+    return rank_pages(q.float(), 1.0, bounds, num_pages, "max")
 
 
 def random_pages(valid: torch.Tensor, num_pages: int, draw: torch.Tensor | int) -> torch.Tensor:
@@ -75,3 +105,13 @@ def recent_tokens(pages: HostPageStore, count: int) -> tuple[torch.Tensor, torch
     k = pages.keys.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
     v = pages.values.reshape(H, -1, D).gather(1, order[..., None].expand(H, m, D))
     return k, v
+
+
+SELECTORS: dict[str, Selector] = {s.name: s for s in (
+    Selector("icecache"),
+    Selector("oracle", lambda q, view, n, scaling: oracle_pages(q, view.shared, view.private, n, scaling)),
+    Selector("quest", lambda q, view, n, scaling: quest_pages(q, view.bounds(), n)),
+    Selector("streaming", window_fills_budget=True),
+    Selector("random", lambda q, view, n, scaling: random_pages(
+        torch.cat([view.shared[1].to(q.device), view.private[1]], dim=1), n, view.draw)),
+)}

@@ -40,6 +40,7 @@ import torch
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.decode_layers import DenseSlots, Ring, Scratch, SparseSlots, use_kernels
+from icecache.selectors import SELECTORS
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class StaticDecoder:
         num_layers = len(self.layers)
         sparse_layers = [i for i in range(num_layers) if i not in context.dense and config.mode != "full"]
         # the window ring; StreamingLLM (selector "streaming") widens it to the budget past the sinks
-        window = config.token_budget - config.sink_tokens if config.selector == "streaming" else config.window_tokens
+        wide = SELECTORS[config.selector].window_fills_budget
+        window = config.token_budget - config.sink_tokens if wide else config.window_tokens
         self.ring = Ring(slots, window, self.device) if sparse_layers else None
         self.own = torch.zeros(slots, dtype=torch.long, device=self.device)  # own tokens per slot (dense layers)
         # a slot's tokens that leave the window go to private pages: at most tail + own of them
@@ -136,7 +138,7 @@ class StaticDecoder:
             ctx, window = self.context, self.ring.window
             recent = ctx.num_tail + m  # tokens that start in the window or behind it
             before = 0  # StreamingLLM's wide window starts with the context middle's last tokens
-            if self.config.selector == "streaming":
+            if SELECTORS[self.config.selector].window_fills_budget:
                 before = max(0, min(window - recent, ctx.num_tokens - ctx.num_sink - ctx.num_tail))
             recent += before
             cut = max(0, recent - window)  # the oldest of them start in private pages

@@ -64,6 +64,38 @@ def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank, q
         assert out.stats["pages_selected_per_token"] == expected
 
 
+def test_a_selector_added_to_the_table_runs_on_both_paths(monkeypatch):
+    """A selector is one entry of selectors.SELECTORS: config validation accepts it and both
+    decode paths call its function, with the same view of a request's pages (here: the
+    request's own pages, then the shared pages with the highest ids), and agree."""
+    from icecache.selectors import SELECTORS, Selector
+    calls = {"dynamic": 0, "static": 0}
+
+    def newest(q, view, num_pages, scaling):
+        shared_valid, private_valid = view.shared[1].to(q.device), view.private[1]
+        assert len(view.bounds()) >= 1 and q.shape[0] == shared_valid.shape[0]
+        ids = torch.arange(shared_valid.shape[1] + private_valid.shape[1], device=q.device)
+        valid = torch.cat([shared_valid, private_valid], dim=1) > 0
+        weight = torch.where(valid, ids.float(), float("-inf"))  # the highest ids: private, then newest shared
+        calls[path] += 1
+        best = weight.topk(num_pages, dim=1)
+        return torch.where(best.values > float("-inf"), best.indices, -1)
+
+    monkeypatch.setitem(SELECTORS, "newest", Selector("newest", newest))
+    model = random_model(tiny_config("llama"), torch.device("cpu"))
+    ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(4)).tolist()
+    config = IceCacheConfig(token_budget=4 + 4 + 12, page_size=1, sink_tokens=4, window_tokens=4, dense_layers=1,
+                            selector="newest")
+    assert config.candidates == (1, 0)  # not the tree's query: no re-ranking, no question pages
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for path in ("dynamic", "static"):
+        eng = Engine.from_model(model, config=config.replace(decode_path=path))
+        outs[path] = eng.generate([7, 8, 9], params, context=eng.index(ids)).token_ids
+        assert calls[path] > 0
+    assert outs["static"] == outs["dynamic"] and len(outs["static"]) == 12
+
+
 def test_random_pages_are_valid_distinct_and_fixed_by_the_draw():
     from icecache.selectors import random_pages
     valid = torch.randint(0, 3, (2, 500), generator=torch.Generator().manual_seed(0))
