@@ -24,8 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from icecache import Engine, IceCacheConfig  # noqa: E402
-from icecache.cache import RequestKV, StepBatch  # noqa: E402
-from icecache.index.select import select_pages  # noqa: E402
+from icecache.internals import RequestKV, StepBatch, select_pages  # noqa: E402
 
 
 def code_document(tokenizer, num_tokens: int) -> str:

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.cache import RequestKV
-from icecache.static_decode import StaticDecoder
+from icecache.internals import RequestKV, StaticDecoder
 
 GiB = 1 << 30
 
@@ -132,7 +131,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
                             tokens, question_pages=req.question_pages)
         result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
-            from icecache.kernels.attention import sparse_attention
+            from icecache.internals import sparse_attention
             sparse = dec.sparse_states
             H, D, G = eng.shape.num_kv_heads, eng.shape.head_dim, eng.shape.group
             q = torch.randn(H, G, D, device="cuda")

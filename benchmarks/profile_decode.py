@@ -16,8 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.decode_speed import llama_8b
 from icecache import IceCacheConfig
-from icecache.context import build_context
-from icecache.static_decode import StaticDecoder
+from icecache.internals import StaticDecoder, build_context
 
 
 def main(argv=None) -> int:

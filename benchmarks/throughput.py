@@ -33,8 +33,7 @@ import torch
 
 from benchmarks.decode_speed import GiB, finish, llama_8b, parse_gpu_args, save
 from icecache import Engine, IceCacheConfig
-from icecache.cache import RequestKV
-from icecache.static_decode import StaticDecoder
+from icecache.internals import RequestKV, StaticDecoder
 
 
 def measure(decoders: list[StaticDecoder], sessions: int, steps: int, first_token: int) -> dict:

@@ -51,3 +51,21 @@ def test_no_module_imports_or_reads_another_modules_private_names():
                           if isinstance(node, ast.Attribute) and private(node.attr)
                           and isinstance(node.value, ast.Name) and node.value.id in modules]
     assert files > 40 and not offenders, offenders
+
+
+def test_benchmarks_use_only_the_public_api_and_the_tools_surface():
+    """A benchmark imports the engine as a user does (`icecache`), or what is made for tools
+    (`icecache.testing`, `icecache.internals`): never a module behind them."""
+    allowed = {"icecache", "icecache.testing", "icecache.internals"}
+    offenders, files = [], 0
+    for path in (ROOT.parent / "benchmarks").rglob("*.py"):
+        files += 1
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}: {m}" for m in modules if m.split(".")[0] == "icecache" and m not in allowed]
+    assert files > 5 and not offenders, offenders
