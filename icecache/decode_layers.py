@@ -234,9 +234,8 @@ class SparseSlots:
         from icecache.kernels.push import push
         B, H, G, D = q.shape
         rows = lambda t: t[:B].flatten(0, 1)  # noqa: E731  [B, H, ...] -> [B * H, ...]
-        push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v),
-                     self.ring.counts[:B], rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
-                     rows(self.priv_lo), rows(self.priv_hi))
+        push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v), self.ring.counts[:B],
+             rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid), rows(self.priv_lo), rows(self.priv_hi))
         qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
         page_ids = self.select(qf, scaling)
         S = self.scratch

@@ -221,6 +221,16 @@ class PrefillPack:
             if req.context is not None:
                 columns.setdefault(req.context.uid, []).extend(range(s, e))
         self.columns = {uid: torch.tensor(cols) for uid, cols in columns.items()}
+        # per context: the requests that want question pages, their chunks' last QUESTION_ROWS rows
+        # in the pack, and each row's request (an index into that list)
+        self.question_rows: dict[int, tuple[list[RequestKV], list[int], list[int]]] = {}
+        for req, (s, e) in zip(requests, self.spans):
+            if req.context is not None and req.config.candidates[1]:
+                wanting, rows, owner = self.question_rows.setdefault(req.context.uid, ([], [], []))
+                first = max(s, e - QUESTION_ROWS)
+                rows.extend(range(first, e))
+                owner.extend([len(wanting)] * (e - first))
+                wanting.append(req)
         self._on_device: dict[tuple, torch.Tensor] = {}  # index lists every layer uses, copied once a pass
 
     def _device(self, key: tuple, values, device: torch.device) -> torch.Tensor:
@@ -278,25 +288,19 @@ class PrefillPack:
         and the page_size positions after it (index.select.question_pages). A request's last
         chunk's choice stands."""
         reader = self.readers[uid]
-        wanting = [(i, req) for i, req in enumerate(self.requests) if req.context is not None
-                   and req.context.uid == uid and req.config.candidates[1] and layer in reader.ctx.sparse]
-        if not wanting:
+        if uid not in self.question_rows or layer not in reader.ctx.sparse:
             return
-        rows, owner = [], []
-        for k, (i, _) in enumerate(wanting):
-            s, e = self.spans[i]
-            rows.extend(range(max(s, e - QUESTION_ROWS), e))
-            owner.extend([k] * (e - max(s, e - QUESTION_ROWS)))
+        wanting, rows, owner = self.question_rows[uid]
         rows, owner = self._device(("rows", uid), rows, q.device), self._device(("owner", uid), owner, q.device)
         sparse = reader.ctx.sparse[layer]
         page_of, position = reader.token_pages(layer)
         num_sink = sparse.sink_k.shape[1]
-        config = wanting[0][1].config
+        config = wanting[0].config
         mass = _question_mass(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting),
                               ctx_k[:, num_sink:num_sink + page_of.shape[1]], scaling)
         picked = question_pages(mass, page_of, position, reader.ctx.num_tokens, sparse.tree.num_pages,
                                 config.question_pages, config.page_size)
-        for (_, req), pages in zip(wanting, picked):
+        for req, pages in zip(wanting, picked):
             req.question_pages[layer] = pages
 
 
