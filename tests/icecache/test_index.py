@@ -122,6 +122,7 @@ def test_max_heads_with_a_walk_that_keeps_everything_is_quest():
     """page_heads="max" (the default) ranks pages by the largest bound over a KV head's
     query heads, Quest's rule: with a walk wide enough to keep every cluster the tree picks
     exactly Quest's pages; the "sum" of shares picks others."""
+    from icecache.index.select import candidate_parts
     from icecache.selectors import quest_pages
     keys = clustered_keys(3)
     tree, _ = build(keys)
@@ -129,7 +130,7 @@ def test_max_heads_with_a_walk_that_keeps_everything_is_quest():
     differ = 0
     for _ in range(10):
         q = torch.randn(H, 3, D, generator=g) * 2
-        quest = quest_pages(q, tree, None, 12)
+        quest = quest_pages(q, candidate_parts(tree, None, None), 12)  # every page's bounds: no walk
         wide = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="max")
         assert torch.equal(wide.sort(dim=1).values, quest.sort(dim=1).values)
         summed = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="sum")
