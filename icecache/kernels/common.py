@@ -4,10 +4,14 @@ precompile(), and the Triton helpers for top-k by threshold and running log-sum-
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from icecache.kernels.walk import WalkPlan
 
 BLOCK = 32  # candidates (tree nodes, pages) per program of a score kernel (tl.dot needs >= 16)
 # Triton compiles a kernel per distinct set of constexprs and (unless told not to) per
@@ -44,7 +48,7 @@ def check_contiguous(*tensors: torch.Tensor) -> None:
 SCRATCH_DTYPES = {"cand": torch.int32, "tops": torch.int32}  # the rest are fp32
 
 
-def scratch_sizes(rows: int, G: int, D: int, plan, num_private: int, num_sink: int, retrieved: int,
+def scratch_sizes(rows: int, G: int, D: int, plan: WalkPlan, num_private: int, num_sink: int, retrieved: int,
                   window: int, page_size: int) -> dict[str, int]:
     """Elements of each work buffer one sparse layer's step needs for `rows` (request, KV
     head) rows (see the wrappers); "tops" holds two levels' kept-node lists (one read
@@ -54,7 +58,6 @@ def scratch_sizes(rows: int, G: int, D: int, plan, num_private: int, num_sink: i
     blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size)
     return {"raw": rows * G * widest, "cand": rows * widest, "parts": rows * triton.cdiv(widest, BLOCK) * GP * 2,
             "tops": 2 * rows * plan.width, "att_parts": rows * blocks * GP * 2, "att_acc": rows * blocks * GP * D}
-
 
 
 # ---------------------------------------------------------------------------- top-k by threshold

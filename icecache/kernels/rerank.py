@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from icecache.kernels.common import supported
+from icecache.kernels.common import check_contiguous, supported
 
 
 @triton.jit(do_not_specialize=['C', 'n_shared', 'n_private'])
@@ -94,8 +94,7 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     (best bounds first, -1 = none, ids >= N private, a repeated id counts once); shared_k
     [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
     [rows, M, P, D], priv_valid [rows, M]. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
-    for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid):
-        assert t.is_contiguous(), f"kernel input of shape {tuple(t.shape)} is not contiguous"
+    check_contiguous(q, candidates, shared_k, shared_valid, priv_k, priv_valid)
     rows, C = candidates.shape
     _, G, D = q.shape
     P = priv_k.shape[2]
