@@ -310,10 +310,11 @@ QUESTION_ROWS = 16  # a question's last tokens, whose attention over the context
 def _question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
                    keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """index.select.question_mass, as one Triton kernel on CUDA (kernels.question)."""
-    D = keys.shape[-1]
-    if keys.device.type == "cuda" and D >= 16 and D & (D - 1) == 0:
-        from icecache.kernels.question import question_mass as fused
-        return fused(q, row_lse, owner, num_requests, keys, scaling)
+    if keys.device.type == "cuda":
+        from icecache.kernels.common import is_tile
+        if is_tile(keys.shape[-1]):  # a head dim the kernel's dot tiles take
+            from icecache.kernels.question import question_mass as fused
+            return fused(q, row_lse, owner, num_requests, keys, scaling)
     return question_mass(q, row_lse, owner, num_requests, keys, scaling)
 
 

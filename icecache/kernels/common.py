@@ -24,10 +24,14 @@ BLOCK = 32  # candidates (tree nodes, pages) per program of a score kernel (tl.d
 MAX_SELECT = 32768  # widest row a single program ranks in registers (a tree level, a layer's pages)
 
 
+def is_tile(x: int) -> bool:
+    """A size tl.dot tiles: a power of two >= 16."""
+    return x >= 16 and x & (x - 1) == 0
+
+
 def supported(head_dim: int, page_size: int, group: int) -> bool:
-    """Shapes the kernels handle (tl.dot tiles are powers of two >= 16)."""
-    pow2 = lambda x: x >= 16 and x & (x - 1) == 0  # noqa: E731
-    return pow2(head_dim) and pow2(page_size) and group <= 64
+    """Shapes the kernels handle."""
+    return is_tile(head_dim) and is_tile(page_size) and group <= 64
 
 
 def row_tile(group: int) -> int:
