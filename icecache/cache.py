@@ -118,8 +118,7 @@ class RequestSparseLayer:
             recent_v = torch.cat([more_v.to(dev, dtype), recent_v], dim=1)
             first -= more_k.shape[1]
         self.draw = random_draw(config.seed, layer)  # selector "random": + the step's position
-        self.private = PrivatePages(ctx_layer.tree, shape.num_kv_heads, config.page_size, shape.head_dim,
-                                    dtype, dev)
+        self.private = PrivatePages(shape.num_kv_heads, config.page_size, shape.head_dim, dtype, dev)
         cut = max(0, recent_k.shape[1] - self.window)
         self.private.insert(recent_k[:, :cut], recent_v[:, :cut], torch.arange(first, first + cut))
         self.win_k, self.win_v = recent_k[:, cut:], recent_v[:, cut:]

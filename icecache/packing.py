@@ -20,7 +20,7 @@ from icecache.context import Context, Layout, SparseLayer, layout_of
 from icecache.index.tree import TreeIndex, level_sizes, max_pages
 from icecache.store import HostPageStore
 
-MAGIC = b"ICECTX01"
+MAGIC = b"ICECTX02"
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sQ")
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -92,7 +92,7 @@ def packed_size_bound(config: IceCacheConfig, num_layers: int, num_kv_heads: int
     def t(*shape, kind=dtype):
         return torch.empty(shape, dtype=kind, **meta)
 
-    tree = TreeIndex(t(H, kind=torch.float32), t(H, levels[0] if levels else 0, D), [t(H, n, D) for n in levels],
+    tree = TreeIndex(t(H, kind=torch.float32), [t(H, n, D) for n in levels],
                      [t(H, n, D) for n in levels], [t(H, n, kind=torch.long) for n in levels[:-1]],
                      t(H, pages, kind=torch.long), t(H, pages, D), t(H, pages, D), t(H, pages, kind=torch.long))
     store = HostPageStore(t(H, pages, c.page_size, D), t(H, pages, c.page_size, D),

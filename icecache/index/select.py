@@ -60,17 +60,13 @@ def shared_part(tree: TreeIndex, keep: torch.Tensor | None) -> tuple[torch.Tenso
 
 def candidate_parts(tree: TreeIndex, private: PrivatePages | None, keep: torch.Tensor | None
                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """rank_pages parts of a request's candidate pages: the tree's (shared_part), then its
-    private pages (ids after the tree's), those placed under a cluster only if it is kept.
-    keep: [H, n_1] (tree_keep), or None: every valid page."""
+    """rank_pages parts of a request's candidate pages: the tree's (shared_part), then all
+    its private pages (ids after the tree's). keep: [H, n_1] (tree_keep), or None: every
+    valid page."""
     parts = [shared_part(tree, keep)] if tree.num_pages else []
     if private is not None and private.num_tokens:
         used = private.used_pages
-        parent = private.parent[:, :used]
-        cand = private.valid[:, :used] > 0
-        if keep is not None:
-            cand &= (parent < 0) | keep.gather(1, parent.clamp_min(0))
-        parts.append((private.lo[:, :used], private.hi[:, :used], cand))
+        parts.append((private.lo[:, :used], private.hi[:, :used], private.valid[:, :used] > 0))
     return parts
 
 

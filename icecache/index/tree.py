@@ -42,7 +42,6 @@ class TreeIndex:
     """The immutable index of one layer's middle keys."""
 
     scale: torch.Tensor  # [H] c = max key norm at build time
-    cluster_keys: torch.Tensor  # [H, n_1, D] the level-1 nodes' own keys (where inserted tokens find a parent)
     node_lo: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise min of the keys under each node
     node_hi: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise max of the keys under each node
     node_parent: list[torch.Tensor]  # level j = 1..L-1: [H, n_j] index of the parent on level j+1
@@ -61,16 +60,11 @@ class TreeIndex:
 
     @property
     def num_clusters(self) -> int:
-        return self.cluster_keys.shape[1]
+        return self.node_lo[0].shape[1] if self.node_lo else 0
 
     def level_sizes(self) -> list[int]:
         """Nodes per level, level 1 first."""
         return [lo.shape[1] for lo in self.node_lo]
-
-    def level1_tkeys(self) -> torch.Tensor:
-        """[H, n_1, D + 1] level-1 nodes in T-space (where inserted tokens find their parent);
-        derived, not stored, so the decode-time index holds only what a query reads."""
-        return transform_keys(self.cluster_keys, self.scale)
 
     def cluster_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First page and page count of every level-1 cluster ([H, n_1] each): build_tree
@@ -251,7 +245,7 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
     if n == 0:
         empty = torch.zeros(H, 0, dtype=torch.long, device=device)
         none = torch.zeros(H, 0, D, dtype=keys.dtype, device=device)
-        tree = TreeIndex(scale, none, [], [], [], empty, none.clone(), none.clone(), empty.clone())
+        tree = TreeIndex(scale, [], [], [], empty, none, none.clone(), empty.clone())
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
@@ -301,33 +295,29 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
             lo, hi = _boxes_up(lo, hi, node_parent[j - 1], members[j].shape[1])
         node_lo.append(lo)
         node_hi.append(hi)
-    tree = TreeIndex(scale, gather_rows(keys, members[0]), node_lo, node_hi, node_parent, page_parent, page_lo,
+    tree = TreeIndex(scale, node_lo, node_hi, node_parent, page_parent, page_lo,
                      page_hi, valid)
     return tree, PageLayout(page_of, slot_of, num_pages)
 
 
 class PrivatePages:
     """A request's own pages: tokens that left its recent window after the shared
-    context was indexed (question and generated tokens). They join the tree by
-    nearest level-1 parent, so the same query finds them, while the shared tree and
-    its pages stay immutable. Pages are grown in place, doubling capacity."""
+    context was indexed (question and generated tokens), in arrival order: private
+    token n is slot n % page_size of page n // page_size on every head, as the static
+    decode path keeps them. Every private page is a candidate at every step (the tree's
+    walk covers the shared pages only); the shared tree and its pages stay immutable.
+    Pages are grown in place, doubling capacity."""
 
-    def __init__(self, tree: TreeIndex, num_heads: int, page_size: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, capacity: int = 8) -> None:
-        self.tree = tree
-        self.level1_tkeys = tree.level1_tkeys()  # [H, n_1, D + 1]
+    def __init__(self, num_heads: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 capacity: int = 8) -> None:
         self.page_size = page_size
         H, P, D = num_heads, page_size, head_dim
         self.keys = torch.zeros(H, capacity, P, D, dtype=dtype, device=device)  # [H, cap, P, D]
         self.values = torch.zeros_like(self.keys)
         self.positions = torch.full((H, capacity, P), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(H, capacity, dtype=torch.long, device=device)
-        self.parent = torch.full((H, capacity), -1, dtype=torch.long, device=device)
         self.lo = torch.zeros(H, capacity, D, dtype=dtype, device=device)  # page boxes (page_bounds)
         self.hi = torch.zeros(H, capacity, D, dtype=dtype, device=device)
-        # open page per (head, cluster); the extra last column is the cluster "none" (empty tree)
-        self.open_page = torch.full((H, tree.num_clusters + 1), -1, dtype=torch.long, device=device)
-        self.num_pages = torch.zeros(H, dtype=torch.long, device=device)  # pages used per head
         self.num_tokens = 0
         self.last_written = torch.zeros(H, 0, dtype=torch.long, device=device)  # pages the last insert changed
 
@@ -337,59 +327,33 @@ class PrivatePages:
 
     @property
     def used_pages(self) -> int:
-        return int(self.num_pages.max()) if self.num_tokens else 0
+        return -(-self.num_tokens // self.page_size)
 
     def _grow(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
-        for name, fill in (("keys", 0), ("values", 0), ("positions", -1), ("valid", 0), ("parent", -1),
-                           ("lo", 0), ("hi", 0)):
+        for name, fill in (("keys", 0), ("values", 0), ("positions", -1), ("valid", 0), ("lo", 0), ("hi", 0)):
             old = getattr(self, name)
             pad = torch.full((old.shape[0], extra, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
             setattr(self, name, torch.cat([old, pad], dim=1))
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add tokens. keys, values: [H, m, D]; positions: [m]."""
-        H, m, D = keys.shape
+        """Add tokens after those already held. keys, values: [H, m, D]; positions: [m]."""
+        H, m, _ = keys.shape
         if m == 0:
             return
         P, device = self.page_size, keys.device
-        tree = self.tree
-        if tree.num_clusters:
-            tk = transform_keys(keys, tree.scale)  # [H, m, D + 1]
-            bucket = _nearest(tk, self.level1_tkeys)[0]  # [H, m]
-        else:
-            bucket = torch.full((H, m), tree.num_clusters, dtype=torch.long, device=device)
-        nb = self.open_page.shape[1]
-        fill = torch.where(self.open_page >= 0, self.valid.gather(1, self.open_page.clamp_min(0)),
-                           torch.full_like(self.open_page, P))  # [H, nb]; P = no room
-        counts = torch.zeros(H, nb, dtype=torch.long, device=device).scatter_add_(1, bucket, torch.ones_like(bucket))
-        order = bucket.argsort(dim=1, stable=True)
-        sorted_bucket = bucket.gather(1, order)
-        starts = counts.cumsum(1) - counts
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(m, device=device) - starts.gather(1, sorted_bucket))  # [H, m]
-        pos_in = fill.gather(1, bucket) + rank
-        to_open = pos_in < P
-        new_per_bucket = (fill + counts - P).clamp_min(0).add(P - 1) // P  # [H, nb]
-        new_base = self.num_pages[:, None] + new_per_bucket.cumsum(1) - new_per_bucket
-        over = (pos_in - P).clamp_min(0)
-        page = torch.where(to_open, self.open_page.gather(1, bucket), new_base.gather(1, bucket) + over // P)
-        slot = torch.where(to_open, pos_in, over % P)
-        total_new = new_per_bucket.sum(1)  # [H]
-        self._grow(int((self.num_pages + total_new).max()))
-
-        h = torch.arange(H, device=device)[:, None].expand(H, m)
-        self.keys[h, page, slot] = keys.to(self.keys.dtype)
-        self.values[h, page, slot] = values.to(self.values.dtype)
-        self.positions[h, page, slot] = positions.to(device).expand(H, m)
-        self.valid.scatter_add_(1, page, torch.ones_like(page))
-        self.parent.scatter_(1, page, torch.where(bucket == tree.num_clusters, -1, bucket))
-        has_new = new_per_bucket > 0
-        self.open_page = torch.where(has_new, new_base + new_per_bucket - 1, self.open_page)
-        self.num_pages += total_new
+        first, last = self.num_tokens // P, (self.num_tokens + m - 1) // P  # the pages it writes
+        n = torch.arange(self.num_tokens, self.num_tokens + m, device=device)
+        page, slot = n // P, n % P
+        self._grow(last + 1)
+        self.keys[:, page, slot] = keys.to(self.keys.dtype)
+        self.values[:, page, slot] = values.to(self.values.dtype)
+        self.positions[:, page, slot] = positions.to(device)
+        self.valid.index_add_(1, page, torch.ones(H, m, dtype=torch.long, device=device))
         self.num_tokens += m
-        self.last_written = page
-        # only the pages this insert wrote change their boxes ([H, m]; repeats agree)
-        self.lo[h, page], self.hi[h, page] = page_bounds(self.keys[h, page], self.valid.gather(1, page))
+        # only the pages this insert wrote change their boxes
+        written = torch.arange(first, last + 1, device=device)
+        self.lo[:, written], self.hi[:, written] = page_bounds(self.keys[:, written], self.valid[:, written])
+        self.last_written = written.expand(H, -1)

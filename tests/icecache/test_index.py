@@ -149,32 +149,34 @@ def test_query_returns_distinct_valid_pages_best_first():
         assert (tree.page_valid[h, ids[h]] > 0).all()
 
 
-def test_private_insertion_joins_clusters_and_is_found():
+def test_private_pages_fill_in_arrival_order_and_are_found():
     keys = clustered_keys(3)
     tree, _ = build(keys)
-    private = PrivatePages(tree, H, 16, D, torch.float32, torch.device("cpu"))
+    private = PrivatePages(H, 16, D, torch.float32, torch.device("cpu"))
     new = keys[:, :40] * 3.0  # novel keys (3x the norm of anything in the tree)
     private.insert(new, new, torch.arange(40))
     for i in range(25):  # one token at a time, as decode does
         private.insert(new[:, i:i + 1], new[:, i:i + 1], torch.tensor([100 + i]))
-    assert private.num_tokens == 65
-    used = private.used_pages
-    assert private.valid[:, :used].sum(1).tolist() == [65] * H
-    assert (private.valid <= 16).all()
-    real = private.valid[:, :used] > 0  # heads hold different page counts; the rest is padding
-    assert (private.parent[:, :used][real] >= 0).all()  # every private page hangs under a level-1 node
+    assert private.num_tokens == 65 and private.used_pages == 5  # ceil(65 / 16)
+    assert private.valid[:, :5].tolist() == [[16, 16, 16, 16, 1]] * H
+    expected = torch.cat([torch.arange(40), 100 + torch.arange(25)])
+    assert torch.equal(private.positions[:, :5].flatten(1)[:, :65], expected.expand(H, 65))
+    assert torch.equal(private.keys[:, 2, 8:], new[:, :8])  # token 40 (the first decoded) is slot 8 of page 2
+    for p in range(5):  # every page's box is exactly its valid keys' min and max
+        k = private.keys[:, p, :int(private.valid[0, p])]
+        assert torch.equal(private.lo[:, p], k.amin(1)) and torch.equal(private.hi[:, p], k.amax(1))
+    assert private.last_written.tolist() == [[4]] * H  # the last insert wrote only page 4
     # a query aimed exactly at a private key selects a private page
     target = torch.randn(H, 1, D) * 0.1 + new[:, 5:6]
     ids = select_pages(tree, private, target, 12, 64, D ** -0.5)
     assert (ids >= tree.num_pages).any()
-    assert all_pages(tree, private).shape[1] == tree.num_pages + used
-    assert int(real.sum()) == int(private.num_pages.sum())
+    assert all_pages(tree, private).shape[1] == tree.num_pages + 5
 
 
 def test_empty_tree_still_takes_private_tokens():
     tree, layout = build(torch.zeros(H, 0, D))
     assert tree.num_pages == 0 and layout.num_pages == 0
-    private = PrivatePages(tree, H, 16, D, torch.float32, torch.device("cpu"))
+    private = PrivatePages(H, 16, D, torch.float32, torch.device("cpu"))
     private.insert(torch.randn(H, 20, D), torch.randn(H, 20, D), torch.arange(20))
     ids = select_pages(tree, private, torch.randn(H, 3, D), 12, 64, D ** -0.5)
     assert sorted(i for i in ids[0].tolist() if i >= 0) == [0, 1]

@@ -43,21 +43,21 @@ def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank, q
     """Quest, the oracle, StreamingLLM and IceCache (with and without re-ranking the
     bounds' candidates by their keys, and with the question's own pages among them) give
     the same tokens on the static path (the GPU's, where the accuracy suite runs) as on
-    the dynamic path. One-token pages make both
-    paths' private pages the same: with larger pages the dynamic path groups a request's
-    tokens by cluster and the static path by arrival, so their page choices may differ."""
+    the dynamic path. Four-token pages, and a prompt and answer long enough to fill
+    private pages: both paths keep a request's own tokens on them in arrival order."""
     model = random_model(tiny_config("llama"), torch.device("cpu"))
     ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(2)).tolist()
-    config = IceCacheConfig(token_budget=4 + 4 + 12, page_size=1, sink_tokens=4, window_tokens=4, dense_layers=1,
+    config = IceCacheConfig(token_budget=4 + 4 + 12 * 4, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,
                             selector=selector, rerank=rerank, question_pages=question)
+    prompt = list(range(7, 17))  # with the context's 4-token tail: 10 tokens past the window before decoding
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     outs = {}
     for path in ("dynamic", "static"):
         eng = Engine.from_model(model, config=config.replace(decode_path=path))
-        outs[path] = eng.generate([7, 8, 9], params, context=eng.index(ids))
+        outs[path] = eng.generate(prompt, params, context=eng.index(ids))
     assert outs["static"].token_ids == outs["dynamic"].token_ids and len(outs["static"].token_ids) == 20
     full = Engine.from_model(model, config=config.replace(mode="full"))
-    assert outs["static"].token_ids != full.generate([7, 8, 9], params, context=full.index(ids)).token_ids
+    assert outs["static"].token_ids != full.generate(prompt, params, context=full.index(ids)).token_ids
     for out in outs.values():  # StreamingLLM reads no pages; the others fill the budget every step
         sparse_rows = (model.config.num_hidden_layers - 1) * model.config.num_key_value_heads
         expected = 0 if selector == "streaming" else 12 * sparse_rows
@@ -84,7 +84,7 @@ def test_a_selector_added_to_the_table_runs_on_both_paths(monkeypatch):
     monkeypatch.setitem(SELECTORS, "newest", Selector("newest", newest))
     model = random_model(tiny_config("llama"), torch.device("cpu"))
     ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(4)).tolist()
-    config = IceCacheConfig(token_budget=4 + 4 + 12, page_size=1, sink_tokens=4, window_tokens=4, dense_layers=1,
+    config = IceCacheConfig(token_budget=4 + 4 + 12 * 4, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,
                             selector="newest")
     assert config.candidates == (1, 0)  # not the tree's query: no re-ranking, no question pages
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
