@@ -141,8 +141,8 @@ def start_app(model_dir: Path, args) -> str:
     app_spec = spec["applications"][0]
     app_args = {**app_spec["args"], "model": str(model_dir), "device": args.device, "cache_capacity": args.cache,
                 "engine": engine_overrides(args),
-                "max_batch": args.max_batch, "max_waiting": 1024, "max_new_tokens": max(args.tokens, 64),
-                "max_document_bytes": "64MiB", "tenant_secret": "bench"}
+                "max_batch": args.max_batch, "max_waiting": 1024,
+                "max_new_tokens": max(args.tokens, 64), "max_document_bytes": "64MiB", "tenant_secret": "bench"}
     llm = next(d for d in app_spec["deployments"] if d["name"] == "IceCacheLLM")
     options = {"num_replicas": 1, "max_ongoing_requests": max(llm.get("max_ongoing_requests", 16), args.max_batch)}
     ray.init(num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=True,
@@ -171,7 +171,8 @@ def ask(client, context_id: str, prompt: str, tokens: int) -> dict:
     n = stats.output_tokens
     return {"ttft_s": first - start, "tpot_s": (last - first) / max(1, n - 1), "tokens": n, "start": start,
             "end": last, "server_ttft_s": stats.ttft_s, "server_tpot_s": stats.tpot_s,
-            "peak_batch": stats.peak_batch, "reused": stats.context_reused}
+            "peak_batch": stats.peak_batch, "reused": stats.context_reused, "lease_s": stats.lease_s,
+            "queue_s": stats.queue_s, "prefill_batch": stats.prefill_batch, "prefill_pass_s": stats.prefill_pass_s}
 
 
 def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
@@ -197,7 +198,12 @@ def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
             "server_ttft_p50_s": statistics.median(r["server_ttft_s"] for r in runs),
             "tpot_p50_s": statistics.median(r["tpot_s"] for r in runs),
-            "tok_s": sum(r["tokens"] for r in runs) / wall, "peak_batch": max(r["peak_batch"] for r in runs)}
+            "tok_s": sum(r["tokens"] for r in runs) / wall, "peak_batch": max(r["peak_batch"] for r in runs),
+            # where a first token's wait goes, server side: leasing the context, then waiting for
+            # admission (the step in flight), then the prefill pass the question joined
+            **{f"{k}_p50_s": statistics.median(r[f"{k}_s"] for r in runs) for k in ("lease", "queue", "prefill_pass")},
+            "prefill_batches": sorted(r["prefill_batch"] for r in runs),
+            "queue_s": sorted(round(r["queue_s"], 4) for r in runs)}
 
 
 def index_timed(index, doc: list[int], build_field: str = "index_build_s") -> tuple[object, dict]:

@@ -206,6 +206,7 @@ class IceCacheLLM:
             loop.call_soon_threadsafe(push, (kind, value))
 
         submitted: list = []
+        leased_at = [arrived]
 
         def stats(out, lease: Lease | None) -> dict:
             s = out.stats
@@ -217,7 +218,8 @@ class IceCacheLLM:
                                                      else s["prefill_s"] or 0.0),
                 "context_id": lease.context_id if lease else "", "node_id": self.node_id,
                 "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"],
-                "peak_batch": s["peak_batch"], "queue_s": s["queue_s"]}
+                "peak_batch": s["peak_batch"], "queue_s": s["queue_s"], "lease_s": leased_at[0] - arrived,
+                "prefill_batch": s["prefill_batch"], "prefill_pass_s": s["prefill_pass_s"]}
 
         def work() -> None:
             """Lease the context (may prefill a document), then hand the request to the scheduler."""
@@ -268,6 +270,7 @@ class IceCacheLLM:
                         self.contexts.release(lease)
                     put("end", None)
 
+                leased_at[0] = time.perf_counter()
                 submitted.append(self.scheduler.submit(text, params, lease.context if lease else None, on_item=on_item,
                                                        on_done=on_done, arrived=arrived))
                 if cancelled.is_set():

@@ -341,6 +341,7 @@ class Scheduler:
         if not pack:
             return
         members = [s for s, _ in pack]
+        started = time.perf_counter()
         logits = self._guard(members, lambda: self.runner.prefill(
             [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members]))
         if logits is None:
@@ -357,6 +358,8 @@ class Scheduler:
             picks = logits[[i for i, _ in greedy]].argmax(-1).tolist()
             for (_, seq), token in zip(greedy, picks):
                 seq.chosen = token
+        for seq in members:  # through the picks' sync: the pass's device time when any request is greedy
+            seq.prefill_batch, seq.prefill_pass_s = len(members), time.perf_counter() - started
 
     # ---------------------------------------------------------------- device state of contexts
     def _group_for(self, seq: Sequence) -> DecodeGroup | None:

@@ -95,6 +95,8 @@ class Sequence:
         self.last_token_at = 0.0
         self.finish = "length"
         self.peak_batch = 0  # most requests one decode pass carried along with this one
+        self.prefill_batch = 0  # questions prefilled in the pass that finished this one's prompt
+        self.prefill_pass_s = 0.0  # that pass's time
         self.done = False
         self.cancelled = False
         context_tokens = context.num_tokens if context else len(prompt_ids)
@@ -204,6 +206,8 @@ class Sequence:
                 "host_bytes": ctx.host_bytes,
                 "mode": self.engine.config.mode,
                 "peak_batch": self.peak_batch,
+                "prefill_batch": self.prefill_batch,
+                "prefill_pass_s": self.prefill_pass_s,
             }))
         self.release()
         return None

@@ -182,6 +182,10 @@ def test_load_32_concurrent_streams_on_one_context(app, engine):
     peak = max(r[2].peak_batch for r in results)
     print(f"[load] most streams decoded in one step: {peak}")
     assert peak >= 4  # the replicas batch concurrent streams instead of serialising them
+    # where a first token's wait went, server side: leasing, then queueing, then a shared prefill pass
+    assert all(0 < r[2].lease_s <= r[2].queue_s <= r[2].ttft_s and 0 < r[2].prefill_pass_s <= r[2].ttft_s
+               for r in results)
+    assert max(r[2].prefill_batch for r in results) >= 2  # questions waiting together are prefilled together
     assert shm.list_segments() == segments_before
     assert sum(n.leases for n in app.node_stats().values()) == 0
 

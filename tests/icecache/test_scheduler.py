@@ -226,6 +226,7 @@ def test_waiting_questions_prefill_in_one_pass_and_answer_as_alone(eng, path, mo
     drain(scheduler, seqs)
     assert [output(s).token_ids for s in seqs] == alone
     assert passes == [([ctx] * 5 + [other], [3, 40, 1, 5, 2, 3])]
+    assert [output(s).stats["prefill_batch"] for s in seqs] == [6] * 6
 
 
 def test_a_long_question_continues_its_pass_at_the_next_step(eng):
