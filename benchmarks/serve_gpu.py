@@ -141,7 +141,7 @@ def start_app(model_dir: Path, args) -> str:
     app_spec = spec["applications"][0]
     app_args = {**app_spec["args"], "model": str(model_dir), "device": args.device, "cache_capacity": args.cache,
                 "engine": engine_overrides(args),
-                "max_batch": args.max_batch, "max_waiting": 1024,
+                "max_batch": args.max_batch, "max_waiting": 1024, "burst_wait_s": args.burst_wait,
                 "max_new_tokens": max(args.tokens, 64), "max_document_bytes": "64MiB", "tenant_secret": "bench"}
     llm = next(d for d in app_spec["deployments"] if d["name"] == "IceCacheLLM")
     options = {"num_replicas": 1, "max_ongoing_requests": max(llm.get("max_ongoing_requests", 16), args.max_batch)}
@@ -325,6 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--doc-tokens", type=int, default=16384, help="length of each of those documents")
     ap.add_argument("--multi-concurrency", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--max-batch", type=int, default=64, help="the replica scheduler's max_batch")
+    ap.add_argument("--burst-wait", type=float, default=0.0, help="the app's burst_wait_s (seconds)")
     ap.add_argument("--cache", default="48GiB", help="the node cache's shared-memory capacity")
     ap.add_argument("--engine", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="IceCacheConfig fields for the engine and the app (e.g. index_chunk_tokens=8192)")

@@ -47,6 +47,9 @@ class AppArgs(BaseModel):
     replica_cpus: float = Field(1.0, description="CPUs reserved per replica")
     max_batch: int = Field(16, description="requests one replica decodes together (continuous batching)")
     max_waiting: int = Field(256, description="requests a replica queues beyond max_batch before refusing")
+    burst_wait_s: float = Field(0.0, ge=0, le=1, description="an idle replica gathers questions arriving together "
+                                "(each within 5 ms of the last) for at most this long, to prefill them in one pass; "
+                                "a lone question waits 5 ms; 0 = no wait (see the README)")
     tenant_secret: str | None = Field(
         None, description="keys tenants' context ids; default: $ICECACHE_TENANT_SECRET, else random per deploy")
     engine: dict[str, Any] = Field(

@@ -51,7 +51,8 @@ class IceCacheLLM:
         # One thread drives the device: the scheduler's. Requests, documents to index and
         # the writes of contexts into shared memory are queued to it; the pool threads below
         # only wait (on the node cache, on the scheduler), never touch the device.
-        self.scheduler = self.engine.scheduler(max_batch=self.args.max_batch, max_waiting=self.args.max_waiting)
+        self.scheduler = self.engine.scheduler(max_batch=self.args.max_batch, max_waiting=self.args.max_waiting,
+                                               burst_wait_s=self.args.burst_wait_s)
         self.scheduler.start()
         self.contexts = SharedContexts(self.engine, tenant_secret.encode(), self.args.cache_capacity,
                                        build=self._build, run=lambda fn: self.scheduler.call(fn).result(),

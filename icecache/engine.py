@@ -183,7 +183,8 @@ class Engine:
 
     # ---------------------------------------------------------------- the request loop
     def scheduler(self, max_batch: int = 32, max_waiting: int = 1024, device_bytes: int | str | None = "auto",
-                  device_pages: bool = False, host_bytes: int | str | None = "auto", keep_idle: int = 8) -> Scheduler:
+                  device_pages: bool = False, host_bytes: int | str | None = "auto", keep_idle: int = 8,
+                  burst_wait_s: float = 0.0) -> Scheduler:
         """A continuous-batching scheduler over this engine (see icecache.scheduler).
         device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
         free now on CUDA (room for activations and graph pools) less what the runner may
@@ -196,7 +197,10 @@ class Engine:
         without a context) may take together; "auto" = 80% of the memory available now
         (Linux), None = no limit.
         keep_idle: groups kept with their context's device state (dense KV, plans, CUDA
-        graphs) after their last request leaves, for the next request on that context."""
+        graphs) after their last request leaves, for the next request on that context.
+        burst_wait_s: when requests reach an idle scheduler, it waits while more keep
+        arriving (each within 5 ms of the last), at most this long, so questions sent
+        together share one prefill pass; a lone request waits 5 ms. 0 = no wait."""
         if device_bytes == "auto":
             device_bytes = None
             if self.device.type == "cuda":  # less what the runner may keep of hot contexts
@@ -205,7 +209,7 @@ class Engine:
         if host_bytes == "auto":
             host_bytes = _available_host_bytes()
             host_bytes = int(host_bytes * 0.8) if host_bytes is not None else None
-        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages, host_bytes, keep_idle)
+        return Scheduler(self, max_batch, max_waiting, device_bytes, device_pages, host_bytes, keep_idle, burst_wait_s)
 
     def validate(self, prompt, params: SamplingParams | None, context: Context | None
                  ) -> tuple[list[int], SamplingParams, Context | None]:

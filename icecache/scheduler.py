@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SLOT_TOKENS = 512  # a group's slots hold a multiple of this many own tokens (prompt + decoded)
+BURST_GAP_S = 0.005  # a burst of arrivals is over once none has come for this long
 
 
 class SchedulerFull(RuntimeError):
@@ -73,20 +74,25 @@ class Scheduler:
 
     def __init__(self, engine: "Engine", max_batch: int = 32, max_waiting: int = 1024,
                  device_bytes: int | None = None, device_pages: bool = False, host_bytes: int | None = None,
-                 keep_idle: int = 8) -> None:
+                 keep_idle: int = 8, burst_wait_s: float = 0.0) -> None:
         """device_bytes: the KV budget of admitted requests and idle groups (None = no
         limit); device_pages: a group copies its document's pages into GPU memory (see
         StaticDecoder); host_bytes: the budget of the contexts that admitted prompts without
-        one build (None = no limit); keep_idle: idle groups kept at most; see Engine.scheduler."""
+        one build (None = no limit); keep_idle: idle groups kept at most; burst_wait_s: how
+        long an idle scheduler may gather a burst of requests before its first pass; see
+        Engine.scheduler."""
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: must be a positive int, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting: must be an int >= 0, got {max_waiting!r}")
         if not isinstance(keep_idle, int) or keep_idle < 0:
             raise ValueError(f"keep_idle: must be an int >= 0, got {keep_idle!r}")
+        if not isinstance(burst_wait_s, (int, float)) or not 0 <= burst_wait_s <= 1:
+            raise ValueError(f"burst_wait_s: must be a number of seconds in [0, 1], got {burst_wait_s!r}")
         self.engine, self.runner = engine, engine.runner
         self.max_batch, self.max_waiting, self.device_bytes = max_batch, max_waiting, device_bytes
         self.device_pages, self.host_bytes, self.keep_idle = device_pages, host_bytes, keep_idle
+        self.burst_wait_s = float(burst_wait_s)
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
@@ -192,12 +198,31 @@ class Scheduler:
                         self._lock.wait()
                     if self._stop:
                         return
+                    if idle:
+                        self._gather_burst()
                 self.step()
         except BaseException as e:  # the device or the scheduler itself: nothing here can go on
             log.exception("scheduler step failed; failing every request in flight")
             with self._lock:
                 self.error = e
             self._fail_all(SchedulerDead(f"the scheduler stopped after a failed step: {e!r}"))
+
+    def _gather_burst(self) -> None:
+        """Called with the lock held, when requests arrive at an idle scheduler: wait while
+        more keep arriving (each within BURST_GAP_S of the last, burst_wait_s at most), so
+        questions sent together are prefilled in one pass. Without it the first would be
+        prefilled alone and the rest, arrived milliseconds later, would wait for that pass
+        and a decode step before theirs."""
+        deadline = time.perf_counter() + self.burst_wait_s
+        seen = len(self._waiting)
+        while not self._stop and seen < self.max_batch and not self._calls:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._lock.wait(min(BURST_GAP_S, left))
+            if len(self._waiting) == seen:  # a quiet gap: the burst is over
+                return
+            seen = len(self._waiting)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 admission control queues or refuses cleanly; cancelling frees a request mid-batch."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -227,6 +228,30 @@ def test_waiting_questions_prefill_in_one_pass_and_answer_as_alone(eng, path, mo
     assert [output(s).token_ids for s in seqs] == alone
     assert passes == [([ctx] * 5 + [other], [3, 40, 1, 5, 2, 3])]
     assert [output(s).stats["prefill_batch"] for s in seqs] == [6] * 6
+
+
+def test_an_idle_scheduler_gathers_a_burst_into_one_pass_and_stops_at_a_quiet_gap(eng, monkeypatch):
+    """Questions arriving together at an idle driver thread share one prefill pass (the
+    served app's burst of concurrent questions); one arriving after a quiet gap gets its
+    own. The gap is widened so the test does not depend on this machine's thread timing."""
+    import icecache.scheduler as sched
+    monkeypatch.setattr(sched, "BURST_GAP_S", 0.3)
+    ctx = eng.index(doc(300, 13))
+    scheduler = eng.scheduler(max_batch=8, burst_wait_s=1.0)
+    scheduler.start()
+    seqs = []
+    for i, pause in enumerate([0.0, 0.05, 0.05, 1.5]):  # three within the gap of each other, then a late one
+        time.sleep(pause)
+        seqs.append(scheduler.submit([5 + i, 6], greedy(3), context=ctx))
+    deadline = time.monotonic() + 120
+    while not all(s.done for s in seqs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    scheduler.stop()
+    stats = [output(s).stats for s in seqs]
+    assert [s["prefill_batch"] for s in stats] == [3, 3, 3, 1]
+    assert all(s["prefill_pass_s"] > 0 for s in stats)
+    with pytest.raises(ValueError, match="burst_wait_s"):
+        eng.scheduler(burst_wait_s=-1)
 
 
 def test_a_long_question_continues_its_pass_at_the_next_step(eng):
