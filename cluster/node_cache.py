@@ -65,6 +65,26 @@ def actor_name(node_id: str) -> str:
     return f"icecache_node_cache_{node_id}"
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    """What one node's cache holds and has done (NodeCache.stats; the gRPC NodeStats)."""
+
+    node_id: str
+    contexts: int  # published contexts
+    bytes: int  # bytes the placed contexts take in the slabs
+    capacity_bytes: int
+    leases: int  # leases held by requests (and writers) now
+    segments: int  # contexts placed, published or being written
+    slabs: int
+    slab_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    prefills: int  # contexts reserved to be written (each a prefill somewhere on the node)
+    reaped_leases: int  # leases of dead processes dropped
+    slabs_made: int
+
+
 @dataclass
 class Record:
     """One context in the registry."""
@@ -314,13 +334,12 @@ class NodeCache:
         record = self.records.get(key)
         return record is not None and record.tenant == tenant and record.ready and not record.dropped
 
-    def stats(self) -> dict:
+    def stats(self) -> CacheStats:
         self._reap()
         self._export()
-        return {"node_id": self.node_id, "contexts": sum(r.ready for r in self.records.values()),
-                "bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes, "leases": len(self.leases),
-                "segments": len(self.records), "slabs": len(self.slabs), "slab_bytes": sum(self.slabs.values()),
-                **self.counts}
+        return CacheStats(self.node_id, sum(r.ready for r in self.records.values()), self.used_bytes,
+                          self.capacity_bytes, len(self.leases), len(self.records), len(self.slabs),
+                          sum(self.slabs.values()), **self.counts)
 
     def lease_holders(self) -> list[int]:
         """Process ids holding leases (for operators and fault tests)."""

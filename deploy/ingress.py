@@ -8,6 +8,7 @@ values."""
 import logging
 import re
 import time
+from dataclasses import asdict
 
 import grpc
 from fastapi import FastAPI, Request
@@ -168,7 +169,8 @@ class IceCacheIngress:
     async def GetStats(self, request: pb.StatsRequest, grpc_context) -> pb.StatsReply:
         nodes = [await cache.stats.remote() for cache in self._caches()]
         fields = set(pb.NodeStats.DESCRIPTOR.fields_by_name)
-        return pb.StatsReply(nodes=[pb.NodeStats(**{k: v for k, v in n.items() if k in fields}) for n in nodes])
+        return pb.StatsReply(nodes=[pb.NodeStats(**{k: v for k, v in asdict(n).items() if k in fields})
+                                    for n in nodes])
 
     @staticmethod
     def _caches() -> list:

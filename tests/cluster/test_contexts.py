@@ -34,7 +34,7 @@ def test_second_index_of_a_document_is_a_shared_hit(shared, engine):
     assert second.cached and second.context_id == first.context_id
     assert reuse_s < first.context.prefill_s / 5  # a lookup and a map, no prefill
     assert second.context is first.context  # the same mapping, not a second copy
-    assert second.extent == first.extent and ray.get(shared.cache.stats.remote())["contexts"] == 1
+    assert second.extent == first.extent and ray.get(shared.cache.stats.remote()).contexts == 1
 
     params = SamplingParams(max_tokens=8, temperature=0.0)
     expected = engine.generate(QUESTION, params, context=engine.index(doc))
@@ -43,7 +43,7 @@ def test_second_index_of_a_document_is_a_shared_hit(shared, engine):
 
     shared.release(first)
     shared.release(second)
-    assert ray.get(shared.cache.stats.remote())["leases"] == 0
+    assert ray.get(shared.cache.stats.remote()).leases == 0
     # the mapping outlives its leases (the next question finds it mapped and page-locked)...
     assert shared.idle_mappings == 1
     third = shared.open("t", first.context_id)
@@ -101,7 +101,7 @@ def test_a_document_bigger_than_the_cache_is_refused(ray_local, engine):
     small = SharedContexts(engine, b"s", 1 << 20, cache=tiny)
     with pytest.raises(CacheFull, match="needs .* bytes"):
         small.index("t", engine.tokenize("word " * 300))
-    assert ray.get(small.cache.stats.remote())["segments"] == 0
+    assert ray.get(small.cache.stats.remote()).segments == 0
     ray.kill(small.cache)
 
 
@@ -113,7 +113,7 @@ def test_documents_go_into_the_preallocated_slab_mapped_once(ray_local, engine):
         (slab,) = ray.get(cache.slabs_held.remote())
         leases = [contexts.index("t", engine.tokenize(f"Document {i}: " + "some words here. " * 40)) for i in range(2)]
         stats = ray.get(cache.stats.remote())
-        assert stats["slabs_made"] == 1 and stats["contexts"] == 2 and slab in shm.list_segments()
+        assert stats.slabs_made == 1 and stats.contexts == 2 and slab in shm.list_segments()
         assert len({lease.extent for lease in leases}) == 2
         # each was written once into the slab and is read back from it: the same tokens as a private index
         params = SamplingParams(max_tokens=4, temperature=0.0)
@@ -122,7 +122,7 @@ def test_documents_go_into_the_preallocated_slab_mapped_once(ray_local, engine):
             assert (engine.generate(QUESTION, params, context=lease.context).token_ids
                     == engine.generate(QUESTION, params, context=private).token_ids)
             contexts.release(lease)
-        assert stats["bytes"] < 2 * engine_bound(engine, leases)  # the unused tail of each reservation came back
+        assert stats.bytes < 2 * engine_bound(engine, leases)  # the unused tail of each reservation came back
     finally:
         ray.get(cache.shutdown.remote())
         ray.kill(cache)

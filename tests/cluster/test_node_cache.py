@@ -63,12 +63,12 @@ def test_lru_eviction_spares_leased_contexts(cache):
     assert full.status == "full" and "leased" in full.message
     assert call(cache, "holds", "b" * 32, "t") and call(cache, "holds", "d" * 32, "t")  # leased: never evicted
     stats = call(cache, "stats")
-    assert stats["evictions"] == 2 and stats["contexts"] == 2 and stats["bytes"] == 2 * MiB  # c, then a
+    assert stats.evictions == 2 and stats.contexts == 2 and stats.bytes == 2 * MiB  # c, then a
 
     # what a reader maps is what the writer wrote, and contexts never overlap
     view = read(b, MiB)
     assert bytes(view) == bytes([1]) * MiB and bytes(read(d, MiB)) == bytes([7]) * MiB
-    assert call(cache, "stats")["slabs_made"] == 1  # one slab, reused
+    assert call(cache, "stats").slabs_made == 1  # one slab, reused
     with pytest.raises(TypeError):
         view[0] = 0  # read-only mapping
     call(cache, "release", d.lease)
@@ -87,7 +87,7 @@ def test_leases_of_a_dead_process_are_dropped(cache):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert holder.pid not in call(cache, "lease_holders")
-    assert call(cache, "stats")["reaped_leases"] == 1
+    assert call(cache, "stats").reaped_leases == 1
 
 
 def test_a_dead_writers_unpublished_segment_is_discarded(cache):
@@ -97,7 +97,7 @@ def test_a_dead_writers_unpublished_segment_is_discarded(cache):
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert call(cache, "acquire", "t", "w" * 32, os.getpid()).status == "missing"
-    assert call(cache, "stats")["bytes"] == 0  # its extent is free again...
+    assert call(cache, "stats").bytes == 0  # its extent is free again...
     again = call(cache, "reserve", "t", "x" * 32, "m", 10, MiB, os.getpid())
     assert (again.segment, again.offset) == (grant.segment, grant.offset)  # ...and is reused
     call(cache, "release", again.lease)
@@ -116,11 +116,11 @@ def test_drop_waits_for_the_last_lease(cache):
     grant = put(cache, "a" * 32, MiB)
     assert call(cache, "drop", "t", "a" * 32)
     assert call(cache, "acquire", "t", "a" * 32, os.getpid()).status == "missing"  # no new users
-    assert call(cache, "stats")["bytes"] == MiB  # the writer's lease still holds it...
+    assert call(cache, "stats").bytes == MiB  # the writer's lease still holds it...
     again = put(cache, "a" * 32, MiB, fill=9)  # ...so a fresh copy of it goes elsewhere
     assert again.offset != grant.offset and bytes(read(grant, MiB)) == bytes([7]) * MiB
     call(cache, "release", grant.lease)
-    assert call(cache, "stats")["bytes"] == MiB and call(cache, "holds", "a" * 32, "t")
+    assert call(cache, "stats").bytes == MiB and call(cache, "holds", "a" * 32, "t")
     call(cache, "release", again.lease)
 
 
@@ -138,7 +138,7 @@ def test_segments_go_when_the_cache_is_killed(ray_local):
 def test_a_writer_returns_what_it_did_not_use_of_its_reservation(cache):
     grant = call(cache, "reserve", "t", "a" * 32, "m", 10, 2 * MiB, os.getpid())
     assert call(cache, "publish", grant.lease, MiB // 2)  # reserved at an upper bound, used less
-    assert call(cache, "stats")["bytes"] == MiB // 2
+    assert call(cache, "stats").bytes == MiB // 2
     b = put(cache, "b" * 32, 2 * MiB)  # fits beside it only because the tail came back
     assert b.offset >= MiB // 2 and call(cache, "holds", "a" * 32, "t")
     assert call(cache, "acquire", "t", "a" * 32, os.getpid()).num_bytes == MiB // 2
@@ -150,15 +150,15 @@ def test_slabs_are_made_as_needed_and_given_back_for_a_larger_context(ray_local)
     try:
         a = put(handle, "a" * 32, MiB // 2)
         b = put(handle, "b" * 32, MiB // 2)
-        assert a.segment == b.segment and call(handle, "stats")["slabs"] == 1  # two in one slab
+        assert a.segment == b.segment and call(handle, "stats").slabs == 1  # two in one slab
         put(handle, "c" * 32, MiB)
-        assert call(handle, "stats")["slabs"] == 2
+        assert call(handle, "stats").slabs == 2
         for grant in (a, b):
             call(handle, "release", grant.lease)
         assert call(handle, "drop", "t", "a" * 32) and call(handle, "drop", "t", "b" * 32)
         big = put(handle, "d" * 32, 3 * MiB)  # 2 MiB free: the emptied 1 MiB slab is given back for a 3 MiB one
         stats = call(handle, "stats")
-        assert stats["slabs"] == 2 and stats["slab_bytes"] == 4 * MiB and a.segment not in shm.list_segments()
+        assert stats.slabs == 2 and stats.slab_bytes == 4 * MiB and a.segment not in shm.list_segments()
         assert big.segment in shm.list_segments() and call(handle, "holds", "c" * 32, "t")
     finally:
         ray.get(handle.shutdown.remote())
@@ -172,7 +172,7 @@ def test_preallocate_makes_one_slab_of_the_capacity(ray_local):
         slabs = call(handle, "preallocate")
         assert call(handle, "preallocate") == slabs and len(slabs) == 1  # idempotent
         grants = [put(handle, k * 32, MiB) for k in "abcd"]
-        assert {g.segment for g in grants} == set(slabs) and call(handle, "stats")["slabs_made"] == 1
+        assert {g.segment for g in grants} == set(slabs) and call(handle, "stats").slabs_made == 1
         assert sorted(g.offset for g in grants) == [0, MiB, 2 * MiB, 3 * MiB]
         assert os.stat(shm.SHM_DIR / slabs[0]).st_size == 4 * MiB
     finally:
