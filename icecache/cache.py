@@ -120,7 +120,7 @@ class RequestSparseLayer:
         self.draw = random_draw(config.seed, layer)  # selector "random": + the step's position
         self.private = PrivatePages(shape.num_kv_heads, config.page_size, shape.head_dim, dtype, dev)
         cut = max(0, recent_k.shape[1] - self.window)
-        self.private.insert(recent_k[:, :cut], recent_v[:, :cut], torch.arange(first, first + cut))
+        self.private.insert(recent_k[:, :cut], recent_v[:, :cut])
         self.win_k, self.win_v = recent_k[:, cut:], recent_v[:, cut:]
         self.win_first_pos = first + cut  # position of the oldest window token
         num_slots = config.retrieved_pages if config.mode == "icecache" else ctx_layer.tree.num_pages
@@ -133,7 +133,7 @@ class RequestSparseLayer:
         self.win_k = torch.cat([self.win_k, k[:, None]], dim=1)
         self.win_v = torch.cat([self.win_v, v[:, None]], dim=1)
         if self.win_k.shape[1] > self.window:
-            self.private.insert(self.win_k[:, :1], self.win_v[:, :1], torch.tensor([self.win_first_pos]))
+            self.private.insert(self.win_k[:, :1], self.win_v[:, :1])
             self.pool.invalidate(self.private.last_written + self.ctx.pages.num_pages)
             self.win_k, self.win_v = self.win_k[:, 1:], self.win_v[:, 1:]
             self.win_first_pos += 1

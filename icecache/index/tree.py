@@ -295,8 +295,7 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
             lo, hi = _boxes_up(lo, hi, node_parent[j - 1], members[j].shape[1])
         node_lo.append(lo)
         node_hi.append(hi)
-    tree = TreeIndex(scale, node_lo, node_hi, node_parent, page_parent, page_lo,
-                     page_hi, valid)
+    tree = TreeIndex(scale, node_lo, node_hi, node_parent, page_parent, page_lo, page_hi, valid)
     return tree, PageLayout(page_of, slot_of, num_pages)
 
 
@@ -314,7 +313,6 @@ class PrivatePages:
         H, P, D = num_heads, page_size, head_dim
         self.keys = torch.zeros(H, capacity, P, D, dtype=dtype, device=device)  # [H, cap, P, D]
         self.values = torch.zeros_like(self.keys)
-        self.positions = torch.full((H, capacity, P), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(H, capacity, dtype=torch.long, device=device)
         self.lo = torch.zeros(H, capacity, D, dtype=dtype, device=device)  # page boxes (page_bounds)
         self.hi = torch.zeros(H, capacity, D, dtype=dtype, device=device)
@@ -333,13 +331,13 @@ class PrivatePages:
         if needed <= self.capacity:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
-        for name, fill in (("keys", 0), ("values", 0), ("positions", -1), ("valid", 0), ("lo", 0), ("hi", 0)):
+        for name, fill in (("keys", 0), ("values", 0), ("valid", 0), ("lo", 0), ("hi", 0)):
             old = getattr(self, name)
             pad = torch.full((old.shape[0], extra, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
             setattr(self, name, torch.cat([old, pad], dim=1))
 
-    def insert(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add tokens after those already held. keys, values: [H, m, D]; positions: [m]."""
+    def insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add tokens after those already held. keys, values: [H, m, D]."""
         H, m, _ = keys.shape
         if m == 0:
             return
@@ -350,7 +348,6 @@ class PrivatePages:
         self._grow(last + 1)
         self.keys[:, page, slot] = keys.to(self.keys.dtype)
         self.values[:, page, slot] = values.to(self.values.dtype)
-        self.positions[:, page, slot] = positions.to(device)
         self.valid.index_add_(1, page, torch.ones(H, m, dtype=torch.long, device=device))
         self.num_tokens += m
         # only the pages this insert wrote change their boxes

@@ -154,14 +154,13 @@ def test_private_pages_fill_in_arrival_order_and_are_found():
     tree, _ = build(keys)
     private = PrivatePages(H, 16, D, torch.float32, torch.device("cpu"))
     new = keys[:, :40] * 3.0  # novel keys (3x the norm of anything in the tree)
-    private.insert(new, new, torch.arange(40))
+    private.insert(new, new)
     for i in range(25):  # one token at a time, as decode does
-        private.insert(new[:, i:i + 1], new[:, i:i + 1], torch.tensor([100 + i]))
+        private.insert(new[:, i:i + 1], new[:, i:i + 1])
     assert private.num_tokens == 65 and private.used_pages == 5  # ceil(65 / 16)
     assert private.valid[:, :5].tolist() == [[16, 16, 16, 16, 1]] * H
-    expected = torch.cat([torch.arange(40), 100 + torch.arange(25)])
-    assert torch.equal(private.positions[:, :5].flatten(1)[:, :65], expected.expand(H, 65))
-    assert torch.equal(private.keys[:, 2, 8:], new[:, :8])  # token 40 (the first decoded) is slot 8 of page 2
+    expected = torch.cat([new, new[:, :25]], dim=1)  # the 40, then the 25 one at a time
+    assert torch.equal(private.keys[:, :5].flatten(1, 2)[:, :65], expected)  # token n: page n // 16, slot n % 16
     for p in range(5):  # every page's box is exactly its valid keys' min and max
         k = private.keys[:, p, :int(private.valid[0, p])]
         assert torch.equal(private.lo[:, p], k.amin(1)) and torch.equal(private.hi[:, p], k.amax(1))
@@ -177,7 +176,7 @@ def test_empty_tree_still_takes_private_tokens():
     tree, layout = build(torch.zeros(H, 0, D))
     assert tree.num_pages == 0 and layout.num_pages == 0
     private = PrivatePages(H, 16, D, torch.float32, torch.device("cpu"))
-    private.insert(torch.randn(H, 20, D), torch.randn(H, 20, D), torch.arange(20))
+    private.insert(torch.randn(H, 20, D), torch.randn(H, 20, D))
     ids = select_pages(tree, private, torch.randn(H, 3, D), 12, 64, D ** -0.5)
     assert sorted(i for i in ids[0].tolist() if i >= 0) == [0, 1]
 
