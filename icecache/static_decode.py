@@ -15,9 +15,9 @@ What differs from the dynamic path (cache.py), by design:
   to the GPU once instead, for a document many requests read at the same time;
 * the selected pages are gathered every step (12 pages x heads, < 1 MB a layer) rather
   than diffed against resident slots, which would need a data-dependent copy;
-* a request's own tokens that leave the window go to private pages in arrival order
-  (page = n // page_size), which keeps shapes static; they are always candidates and are
-  ranked by the same box bound as shared pages (each page's box grows as tokens arrive);
+* a request's private pages (its own tokens that leave the window, in arrival order: page
+  = n // page_size, as on the dynamic path) live in fixed-capacity slot buffers, filled in
+  place as tokens arrive, where the dynamic path grows its PrivatePages by doubling;
 * on CUDA a sparse layer runs as ~10 Triton kernels (icecache/kernels/: push, tree walk over
   the children of kept nodes only, page ranking over the kept clusters' pages only,
   attention reading pages in place); the torch code of decode_layers.py (a layer's
