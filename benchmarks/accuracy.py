@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.context import layout_of
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 WORDS = ("apple banana cherry delta echo falcon garden harbor island jungle kettle lemon marble nectar ocean "
@@ -220,7 +221,7 @@ def answer(engine: Engine, case: Case, runs: list[tuple[str, int]], timing: dict
     for method, budget in runs:
         cfg = method_config(method, budget or 256)
         eng = engine.with_config(cfg)
-        key = (case.document, cfg.sink_tokens, cfg.window_tokens, cfg.reuse_layers)
+        key = (case.document, layout_of(cfg))
         if key not in contexts:
             t = time.perf_counter()
             contexts[key] = eng.index(case.document)

@@ -18,7 +18,7 @@ from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
-from icecache.index.select import all_pages, candidate_parts, rerank_pages, select_pages
+from icecache.index.select import all_pages, box_parts, rerank_pages, select_pages
 from icecache.index.tree import PrivatePages
 from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
 
@@ -226,7 +226,9 @@ class RequestKV:
         elif self.config.mode == "full" or num_pages <= R:
             page_ids = all_pages(tree, state.private)  # the budget covers everything: no search
         elif state.selector.pages is not None:
-            view = PageView(shared, private, lambda: candidate_parts(tree, state.private, None),
+            own = state.private
+            view = PageView(shared, private, lambda: box_parts(tree, (own.lo[:, :used], own.hi[:, :used],
+                                                                       own.valid[:, :used])),
                             state.draw + state.win_first_pos + state.win_k.shape[1])
             page_ids = state.selector.pages(qg, view, R, scaling)
         else:

@@ -57,12 +57,13 @@ class IceCacheConfig:
     seed: int = 0  # seeds the tree's random promotion, so an index is reproducible
     decode_path: str = "auto"  # "static" (fixed shapes, CUDA graphs on GPU) | "dynamic" | "auto" = static on CUDA
     selector: str = "icecache"  # which pages fill the budget: icecache | oracle | quest | streaming | random
-    # how a KV head's query heads rank its pages: the "max" bound over the heads (Quest's rule: a
-    # page one head needs is kept), or the "sum" of each head's softmax share of the page bounds
+    # how a KV head's query heads rank its pages: the "max" estimate over the heads (a page one
+    # head needs is kept), or the "sum" of each head's softmax share of the pages' estimates
     page_heads: str = "max"
     # How the "icecache" selector fills the budget (the comparison selectors ignore both fields):
-    # candidate pages per retrieved page: the box bounds pick rerank x retrieved_pages candidates,
-    # then the candidates' keys rank them by exact attention mass (1 = by the bounds alone)
+    # candidate pages per retrieved page: the key moments (index.tree.moment_score) pick
+    # rerank x retrieved_pages candidates, then the candidates' keys rank them by exact
+    # attention mass (1 = by the moments alone)
     rerank: int = 2
     # pages per KV head that a question's own attention picks while it is prefilled on the context
     # (what its last tokens attend to, and the page_size positions after it); they join the bounds'

@@ -15,8 +15,8 @@ import torch
 
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
-from icecache.index.select import rank_pages, rerank_pages, shared_part, tree_keep
-from icecache.index.tree import TreeIndex, page_bounds
+from icecache.index.select import box_parts, rank_pages, rerank_pages, shared_part, tree_keep
+from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
 from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class SparseSlots:
         self.priv_valid = torch.zeros(slots, H, cap, dtype=torch.long, device=device)
         self.priv_lo = torch.zeros(slots, H, cap, D, dtype=dtype, device=device)  # page boxes, kept as tokens arrive
         self.priv_hi = torch.zeros_like(self.priv_lo)
+        self.priv_mean = torch.zeros_like(self.priv_lo)  # page moments, kept as tokens arrive
+        self.priv_var = torch.zeros_like(self.priv_lo)
         self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
@@ -167,8 +169,8 @@ class SparseSlots:
             self._plan_kernels(slots, H, D)
 
     def slot_tensors(self) -> list[torch.Tensor]:
-        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.win_k, self.win_v,
-                self.question]
+        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.priv_mean, self.priv_var,
+                self.win_k, self.win_v, self.question]
 
     def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0,
              question: torch.Tensor | None = None) -> None:
@@ -189,6 +191,7 @@ class SparseSlots:
             self.priv_v[slot][:, n // P, n % P] = recent_v[:, :cut]
             self.priv_valid[slot].index_add_(1, n // P, torch.ones(self.H, cut, dtype=torch.long, device=dev))
         self.priv_lo[slot], self.priv_hi[slot] = page_bounds(self.priv_k[slot], self.priv_valid[slot])
+        self.priv_mean[slot], self.priv_var[slot] = page_moments(self.priv_k[slot], self.priv_valid[slot])
         w = recent_k.shape[1] - cut
         self.win_k[slot, :, :w], self.win_v[slot, :, :w] = recent_k[:, cut:], recent_v[:, cut:]
 
@@ -209,8 +212,8 @@ class SparseSlots:
         top = None  # kept level-1 clusters
         if self.plan.levels:
             top = walk.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
-        ids = walk.rank_pages(q, top, self.plan, tree.page_lo, tree.page_hi, tree.page_valid,
-                              self.priv_lo[:B].flatten(0, 1), self.priv_hi[:B].flatten(0, 1),
+        ids = walk.rank_pages(q, top, self.plan, tree.page_mean, tree.page_var, tree.page_valid,
+                              self.priv_mean[:B].flatten(0, 1), self.priv_var[:B].flatten(0, 1),
                               self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"], S["cand"],
                               S["parts"], self.page_heads)
         if self.question.shape[2]:
@@ -235,7 +238,8 @@ class SparseSlots:
         B, H, G, D = q.shape
         rows = lambda t: t[:B].flatten(0, 1)  # noqa: E731  [B, H, ...] -> [B * H, ...]
         push(rows(k).contiguous(), rows(v).contiguous(), rows(self.win_k), rows(self.win_v), self.ring.counts[:B],
-             rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid), rows(self.priv_lo), rows(self.priv_hi))
+             rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid), rows(self.priv_lo), rows(self.priv_hi),
+             rows(self.priv_mean), rows(self.priv_var))
         qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
         page_ids = self.select(qf, scaling)
         S = self.scratch
@@ -266,6 +270,11 @@ class SparseSlots:
         for box, extreme in ((self.priv_lo[b], torch.minimum), (self.priv_hi[b], torch.maximum)):
             old = box.index_select(1, page)  # [H, 1, D]
             box.index_copy_(1, page, torch.where(full, torch.where(first, old_k, extreme(old, old_k)), old))
+        mean, var = self.priv_mean[b], self.priv_var[b]
+        old_mean, old_var = mean.index_select(1, page).float(), var.index_select(1, page).float()
+        new_mean, new_var = welford(old_mean, old_var, old_k.float(), self.priv_valid[b].index_select(1, page)[..., None])
+        mean.index_copy_(1, page, torch.where(full, new_mean.to(mean.dtype), mean.index_select(1, page)))
+        var.index_copy_(1, page, torch.where(full, new_var.to(var.dtype), var.index_select(1, page)))
         win_k.index_copy_(1, slot, k[:, None])
         win_v.index_copy_(1, slot, v[:, None])
 
@@ -286,12 +295,12 @@ class SparseSlots:
         tree, R = self.tree, self.R
         if self.selector.window_fills_budget:  # sinks + a window as wide as the rest of the budget: no pages
             return torch.full((self.H, R), -1, dtype=torch.long, device=q.device)
-        private_part = (self.priv_lo[b], self.priv_hi[b], self.priv_valid[b] > 0)
         if self.selector.pages is not None:
-            bounds = lambda: [*([shared_part(tree, None)] if tree.num_pages else []), private_part]  # noqa: E731
+            bounds = lambda: box_parts(tree, (self.priv_lo[b], self.priv_hi[b], self.priv_valid[b]))  # noqa: E731
             view = PageView((self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), bounds,
                             self.draw + self.ring.counts[b, :1])
             return self.selector.pages(q, view, R, scaling)
+        private_part = (self.priv_mean[b], self.priv_var[b], self.priv_valid[b], self.priv_valid[b] > 0)
         parts = [shared_part(tree, tree_keep(tree, q, self.search_width, scaling))] if tree.num_pages else []
         ids = rank_pages(q, scaling, [*parts, private_part], R * self.rerank, self.page_heads)
         if self.question.shape[2]:

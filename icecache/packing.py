@@ -20,7 +20,7 @@ from icecache.context import Context, Layout, SparseLayer, layout_of
 from icecache.index.tree import TreeIndex, level_sizes, max_pages
 from icecache.store import HostPageStore
 
-MAGIC = b"ICECTX02"
+MAGIC = b"ICECTX03"
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sQ")
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
@@ -92,9 +92,11 @@ def packed_size_bound(config: IceCacheConfig, num_layers: int, num_kv_heads: int
     def t(*shape, kind=dtype):
         return torch.empty(shape, dtype=kind, **meta)
 
-    tree = TreeIndex(t(H, kind=torch.float32), [t(H, n, D) for n in levels],
-                     [t(H, n, D) for n in levels], [t(H, n, kind=torch.long) for n in levels[:-1]],
-                     t(H, pages, kind=torch.long), t(H, pages, D), t(H, pages, D), t(H, pages, kind=torch.long))
+    tree = TreeIndex(scale=t(H, kind=torch.float32), node_mean=[t(H, n, D) for n in levels],
+                     node_var=[t(H, n, D) for n in levels], node_size=[t(H, n, kind=torch.float32) for n in levels],
+                     node_parent=[t(H, n, kind=torch.long) for n in levels[:-1]],
+                     page_parent=t(H, pages, kind=torch.long), page_mean=t(H, pages, D), page_var=t(H, pages, D),
+                     page_lo=t(H, pages, D), page_hi=t(H, pages, D), page_valid=t(H, pages, kind=torch.long))
     store = HostPageStore(t(H, pages, c.page_size, D), t(H, pages, c.page_size, D),
                           t(H, pages, c.page_size, kind=torch.long), t(H, pages, kind=torch.long))
     dense = {l: (t(H, num_tokens, D), t(H, num_tokens, D)) for l in range(min(c.dense_layers, num_layers))}

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from icecache.index.select import rank_pages, rerank_pages, top_pages
+from icecache.index.select import rank_by_bounds, rerank_pages, top_pages
 from icecache.store import HostPageStore
 
-Parts = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index.select.rank_pages' (lo, hi, candidate)
+Parts = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # index.select.box_parts' (lo, hi, candidate)
 
 
 @dataclass
@@ -68,9 +68,8 @@ def oracle_pages(q: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor], pri
 def quest_pages(q: torch.Tensor, bounds: Parts, num_pages: int) -> torch.Tensor:
     """Quest: upper bound of q.k over a page from its channel-wise min and max keys; the
     bound of a KV group is the max over its query heads. The shared pages' min and max are
-    the tree's page boxes (the same pages, the same numbering): IceCache's page ranking
-    with page_heads="max" over every page (bounds: every page's part), without the walk."""
-    return rank_pages(q.float(), 1.0, bounds, num_pages, "max")
+    the tree's page boxes (the same pages, the same numbering)."""
+    return rank_by_bounds(q.float(), bounds, num_pages)
 
 
 def random_pages(valid: torch.Tensor, num_pages: int, draw: torch.Tensor | int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Page choice over a DCI-tree: the walk (tree_keep), the ranking of candidate pages by
-their box bounds (rank_pages) or by their keys (rerank_pages), the pages a question points
+their key moments (rank_pages) or by their keys (rerank_pages), the pages a question points
 to (question_pages), and select_pages, the whole query of one decode step. The torch
 reference of the GPU kernels in icecache/kernels/; the CPU path runs it as is.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from icecache.index.tree import PrivatePages, TreeIndex, box_bound
+from icecache.index.tree import PrivatePages, TreeIndex, box_bound, moment_score
 
 _NEG_INF = float("-inf")
 
@@ -39,7 +39,7 @@ def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: floa
     None for a tree without levels. Fixed shapes: no host sync."""
     keep = None  # [H, n_j] nodes kept on the level just scored
     for j in range(tree.num_levels, 0, -1):
-        s = box_bound(q, tree.node_lo[j - 1], tree.node_hi[j - 1]) * scaling  # [H, g, n_j]
+        s = moment_score(q, tree.node_mean[j - 1], tree.node_var[j - 1], tree.node_size[j - 1], scaling)  # [H, g, n_j]
         if keep is not None:
             candidate = keep.gather(1, tree.node_parent[j - 1])  # children of kept parents
             s = s.masked_fill(~candidate[:, None, :], _NEG_INF)
@@ -49,37 +49,61 @@ def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: floa
     return keep
 
 
-def shared_part(tree: TreeIndex, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# a rank_pages part: (mean [H, N, D], var [H, N, D], valid [H, N], candidate [H, N]) of N pages
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def shared_part(tree: TreeIndex, keep: torch.Tensor | None) -> Part:
     """The tree's pages as a rank_pages part: the valid pages of the kept level-1 clusters
     are the candidates. keep: [H, n_1] (tree_keep), or None: every valid page (no walk)."""
     cand = tree.page_valid > 0
     if keep is not None:
         cand = cand & keep.gather(1, tree.page_parent.clamp_min(0))
-    return tree.page_lo, tree.page_hi, cand
+    return tree.page_mean, tree.page_var, tree.page_valid, cand
 
 
-def candidate_parts(tree: TreeIndex, private: PrivatePages | None, keep: torch.Tensor | None
-                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def candidate_parts(tree: TreeIndex, private: PrivatePages | None, keep: torch.Tensor | None) -> list[Part]:
     """rank_pages parts of a request's candidate pages: the tree's (shared_part), then all
     its private pages (ids after the tree's). keep: [H, n_1] (tree_keep), or None: every
     valid page."""
     parts = [shared_part(tree, keep)] if tree.num_pages else []
     if private is not None and private.num_tokens:
         used = private.used_pages
-        parts.append((private.lo[:, :used], private.hi[:, :used], private.valid[:, :used] > 0))
+        valid = private.valid[:, :used]
+        parts.append((private.mean[:, :used], private.var[:, :used], valid, valid > 0))
     return parts
 
 
-def rank_pages(q: torch.Tensor, scaling: float, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-               num_pages: int, heads: str = "max") -> torch.Tensor:
-    """The `num_pages` best pages by their bounds, over parts of (lo, hi, candidate) pages
-    ([H, N_i, D], [H, N_i, D], [H, N_i]) numbered one part after the other, the KV head's
+def box_parts(tree: TreeIndex, private: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every valid page's box as (lo, hi, candidate), the tree's then the private pages'
+    (private: (lo, hi, valid) or None): what the quest selector ranks."""
+    parts = [(tree.page_lo, tree.page_hi, tree.page_valid > 0)] if tree.num_pages else []
+    if private is not None:
+        lo, hi, valid = private
+        parts.append((lo, hi, valid > 0))
+    return parts
+
+
+def rank_pages(q: torch.Tensor, scaling: float, parts: list[Part], num_pages: int, heads: str = "max") -> torch.Tensor:
+    """The `num_pages` best pages by their moments (tree.moment_score), over parts of
+    (mean, var, valid, candidate) pages numbered one part after the other, the KV head's
     query heads combined by `heads` (combine_heads)."""
     if not parts:
         return torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
-    bounds = torch.cat([box_bound(q, lo, hi) for lo, hi, _ in parts], dim=-1) * scaling  # [H, g, N]
-    weight = combine_heads(bounds, torch.cat([cand for _, _, cand in parts], dim=-1), heads)
+    est = torch.cat([moment_score(q, mean, var, valid, scaling) for mean, var, valid, _ in parts], dim=-1)
+    weight = combine_heads(est, torch.cat([cand for *_, cand in parts], dim=-1), heads)
     return top_pages(weight, num_pages)
+
+
+def rank_by_bounds(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   num_pages: int) -> torch.Tensor:
+    """The `num_pages` best pages by their box bounds (box_parts; the largest over the
+    KV head's query heads): Quest's ranking."""
+    if not parts:
+        return torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
+    bounds = torch.cat([box_bound(q, lo, hi) for lo, hi, _ in parts], dim=-1)
+    return top_pages(combine_heads(bounds, torch.cat([cand for *_, cand in parts], dim=-1), "max"), num_pages)
 
 
 def page_log_mass(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -6,17 +6,20 @@ above in the MIPS-transformed space. The children of one level-1 node are simila
 keys; they are packed, most similar first, into pages of `page_size` tokens, so one
 page transfer brings related tokens together.
 
-Every node and every page is summed up by the channel-wise min and max of the keys
-below it (its box). For a query q, sum_d max(q_d lo_d, q_d hi_d) bounds q.k for every
-key k in the box (Quest's page bound, here at every level). A query walks top-down:
-it scores a level by these bounds, keeps the best `search_width` nodes (per KV head,
-union over its query heads), and descends to their children; the pages of the kept
-level-1 clusters are then ranked by their own bounds.
+Every node and every page is summed up by the moments of the keys below it: their
+count n, channel-wise mean mu and variance var. For a query q the node's attention mass
+sum_k exp(s q.k) is estimated as log n + s q.mu + s^2/2 (q*q).var (moment_score: the
+log-sum-exp of keys spread as a Gaussian around mu), s the attention scaling. A query
+walks top-down: it scores a level by these estimates, keeps the best `search_width`
+nodes (per KV head, union over its query heads), and descends to their children; the
+pages of the kept level-1 clusters are then ranked by their own estimates.
 
-Why bounds and not the nodes' own keys: a level-1 node is one random key, and its
-score q.node says little about the best of the ~30 keys it stands for. At 7k tokens a
-needle's cluster was often outside the 64 kept of ~210 (benchmarks/accuracy.py,
-issue 6); a box cannot hide its best key that way.
+Why moments: a level-1 node is one random key, and its score q.node says little about
+the ~30 keys it stands for; a box (the channel-wise min and max, Quest's bound, used
+here until 2026-12) bounds them but ranks wide, loose boxes first. On real text at
+7.5k tokens, 24 pages ranked by boxes held a third of the attention mass that the best
+12 pages hold; ranked by moments, as much as those 12 (benchmarks/RESULTS.md). Pages
+keep their boxes too, for the `quest` selector.
 
 Every tensor here is [H, ...] with H = number of KV heads; there is no Python loop
 over tokens or heads, so the same code runs on CPU and GPU.
@@ -42,17 +45,20 @@ class TreeIndex:
     """The immutable index of one layer's middle keys."""
 
     scale: torch.Tensor  # [H] c = max key norm at build time
-    node_lo: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise min of the keys under each node
-    node_hi: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise max of the keys under each node
+    node_mean: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise mean of the keys under each node
+    node_var: list[torch.Tensor]  # level j = 1..L: [H, n_j, D] channel-wise variance of those keys
+    node_size: list[torch.Tensor]  # level j = 1..L: [H, n_j] fp32 number of keys under each node
     node_parent: list[torch.Tensor]  # level j = 1..L-1: [H, n_j] index of the parent on level j+1
     page_parent: torch.Tensor  # [H, num_pages] level-1 cluster of each page; -1 on padding pages
-    page_lo: torch.Tensor  # [H, num_pages, D] channel-wise min of the page's valid keys (0 on padding pages)
+    page_mean: torch.Tensor  # [H, num_pages, D] channel-wise mean of the page's valid keys (0 on padding pages)
+    page_var: torch.Tensor  # [H, num_pages, D] channel-wise variance of the page's valid keys
+    page_lo: torch.Tensor  # [H, num_pages, D] channel-wise min of the page's valid keys (the quest selector's)
     page_hi: torch.Tensor  # [H, num_pages, D] channel-wise max of the page's valid keys
     page_valid: torch.Tensor  # [H, num_pages] valid slots; 0 on padding pages
 
     @property
     def num_levels(self) -> int:
-        return len(self.node_lo)
+        return len(self.node_mean)
 
     @property
     def num_pages(self) -> int:
@@ -60,11 +66,11 @@ class TreeIndex:
 
     @property
     def num_clusters(self) -> int:
-        return self.node_lo[0].shape[1] if self.node_lo else 0
+        return self.node_mean[0].shape[1] if self.node_mean else 0
 
     def level_sizes(self) -> list[int]:
         """Nodes per level, level 1 first."""
-        return [lo.shape[1] for lo in self.node_lo]
+        return [m.shape[1] for m in self.node_mean]
 
     def cluster_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First page and page count of every level-1 cluster ([H, n_1] each): build_tree
@@ -192,18 +198,52 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
-def _boxes_up(lo: torch.Tensor, hi: torch.Tensor, parent: torch.Tensor, num_parents: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The boxes of the parents: channel-wise min of their children's lo, max of their hi.
-    lo, hi: [H, m, D], parent: [H, m] -> [H, num_parents, D] each (0 for a childless parent)."""
-    H, _, D = lo.shape
+def page_moments(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise mean and variance of each page's valid slots, 0 on empty pages.
+    keys: [H, N, P, D] paged keys; valid: [H, N] -> ([H, N, D], [H, N, D]) in the keys' dtype."""
+    P = keys.shape[2]
+    slot_ok = (torch.arange(P, device=keys.device) < valid[..., None])[..., None]  # [H, N, P, 1]
+    k = keys.float().masked_fill(~slot_ok, 0.0)
+    size = valid.clamp_min(1).float()[..., None]
+    mean = k.sum(2) / size
+    var = ((k - mean[:, :, None]).masked_fill(~slot_ok, 0.0) ** 2).sum(2) / size
+    return mean.to(keys.dtype), var.to(keys.dtype)
+
+
+def _moments_up(size: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, parent: torch.Tensor,
+                num_parents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The moments of the parents from their children's: size [H, m], mean and var [H, m, D]
+    (fp32), parent [H, m] -> size [H, num_parents], mean and var [H, num_parents, D] (fp32,
+    0 for a childless parent)."""
+    H, _, D = mean.shape
     index = parent[..., None].expand(-1, -1, D)
-    up_lo = torch.full((H, num_parents, D), float("inf"), dtype=lo.dtype, device=lo.device)
-    up_hi = torch.full((H, num_parents, D), float("-inf"), dtype=hi.dtype, device=hi.device)
-    up_lo.scatter_reduce_(1, index, lo, "amin")
-    up_hi.scatter_reduce_(1, index, hi, "amax")
-    empty = up_lo.isinf()
-    return up_lo.masked_fill(empty, 0.0), up_hi.masked_fill(empty, 0.0)
+    up_size = torch.zeros(H, num_parents, dtype=torch.float32, device=mean.device).scatter_add_(1, parent, size)
+    total = torch.zeros(H, num_parents, D, dtype=torch.float32, device=mean.device)
+    squares = torch.zeros_like(total)
+    total.scatter_add_(1, index, mean * size[..., None])
+    squares.scatter_add_(1, index, (var + mean * mean) * size[..., None])
+    n = up_size.clamp_min(1)[..., None]
+    up_mean = total / n
+    return up_size, up_mean, (squares / n - up_mean * up_mean).clamp_min(0.0)
+
+
+def welford(mean: torch.Tensor, var: torch.Tensor, key: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """A page's (mean, var) once `key` joins it as its size-th key (size >= 1; var is the
+    population variance): Welford's update, as the push kernel makes it."""
+    delta = key - mean
+    mean = mean + delta / size
+    return mean, var + (delta * (key - mean) - var) / size
+
+
+def moment_score(q: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, size: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+    """The estimated log attention mass of q over the keys summed up by (size, mean, var):
+    log size + s q.mean + s^2 / 2 (q*q).var, s = scaling (-inf where size is 0).
+    q: [H, g, D] float; mean, var: [H, n, D]; size: [H, n] -> [H, g, n]."""
+    square = (q * q).to(var.dtype).to(q.dtype)  # rounded to 16-bit moments, as the GPU kernel's tensor cores take it
+    est = (torch.einsum("hgd,hnd->hgn", q, mean.to(q.dtype)) * scaling
+           + torch.einsum("hgd,hnd->hgn", square, var.to(q.dtype)) * (scaling * scaling / 2))
+    return est + torch.log(size.to(q.dtype))[:, None, :]
 
 
 def box_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -245,7 +285,7 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
     if n == 0:
         empty = torch.zeros(H, 0, dtype=torch.long, device=device)
         none = torch.zeros(H, 0, D, dtype=keys.dtype, device=device)
-        tree = TreeIndex(scale, [], [], [], empty, none, none.clone(), empty.clone())
+        tree = TreeIndex(scale, [], [], [], [], empty, none, none.clone(), none.clone(), none.clone(), empty.clone())
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
@@ -285,17 +325,21 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
     paged = torch.zeros(H, num_pages, page_size, D, dtype=keys.dtype, device=device)
     paged[torch.arange(H, device=device)[:, None], page_of, slot_of] = keys
     page_lo, page_hi = page_bounds(paged, valid)
+    page_mean, page_var = page_moments(paged, valid)
     del paged
 
-    # boxes in the keys' own dtype (bf16 on a bf16 model): a min or max of keys is exact in it
-    node_lo, node_hi = [], []
-    lo, hi = _boxes_up(keys, keys, parent, n1)
+    # node moments summed up from the tokens, in fp32; stored in the keys' dtype (bf16 on a bf16 model)
+    node_mean, node_var, node_size = [], [], []
+    ones = torch.ones(H, n, dtype=torch.float32, device=device)
+    size, mean, var = _moments_up(ones, keys.float(), torch.zeros_like(keys, dtype=torch.float32), parent, n1)
     for j in range(len(members)):
         if j:
-            lo, hi = _boxes_up(lo, hi, node_parent[j - 1], members[j].shape[1])
-        node_lo.append(lo)
-        node_hi.append(hi)
-    tree = TreeIndex(scale, node_lo, node_hi, node_parent, page_parent, page_lo, page_hi, valid)
+            size, mean, var = _moments_up(size, mean, var, node_parent[j - 1], members[j].shape[1])
+        node_mean.append(mean.to(keys.dtype))
+        node_var.append(var.to(keys.dtype))
+        node_size.append(size)
+    tree = TreeIndex(scale, node_mean, node_var, node_size, node_parent, page_parent, page_mean, page_var,
+                     page_lo, page_hi, valid)
     return tree, PageLayout(page_of, slot_of, num_pages)
 
 
@@ -316,6 +360,8 @@ class PrivatePages:
         self.valid = torch.zeros(H, capacity, dtype=torch.long, device=device)
         self.lo = torch.zeros(H, capacity, D, dtype=dtype, device=device)  # page boxes (page_bounds)
         self.hi = torch.zeros(H, capacity, D, dtype=dtype, device=device)
+        self.mean = torch.zeros(H, capacity, D, dtype=dtype, device=device)  # page moments (page_moments)
+        self.var = torch.zeros(H, capacity, D, dtype=dtype, device=device)
         self.num_tokens = 0
         self.last_written = torch.zeros(H, 0, dtype=torch.long, device=device)  # pages the last insert changed
 
@@ -331,7 +377,7 @@ class PrivatePages:
         if needed <= self.capacity:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
-        for name, fill in (("keys", 0), ("values", 0), ("valid", 0), ("lo", 0), ("hi", 0)):
+        for name, fill in (("keys", 0), ("values", 0), ("valid", 0), ("lo", 0), ("hi", 0), ("mean", 0), ("var", 0)):
             old = getattr(self, name)
             pad = torch.full((old.shape[0], extra, *old.shape[2:]), fill, dtype=old.dtype, device=old.device)
             setattr(self, name, torch.cat([old, pad], dim=1))
@@ -350,7 +396,8 @@ class PrivatePages:
         self.values[:, page, slot] = values.to(self.values.dtype)
         self.valid.index_add_(1, page, torch.ones(H, m, dtype=torch.long, device=device))
         self.num_tokens += m
-        # only the pages this insert wrote change their boxes
+        # only the pages this insert wrote change their summaries
         written = torch.arange(first, last + 1, device=device)
         self.lo[:, written], self.hi[:, written] = page_bounds(self.keys[:, written], self.valid[:, written])
+        self.mean[:, written], self.var[:, written] = page_moments(self.keys[:, written], self.valid[:, written])
         self.last_written = written.expand(H, -1)

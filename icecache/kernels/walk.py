@@ -1,4 +1,4 @@
-"""The tree walk and the page choice by box bounds (index.select.tree_keep and rank_pages are
+"""The tree walk and the page choice by key moments (index.select.tree_keep and rank_pages are
 their torch references): per level, score the children of the nodes kept on the level
 above and keep the best; then rank the pages of the kept level-1 clusters and the row's
 private pages."""
@@ -22,7 +22,7 @@ class WalkPlan:
 
     def __init__(self, tree, width: int) -> None:
         self.width = width
-        # top first: (box lo, hi [HS, n, D], order [HS, n], start [HS, parents + 1], parents, widest)
+        # top first: (mean, var [HS, n, D], size [HS, n], order [HS, n], start [HS, parents + 1], parents, widest)
         self.levels = []
         self.widest_level = 1
         sizes = tree.level_sizes()
@@ -30,15 +30,15 @@ class WalkPlan:
         while top > 1 and sizes[top - 1] <= width:
             top -= 1  # a level of at most `width` nodes is kept whole: its children are the whole level below
         for j in range(top, 0, -1):
-            lo, hi = tree.node_lo[j - 1], tree.node_hi[j - 1]
-            HS, n = lo.shape[:2]
+            mean, var, size = tree.node_mean[j - 1], tree.node_var[j - 1], tree.node_size[j - 1]
+            HS, n = mean.shape[:2]
             if j == top:  # the top level walked: children of one virtual root
-                parent = torch.zeros(HS, n, dtype=torch.long, device=lo.device)
+                parent = torch.zeros(HS, n, dtype=torch.long, device=mean.device)
             else:
                 parent = tree.node_parent[j - 1]
             order, start, count = _csr(parent, 1 if j == top else sizes[j])
             widest = _most_children(count, 1 if j == top else width)  # under the parents a row keeps
-            self.levels.append((lo, hi, order, start, start.shape[1] - 1, widest))
+            self.levels.append((mean, var, size.float().contiguous(), order, start, start.shape[1] - 1, widest))
             self.widest_level = max(self.widest_level, widest)
         self.widest_pages = 0
         if tree.num_levels:
@@ -94,26 +94,28 @@ def _scorer_start(q_ptr, parents_ptr, start_ptr, h, HS, K, n_parents, G: tl.cons
 
 
 @triton.jit
-def _box_scores(q, scaling, lo, hi):
-    """scaling * max over each box of q.k (index.tree.box_bound): q [GP, D] fp32 holding
-    values of the boxes' dtype, lo and hi [BLOCK, D] -> [GP, BLOCK]. 16-bit boxes (a bf16
-    model's) go through the tensor cores in their own dtype: q's values are exact in it and
-    a product of two is exact in the fp32 accumulator, so nothing is lost; fp32 boxes take
-    the exact fp32 dot."""
-    if lo.dtype == tl.float32:
-        up = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
-        return (up + tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")) * scaling
-    up = tl.dot(tl.maximum(q, 0.0).to(hi.dtype), tl.trans(hi))
-    return (up + tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))) * scaling
+def _moment_scores(q, scaling, mean, var):
+    """index.tree.moment_score without its log-size term: scaling q.mean + scaling^2 / 2
+    (q*q).var. q [GP, D] fp32 holding values of the moments' dtype, mean and var [BLOCK, D]
+    -> [GP, BLOCK]. 16-bit moments (a bf16 model's) go through the tensor cores in their
+    own dtype: q is exact in it, q*q is rounded to it as the torch reference rounds it, and
+    a product of two is exact in the fp32 accumulator; fp32 moments take the exact fp32 dot."""
+    if mean.dtype == tl.float32:
+        first = tl.dot(q, tl.trans(mean), input_precision="ieee")
+        second = tl.dot(q * q, tl.trans(var), input_precision="ieee")
+    else:
+        first = tl.dot(q.to(mean.dtype), tl.trans(mean))
+        second = tl.dot((q * q).to(var.dtype), tl.trans(var))
+    return first * scaling + second * (scaling * scaling * 0.5)
 
 
 @triton.jit(do_not_specialize=['n', 'n_parents', 'K', 'stride'])
-def _child_scores(q_ptr, lo_ptr, hi_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n,
+def _child_scores(q_ptr, mean_ptr, var_ptr, size_ptr, order_ptr, start_ptr, parents_ptr, raw_ptr, cand_ptr, part_ptr, n,
                   n_parents, K, stride, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BLOCK: tl.constexpr, KP: tl.constexpr):
     """Row h (request h // HS, KV head h % HS), program c: chunks c, c + P, ... (P programs
     per row) of BLOCK positions of the row's compact list of candidates (the children of
-    its kept parents), scored per query head by their boxes into raw[h, g, pos],
+    its kept parents), scored per query head by their moments into raw[h, g, pos],
     node ids into cand[h, pos]; (max, sum exp) per query head into part[h, c]. The tree is
     shared by the requests. A row's chunks past its own list cost nothing, and P stays
     small for big batches (_programs_per_row), so the grid does not grow with the worst row."""
@@ -126,8 +128,9 @@ def _child_scores(q_ptr, lo_ptr, hi_ptr, order_ptr, start_ptr, parents_ptr, raw_
         inside = pos < total
         node = tl.load(order_ptr + hs * n + at, mask=inside, other=0)
         row = (hs * n + node[:, None]) * D + d[None, :]
-        lo = tl.load(lo_ptr + row, mask=inside[:, None], other=0.0)
-        sc = _box_scores(q, scaling, lo, tl.load(hi_ptr + row, mask=inside[:, None], other=0.0))  # [GP, BLOCK]
+        mean = tl.load(mean_ptr + row, mask=inside[:, None], other=0.0)
+        sc = _moment_scores(q, scaling, mean, tl.load(var_ptr + row, mask=inside[:, None], other=0.0))  # [GP, BLOCK]
+        sc += tl.log(tl.load(size_ptr + hs * n + node, mask=inside, other=1.0))[None, :]
         ok = (g[:, None] < G) & inside[None, :]
         sc = tl.where(ok, sc, -float("inf"))
         tl.store(raw_ptr + (h * G + g[:, None]) * stride + pos[None, :], sc, mask=ok)
@@ -191,15 +194,15 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
     GP, width = row_tile(G), plan.width
     stride = raw.numel() // (H * G)
     parents, K = root[:H], 1
-    for depth, (lo, hi, order, start, n_parents, widest) in enumerate(plan.levels):
+    for depth, (mean, var, size, order, start, n_parents, widest) in enumerate(plan.levels):
         out = tops.view(2, -1)[depth % 2, :H * width].view(H, width)
         chunks = programs_per_row(H, widest)
-        launch(_child_scores, (H, chunks), (q, lo, hi, order, start, parents, raw, cand, parts, lo.shape[1], n_parents,
-                                             K, stride, scaling, lo.shape[0]),
+        launch(_child_scores, (H, chunks), (q, mean, var, size, order, start, parents, raw, cand, parts, mean.shape[1],
+                                             n_parents, K, stride, scaling, mean.shape[0]),
                 dict(G=G, GP=GP, D=D, BLOCK=BLOCK, KP=max(16, triton.next_power_of_2(K))))
         NB = max(16, triton.next_power_of_2(widest))
         launch(_select_compact, (H,), (raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
-                                         lo.shape[0]),
+                                         mean.shape[0]),
                 dict(G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB, KP=max(16, triton.next_power_of_2(K)),
                      KW=triton.next_power_of_2(width), RANK=RANK_LEVEL, num_warps=warps(NB)))
         parents, K = out, width
@@ -208,13 +211,13 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
 
 # ---------------------------------------------------------------------------- page ranking
 @triton.jit(do_not_specialize=['K', 'n_clusters', 'n_shared', 'n_private', 'stride'])
-def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, phi_ptr, pvalid_ptr, raw_ptr,
+def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, pmean_ptr, pvar_ptr, pvalid_ptr, raw_ptr,
                  cand_ptr, part_ptr, K, n_clusters, n_shared, n_private, stride, scaling, HS, G: tl.constexpr,
                  GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
     """Row h, program c: chunks c, c + P, ... (P programs per row, as in _child_scores) of
     BLOCK positions of the row's compact list of candidate pages: the pages of its kept
     level-1 clusters (contiguous per cluster), then its private pages (ids n_shared + p).
-    Page box scores into raw[h, g, pos] (-inf for empty pages), ids into cand; per program
+    Page moment scores into raw[h, g, pos] (-inf for empty pages), ids into cand; per program
     (max, sum exp) per query head into part[h, c]."""
     h, c0 = tl.program_id(0), tl.program_id(1)
     hs, g, d, q, total, m_run, l_run = _scorer_start(q_ptr, top_ptr, start_ptr, h, HS, K, n_clusters, G, GP, D,
@@ -229,11 +232,11 @@ def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, 
         mine = (h * n_private + own[:, None]) * D + d[None, :]
         n_tok = tl.load(valid_ptr + hs * n_shared + page, mask=shared, other=0)
         n_tok += tl.load(pvalid_ptr + h * n_private + own, mask=private, other=0)
-        lo = tl.load(lo_ptr + at, mask=shared[:, None], other=0.0)  # one of the two loads is 0: exact
-        lo += tl.load(plo_ptr + mine, mask=private[:, None], other=0.0)
-        hi = tl.load(hi_ptr + at, mask=shared[:, None], other=0.0)
-        hi += tl.load(phi_ptr + mine, mask=private[:, None], other=0.0)
-        est = _box_scores(q, scaling, lo, hi)
+        mean = tl.load(mean_ptr + at, mask=shared[:, None], other=0.0)  # one of the two loads is 0: exact
+        mean += tl.load(pmean_ptr + mine, mask=private[:, None], other=0.0)
+        var = tl.load(var_ptr + at, mask=shared[:, None], other=0.0)
+        var += tl.load(pvar_ptr + mine, mask=private[:, None], other=0.0)
+        est = _moment_scores(q, scaling, mean, var) + tl.log(tl.maximum(n_tok, 1).to(tl.float32))[None, :]
         inside = shared | private
         ok = (g[:, None] < G) & (inside & (n_tok > 0))[None, :]
         est = tl.where(ok, est, -float("inf"))
@@ -245,19 +248,19 @@ def _page_scores(q_ptr, top_ptr, start_ptr, lo_ptr, hi_ptr, valid_ptr, plo_ptr, 
     tl.store(base + 1, l_run)
 
 
-def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_lo: torch.Tensor,
-                 page_hi: torch.Tensor, page_valid: torch.Tensor, priv_lo: torch.Tensor, priv_hi: torch.Tensor,
+def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_mean: torch.Tensor,
+                 page_var: torch.Tensor, page_valid: torch.Tensor, priv_mean: torch.Tensor, priv_var: torch.Tensor,
                  priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
                  parts: torch.Tensor, heads: str = "max") -> torch.Tensor:
-    """The `num_pages` best pages per row by their boxes (index.select.rank_pages),
+    """The `num_pages` best pages per row by their moments (index.select.rank_pages),
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.
 
     q: [H, G, D] (any float dtype), H = B * HS rows; top: [H, K] int32 kept clusters (walk_tree; None
-    for a tree without levels, hence without pages); page_lo/hi: [HS, N, D] page boxes,
-    page_valid: [HS, N]; priv_lo/hi: [H, M, D] the boxes of the rows' private pages,
+    for a tree without levels, hence without pages); page_mean/var: [HS, N, D] page moments,
+    page_valid: [HS, N]; priv_mean/var: [H, M, D] the moments of the rows' private pages,
     priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. -> [H, num_pages] long."""
-    check_contiguous(q, page_lo, page_hi, page_valid, priv_lo, priv_hi, priv_valid)
+    check_contiguous(q, page_mean, page_var, page_valid, priv_mean, priv_var, priv_valid)
     H, G, D = q.shape
     GP = row_tile(G)
     n_shared, n_private = page_valid.shape[1], priv_valid.shape[1]
@@ -273,7 +276,7 @@ def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_l
     stride = raw.numel() // (H * G)
     KP = max(16, triton.next_power_of_2(K))
     chunks = programs_per_row(H, n)
-    _page_scores[(H, chunks)](q, top, start, page_lo, page_hi, page_valid, priv_lo, priv_hi, priv_valid, raw,
+    _page_scores[(H, chunks)](q, top, start, page_mean, page_var, page_valid, priv_mean, priv_var, priv_valid, raw,
                               cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
                               page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=BLOCK, KP=KP)
     ids = torch.empty(H, num_pages, dtype=torch.long, device=q.device)

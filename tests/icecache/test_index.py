@@ -53,28 +53,37 @@ def test_layout_puts_every_token_in_exactly_one_slot():
     assert tree.num_levels >= 2 and tree.level_sizes()[-1] <= IceCacheConfig().top_level_max
 
 
-def test_boxes_bound_every_key_below_them():
-    """A node's or page's box score is an upper bound of q.k for every key under it."""
+def test_summaries_are_the_moments_of_the_keys_below_them():
+    """Every node's and page's (size, mean, variance) are those of the keys under it, and
+    a page's box (the quest selector's) bounds q.k for every key in it."""
     keys = clustered_keys(0)
     tree, layout = build(keys)
     q = torch.randn(H, 4, D, generator=torch.Generator().manual_seed(1))
     exact = torch.einsum("hgd,hnd->hgn", q, keys)  # [H, g, N]
+    bound = box_bound(q, tree.page_lo, tree.page_hi).gather(2, layout.page_of[:, None].expand_as(exact))
+    assert (exact <= bound + 1e-4).all()
     owner = layout.page_of  # [H, N]: the page, then the node on each level above, of every key
-    bound = box_bound(q, tree.page_lo, tree.page_hi)
-    for level in range(tree.num_levels + 1):
+    summaries = [(tree.page_valid.float(), tree.page_mean, tree.page_var)]
+    summaries += list(zip(tree.node_size, tree.node_mean, tree.node_var))
+    for level, (size, mean, var) in enumerate(summaries):
         if level:
             parent = tree.page_parent if level == 1 else tree.node_parent[level - 2]
             owner = parent.gather(1, owner)
-            bound = box_bound(q, tree.node_lo[level - 1], tree.node_hi[level - 1])
-        below = bound.gather(2, owner[:, None].expand_as(exact))  # [H, g, N]: the bound over each key's box
-        assert (exact <= below + 1e-4).all(), f"level {level}"
+        for h in range(H):
+            for node in owner[h].unique()[:20].tolist():
+                below = keys[h, owner[h] == node]
+                assert float(size[h, node]) == below.shape[0], (level, node)
+                assert torch.allclose(mean[h, node], below.mean(0), atol=1e-4), (level, node)
+                assert torch.allclose(var[h, node], below.var(0, unbiased=False), atol=1e-3), (level, node)
 
 
 def test_query_finds_planted_needles():
     """Keys pushed far along a direction of their own (needles) among clustered keys; a
-    query along that direction must find the needle's page. The boxes make this hold
-    whatever cluster a needle fell into: 0.99 here, against 0.58 for the former ranking
-    by the level-1 nodes' own keys and each page's Gaussian mass estimate."""
+    query along that direction should find the needle's page. The hardest case for key
+    moments: one outlier moves its page's mean by 1/16 and its cluster's by ~1/30. Measured
+    0.65 (boxes, the ranking until 2026-12: 0.99; the level-1 nodes' own keys: 0.58).
+    On the real model's keys the moments find more (benchmarks/RESULTS.md: RULER's needles
+    and the real-text facts); here a regression guard, far above chance (12 of ~500 pages)."""
     keys = clustered_keys(4)
     g = torch.Generator().manual_seed(5)
     M = 40
@@ -88,7 +97,7 @@ def test_query_finds_planted_needles():
         q = u[:, i:i + 1] * 4 + 0.3 * torch.randn(H, 1, D, generator=g)  # [H, 1, D]
         chosen = select_pages(tree, None, q, config.retrieved_pages, config.search_width, D ** -0.5)
         hits += sum(int(layout.page_of[h, where[i]]) in chosen[h].tolist() for h in range(H))
-    assert hits / (M * H) >= 0.95
+    assert hits / (M * H) >= 0.6
 
 
 def test_query_recall_against_brute_force_mips():
@@ -118,23 +127,21 @@ def test_query_recall_against_brute_force_mips():
     assert recall > 10 * config.retrieved_pages / tree.num_pages
 
 
-def test_max_heads_with_a_walk_that_keeps_everything_is_quest():
-    """page_heads="max" (the default) ranks pages by the largest bound over a KV head's
-    query heads, Quest's rule: with a walk wide enough to keep every cluster the tree picks
-    exactly Quest's pages; the "sum" of shares picks others."""
-    from icecache.index.select import candidate_parts
-    from icecache.selectors import quest_pages
+def test_a_walk_that_keeps_everything_ranks_every_page():
+    """With a walk wide enough to keep every cluster, the tree picks the pages that the
+    moment ranking picks over every page; page_heads "max" and "sum" pick differently."""
+    from icecache.index.select import rank_pages, shared_part
     keys = clustered_keys(3)
     tree, _ = build(keys)
     g = torch.Generator().manual_seed(3)
     differ = 0
     for _ in range(10):
         q = torch.randn(H, 3, D, generator=g) * 2
-        quest = quest_pages(q, candidate_parts(tree, None, None), 12)  # every page's bounds: no walk
+        every = rank_pages(q, D ** -0.5, [shared_part(tree, None)], 12, "max")
         wide = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="max")
-        assert torch.equal(wide.sort(dim=1).values, quest.sort(dim=1).values)
+        assert torch.equal(wide.sort(dim=1).values, every.sort(dim=1).values)
         summed = select_pages(tree, None, q, 12, 10 ** 6, D ** -0.5, heads="sum")
-        differ += not torch.equal(summed.sort(dim=1).values, quest.sort(dim=1).values)
+        differ += not torch.equal(summed.sort(dim=1).values, every.sort(dim=1).values)
     assert differ > 0
 
 
