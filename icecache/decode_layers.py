@@ -272,7 +272,8 @@ class SparseSlots:
             box.index_copy_(1, page, torch.where(full, torch.where(first, old_k, extreme(old, old_k)), old))
         mean, var = self.priv_mean[b], self.priv_var[b]
         old_mean, old_var = mean.index_select(1, page).float(), var.index_select(1, page).float()
-        new_mean, new_var = welford(old_mean, old_var, old_k.float(), self.priv_valid[b].index_select(1, page)[..., None])
+        size = self.priv_valid[b].index_select(1, page)[..., None]  # [H, 1, 1], the new key counted
+        new_mean, new_var = welford(old_mean, old_var, old_k.float(), size)
         mean.index_copy_(1, page, torch.where(full, new_mean.to(mean.dtype), mean.index_select(1, page)))
         var.index_copy_(1, page, torch.where(full, new_var.to(var.dtype), var.index_select(1, page)))
         win_k.index_copy_(1, slot, k[:, None])
