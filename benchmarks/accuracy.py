@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.context import layout_of
+from icecache.internals import layout_of
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 WORDS = ("apple banana cherry delta echo falcon garden harbor island jungle kettle lemon marble nectar ocean "
