@@ -66,7 +66,7 @@ class IceCacheConfig:
     # attention mass (1 = by the moments alone)
     rerank: int = 2
     # pages per KV head that a question's own attention picks while it is prefilled on the context
-    # (what its last tokens attend to, and the page_size positions after it); they join the bounds'
+    # (what its last tokens attend to, and the page_size positions after it); they join the moments'
     # candidates at every decode step, before the keys keep the best retrieved_pages (0 = off;
     # 12 = as many as the default budget retrieves)
     question_pages: int = 12

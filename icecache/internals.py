@@ -1,8 +1,9 @@
 """The engine's parts that tools (benchmarks, profilers) drive directly, below the public
 API (`from icecache import Engine, IceCacheConfig, SamplingParams`): a request's KV state,
 the static decoder, a context built from given KV and the layout a context is indexed
-for, one page query, one sparse attention kernel. They may change between releases; a tool imports them from here, never from the
-modules behind them (tests/test_layering.py checks the benchmarks do)."""
+for, one page query, one sparse attention kernel. They may change between releases; a
+tool imports them from here, never from the modules behind them (tests/test_layering.py
+checks the benchmarks do)."""
 
 from __future__ import annotations
 

@@ -210,11 +210,11 @@ def page_moments(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     return mean.to(keys.dtype), var.to(keys.dtype)
 
 
-def _moments_up(size: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, parent: torch.Tensor,
+def _moments_up(size: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | float, parent: torch.Tensor,
                 num_parents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The moments of the parents from their children's: size [H, m], mean and var [H, m, D]
-    (fp32), parent [H, m] -> size [H, num_parents], mean and var [H, num_parents, D] (fp32,
-    0 for a childless parent)."""
+    (fp32; var 0.0 for single keys), parent [H, m] -> size [H, num_parents], mean and var
+    [H, num_parents, D] (fp32, 0 for a childless parent)."""
     H, _, D = mean.shape
     index = parent[..., None].expand(-1, -1, D)
     up_size = torch.zeros(H, num_parents, dtype=torch.float32, device=mean.device).scatter_add_(1, parent, size)
@@ -285,7 +285,9 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
     if n == 0:
         empty = torch.zeros(H, 0, dtype=torch.long, device=device)
         none = torch.zeros(H, 0, D, dtype=keys.dtype, device=device)
-        tree = TreeIndex(scale, [], [], [], [], empty, none, none.clone(), none.clone(), none.clone(), empty.clone())
+        tree = TreeIndex(scale=scale, node_mean=[], node_var=[], node_size=[], node_parent=[], page_parent=empty,
+                         page_mean=none, page_var=none.clone(), page_lo=none.clone(), page_hi=none.clone(),
+                         page_valid=empty.clone())
         return tree, PageLayout(empty, empty.clone(), 0)
 
     tkeys = transform_keys(keys, scale)  # [H, n, D + 1]
@@ -331,7 +333,7 @@ def _build_tree(keys: torch.Tensor, page_size: int, ratios: tuple[float, ...], t
     # node moments summed up from the tokens, in fp32; stored in the keys' dtype (bf16 on a bf16 model)
     node_mean, node_var, node_size = [], [], []
     ones = torch.ones(H, n, dtype=torch.float32, device=device)
-    size, mean, var = _moments_up(ones, keys.float(), torch.zeros_like(keys, dtype=torch.float32), parent, n1)
+    size, mean, var = _moments_up(ones, keys.float(), 0.0, parent, n1)
     for j in range(len(members)):
         if j:
             size, mean, var = _moments_up(size, mean, var, node_parent[j - 1], members[j].shape[1])

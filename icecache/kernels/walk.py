@@ -38,7 +38,7 @@ class WalkPlan:
                 parent = tree.node_parent[j - 1]
             order, start, count = _csr(parent, 1 if j == top else sizes[j])
             widest = _most_children(count, 1 if j == top else width)  # under the parents a row keeps
-            self.levels.append((mean, var, size.float().contiguous(), order, start, start.shape[1] - 1, widest))
+            self.levels.append((mean, var, size.contiguous(), order, start, start.shape[1] - 1, widest))
             self.widest_level = max(self.widest_level, widest)
         self.widest_pages = 0
         if tree.num_levels:
