@@ -156,7 +156,8 @@ class SharedContexts:
         mapping = self._locked(grant.segment, self._slab(grant.segment))
         view = mapping.view[grant.offset:grant.offset + grant.num_bytes]
         # views of the slab (no copy); the tree moves to the engine's device once per context
-        return self._hold(extent, grant.segment, unpack(view).with_index_on(self.engine.device))
+        ctx = unpack(view).with_index_on(self.engine.device, boxes=self.engine.config.reads_page_boxes)
+        return self._hold(extent, grant.segment, ctx)
 
     def _hold(self, extent: str, slab: str, ctx: Context) -> Context:
         with self._lock:
@@ -284,7 +285,8 @@ class SharedContexts:
         except BaseException:
             ray.get(self.cache.release.remote(grant.lease))  # unpublished: the cache frees its extent
             raise
-        shared = unpack(view).with_index_from(ctx)  # the trees already on the device stay
+        # the trees already on the device stay
+        shared = unpack(view).with_index_from(ctx, boxes=self.engine.config.reads_page_boxes)
         log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
                  "for the page-lock, write %.2f s (%.1f GiB), publish %.2f s", ctx.num_tokens, context_id[:8],
                  ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30, time.perf_counter() - t3)

@@ -119,6 +119,12 @@ class IceCacheConfig:
         return 1, 0
 
     @property
+    def reads_page_boxes(self) -> bool:
+        """Page selection reads the pages' boxes (quest): the index keeps them beside the rest
+        of the tree on its device; otherwise they stay in host memory."""
+        return SELECTORS[self.selector].reads_boxes
+
+    @property
     def retrieved_pages(self) -> int:
         """Pages a sparse layer retrieves per step (the budget left after sinks and window)."""
         return (self.token_budget - self.sink_tokens - self.window_tokens) // self.page_size

@@ -69,15 +69,24 @@ class Context:
     def index_device(self) -> torch.device | None:
         return next(iter(self.sparse.values())).tree.scale.device if self.sparse else None
 
-    def with_index_on(self, device: torch.device) -> "Context":
+    @property
+    def box_device(self) -> torch.device | None:
+        """Where the trees' page boxes lie (with_index_on)."""
+        return next(iter(self.sparse.values())).tree.box_device if self.sparse else None
+
+    def with_index_on(self, device: torch.device, boxes: bool = False) -> "Context":
         """The same context with its trees (what page selection reads every step) on `device`;
-        pages, sinks and dense KV stay where they are (host). Returns self if already there."""
-        if self.index_device is None or self.index_device == device:
+        the trees' page boxes there too only if `boxes` (the quest selector reads them), else
+        in host memory; pages, sinks and dense KV stay where they are (host). Returns self if
+        already so placed."""
+        index_device = self.index_device
+        box_device = device if boxes else torch.device("cpu")
+        if index_device is None or (index_device == device and self.box_device == box_device):
             return self
         moved: dict[int, TreeIndex] = {}  # a tree shared by a reuse cycle moves once
         for s in self.sparse.values():
             if id(s.tree) not in moved:
-                moved[id(s.tree)] = s.tree.to(device)
+                moved[id(s.tree)] = s.tree.to(device, box_device)
         sparse = {l: replace(s, tree=moved[id(s.tree)]) for l, s in self.sparse.items()}
         return replace(self, sparse=sparse)
 
@@ -91,11 +100,18 @@ class Context:
         dense = {l: (to_host(k), to_host(v)) for l, (k, v) in self.dense.items()}
         return replace(self, dense=dense, sparse={l: host(s) for l, s in self.sparse.items()})
 
-    def with_index_from(self, other: "Context") -> "Context":
+    def with_index_from(self, other: "Context", boxes: bool = False) -> "Context":
         """This context (e.g. unpacked from shared memory) with `other`'s trees, where they
-        already lie on the device: the same index, not copied again."""
+        already lie on the device: the same index, not copied again; but for the page boxes
+        (with_index_on), which stay this context's own (host) unless `boxes`."""
         assert other.token_ids == self.token_ids and other.layout == self.layout, "not the same document"
-        return replace(self, sparse={l: replace(s, tree=other.sparse[l].tree) for l, s in self.sparse.items()})
+        trees: dict[int, TreeIndex] = {}  # a tree shared by a reuse cycle stays one
+        for l, s in self.sparse.items():
+            tree = other.sparse[l].tree
+            if id(tree) not in trees:
+                trees[id(tree)] = tree if boxes else replace(tree, page_lo=s.tree.page_lo, page_hi=s.tree.page_hi)
+        return replace(self, sparse={l: replace(s, tree=trees[id(other.sparse[l].tree)])
+                                     for l, s in self.sparse.items()})
 
     def cycle_leader(self, layer: int) -> int:
         """The sparse layer whose page selection `layer` uses (itself unless IceCache-reuse)."""

@@ -222,7 +222,8 @@ class Engine:
             self._check_length(len(ids), "prompt")
         else:
             self._check_context(context)
-            context = context.with_index_on(self.device)  # e.g. mapped from shared memory: host-resident
+            # e.g. mapped from shared memory: host-resident
+            context = context.with_index_on(self.device, boxes=self.config.reads_page_boxes)
             ids = self._encode(prompt, add_special=False)
             self._check_length(context.num_tokens + len(ids), "context + prompt")
         return ids, params, context

@@ -419,7 +419,7 @@ class ModelRunner:
         req.own = None  # build_context frees each layer's prefill KV as it goes
         ctx = build_context(self.model_id, token_ids, layer_kv, logits, self.config, self.device)
         if not on_device:
-            ctx = ctx.to_host()
+            ctx = ctx.to_host().with_index_on(self.device, boxes=self.config.reads_page_boxes)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         ctx.prefill_s, ctx.build_s = t1 - prefill_started, time.perf_counter() - t1

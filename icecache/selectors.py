@@ -44,6 +44,7 @@ class Selector:
     # None: no function of its own (the DCI-tree query, which each decode path runs its own way)
     pages: Callable[[torch.Tensor, PageView, int, float], torch.Tensor] | None = None
     window_fills_budget: bool = False  # no pages: the window widens to the budget past the sinks
+    reads_boxes: bool = False  # ranks by the pages' boxes: the index keeps them on its device
 
     @property
     def walks_tree(self) -> bool:
@@ -109,7 +110,7 @@ def recent_tokens(pages: HostPageStore, count: int) -> tuple[torch.Tensor, torch
 SELECTORS: dict[str, Selector] = {s.name: s for s in (
     Selector("icecache"),
     Selector("oracle", lambda q, view, n, scaling: oracle_pages(q, view.shared, view.private, n, scaling)),
-    Selector("quest", lambda q, view, n, scaling: quest_pages(q, view.bounds(), n)),
+    Selector("quest", lambda q, view, n, scaling: quest_pages(q, view.bounds(), n), reads_boxes=True),
     Selector("streaming", window_fills_budget=True),
     Selector("random", lambda q, view, n, scaling: random_pages(
         torch.cat([view.shared[1].to(q.device), view.private[1]], dim=1), n, view.draw)),

@@ -40,6 +40,9 @@ _NEG_INF = float("-inf")
 _MAX_SCORE_ELEMENTS = 1 << 24  # bounds the [H, rows, centers] block of a nearest-parent search
 
 
+BOX_FIELDS = ("page_lo", "page_hi")  # what only the quest selector reads
+
+
 @dataclass
 class TreeIndex:
     """The immutable index of one layer's middle keys."""
@@ -80,10 +83,17 @@ class TreeIndex:
         count.scatter_add_(1, parent.clamp_min(0), (parent >= 0).long())
         return count.cumsum(1) - count, count
 
-    def to(self, device: torch.device) -> "TreeIndex":
-        def move(x):
-            return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
-        return TreeIndex(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+    def to(self, device: torch.device, box_device: torch.device | None = None) -> "TreeIndex":
+        """The tree on `device`, its page boxes (read only by the quest selector) on
+        `box_device` (default: `device` as well)."""
+        def move(name, x):
+            target = box_device if box_device is not None and name in BOX_FIELDS else device
+            return [t.to(target) for t in x] if isinstance(x, list) else x.to(target)
+        return TreeIndex(**{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    @property
+    def box_device(self) -> torch.device:
+        return self.page_lo.device
 
     def tensors(self) -> list[torch.Tensor]:
         out = []

@@ -69,6 +69,24 @@ def test_requests_do_not_change_the_shared_context(engine, context):
     assert (layer.pages.keys.sum().item(), layer.pages.valid.sum().item(), context.num_tokens) == before
 
 
+def test_an_index_moved_to_a_device_leaves_the_page_boxes_on_the_host_unless_quest_reads_them(context):
+    # "meta" stands in for the GPU here (tests/icecache/test_gpu.py checks CUDA): only placement matters
+    meta = torch.device("meta")
+    moved = context.with_index_on(meta)
+    tree = next(iter(moved.sparse.values())).tree
+    assert tree.page_mean.device == meta and tree.node_mean[0].device == meta and tree.scale.device == meta
+    assert tree.page_lo.device.type == tree.page_hi.device.type == "cpu" and moved.box_device.type == "cpu"
+    assert moved.uid == context.uid and moved.with_index_on(meta) is moved
+    for_quest = moved.with_index_on(meta, boxes=IceCacheConfig(selector="quest").reads_page_boxes)
+    assert for_quest.box_device == meta and for_quest.index_device == meta
+    assert context.with_index_on(torch.device("cpu")) is context  # the CPU holds it all already
+    # a copy of the document (e.g. from shared memory) takes the moved trees, keeps its own boxes
+    shared = context.with_index_from(for_quest)
+    layer = next(iter(shared.sparse))
+    assert shared.index_device == meta and shared.sparse[layer].tree.page_lo is context.sparse[layer].tree.page_lo
+    assert context.with_index_from(for_quest, boxes=True).box_device == meta
+
+
 def test_context_plus_question_equals_the_whole_prompt_in_full_mode(full_engine, context):
     q_ids = full_engine.tokenizer(QUESTION, add_special_tokens=False).input_ids
     with_ctx = full_engine.generate(q_ids, GREEDY, context=context)

@@ -73,8 +73,13 @@ def test_gpu_bf16_generates_and_keeps_kv_off_the_device(models):
     ctx = eng.index(ids)
     layer = next(iter(ctx.sparse.values()))
     assert layer.pages.keys.device.type == "cpu" and layer.pages.keys.is_pinned()
-    out = eng.generate([5, 6], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), context=ctx)
+    # the tree is on the GPU but for the page boxes, which only the quest selector reads
+    assert layer.tree.page_mean.is_cuda and layer.tree.page_lo.device.type == "cpu"
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    out = eng.generate([5, 6], params, context=ctx)
     assert len(out.token_ids) == 16 and out.stats["pages_loaded_per_token"] > 0
+    quest = eng.with_config(CONFIG.replace(selector="quest"))  # puts the boxes beside the tree for its requests
+    assert len(quest.generate([5, 6], params, context=ctx).token_ids) == 16
 
 
 def record_static(hf, ids, steps, graph: bool):
