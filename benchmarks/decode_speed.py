@@ -2,9 +2,10 @@
 
     python benchmarks/decode_speed.py                       # 16k..128k, budgets 256 and 1024
     python benchmarks/decode_speed.py --contexts 16384 131072 --budgets 256 --skip-hf --rerank 2 4
+    python benchmarks/decode_speed.py --shape deepseek-r1-distill-qwen-7b --contexts 4096 8192 16384 --budgets 256
 
-Model: Llama-3.1-8B shape, random bf16 weights built on the GPU (timing does not depend
-on weight values). For each context length:
+Model: Llama-3.1-8B shape (--shape: DeepSeek-R1-Distill-Qwen 1.5B/7B, Codestral-22B), random
+bf16 weights built on the GPU (timing does not depend on weight values). For each context:
   (a) transformers `generate`, full KV (sdpa)          -- the usual way to serve it
   (b) our engine, mode="full" (same static decode path, all KV on the GPU)
   (c) our engine, IceCache at each budget (pages stay in pinned host memory)
@@ -30,17 +31,49 @@ from icecache.internals import RequestKV, StaticDecoder
 GiB = 1 << 30
 
 
-def llama_8b(max_positions: int, vocab_size: int = 128256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=vocab_size, max_position_embeddings=max_positions,
-                         rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+# Real models' shapes (their config.json), built with random weights: timing and memory
+# depend on the shapes, not the values. name -> (architecture, config fields)
+SHAPES = {
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   rope_theta=500000.0)),
+    "deepseek-r1-distill-qwen-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                                    num_attention_heads=12, num_key_value_heads=2,
+                                                    vocab_size=151936, rope_theta=10000.0)),
+    "deepseek-r1-distill-qwen-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                                  rope_theta=10000.0)),
+    "codestral-22b": ("mistral", dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                                      num_attention_heads=48, num_key_value_heads=8, vocab_size=32768,
+                                      rope_theta=1000000.0, sliding_window=None)),
+}
+
+
+def shaped_model(shape: str, max_positions: int, vocab_size: int | None = None):
+    """A model of SHAPES[shape] (its vocabulary resized to vocab_size, e.g. a real
+    tokenizer's) with random bf16 weights, built on the GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    arch, fields = SHAPES[shape]
+    if vocab_size is not None:
+        fields = {**fields, "vocab_size": vocab_size}
+    config = AutoConfig.for_model(arch, **fields, max_position_embeddings=max_positions, tie_word_embeddings=False,
+                                  attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     return model.eval()
+
+
+def add_shape_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                    help="the model shape, built with random bf16 weights")
+
+
+def random_ids(n: int, vocab_size: int, gen: torch.Generator) -> list[int]:
+    """n random token ids of the vocabulary, clear of the special ids at its ends."""
+    return torch.randint(100, vocab_size - 100, (n,), generator=gen).tolist()
 
 
 def copy_bandwidth() -> float:
@@ -168,28 +201,29 @@ def main(argv=None) -> int:
                          "their keys, without question pages")
     ap.add_argument("--bounds", action="store_true",
                     help="also run IceCache choosing pages by the bounds alone (no question pages, no re-ranking)")
+    add_shape_arg(ap)
     args = parse_gpu_args(ap, argv, "decode_speed", plot)
     if args is None:
         return 0
 
     bw = copy_bandwidth()
-    model = llama_8b(max(args.contexts) + args.tokens + 64)
+    model = shaped_model(args.shape, max(args.contexts) + args.tokens + 64)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_s = weight_bytes / bw
-    report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": "Llama-3.1-8B shape, random bf16",
-              "weight_gib": weight_bytes / GiB, "copy_bandwidth_gbs": bw / 1e9, "weight_read_floor_s": floor_s,
-              "tokens": args.tokens, "runs": []}
+    report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+              "model": f"{args.shape} shape, random bf16", "shape": args.shape, "weight_gib": weight_bytes / GiB,
+              "copy_bandwidth_gbs": bw / 1e9, "weight_read_floor_s": floor_s, "tokens": args.tokens, "runs": []}
     print(f"{report['gpu']}: weights {weight_bytes / GiB:.1f} GiB, copy {bw / 1e9:.0f} GB/s, "
           f"floor {floor_s * 1e3:.2f} ms/token")
     gen = torch.Generator().manual_seed(0)
     for n in args.contexts:
-        ids = torch.randint(100, 120000, (n,), generator=gen).tolist()
+        ids = random_ids(n, model.config.vocab_size, gen)
         row = {"context": n}
         if not args.skip_hf:
             model.config._attn_implementation = "sdpa"
             row["hf_full"] = run_hf(model, ids, args.tokens)
             print(f"[{n}] (a) HF full: {row['hf_full']}")
-        eng = Engine.from_model(model, config=IceCacheConfig(mode="full"), model_id="llama-8b-random")
+        eng = Engine.from_model(model, config=IceCacheConfig(mode="full"), model_id=f"{args.shape}-random")
         t = time.perf_counter()
         ctx = eng.index(ids)
         row["prefill_s"], row["index_build_s"] = ctx.prefill_s, ctx.build_s

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.decode_speed import GiB, finish, llama_8b, parse_gpu_args
+from benchmarks.decode_speed import GiB, finish, parse_gpu_args, random_ids, shaped_model
 from icecache import Engine, IceCacheConfig
 
 MODES = ("device", "host")
@@ -79,12 +79,12 @@ def main(argv=None) -> int:
     args = parse_gpu_args(ap, argv, "prefill_memory", plot)
     if args is None:
         return 0
-    model = llama_8b(max(args.contexts) + 64)
+    model = shaped_model("llama-3.1-8b", max(args.contexts) + 64)
     report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
               "model": "Llama-3.1-8B shape, random bf16", "runs": []}
     gen = torch.Generator().manual_seed(0)
     for n in args.contexts:
-        ids = torch.randint(100, 120000, (n,), generator=gen).tolist()
+        ids = random_ids(n, model.config.vocab_size, gen)
         row, logits = {"context": n}, {}
         for mode in MODES:
             eng = Engine.from_model(model, config=IceCacheConfig(prefill_offload=mode), model_id="llama-8b-random")

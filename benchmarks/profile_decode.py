@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.decode_speed import llama_8b
+from benchmarks.decode_speed import shaped_model
 from icecache import IceCacheConfig
 from icecache.internals import StaticDecoder, build_context
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search-widths", type=int, nargs="+", default=[64],
                     help="tree-walk beams to profile in turn on the same index")
     args = ap.parse_args(argv)
-    model = llama_8b(args.context + 256)
+    model = shaped_model("llama-3.1-8b", args.context + 256)
     c = model.config
     H, D, L = c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_hidden_layers
     config = IceCacheConfig(mode=args.mode, token_budget=args.budget)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.decode_speed import finish, llama_8b, run_hf, save
+from benchmarks.decode_speed import finish, run_hf, save, shaped_model
 from icecache import Engine, IceCacheConfig, SamplingParams
 
 QUESTION = "\nQuestion: what does the document say about its {n}th clause? Answer:"
@@ -45,7 +45,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def build_model(shape: str, device: torch.device, max_positions: int, vocab: int):
     if shape == "8b":
-        return llama_8b(max_positions, vocab)
+        return shaped_model("llama-3.1-8b", max_positions, vocab)
     from icecache.testing import random_model, tiny_config
     config = tiny_config("llama", vocab_size=vocab, max_position_embeddings=max_positions, num_hidden_layers=4)
     return random_model(config, device, torch.float32)

@@ -1,10 +1,11 @@
 """Decode throughput of many concurrent sessions on one GPU, side by side in one run.
 
     python benchmarks/throughput.py                      # 32k and 128k, 1..64 sessions
+    python benchmarks/throughput.py --shape codestral-22b --contexts 16384 32768 --sessions 1 8 32
 
-Model: Llama-3.1-8B shape, random bf16 weights built on the GPU. Every session asks its
-own question about one shared document (indexed once): N sessions decode together in
-one batched step of the engine (StaticDecoder with N slots, one CUDA graph per batch
+Model: Llama-3.1-8B shape (or --shape), random bf16 weights built on the GPU. Every
+session asks its own question about one shared document (indexed once): N sessions decode
+together in one batched step of the engine (StaticDecoder with N slots, one CUDA graph per batch
 size), greedy, every step's next tokens read back to the host as a server must.
 
 Compared at each context length and N:
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import GiB, finish, llama_8b, parse_gpu_args, save
+from benchmarks.decode_speed import GiB, add_shape_arg, finish, parse_gpu_args, random_ids, save, shaped_model
 from icecache import Engine, IceCacheConfig
 from icecache.internals import RequestKV, StaticDecoder
 
@@ -88,17 +89,19 @@ def main(argv=None) -> int:
                     help="session counts for 'full, separate' (stops at the first that does not fit)")
     ap.add_argument("--steps", type=int, default=32, help="tokens each session decodes (after warm-up)")
     ap.add_argument("--budget", type=int, default=256)
+    add_shape_arg(ap)
     args = parse_gpu_args(ap, argv, "throughput", plot)
     if args is None:
         return 0
-    model = llama_8b(max(args.contexts) + args.steps + 64)
+    model = shaped_model(args.shape, max(args.contexts) + args.steps + 64)
     report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-              "model": "Llama-3.1-8B shape, random bf16", "steps": args.steps, "budget": args.budget, "runs": []}
+              "model": f"{args.shape} shape, random bf16", "shape": args.shape, "steps": args.steps,
+              "budget": args.budget, "runs": []}
     gen = torch.Generator().manual_seed(0)
-    full = Engine.from_model(model, config=IceCacheConfig(mode="full"), model_id="llama-8b-random")
+    full = Engine.from_model(model, config=IceCacheConfig(mode="full"), model_id=f"{args.shape}-random")
     sparse = full.with_config(IceCacheConfig(token_budget=args.budget))
     for n in args.contexts:
-        ctx = full.index(torch.randint(100, 120000, (n,), generator=gen).tolist())
+        ctx = full.index(random_ids(n, model.config.vocab_size, gen))
         with torch.inference_mode():
             req = RequestKV(sparse.shape, sparse.config, ctx)
             t = time.perf_counter()
