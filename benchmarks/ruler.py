@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--max-tokens", type=int, default=None, help="cap the tasks' own output lengths")
     ap.add_argument("--device", default="cpu", help="where the model runs (fp32)")
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="lengths past the model's own context: extend it to this many tokens (YaRN), the same "
+                         "for every method; default: the longest of --lengths")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "icecache" / "ruler",
                     help="generated samples, kept between runs")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ruler.json"))
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
         args.tasks, args.lengths, args.seeds, args.samples = ["niah_single_1", "niah_single_2"], [2048], [0], 2
         args.methods, args.budgets, args.max_tokens = ["full", "icecache", "streaming"], [256], 32
     start = time.perf_counter()
-    engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
+    engine = Engine.from_pretrained(device=args.device, dtype=torch.float32,
+                                    context_length=args.context_length or max(args.lengths))
     tokenizer_dir = args.cache / "tokenizer"
     engine.tokenizer.save_pretrained(tokenizer_dir)
     report = accuracy.run_to(args.out, args.resume, engine, args.tasks, args.lengths, args.seeds, args.methods,

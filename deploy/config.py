@@ -33,6 +33,8 @@ class AppArgs(BaseModel):
 
     model: str | None = Field(None, description="HF id in the local cache, local dir or .gguf; None = SmolLM2")
     device: str = Field("auto", description="auto | cpu | cuda")
+    context_length: int | None = Field(None, gt=0, description="extend the model past its own context to this "
+                                       "many tokens (YaRN RoPE scaling); null = as trained")
     mode: Literal["icecache", "full"] = "icecache"
     token_budget: int = Field(256, description="tokens a sparse layer attends to per decode step")
     dense_layers: int = 2

@@ -45,7 +45,8 @@ class IceCacheLLM:
     def __init__(self, args: dict, tenant_secret: str) -> None:
         _log_to_stderr()
         self.args = AppArgs(**args)
-        self.engine = Engine.from_pretrained(self.args.model, self.args.engine_config(), device=self.args.device)
+        self.engine = Engine.from_pretrained(self.args.model, self.args.engine_config(), device=self.args.device,
+                                             context_length=self.args.context_length)
         self.max_document_tokens = min(self.args.max_document_tokens or self.engine.max_context_tokens,
                                        self.engine.max_context_tokens)
         # One thread drives the device: the scheduler's. Requests, documents to index and

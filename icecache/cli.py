@@ -15,7 +15,7 @@ def _engine(args):
     from icecache.engine import Engine
     config = IceCacheConfig(mode=args.mode, token_budget=args.budget)
     print(f"loading {args.model or 'built-in SmolLM2-135M-Instruct'} ...", file=sys.stderr)
-    return Engine.from_pretrained(args.model, config=config, device=args.device)
+    return Engine.from_pretrained(args.model, config=config, device=args.device, context_length=args.context_length)
 
 
 def _progress(desc: str):
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--budget", type=int, default=256, help="tokens a sparse layer attends to per step")
         p.add_argument("--mode", choices=["icecache", "full"], default="icecache")
         p.add_argument("--device", default="auto")
+        p.add_argument("--context-length", type=int, default=None,
+                       help="extend the model past its own context to this many tokens (YaRN)")
 
     g = sub.add_parser("generate", help="answer a prompt, optionally about a document, streaming")
     common(g)

@@ -43,11 +43,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, config: IceCacheConfig | None = None,
-                        device: str = "auto", dtype: torch.dtype | None = None) -> "Engine":
-        """Load a model (None = the built-in SmolLM2-135M-Instruct) and wrap it."""
+                        device: str = "auto", dtype: torch.dtype | None = None,
+                        context_length: int | None = None) -> "Engine":
+        """Load a model (None = the built-in SmolLM2-135M-Instruct) and wrap it.
+        context_length: extend a model's context past what it was trained on to this many
+        tokens, by YaRN RoPE scaling (models.extend_context); accuracy past the native
+        length is the model's, measured in benchmarks/RESULTS.md for the built-in one."""
         if config is not None and not isinstance(config, IceCacheConfig):
             raise ValueError(f"config: expected IceCacheConfig, got {type(config).__name__}")
-        return cls(load_model(model, resolve_device(device), dtype), config)
+        return cls(load_model(model, resolve_device(device), dtype, context_length), config)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer=None, config: IceCacheConfig | None = None,

@@ -25,6 +25,9 @@ def test_the_engine_block_reaches_every_config_field_and_is_validated_by_it():
         AppArgs(engine={"no_such_field": 1})
     with pytest.raises(ValidationError, match="warmup_tokens"):
         AppArgs(warmup_tokens=-1)
+    with pytest.raises(ValidationError, match="context_length"):
+        AppArgs(context_length=0)
+    assert AppArgs(context_length=32768).context_length == 32768
 
 
 def test_a_replica_whose_scheduler_died_fails_its_health_check(monkeypatch):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.models import extend_context
 from icecache.testing import random_model, tiny_config
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -78,3 +79,47 @@ def test_unsupported_architecture_is_refused():
     from transformers import GPT2Config
     with pytest.raises(ValueError, match="architecture"):
         random_model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100), torch.device("cpu"))
+
+
+def test_context_length_extends_the_rope_with_yarn_and_refuses_what_it_cannot():
+    config = tiny_config("llama", max_position_embeddings=256)
+    extend_context(config, 200)  # within the model's own context: as trained
+    assert config.rope_parameters.get("rope_type", "default") == "default" and config.max_position_embeddings == 256
+    extend_context(config, 1024)
+    rope = config.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 256)
+    assert config.max_position_embeddings == 1024
+    with pytest.raises(ValueError, match="scaled already .*'yarn'"):
+        extend_context(config, 4096)
+    for bad in (0, -5, 1.5, True, "4k"):
+        with pytest.raises(ValueError, match="context_length: expected a positive number of tokens"):
+            extend_context(tiny_config("llama"), bad)
+
+
+@torch.inference_mode()
+def test_a_yarn_extended_model_decodes_past_its_own_context_as_transformers_does():
+    """Positions past the native 256 (prompt 300, then 24 tokens) under YaRN: the engine's
+    full-mode greedy tokens equal those of the unmodified model recomputing every step, and
+    its sparse decode runs there."""
+    config = tiny_config("llama", max_position_embeddings=256)
+    extend_context(config, 1024)
+    hf = random_model(config, torch.device("cpu"), torch.float32)
+    ids = prompt(300)
+    eng = Engine.from_model(hf, config=IceCacheConfig(mode="full", **SMALL), model_id="yarn")
+    assert eng.max_context_tokens == 1024
+    ours = eng.generate(ids, GREEDY).token_ids
+    seq = list(ids)
+    for _ in range(GREEDY.max_tokens):
+        seq.append(int(reference_logits(hf, seq)[-1].argmax()))
+    assert ours == seq[len(ids):]
+    sparse = eng.with_config(IceCacheConfig(token_budget=16 + 8 * 4, **SMALL)).generate(ids, GREEDY)
+    assert len(sparse.token_ids) == GREEDY.max_tokens and sparse.stats["pages_selected_per_token"] > 0
+
+
+def test_the_built_in_model_takes_a_longer_context_when_asked():
+    engine = Engine.from_pretrained(device="cpu", context_length=16384)
+    assert engine.max_context_tokens == 16384 and engine.model.config.rope_parameters["rope_type"] == "yarn"
+    long_prompt = list(range(1000, 1000 + 10_000))
+    assert len(engine.validate(long_prompt, None, None)[0]) == 10_000
+    with pytest.raises(ValueError, match="prompt"):  # as trained: 8192 tokens
+        Engine.from_pretrained(device="cpu").validate(long_prompt, None, None)
