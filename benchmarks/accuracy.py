@@ -296,12 +296,31 @@ def paired(records: list[dict], resamples: int = 2000) -> list[dict]:
         if r["method"] != "full" and base is not None:
             diffs[(r["length"], r["method"], r["budget"])].append(r["score"] - base)
     rng = random.Random(0)
-    out = []
-    for (n, method, budget), d in sorted(diffs.items()):
-        means = sorted(statistics.fmean(rng.choices(d, k=len(d))) for _ in range(resamples))
-        out.append({"length": n, "method": method, "budget": budget, "cases": len(d), "diff": statistics.fmean(d),
-                    "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]})
-    return out
+    return [{"length": n, "method": method, "budget": budget, **bootstrap(d, resamples, rng)}
+            for (n, method, budget), d in sorted(diffs.items())]
+
+
+def paired_against(records: list[dict], method: str = "icecache", resamples: int = 2000) -> list[dict]:
+    """Per (length, other method, budget): the mean over cases of `method`'s score minus the
+    other's at the same budget on the same case, with a 95% bootstrap interval: whether
+    the default is ahead of each baseline."""
+    ours = {(r["task"], r["length"], r["seed"], r["case"], r["budget"]): r["score"]
+            for r in records if r["method"] == method}
+    diffs = defaultdict(list)
+    for r in records:
+        mine = ours.get((r["task"], r["length"], r["seed"], r["case"], r["budget"]))
+        if r["method"] not in (method, "full") and mine is not None:
+            diffs[(r["length"], r["method"], r["budget"])].append(mine - r["score"])
+    rng = random.Random(0)
+    return [{"length": n, "method": method, "against": other, "budget": budget, **bootstrap(d, resamples, rng)}
+            for (n, other, budget), d in sorted(diffs.items())]
+
+
+def bootstrap(diffs: list[float], resamples: int, rng: random.Random) -> dict:
+    """The mean of paired differences and its 95% bootstrap interval over the cases."""
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return {"cases": len(diffs), "diff": statistics.fmean(diffs),
+            "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]}
 
 
 def summarise(records: list[dict], timing: dict) -> dict:
@@ -330,7 +349,7 @@ def summarise(records: list[dict], timing: dict) -> dict:
     suite = {f"{m}@{b}": statistics.mean(v) for (m, b), v in sorted(averages.items())}
     by_length = {n: {k: statistics.mean(v) for k, v in sorted(row.items())} for n, row in sorted(per_length.items())}
     return {"rows": rows, "suite_average": suite, "by_length": by_length, "paired_vs_full": paired(records),
-            "wall_s": dict(timing), "records": records}
+            "icecache_vs_others": paired_against(records), "wall_s": dict(timing), "records": records}
 
 
 def merge(reports: list[dict]) -> dict:
