@@ -23,6 +23,9 @@ def test_quick_ruler(tmp_path):
     assert average["icecache@256"] > average["streaming@256"]
     diffs = {r["method"]: r for r in report["paired_vs_full"]}
     assert diffs["streaming"]["diff"] < 0 and diffs["streaming"]["ci95"][0] <= diffs["streaming"]["diff"]
+    ahead = {r["against"]: r for r in report["icecache_vs_others"]}
+    assert set(ahead) == {"streaming"} and ahead["streaming"]["cases"] == 4
+    assert ahead["streaming"]["diff"] == pytest.approx(diffs["icecache"]["diff"] - diffs["streaming"]["diff"])
 
 
 def test_prompts_split_where_the_context_ends():
