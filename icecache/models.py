@@ -58,18 +58,19 @@ def check_architecture(config) -> None:
                          f"(supported: {', '.join(SUPPORTED_ARCHS)})")
 
 
-def extend_context(config, context_length: int | None) -> None:
+def extend_context(config, context_length: int | None) -> bool:
     """Let the model take `context_length` tokens when that is more than it was trained on:
     YaRN scaling of its RoPE by context_length / native (transformers' own "yarn" rope type,
     the native length kept as original_max_position_embeddings). A model whose RoPE is
-    scaled already (e.g. Llama 3.1's "llama3") is refused rather than scaled twice."""
+    scaled already (e.g. Llama 3.1's "llama3") is refused rather than scaled twice.
+    -> whether the config changed."""
     if context_length is None:
-        return
+        return False
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
         raise ValueError(f"context_length: expected a positive number of tokens, got {context_length!r}")
     native = int(config.max_position_embeddings)
     if context_length <= native:
-        return
+        return False
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"context_length: the model's RoPE is scaled already ({rope['rope_type']!r}, "
@@ -77,6 +78,7 @@ def extend_context(config, context_length: int | None) -> None:
     config.rope_parameters = {**rope, "rope_type": "yarn", "factor": context_length / native,
                               "original_max_position_embeddings": native}
     config.max_position_embeddings = context_length
+    return True
 
 
 def load_model(model: str | os.PathLike | None, device: torch.device,
@@ -115,7 +117,8 @@ def load_model(model: str | os.PathLike | None, device: torch.device,
         raise ValueError(f"model: cannot load {model!r} from local files ({exc.__class__.__name__}: "
                          f"{str(exc).splitlines()[0]})") from exc
     check_architecture(config)
-    extend_context(config, context_length)
+    if extend_context(config, context_length):  # its KV differs: contexts are keyed apart
+        model_id = f"{model_id}@yarn{context_length}"
     hf_model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
     return LoadedModel(prepare(hf_model, device), tokenizer, model_id)

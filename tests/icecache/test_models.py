@@ -83,9 +83,9 @@ def test_unsupported_architecture_is_refused():
 
 def test_context_length_extends_the_rope_with_yarn_and_refuses_what_it_cannot():
     config = tiny_config("llama", max_position_embeddings=256)
-    extend_context(config, 200)  # within the model's own context: as trained
+    assert not extend_context(config, 200)  # within the model's own context: as trained
     assert config.rope_parameters.get("rope_type", "default") == "default" and config.max_position_embeddings == 256
-    extend_context(config, 1024)
+    assert extend_context(config, 1024)
     rope = config.rope_parameters
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 256)
     assert config.max_position_embeddings == 1024
@@ -119,6 +119,7 @@ def test_a_yarn_extended_model_decodes_past_its_own_context_as_transformers_does
 def test_the_built_in_model_takes_a_longer_context_when_asked():
     engine = Engine.from_pretrained(device="cpu", context_length=16384)
     assert engine.max_context_tokens == 16384 and engine.model.config.rope_parameters["rope_type"] == "yarn"
+    assert engine.model_id == "SmolLM2-135M-Instruct@yarn16384"  # its contexts are not the plain model's
     long_prompt = list(range(1000, 1000 + 10_000))
     assert len(engine.validate(long_prompt, None, None)[0]) == 10_000
     with pytest.raises(ValueError, match="prompt"):  # as trained: 8192 tokens
