@@ -149,6 +149,9 @@ def main(argv=None) -> int:
                     help="keep the answers of --out's .partial.json (an interrupted run), or of --out itself "
                          "(a smaller finished one), and do only the rest")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON (--out)")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="only generate the cases into --cache (e.g. here, to answer them on a machine without "
+                         "RULER's generator dependencies: benchmarks/gpu_ruler.sh)")
     args = ap.parse_args(argv)
     if args.plot_only:
         accuracy.plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
@@ -161,6 +164,14 @@ def main(argv=None) -> int:
                                     context_length=args.context_length or max(args.lengths))
     tokenizer_dir = args.cache / "tokenizer"
     engine.tokenizer.save_pretrained(tokenizer_dir)
+    if args.generate_only:
+        for name in args.tasks:
+            for n in args.lengths:
+                for seed in args.seeds:
+                    generate(name, specs[name], n, seed, args.samples, tokenizer_dir, args.cache)
+        print(f"cases of {len(args.tasks)} tasks x {len(args.lengths)} lengths x {len(args.seeds)} seeds "
+              f"in {args.cache}")
+        return 0
     report = accuracy.run_to(args.out, args.resume, engine, args.tasks, args.lengths, args.seeds, args.methods,
                              args.budgets, ruler_cases(specs, args.samples, tokenizer_dir, args.cache, args.max_tokens),
                              scorer(specs))
