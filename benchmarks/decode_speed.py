@@ -60,7 +60,7 @@ def shaped_model(shape: str, max_positions: int, vocab_size: int | None = None):
                                   attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     return model.eval()

