@@ -15,7 +15,7 @@ import torch
 
 from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
-from icecache.index.select import box_parts, rank_pages, rerank_pages, shared_part, tree_keep
+from icecache.index.select import box_parts, private_part, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
 from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
 
@@ -301,9 +301,9 @@ class SparseSlots:
             view = PageView((self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), bounds,
                             self.draw + self.ring.counts[b, :1])
             return self.selector.pages(q, view, R, scaling)
-        private_part = (self.priv_mean[b], self.priv_var[b], self.priv_valid[b], self.priv_valid[b] > 0)
         parts = [shared_part(tree, tree_keep(tree, q, self.search_width, scaling))] if tree.num_pages else []
-        ids = rank_pages(q, scaling, [*parts, private_part], R * self.rerank, self.page_heads)
+        parts.append(private_part(self.priv_mean[b], self.priv_var[b], self.priv_valid[b]))
+        ids = rank_pages(q, scaling, parts, R * self.rerank, self.page_heads)
         if self.question.shape[2]:
             ids = torch.cat([ids, self.question[b]], dim=1)
         if ids.shape[1] <= R:

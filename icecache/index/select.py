@@ -62,6 +62,11 @@ def shared_part(tree: TreeIndex, keep: torch.Tensor | None) -> Part:
     return tree.page_mean, tree.page_var, tree.page_valid, cand
 
 
+def private_part(mean: torch.Tensor, var: torch.Tensor, valid: torch.Tensor) -> Part:
+    """A request's own pages as a rank_pages part: every valid one is a candidate."""
+    return mean, var, valid, valid > 0
+
+
 def candidate_parts(tree: TreeIndex, private: PrivatePages | None, keep: torch.Tensor | None) -> list[Part]:
     """rank_pages parts of a request's candidate pages: the tree's (shared_part), then all
     its private pages (ids after the tree's). keep: [H, n_1] (tree_keep), or None: every
@@ -69,8 +74,7 @@ def candidate_parts(tree: TreeIndex, private: PrivatePages | None, keep: torch.T
     parts = [shared_part(tree, keep)] if tree.num_pages else []
     if private is not None and private.num_tokens:
         used = private.used_pages
-        valid = private.valid[:, :used]
-        parts.append((private.mean[:, :used], private.var[:, :used], valid, valid > 0))
+        parts.append(private_part(private.mean[:, :used], private.var[:, :used], private.valid[:, :used]))
     return parts
 
 
