@@ -159,7 +159,8 @@ class FactsQA(Task):
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
 METHODS = ("full", "icecache", "icecache_bounds", "icecache_sum", "icecache_beam256", "icecache_reuse",
-           "icecache_rerank2", "icecache_rerank4", "icecache_rerank1q", "oracle", "quest", "streaming", "random")
+           "icecache_rerank2", "icecache_rerank4", "icecache_rerank1q", "icecache_q12",
+           "oracle", "quest", "streaming", "random")
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
@@ -176,6 +177,7 @@ def method_config(method: str, budget: int) -> IceCacheConfig:
         "icecache_rerank2": dict(rerank=2, question_pages=0),  # the bounds' 2R best, re-ranked: no question pages
         "icecache_rerank4": dict(rerank=4, question_pages=0),
         "icecache_rerank1q": dict(rerank=1),  # the bounds' R best and the question's pages, re-ranked: 1/3 fewer reads
+        "icecache_q12": dict(question_pages=12, question_follow=16),  # the question's pages until 2026-12-03
     }.get(method, {} if method == "icecache" else dict(selector=method))
     return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
 

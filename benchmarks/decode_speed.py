@@ -199,6 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rerank", type=int, nargs="*", default=[],
                     help="also run IceCache re-ranking this many of the bounds' candidates per retrieved page by "
                          "their keys, without question pages")
+    ap.add_argument("--question-pages", type=int, nargs="*", default=[],
+                    help="also run the default with this many question pages per KV head (decode reads them all "
+                         "as re-ranking candidates at every step)")
     ap.add_argument("--bounds", action="store_true",
                     help="also run IceCache choosing pages by the bounds alone (no question pages, no re-ranking)")
     add_shape_arg(ap)
@@ -241,6 +244,11 @@ def main(argv=None) -> int:
                 config = IceCacheConfig(token_budget=budget, rerank=r, question_pages=0)
                 row[key] = run_engine(eng.with_config(config), ctx, args.tokens, breakdown=True)
                 print(f"[{n}] (c'') IceCache@{budget}, re-ranking {r}x candidates: {row[key]}")
+            for qp in args.question_pages:
+                key = f"icecache_{budget}_question{qp}"
+                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, question_pages=qp)),
+                                      ctx, args.tokens, breakdown=True)
+                print(f"[{n}] IceCache@{budget}, {qp} question pages: {row[key]}")
             if args.bounds:  # the default until 2026-12: pages by the bounds alone
                 key = f"icecache_{budget}_bounds"
                 row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=1, question_pages=0)),

@@ -66,10 +66,13 @@ class IceCacheConfig:
     # attention mass (1 = by the moments alone)
     rerank: int = 2
     # pages per KV head that a question's own attention picks while it is prefilled on the context
-    # (what its last tokens attend to, and the page_size positions after it); they join the moments'
-    # candidates at every decode step, before the keys keep the best retrieved_pages (0 = off;
-    # 12 = as many as the default budget retrieves)
-    question_pages: int = 12
+    # (what its last tokens attend to, and the question_follow positions after it); they join the
+    # moments' candidates at every decode step, before the keys keep the best retrieved_pages (0 = off)
+    question_pages: int = 48
+    # positions after each context token a question attends to that share its weight when the
+    # question's pages are picked: an answer follows the passage the question matches, and a
+    # value copied token by token (an ID, a number, a quoted line) needs every one of its pages
+    question_follow: int = 48
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -83,8 +86,9 @@ class IceCacheConfig:
         for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")
-        _require(_is_int(self.question_pages) and self.question_pages >= 0, "question_pages",
-                 f"must be a non-negative int, got {self.question_pages!r}")
+        for name in ("question_pages", "question_follow"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")
         _require(self.window_tokens >= 1, "window_tokens", "must be at least 1 (the token being decoded)")
         ratios = self.promotion_ratio
         _require(isinstance(ratios, tuple) and len(ratios) >= 1, "promotion_ratio",

@@ -285,7 +285,7 @@ class PrefillPack:
         """For the requests of the pack on context uid that want them (config.question_pages),
         the context pages their chunks' last QUESTION_ROWS tokens point to in this layer, all
         at once: what the rows attend to (lse: [Hq, T] their log-sum-exp over the context),
-        and the page_size positions after it (index.select.question_pages). A request's last
+        and the config.question_follow positions after it (index.select.question_pages). A request's last
         chunk's choice stands."""
         reader = self.readers[uid]
         if uid not in self.question_rows or layer not in reader.ctx.sparse:
@@ -299,7 +299,7 @@ class PrefillPack:
         mass = _question_mass(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting),
                               ctx_k[:, num_sink:num_sink + page_of.shape[1]], scaling)
         picked = question_pages(mass, page_of, position, reader.ctx.num_tokens, sparse.tree.num_pages,
-                                config.question_pages, config.page_size)
+                                config.question_pages, config.question_follow)
         for req, pages in zip(wanting, picked):
             req.question_pages[layer] = pages
 

@@ -9,6 +9,7 @@ from icecache import IceCacheConfig, SamplingParams
     ("promotion_ratio", ()), ("search_width", 0), ("reuse_layers", 0), ("prefill_chunk_tokens", 0),
     ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"), ("page_heads", "mean"),
     ("rerank", 0), ("rerank", 2.0), ("question_pages", -1), ("question_pages", 1.5),
+    ("question_follow", -1), ("question_follow", "48"),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -18,7 +19,7 @@ def test_invalid_config_names_the_field(field, value):
 def test_rerank_and_question_pages_are_the_tree_selectors():
     """Re-ranking and question pages belong to the "icecache" selector (on by default); the
     comparison selectors and full mode leave them out, so they need no fields zeroed."""
-    assert IceCacheConfig().candidates == (2, 12)
+    assert IceCacheConfig().candidates == (2, 48)
     assert IceCacheConfig(rerank=4, question_pages=0).candidates == (4, 0)
     assert IceCacheConfig(rerank=4, selector="quest").candidates == (1, 0)
     assert IceCacheConfig(selector="oracle").candidates == (1, 0)
