@@ -9,8 +9,8 @@ reference manuals and code, which are full of numbers, names and near-repeats th
 compete with the fact asked for. The documents here are text that every installation of
 the suite has: NumPy's bundled licence file (legal text), Python's language reference
 (`pydoc_data.topics`, technical prose) and the source of `argparse` (code). Each case cuts
-one of them to about `length` tokens at a line break and plants three facts (a tracking
-number, a room, a person) at three depths drawn from the seed, each as a line of its own
+one of them to about `length` tokens at a line break and plants four facts (a tracking
+number, a room, a person, a 36-character ID) at four depths drawn from the seed, each as a line of its own
 (a comment in code); each fact is one question on the same indexed context, answered
 greedily and scored by whether the planted value appears in the answer.
 """
@@ -23,6 +23,7 @@ import inspect
 import json
 import random
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -57,17 +58,21 @@ DOCUMENTS = {"licence": (_numpy_licence, "{}"), "reference": (_language_referenc
              "code": (_argparse_source, "# {}")}
 
 
-def facts(rng: random.Random) -> list[tuple[str, str, str]]:
-    """Three (statement, question with its answer prefix, value) with values from rng."""
+def facts(rng: random.Random) -> list[tuple[str, str, str, int]]:
+    """Four (statement, question with its answer prefix, value, tokens to answer in) with
+    values from rng; the last value is an ID of about 30 tokens, copied token by token."""
     number, room = str(rng.randint(1000000, 9999999)), str(rng.randint(100, 999))
     person, office = rng.choice(SURNAMES), rng.choice(OFFICES)
+    key = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     return [
         (f"The internal tracking number of this document is {number}.",
-         "What is the internal tracking number of this document? The internal tracking number is", number),
+         "What is the internal tracking number of this document? The internal tracking number is", number, 12),
         (f"The signed original of this document is kept in room {room} of the {office} office.",
-         "In which room is the signed original of this document kept? It is kept in room", room),
+         "In which room is the signed original of this document kept? It is kept in room", room, 12),
         (f"This document was last reviewed by Dr. {person}.",
-         "Who last reviewed this document? It was last reviewed by Dr.", person),
+         "Who last reviewed this document? It was last reviewed by Dr.", person, 12),
+        (f"The archive key of this document is {key}.",
+         "What is the archive key of this document? The archive key is", key, 40),
     ]
 
 
@@ -90,8 +95,8 @@ def fact_cases(tokenizer) -> callable:
         read, form = DOCUMENTS[name]
         rng = random.Random(f"{name}-{num_tokens}-{seed}")
         planted = facts(rng)
-        document = plant(read(), [form.format(s) for s, _, _ in planted], tokenizer, num_tokens, rng)
-        return [Case(document, "\n\nQuestion: " + q, [value], 12) for _, q, value in planted]
+        document = plant(read(), [form.format(s) for s, *_ in planted], tokenizer, num_tokens, rng)
+        return [Case(document, "\n\nQuestion: " + q, [value], tokens) for _, q, value, tokens in planted]
     return make
 
 

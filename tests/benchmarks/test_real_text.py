@@ -23,7 +23,7 @@ def test_the_default_keeps_the_facts_full_attention_finds(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     found = {(r["method"], r["task"], r["length"], r["case"]): r["score"] for r in report["records"]}
     cases = sorted({key[1:] for key in found})
-    assert len(cases) == 3 * 2 * 3  # documents x lengths x facts
+    assert len(cases) == 3 * 2 * 4  # documents x lengths x facts
     by_full = [c for c in cases if found[("full", *c)] == 1.0]
     assert len(by_full) >= len(cases) // 2, by_full  # the model reads these documents: the comparison means something
     lost = {m: [c for c in by_full if found[(m, *c)] < 1.0] for m in ("icecache", "icecache_bounds")}
@@ -37,7 +37,7 @@ def test_facts_are_planted_as_lines_of_their_own_at_the_length_asked():
     make = real_text.fact_cases(tokenizer)
     for name in real_text.DOCUMENTS:
         cases = make(name, 3000, 1)
-        assert len(cases) == 3 and len({c.document for c in cases}) == 1
+        assert len(cases) == 4 and len({c.document for c in cases}) == 1
         lines = cases[0].document.split("\n")
         for case in cases:
             planted = [line for line in lines if case.answers[0] in line and "this document" in line.lower()]
