@@ -10,9 +10,10 @@ compete with the fact asked for. The documents here are text that every installa
 the suite has: NumPy's bundled licence file (legal text), Python's language reference
 (`pydoc_data.topics`, technical prose) and the source of `argparse` (code). Each case cuts
 one of them to about `length` tokens at a line break and plants four facts (a tracking
-number, a room, a person, a 36-character ID) at four depths drawn from the seed, each as a line of its own
-(a comment in code); each fact is one question on the same indexed context, answered
-greedily and scored by whether the planted value appears in the answer.
+number, a room, a person, a 36-character ID the answer copies token by token) at four depths
+drawn from the seed, each as a line of its own (a comment in code); each fact is one
+question on the same indexed context, answered greedily and scored by whether the planted
+value appears in the answer.
 """
 
 from __future__ import annotations

@@ -83,10 +83,7 @@ class IceCacheConfig:
         share = self.resident_context_share
         _require(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1,
                  "resident_context_share", f"must be a number in [0, 1), got {share!r}")
-        for name in ("sink_tokens", "window_tokens", "dense_layers", "seed"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")
-        for name in ("question_pages", "question_follow"):
+        for name in ("sink_tokens", "window_tokens", "dense_layers", "seed", "question_pages", "question_follow"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, name, f"must be a non-negative int, got {value!r}")
         _require(self.window_tokens >= 1, "window_tokens", "must be at least 1 (the token being decoded)")
