@@ -23,6 +23,7 @@ design's budgets are printed and stored; JSON and a PNG go next to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import threading
 import time
@@ -368,8 +369,13 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del eng, model
-    if device.type == "cuda":
+    gc.collect()  # the engine and model hold reference cycles: collect them before the app starts,
+    if device.type == "cuda":  # or its replica (sharing this GPU) sizes its resident budget on less
         torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        report["gpu_before_app"] = {"free_gib": free / 2**30, "total_gib": total / 2**30,
+                                    "this_process_reserved_gib": torch.cuda.memory_reserved(device) / 2**30}
+        print(f"GPU before the app: {report['gpu_before_app']}", flush=True)
 
     from deploy.client import Client
     t0 = time.perf_counter()

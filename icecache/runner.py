@@ -13,6 +13,7 @@ The scheduler decides what runs; this module runs it. It never imports the sched
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -27,6 +28,8 @@ from icecache.index.select import question_mass, question_pages
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
+log = logging.getLogger(__name__)
+
 
 class ResidentContexts:
     """Whole copies of hot contexts' KV on the device, least recently used first out, under
@@ -40,6 +43,7 @@ class ResidentContexts:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._kept: collections.OrderedDict[int, tuple[Resident, int]] = collections.OrderedDict()
+        self._too_large: set[int] = set()  # contexts already said to be over the budget
 
     @property
     def used_bytes(self) -> int:
@@ -55,10 +59,16 @@ class ResidentContexts:
         self._kept.move_to_end(context.uid)
         return entry[0]
 
-    def make_room(self, size: int) -> bool:
+    def make_room(self, size: int, context: Context | None = None) -> bool:
         """Evict the least recently used copies until `size` more bytes fit; False (and no
-        eviction) if size is over the whole budget."""
+        eviction) if size is over the whole budget (said once per context in the log: its
+        questions' prefills will each read it from host memory)."""
         if size > self.budget_bytes:
+            if context is not None and context.uid not in self._too_large:
+                self._too_large.add(context.uid)
+                log.info("a context of %d tokens (%.1f GiB) is over the device budget for resident contexts "
+                         "(%.1f GiB): each question's prefill reads it from host memory", context.num_tokens,
+                         size / 2**30, self.budget_bytes / 2**30)
             return False
         while self._kept and self.used_bytes + size > self.budget_bytes:
             self._kept.popitem(last=False)
@@ -75,6 +85,7 @@ class ResidentContexts:
 
     def forget(self, context: Context) -> None:
         self._kept.pop(context.uid, None)
+        self._too_large.discard(context.uid)
 
 
 class Resident(NamedTuple):
@@ -105,7 +116,7 @@ class ContextReader:
         self.maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # their token_pages, made as they are read
         # a pass that keeps what it reads holds every layer until its end: room is made first,
         # and a context larger than the whole budget is read a layer at a time as before
-        self.keep = self.kept is None and self.resident is not None and self.resident.make_room(self._device_bytes())
+        self.keep = self.kept is None and self.resident is not None and self.resident.make_room(self._device_bytes(), context)
 
     def _device_bytes(self) -> int:
         """What every layer's (K, V) of the context takes on the device."""
@@ -332,7 +343,10 @@ class ModelRunner:
         self.device = shape.device
         budget = 0
         if self.device.type == "cuda" and config.resident_context_share > 0:
-            budget = int(torch.cuda.mem_get_info(self.device)[0] * config.resident_context_share)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            budget = int(free * config.resident_context_share)
+            log.info("resident contexts: up to %.1f GiB of the device (%.0f%% of the %.1f GiB free now)",
+                     budget / 2**30, 100 * config.resident_context_share, free / 2**30)
         self.resident = ResidentContexts(budget) if budget else None  # hot contexts' KV for question prefill
 
     def forget(self, context: Context) -> None:

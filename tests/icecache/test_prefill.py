@@ -1,6 +1,7 @@
 """Bounded-memory prefill: a document's KV kept in host memory while it is prefilled, each
 chunk reading the past back one layer at a time, gives the context a plain prefill gives."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -80,6 +81,23 @@ def test_resident_contexts_keep_the_most_recent_under_their_budget():
     assert a not in resident and resident.used_bytes == 8 << 10
     assert resident.make_room(16 << 10) and c not in resident  # room made ahead of a pass evicts too
     assert not resident.make_room(21 << 10) and resident.used_bytes == 0
+
+
+def test_a_context_over_the_resident_budget_is_said_once(caplog):
+    """A context too large to keep on the device makes every question's prefill re-read it
+    from host memory: the log says so once per context (and again after it is forgotten),
+    with its size and the budget."""
+    resident = ResidentContexts(20 << 10)
+    big, other = SimpleNamespace(uid=1, num_tokens=4096), SimpleNamespace(uid=2, num_tokens=8192)
+    with caplog.at_level(logging.INFO, logger="icecache.runner"):
+        assert not resident.make_room(64 << 10, big) and not resident.make_room(64 << 10, big)
+        assert not resident.make_room(64 << 10, other)
+        resident.forget(big)
+        assert not resident.make_room(64 << 10, big)
+        assert resident.make_room(16 << 10, big)  # one that fits says nothing
+    lines = [r.getMessage() for r in caplog.records if "over the device budget" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert "4096 tokens" in lines[0] and "8192 tokens" in lines[1] and "4096 tokens" in lines[2]
 
 
 @pytest.mark.parametrize("device, dtype", [("cpu", torch.float32),
