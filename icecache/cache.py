@@ -236,7 +236,7 @@ class RequestKV:
             page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,
                                     self.config.page_heads)
             if layer in self.question_pages:  # the question's own pages are candidates at every step
-                page_ids = torch.cat([page_ids, self.question_pages[layer].to(page_ids.device)], dim=1)
+                page_ids = torch.cat([self.question_pages[layer].to(page_ids.device), page_ids], dim=1)
             if page_ids.shape[1] > R:  # the candidates' keys pick R of them
                 page_ids = rerank_pages(qg, page_ids, shared, private, R, scaling)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)

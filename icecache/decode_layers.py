@@ -165,12 +165,17 @@ class SparseSlots:
         self.win_v = torch.zeros_like(self.win_k)
         # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
         self.question = torch.full((slots, H, question), -1, dtype=torch.long, device=device)
+        # and their keys, copied to the device once: the re-ranking kernel reads them every step,
+        # 3x the PCIe traffic of the pages it keeps otherwise (the kernel path; nothing to copy
+        # where the pages lie on the device already)
+        copies = question if scratch is not None and leader is None and not device_pages and pages.num_pages else 0
+        self.question_k = torch.zeros(slots, H, copies, P, D, dtype=dtype, device=device)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
     def slot_tensors(self) -> list[torch.Tensor]:
         return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.priv_mean, self.priv_var,
-                self.win_k, self.win_v, self.question]
+                self.win_k, self.win_v, self.question, self.question_k]
 
     def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0,
              question: torch.Tensor | None = None) -> None:
@@ -181,6 +186,9 @@ class SparseSlots:
         self.question[slot] = -1
         if question is not None:  # fewer columns where the context has fewer pages than asked for
             self.question[slot, :, :question.shape[1]] = question.to(dev)
+        if self.question_k.shape[2]:  # one read of the question's pages over PCIe, not one a step
+            heads = torch.arange(self.H, device=dev)[:, None]
+            self.question_k[slot] = self.shared_k[heads, self.question[slot].clamp_min(0)]
         more_k, more_v = recent_tokens(self.pages, before)
         recent_k = torch.cat([more_k.to(dev, dtype), self.tail_k, own_k.to(dev, dtype)], dim=1)
         recent_v = torch.cat([more_v.to(dev, dtype), self.tail_v, own_v.to(dev, dtype)], dim=1)
@@ -216,8 +224,8 @@ class SparseSlots:
                               self.priv_mean[:B].flatten(0, 1), self.priv_var[:B].flatten(0, 1),
                               self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"], S["cand"],
                               S["parts"], self.page_heads)
-        if self.question.shape[2]:
-            ids = torch.cat([ids, self.question[:B].flatten(0, 1).to(ids.dtype)], dim=1)
+        if self.question.shape[2]:  # first: where a page is named twice, its device copy is the one read
+            ids = torch.cat([self.question[:B].flatten(0, 1).to(ids.dtype), ids], dim=1)
         if ids.shape[1] <= self.R:  # no more candidates than pages to keep: nothing to re-rank
             return ids
         private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))
@@ -226,7 +234,8 @@ class SparseSlots:
 
             from icecache.kernels import rerank
             try:
-                return rerank.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling)
+                return rerank.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling,
+                                           self.question_k[:B].flatten(0, 1))
             except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
                 FUSED_RERANK_FAILED.append(repr(e))
                 log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
@@ -304,8 +313,8 @@ class SparseSlots:
         parts = [shared_part(tree, tree_keep(tree, q, self.search_width, scaling))] if tree.num_pages else []
         parts.append(private_part(self.priv_mean[b], self.priv_var[b], self.priv_valid[b]))
         ids = rank_pages(q, scaling, parts, R * self.rerank, self.page_heads)
-        if self.question.shape[2]:
-            ids = torch.cat([ids, self.question[b]], dim=1)
+        if self.question.shape[2]:  # first, as on the kernel path
+            ids = torch.cat([self.question[b], ids], dim=1)
         if ids.shape[1] <= R:
             return ids
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,

@@ -278,11 +278,13 @@ class Engine:
     def request_device_bytes(self, context_tokens: int, own_tokens: int, max_tokens: int) -> int:
         """Device bytes a request's KV state takes while it decodes (an upper estimate):
         dense layers hold the whole context, sparse layers sinks, window, page slots and
-        the request's own tokens."""
+        the request's own tokens, and the keys of its question's pages (copied for the
+        re-ranking: half a token's KV each)."""
         c = self.config
         dense, per_token = self._dense_kv()
         own = own_tokens + max_tokens
-        sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own
+        copied = c.question_pages * c.page_size // 2 if c.mode != "full" else 0
+        sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own + copied
         return per_token * (dense * (context_tokens + own) + (self.shape.num_layers - dense) * sparse_tokens)
 
     def context_device_bytes(self, context_tokens: int) -> int:

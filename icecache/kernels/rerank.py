@@ -5,7 +5,8 @@ pages' log-sum-exps, then one per (request, KV head) row for the choice.
 The box bounds pick rerank x R candidate pages; this keeps the R of them that hold the
 most attention mass of the step's query: per candidate, every query head's log-sum-exp
 of scores over the page's valid keys (read where they lie: host pages through their UVA
-view, private pages on the device), each head's softmax share over the candidates,
+view, private pages on the device, the question's pages from their device copy when given),
+each head's softmax share over the candidates,
 summed over the KV head's query heads, top R. index.select.rerank_pages is the torch
 reference (and the CPU path). On an H200 at 128k, one program per row looping over its
 candidates made the index query 4x slower (2.0 -> 8.2 ms a token at rerank=4): the page
@@ -21,15 +22,17 @@ import triton.language as tl
 from icecache.kernels.common import check_contiguous, supported
 
 
-@triton.jit(do_not_specialize=['C', 'n_shared', 'n_private'])
-def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvalid_ptr, lse_ptr, C, n_shared,
-              n_private, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-              CP: tl.constexpr):
+@triton.jit(do_not_specialize=['C', 'n_shared', 'n_private', 'n_copied'])
+def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvalid_ptr, copy_k_ptr, lse_ptr, C,
+              n_shared, n_private, n_copied, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+              P: tl.constexpr, CP: tl.constexpr):
     """Program (h, i): candidate cand[h, i] (< n_shared: a shared page of KV head h % HS, else
     the row's private page; -1 = none) -> lse[h, i, :G], each query head's log-sum-exp of
     scores over the page's valid keys (-inf for an absent or empty page, or one that an
-    earlier candidate of the row names already). One program per candidate, so the pages'
-    reads (host memory over PCIe) are in flight together."""
+    earlier candidate of the row names already). A shared page among the row's first
+    n_copied candidates has its keys read from copy_k[h, i] (a device copy) instead of
+    shared_k. One program per candidate, so the pages' reads (host memory over PCIe) are
+    in flight together."""
     h = tl.program_id(0)
     i = tl.program_id(1)
     hs = h % HS
@@ -39,6 +42,8 @@ def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvali
     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
     page = tl.load(cand_ptr + h * C + i + t * 0)  # [P], all the same id (masks stay vectors)
     shared = (page >= 0) & (page < n_shared)
+    copied = shared & (i + t * 0 < n_copied)  # [P] (masks stay vectors)
+    uncopied = shared & (i + t * 0 >= n_copied)
     private = page >= n_shared
     sid = tl.maximum(tl.minimum(page, n_shared - 1), 0)
     pid = tl.maximum(tl.minimum(page - n_shared, n_private - 1), 0)
@@ -50,7 +55,9 @@ def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvali
     repeated = tl.max(tl.where(earlier == tl.max(page, axis=0), 1, 0), axis=0)
     ok = t < count * (1 - repeated)
     k = tl.load(shared_k_ptr + ((hs * n_shared + sid[:, None]) * P + t[:, None]) * D + d[None, :],
-                mask=(ok & shared)[:, None], other=0.0).to(tl.float32)
+                mask=(ok & uncopied)[:, None], other=0.0).to(tl.float32)
+    k += tl.load(copy_k_ptr + ((h * n_copied + i) * P + t[:, None]) * D + d[None, :],
+                 mask=(ok & copied)[:, None], other=0.0).to(tl.float32)
     k += tl.load(priv_k_ptr + ((h * n_private + pid[:, None]) * P + t[:, None]) * D + d[None, :],
                  mask=(ok & private)[:, None], other=0.0).to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [GP, P]
@@ -89,12 +96,17 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
-                 priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float) -> torch.Tensor:
+                 priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float,
+                 copied_k: torch.Tensor | None = None) -> torch.Tensor:
     """index.select.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
-    (best bounds first, -1 = none, ids >= N private, a repeated id counts once); shared_k
+    (-1 = none, ids >= N private, a repeated id counts once: its first place); shared_k
     [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
-    [rows, M, P, D], priv_valid [rows, M]. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
-    check_contiguous(q, candidates, shared_k, shared_valid, priv_k, priv_valid)
+    [rows, M, P, D], priv_valid [rows, M]; copied_k [rows, Q, P, D]: the keys of the shared
+    pages of each row's first Q candidates (their valid counts still shared_valid's), read
+    there rather than from shared_k. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
+    if copied_k is None:
+        copied_k = priv_k[:, :0]
+    check_contiguous(q, candidates, shared_k, shared_valid, priv_k, priv_valid, copied_k)
     rows, C = candidates.shape
     _, G, D = q.shape
     P = priv_k.shape[2]
@@ -102,8 +114,9 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     R = min(num_pages, C)
     GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
     lse = torch.empty(rows, C, G, dtype=torch.float32, device=candidates.device)
-    _page_lse[(rows, C)](q, candidates, shared_k, shared_valid, priv_k, priv_valid, lse, C, shared_k.shape[1],
-                         priv_k.shape[1], scaling, max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P, CP=CP)
+    _page_lse[(rows, C)](q, candidates, shared_k, shared_valid, priv_k, priv_valid, copied_k, lse, C,
+                         shared_k.shape[1], priv_k.shape[1], copied_k.shape[1], scaling, max(shared_k.shape[0], 1),
+                         G=G, GP=GP, D=D, P=P, CP=CP)
     out = torch.empty(rows, R, dtype=candidates.dtype, device=candidates.device)
     _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=CP)
     return out

@@ -35,3 +35,38 @@ def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
     assert got.dtype == torch.int32
     assert torch.equal(got.cpu().long(), want), (got, want)
     assert (got >= 0).sum() > 0
+
+
+def test_fused_rerank_reads_the_question_pages_from_their_device_copy():
+    """With copied_k, a shared page among a row's first Q candidates is scored by the keys of
+    its copy, not the host page's (what SparseSlots hands it: the question's pages, copied
+    once per request): the choice equals the reference's over pages holding those keys,
+    and a page named again later in the row still counts once."""
+    from icecache.index.select import rerank_pages as reference
+    from icecache.kernels.rerank import rerank_pages
+    gen = torch.Generator().manual_seed(7)
+    B, HS, G, D, P, N, M, C, Q, R = 2, 2, 3, 16, 16, 40, 4, 14, 5, 4
+    rows = B * HS
+    q = torch.randn(rows, G, D, generator=gen)
+    shared_k = torch.randn(HS, N, P, D, generator=gen).to(torch.bfloat16)
+    shared_valid = torch.randint(1, P + 1, (HS, N), generator=gen)
+    priv_k = torch.randn(rows, M, P, D, generator=gen)
+    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
+    # row r's question: pages r*Q... (no other row's), then the bounds' candidates: the other pages
+    later = torch.stack([rows * Q + torch.randperm(N + M - rows * Q, generator=gen)[:C - Q] for _ in range(rows)])
+    candidates = torch.cat([torch.arange(rows * Q).view(rows, Q), later], dim=1)
+    candidates[0, Q + 2] = candidates[0, 1]  # a question page the bounds picked too
+    candidates[2, Q - 1] = -1  # a question with fewer pages than columns
+    # the copies hold other keys than the host pages (scaled up: they decide the choice)
+    copied_k = (3 * torch.randn(rows, Q, P, D, generator=gen)).to(torch.bfloat16)
+    changed = shared_k.clone()
+    for r in range(rows):
+        for j in range(Q):
+            if candidates[r, j] >= 0:
+                changed[r % HS, candidates[r, j]] = copied_k[r, j]
+    want = reference(q, candidates, (changed, shared_valid), (priv_k, priv_valid), R, 0.25)
+    unchanged = reference(q, candidates, (shared_k, shared_valid), (priv_k, priv_valid), R, 0.25)
+    assert not torch.equal(want, unchanged), "the copies' keys must matter to this case"
+    got = rerank_pages(*(t.to(DEVICE) for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid)), R,
+                       0.25, copied_k.to(DEVICE))
+    assert torch.equal(got.cpu(), want), (got, want)
