@@ -70,8 +70,9 @@ class IceCacheConfig:
     # moments' candidates at every decode step, before the keys keep the best retrieved_pages (0 = off)
     question_pages: int = 48
     # positions after each context token a question attends to that share its weight when the
-    # question's pages are picked: an answer follows the passage the question matches, and a
-    # value copied token by token (an ID, a number, a quoted line) needs every one of its pages
+    # question's pages are picked, the nearest the most (linearly down to 1/question_follow): an
+    # answer follows the passage the question matches, and a value copied token by token (an
+    # ID, a number, a quoted line) needs every one of its pages
     question_follow: int = 48
 
     def __post_init__(self) -> None:

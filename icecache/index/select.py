@@ -145,18 +145,24 @@ def question_pages(mass: torch.Tensor, page_of: torch.Tensor, position: torch.Te
                    num_pages: int, count: int, follow: int) -> torch.Tensor:
     """The `count` pages per KV head that each request's question points to: its rows'
     attention mass on the context's tokens (question_mass), plus the same mass moved to the
-    `follow` positions after each token (an answer follows the passage a question matches,
-    and a page holds tokens of similar keys, not neighbours), summed by page.
+    `follow` positions after each token, the nearest the most (weights 1, (follow - 1) /
+    follow, ..., 1 / follow: an answer follows the passage a question matches, and a page
+    holds tokens of similar keys, not neighbours; where several passages match, the tokens
+    right after each of them come before the far ends of their spans), summed by page.
     mass: [requests, H, n]; page_of, position: [H, n] each token's page and position
     (< num_tokens). Fixed shapes, no host sync.
     -> [requests, H, count] page ids, best first, -1 where fewer pages have mass."""
     num_requests, H, n = mass.shape
     at = position.expand(num_requests, H, n)
-    by_position = torch.zeros(num_requests, H, num_tokens + 1, dtype=torch.float32, device=mass.device)
-    total = by_position.scatter_add_(2, at + 1, mass).cumsum(2)  # total[..., i]: the mass of positions < i
-    before = total.gather(2, at) - total.gather(2, (at - follow).clamp_min(0))  # of the `follow` positions before
+    by_position = torch.zeros(num_requests * H, 1, num_tokens + follow, dtype=torch.float32, device=mass.device)
+    by_position[:, 0, follow:].view(num_requests, H, num_tokens).scatter_add_(2, at, mass)
+    moved = mass.new_zeros(num_requests, H, n)
+    if follow:  # moved[i] = sum over d in 1..follow of weight(d) * mass at position i - d
+        weights = torch.arange(1, follow + 1, dtype=torch.float32, device=mass.device) / follow  # nearest last
+        spread = torch.nn.functional.conv1d(by_position, weights.view(1, 1, follow))  # [.., num_tokens + 1]
+        moved = spread.view(num_requests, H, num_tokens + 1).gather(2, at)
     weight = torch.zeros(num_requests, H, num_pages, dtype=torch.float32, device=mass.device)
-    weight.scatter_add_(2, page_of.expand(num_requests, H, n), mass + before)
+    weight.scatter_add_(2, page_of.expand(num_requests, H, n), mass + moved)
     return top_pages(weight.masked_fill(weight <= 0, _NEG_INF).flatten(0, 1), count).view(num_requests, H, -1)
 
 

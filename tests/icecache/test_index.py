@@ -286,3 +286,19 @@ def test_question_pages_are_where_the_question_looks_and_what_follows():
     two = question_pages(question_mass(q, lse, torch.tensor([0, 1, 1]), 2, keys, D ** -0.5), page_of, position, n,
                          num_pages, 2, 1)
     assert torch.equal(two[0], both[0]) and torch.equal(two[1], both[0])  # each request from its own rows
+
+
+def test_question_pages_follow_the_nearest_tokens_first():
+    """Where two passages draw the question's attention equally, the pages of the tokens right
+    after them come before the pages of the tokens `follow` positions after them; those
+    still get weight (picked when there is room), the positions past the span none."""
+    from icecache.index.select import question_pages
+    n, follow, num_pages = 40, 8, 40
+    page_of = torch.arange(n).view(1, n)  # a page per token, token i at position i
+    mass = torch.zeros(1, 1, n)
+    mass[0, 0, 5] = mass[0, 0, 20] = 1.0  # two matched passages
+    near, far = 5 + 1, 20 + follow
+    ranked = question_pages(mass, page_of, page_of.clone(), n, num_pages, 4 + 2 * follow, follow)[0, 0].tolist()
+    assert sorted(ranked[:4]) == [5, near, 20, 21]  # the matches, and the tokens right after them
+    assert ranked.index(near) < ranked.index(5 + follow) and ranked.index(21) < ranked.index(far)
+    assert far in ranked and far + 1 not in ranked and ranked[-1] == -1  # one past the span: no weight
