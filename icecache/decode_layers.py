@@ -170,6 +170,14 @@ class SparseSlots:
         # where the pages lie on the device already)
         copies = question if scratch is not None and leader is None and not device_pages and pages.num_pages else 0
         self.question_k = torch.zeros(slots, H, copies, P, D, dtype=dtype, device=device)
+        # the budget holds every page the slots can have (a short context): no search, all of
+        # them every step, as the dynamic path does; -1 for empty shared pages
+        self.everything = None
+        if self.num_shared + cap <= self.R and not self.selector.window_fills_budget:
+            shared = torch.where(self.shared_valid > 0, torch.arange(self.num_shared, device=device), -1)  # [H, N]
+            private = torch.arange(cap, device=device).expand(H, cap) + self.num_shared
+            ids = torch.cat([shared, private, shared.new_full((H, self.R - self.num_shared - cap), -1)], dim=1)
+            self.everything = ids.repeat(slots, 1)  # [slots * H, R]
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
@@ -293,6 +301,9 @@ class SparseSlots:
         q: [B * H, G, D] fp32, slot-major."""
         if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
             return self.leader.last_ids
+        if self.everything is not None:
+            self.last_ids = self.everything[:q.shape[0]]
+            return self.last_ids
         if self.scratch is not None and self.selector.walks_tree:
             self.last_ids = self._select_kernels(q, scaling)
             return self.last_ids

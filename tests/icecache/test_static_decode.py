@@ -22,6 +22,24 @@ def test_full_mode_static_equals_dynamic_token_for_token():
     assert outs["static"] == outs["dynamic"] and len(outs["static"]) == 20
 
 
+def test_a_budget_that_holds_every_page_is_full_attention_on_both_paths():
+    """A context short enough that every page fits the budget is attended whole at every
+    step, on the static path as on the dynamic one: the tokens and stats are full
+    attention's (the static path once searched the tree all the same, and lost pages its
+    walk did not reach)."""
+    model = random_model(tiny_config("llama"), torch.device("cpu"))
+    ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    config = IceCacheConfig(**{**SMALL, "token_budget": 1024, "search_width": 2, "top_level_max": 4})
+    full = Engine.from_model(model, config=config.replace(mode="full"))
+    want = full.generate(list(range(3, 20)), params, context=full.index(ids)).token_ids
+    for path in ("dynamic", "static"):
+        eng = Engine.from_model(model, config=config.replace(decode_path=path))
+        ctx = eng.index(ids)
+        assert ctx.sparse and next(iter(ctx.sparse.values())).tree.num_pages < config.retrieved_pages
+        assert eng.generate(list(range(3, 20)), params, context=ctx).token_ids == want, path
+
+
 def test_static_icecache_finds_the_passkey_and_selects_within_budget(engine):
     static = engine.with_config(IceCacheConfig(token_budget=256, decode_path="static"))
     doc = passkey_document(engine.tokenizer, 2500, 0.3, 90417)
