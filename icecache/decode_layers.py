@@ -165,11 +165,6 @@ class SparseSlots:
         self.win_v = torch.zeros_like(self.win_k)
         # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
         self.question = torch.full((slots, H, question), -1, dtype=torch.long, device=device)
-        # and their keys, copied to the device once: the re-ranking kernel reads them every step,
-        # 3x the PCIe traffic of the pages it keeps otherwise (the kernel path; nothing to copy
-        # where the pages lie on the device already)
-        copies = question if scratch is not None and leader is None and not device_pages and pages.num_pages else 0
-        self.question_k = torch.zeros(slots, H, copies, P, D, dtype=dtype, device=device)
         # the budget holds every page the slots can have (a short context): no search, all of
         # them every step, as the dynamic path does; -1 for empty shared pages
         self.everything = None
@@ -178,6 +173,12 @@ class SparseSlots:
             private = torch.arange(cap, device=device).expand(H, cap) + self.num_shared
             ids = torch.cat([shared, private, shared.new_full((H, self.R - self.num_shared - cap), -1)], dim=1)
             self.everything = ids.repeat(slots, 1)  # [slots * H, R]
+        # the question's pages' keys, copied to the device once: the re-ranking kernel reads them
+        # every step, 3x the PCIe traffic of the pages it keeps otherwise (the kernel path; nothing
+        # to copy where the pages lie on the device already, or where no step searches)
+        searches = scratch is not None and leader is None and self.everything is None
+        copies = question if searches and not device_pages and pages.num_pages else 0
+        self.question_k = torch.zeros(slots, H, copies, P, D, dtype=dtype, device=device)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
@@ -301,8 +302,10 @@ class SparseSlots:
         q: [B * H, G, D] fp32, slot-major."""
         if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
             return self.leader.last_ids
-        if self.everything is not None:
-            self.last_ids = self.everything[:q.shape[0]]
+        if self.everything is not None:  # every page, the private ones while they hold tokens
+            ids, N, M = self.everything[:q.shape[0]], self.num_shared, self.priv_valid.shape[2]
+            own = torch.where(self.priv_valid[:q.shape[0] // self.H].flatten(0, 1) > 0, ids[:, N:N + M], -1)
+            self.last_ids = torch.cat([ids[:, :N], own, ids[:, N + M:]], dim=1)
             return self.last_ids
         if self.scratch is not None and self.selector.walks_tree:
             self.last_ids = self._select_kernels(q, scaling)
