@@ -283,7 +283,7 @@ class Engine:
         c = self.config
         dense, per_token = self._dense_kv()
         own = own_tokens + max_tokens
-        copied = c.question_pages * c.page_size // 2 if c.mode != "full" else 0
+        copied = c.question_pages * c.page_size // 2
         sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own + copied
         return per_token * (dense * (context_tokens + own) + (self.shape.num_layers - dense) * sparse_tokens)
 

@@ -116,7 +116,8 @@ class ContextReader:
         self.maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # their token_pages, made as they are read
         # a pass that keeps what it reads holds every layer until its end: room is made first,
         # and a context larger than the whole budget is read a layer at a time as before
-        self.keep = self.kept is None and self.resident is not None and self.resident.make_room(self._device_bytes(), context)
+        self.keep = (self.kept is None and self.resident is not None
+                     and self.resident.make_room(self._device_bytes(), context))
 
     def _device_bytes(self) -> int:
         """What every layer's (K, V) of the context takes on the device."""

@@ -154,10 +154,10 @@ def question_pages(mass: torch.Tensor, page_of: torch.Tensor, position: torch.Te
     -> [requests, H, count] page ids, best first, -1 where fewer pages have mass."""
     num_requests, H, n = mass.shape
     at = position.expand(num_requests, H, n)
-    by_position = torch.zeros(num_requests * H, 1, num_tokens + follow, dtype=torch.float32, device=mass.device)
-    by_position[:, 0, follow:].view(num_requests, H, num_tokens).scatter_add_(2, at, mass)
     moved = mass.new_zeros(num_requests, H, n)
     if follow:  # moved[i] = sum over d in 1..follow of weight(d) * mass at position i - d
+        by_position = torch.zeros(num_requests * H, 1, num_tokens + follow, dtype=torch.float32, device=mass.device)
+        by_position[:, 0, follow:].view(num_requests, H, num_tokens).scatter_add_(2, at, mass)
         weights = torch.arange(1, follow + 1, dtype=torch.float32, device=mass.device) / follow  # nearest last
         spread = torch.nn.functional.conv1d(by_position, weights.view(1, 1, follow))  # [.., num_tokens + 1]
         moved = spread.view(num_requests, H, num_tokens + 1).gather(2, at)
