@@ -374,8 +374,10 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-    # one colour per method in both panels; methods of older reports (since removed) after ours
-    names = list(METHODS) + sorted({key.split("@")[0] for key in report["suite_average"]} - set(METHODS))
+    # one colour per method of this report in both panels (full first, then in METHODS' order;
+    # methods of older reports, since removed, after ours): distinct up to ten methods
+    present = {key.split("@")[0] for key in report["suite_average"]}
+    names = ["full"] + [m for m in METHODS if m in present and m != "full"] + sorted(present - set(METHODS) - {"full"})
     colour = {m: f"C{i % 10}" for i, m in enumerate(names)}
     by_method = defaultdict(dict)
     for key, value in report["suite_average"].items():
@@ -387,6 +389,8 @@ def plot(report: dict, path: Path) -> None:
         a1.plot(budgets, [points[b] for b in budgets], marker="o", label=method, c=colour[method])
     if full is not None:
         a1.axhline(full, ls="--", c=colour["full"], label="full")
+    top = max([full or 0.0] + [v for points in by_method.values() for v in points.values()])
+    a1.set_ylim(0, 1.1 * top if top > 0 else 1.0)  # the full-attention line inside the frame
     a1.set(xscale="log", xlabel="token budget", ylabel="suite accuracy", title="accuracy vs budget")
     a1.legend(fontsize=7)
     tasks = sorted({r["task"] for r in report["rows"]})
@@ -400,7 +404,8 @@ def plot(report: dict, path: Path) -> None:
                    and r["budget"] == (0 if method == "full" else budget)]
             vals.append(statistics.mean(sel) if sel else 0.0)
         a2.bar([t + i * width for t in range(len(tasks))], vals, width, label=method, color=colour[method])
-    a2.set_xticks([t + 0.4 for t in range(len(tasks))], tasks, rotation=30, fontsize=7)
+    a2.set_xticks([t + (len(methods) - 1) * width / 2 for t in range(len(tasks))], tasks, rotation=30, fontsize=7,
+                  ha="right")  # under each group's middle bar
     a2.set(ylabel="accuracy", title=f"per task at budget {budget}")
     a2.legend(fontsize=7)
     fig.tight_layout()
