@@ -201,6 +201,10 @@ class Sequence:
                 "prefill_s": ctx.prefill_s if not self.reused else None,
                 "index_build_s": ctx.build_s if not self.reused else None,
                 "pages_loaded": self.req.pages_loaded,
+                # pages read, and pages attended, per output token, summed over sparse layers and KV
+                # heads. The dynamic path counts every step; the static path (GPU) counts its last step's
+                # pages (one host sync per request) times the steps, an estimate that grows with the
+                # private pages, so the two paths differ slightly for the same tokens
                 "pages_loaded_per_token": self.req.pages_loaded / n,
                 "pages_selected_per_token": self.req.pages_selected / n,
                 "host_bytes": ctx.host_bytes,
