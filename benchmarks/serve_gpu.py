@@ -18,12 +18,21 @@ For each document length, in this order:
       then 1/4/16/64 concurrent questions on the document (a warm-up round of each first).
 Then 16 and 64 concurrent questions spread over `--docs` documents. Ratios against the
 design's budgets are printed and stored; JSON and a PNG go next to --out.
+
+`--replica-rounds 1 2` (one GPU a replica; on a CPU, CPU replicas) then starts the app again
+for each replica count and measures what replicas share on one node: one document indexed
+once, questions on it until every replica has answered (each replica's TTFT, whether it
+reused the node's copy), the node's stats (contexts, segments, prefills), and
+`--replica-concurrency` questions over `--docs` documents (tokens/s, and its ratio to the
+first count's). `--replicas-only` skips everything before them.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import math
 import statistics
 import threading
 import time
@@ -132,7 +141,7 @@ def run_engine(eng: Engine, doc: list[int], tokens: int, sessions: int, chunks: 
 
 
 # ---------------------------------------------------------------- (c) the Serve app
-def start_app(model_dir: Path, args) -> str:
+def start_app(model_dir: Path, args, replicas: int = 1) -> str:
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -144,9 +153,13 @@ def start_app(model_dir: Path, args) -> str:
                 "engine": engine_overrides(args),
                 "max_batch": args.max_batch, "max_waiting": 1024, "burst_wait_s": args.burst_wait,
                 "max_new_tokens": max(args.tokens, 64), "max_document_bytes": "64MiB", "tenant_secret": "bench"}
+    gpus = math.ceil(replicas * args.gpus_per_replica) if args.device == "cuda" else 0
+    if gpus:  # e.g. 0.5: two replicas on one GPU (the code path of N GPUs, on a machine of one)
+        app_args["replica_gpus"] = args.gpus_per_replica
     llm = next(d for d in app_spec["deployments"] if d["name"] == "IceCacheLLM")
-    options = {"num_replicas": 1, "max_ongoing_requests": max(llm.get("max_ongoing_requests", 16), args.max_batch)}
-    ray.init(num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=True,
+    options = {"num_replicas": replicas,
+               "max_ongoing_requests": max(llm.get("max_ongoing_requests", 16), args.max_batch)}
+    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=True,
              object_store_memory=2 << 30)
     serve.start(grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=spec["grpc_options"][
         "grpc_servicer_functions"]), http_options={"host": "127.0.0.1", "port": args.port + 1})
@@ -173,7 +186,8 @@ def ask(client, context_id: str, prompt: str, tokens: int) -> dict:
     return {"ttft_s": first - start, "tpot_s": (last - first) / max(1, n - 1), "tokens": n, "start": start,
             "end": last, "server_ttft_s": stats.ttft_s, "server_tpot_s": stats.tpot_s,
             "peak_batch": stats.peak_batch, "reused": stats.context_reused, "lease_s": stats.lease_s,
-            "queue_s": stats.queue_s, "prefill_batch": stats.prefill_batch, "prefill_pass_s": stats.prefill_pass_s}
+            "queue_s": stats.queue_s, "prefill_batch": stats.prefill_batch, "prefill_pass_s": stats.prefill_pass_s,
+            "replica_id": stats.replica_id}
 
 
 def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
@@ -204,6 +218,7 @@ def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
             # admission (the step in flight), then the prefill pass the question joined
             **{f"{k}_p50_s": statistics.median(r[f"{k}_s"] for r in runs) for k in ("lease", "queue", "prefill_pass")},
             "prefill_batches": sorted(r["prefill_batch"] for r in runs),
+            "by_replica": dict(collections.Counter(r["replica_id"] for r in runs)),
             "queue_s": sorted(round(r["queue_s"], 4) for r in runs)}
 
 
@@ -235,6 +250,73 @@ def run_serve(client, doc: list[int], tokens: int, levels: list[int], first_doc:
         out["concurrent"].append(concurrent(client, [cid], n, tokens))
     client.release(cid)
     return out
+
+
+def node_stats(client) -> list[dict]:
+    fields = ("node_id", "contexts", "segments", "prefills", "leases", "hits", "misses", "bytes")
+    return [{f: getattr(n, f) for f in fields} for n in client.stats().nodes]
+
+
+def run_replicas(client, replicas: int, doc: list[int], docs: list[list[int]], tokens: int, concurrency: int,
+                 max_questions: int = 40) -> dict:
+    """One app of `replicas` replicas on one node: `doc` indexed once (by whichever replica
+    the router picks), then questions on it one at a time until every replica has answered
+    three (at most max_questions): each replica's TTFT and whether it reused the node's copy.
+    Then `concurrency` questions over `docs` (a warm-up round first)."""
+    reply, out = index_timed(client.index, doc)
+    cid = reply.context_id
+    answers: dict[str, list[dict]] = collections.defaultdict(list)
+    for i in range(max_questions):
+        r = ask(client, cid, QUESTION.format(n=i), tokens)
+        answers[r["replica_id"]].append(r)
+        if len(answers) >= replicas and all(len(a) >= 3 for a in answers.values()):
+            break
+    out["replicas"] = replicas
+    out["questions_by_replica"] = {
+        rid: {"n": len(a), "ttft_p50_s": statistics.median(r["ttft_s"] for r in a),
+              # the replica's first read of the document: from shared memory, unless it indexed it
+              "first_ttft_s": a[0]["ttft_s"],
+              "server_ttft_p50_s": statistics.median(r["server_ttft_s"] for r in a),
+              "tpot_p50_s": statistics.median(r["tpot_s"] for r in a), "reused": [r["reused"] for r in a]}
+        for rid, a in answers.items()}
+    out["replicas_answered"] = len(answers)
+    out["node_stats_one_document"] = node_stats(client)  # one context, one segment, one prefill expected
+    ids = [client.index(d).context_id for d in docs]
+    concurrent(client, ids, concurrency, 4)  # warm-up: every replica's CUDA graph of this batch
+    out["concurrent"] = concurrent(client, ids, concurrency, tokens)
+    out["node_stats"] = node_stats(client)
+    for c in [cid, *ids]:
+        client.release(c)
+    return out
+
+
+def replica_rounds(args, vocab: int) -> list[dict]:
+    """--replica-rounds: the app started once per replica count, run_replicas on each."""
+    from ray import serve
+    import ray
+
+    from deploy.client import Client
+    rounds = []
+    doc = document(args.contexts[0], args.contexts[0], vocab)
+    docs = [document(args.doc_tokens, 1000 + i, vocab) for i in range(max(1, args.docs))]
+    for replicas in args.replica_rounds:
+        t0 = time.perf_counter()
+        address = start_app(args.model_dir, args, replicas)
+        client = Client(address, timeout_s=900)
+        try:
+            out = run_replicas(client, replicas, doc, docs, args.tokens, args.replica_concurrency)
+            out["app_start_s"] = time.perf_counter() - t0
+            rounds.append(out)
+            print(f"{replicas} replicas: {out}", flush=True)
+        finally:
+            client.close()
+            serve.shutdown()
+            ray.shutdown()
+    first = rounds[0]["concurrent"].get("tok_s") if rounds else None
+    for r in rounds:
+        if first and "tok_s" in r["concurrent"]:
+            r["tok_s_vs_first_round"] = r["concurrent"]["tok_s"] / first  # 2 replicas: >= 1.8 wanted
+    return rounds
 
 
 def engine_overrides(args) -> dict:
@@ -277,6 +359,18 @@ def summarise(report: dict) -> None:
                       f"{c['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {c['tpot_p50_s'] * 1e3:.1f} ms, {c['tok_s']:.0f} tok/s, "
                       f"{c['completed']}/{c['n']} done, errors {len(c['errors'])}")
         print("  ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+    for r in report.get("replica_rounds", []):
+        c = r["concurrent"]
+        per = ", ".join(f"{rid[:8]}: {q['n']} answers, TTFT first {q['first_ttft_s'] * 1e3:.0f} ms, p50 "
+                        f"{q['ttft_p50_s'] * 1e3:.0f} ms, reused "
+                        f"{sum(q['reused'])}/{q['n']}" for rid, q in r["questions_by_replica"].items())
+        print(f"  {r['replicas']} replica(s): {r['replicas_answered']} answered ({per}); "
+              f"node {r['node_stats_one_document']}")
+        if "tok_s" in c:
+            print(f"    {c['n']} concurrent over {c['docs']} documents: {c['tok_s']:.0f} tok/s "
+                  f"({r.get('tok_s_vs_first_round', 1.0):.2f}x the first round), "
+                  f"TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms, "
+                  f"by replica {c['by_replica']}, errors {len(c['errors'])}")
     for c in report.get("multi_doc", []):
         if "ttft_p50_s" in c:
             print(f"  {c['n']} concurrent over {c['docs']} documents: TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms, p99 "
@@ -290,25 +384,37 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     runs = report["runs"]
     labels = [f"{r['context_tokens'] // 1024}k" for r in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    x = range(len(runs))
-    w = 0.27
-    for i, (name, get) in enumerate([("transformers cold", lambda r: r["transformers"].get(
-            "cold_ttft_s", r["transformers"]["prefill_s"])), ("engine", lambda r: r["engine"]["ttft_s"]),
-                                     ("serve", lambda r: r["serve"]["ttft_s"])]):
-        axes[0].bar([j + (i - 1) * w for j in x], [get(r) for r in runs], w, label=name)
-    axes[0].set(title="time to first token (s)", xticks=list(x), xticklabels=labels, yscale="log")
-    for i, (name, get) in enumerate([("transformers prefill", lambda r: r["transformers"]["prefill_s"]),
-                                     ("engine index", lambda r: r["engine"]["index_s"]),
-                                     ("serve IndexDocument", lambda r: r["serve"]["index_s"])]):
-        axes[1].bar([j + (i - 1) * w for j in x], [get(r) for r in runs], w, label=name)
-    axes[1].set(title="a new document (s)", xticks=list(x), xticklabels=labels)
-    for r, label in zip(runs, labels):
-        cs = [c for c in r["serve"]["concurrent"] if "tok_s" in c]
-        axes[2].plot([c["n"] for c in cs], [c["tok_s"] for c in cs], marker="o", label=f"serve {label}")
-    axes[2].set(title="concurrent questions on one document", xlabel="streams", ylabel="tokens/s", xscale="log")
+    rounds = report.get("replica_rounds", [])
+    panels = (3 if runs else 0) + (1 if rounds else 0)  # --replicas-only: the replicas' panel alone
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(5 * max(1, panels), 4), squeeze=False)
+    axes = list(axes[0])
+    if runs:
+        x = range(len(runs))
+        w = 0.27
+        for i, (name, get) in enumerate([("transformers cold", lambda r: r["transformers"].get(
+                "cold_ttft_s", r["transformers"]["prefill_s"])), ("engine", lambda r: r["engine"]["ttft_s"]),
+                                         ("serve", lambda r: r["serve"]["ttft_s"])]):
+            axes[0].bar([j + (i - 1) * w for j in x], [get(r) for r in runs], w, label=name)
+        axes[0].set(title="time to first token (s)", xticks=list(x), xticklabels=labels, yscale="log")
+        for i, (name, get) in enumerate([("transformers prefill", lambda r: r["transformers"]["prefill_s"]),
+                                         ("engine index", lambda r: r["engine"]["index_s"]),
+                                         ("serve IndexDocument", lambda r: r["serve"]["index_s"])]):
+            axes[1].bar([j + (i - 1) * w for j in x], [get(r) for r in runs], w, label=name)
+        axes[1].set(title="a new document (s)", xticks=list(x), xticklabels=labels)
+        for r, label in zip(runs, labels):
+            cs = [c for c in r["serve"]["concurrent"] if "tok_s" in c]
+            axes[2].plot([c["n"] for c in cs], [c["tok_s"] for c in cs], marker="o", label=f"serve {label}")
+        axes[2].set(title="concurrent questions on one document", xlabel="streams", ylabel="tokens/s",
+                    xscale="log")
+    if rounds:
+        done = [r for r in rounds if "tok_s" in r["concurrent"]]
+        axes[-1].bar([str(r["replicas"]) for r in done], [r["concurrent"]["tok_s"] for r in done],
+                     label=f"{done[0]['concurrent']['n']} questions over {done[0]['concurrent']['docs']} documents"
+                     if done else None)
+        axes[-1].set(title="replicas on one node", xlabel="replicas", ylabel="tokens/s")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"{report['gpu']}: the served path")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -332,6 +438,12 @@ def main(argv=None) -> int:
                     help="IceCacheConfig fields for the engine and the app (e.g. index_chunk_tokens=8192)")
     ap.add_argument("--index-chunks", type=int, nargs="*", default=[],
                     help="index_chunk_tokens values to time in-process on the first length")
+    ap.add_argument("--replica-rounds", type=int, nargs="*", default=[],
+                    help="replica counts to start the app with, one round each (e.g. 1 2: two GPUs)")
+    ap.add_argument("--replica-concurrency", type=int, default=32, help="questions at once in a replica round")
+    ap.add_argument("--replicas-only", action="store_true", help="only the replica rounds")
+    ap.add_argument("--gpus-per-replica", type=float, default=1.0,
+                    help="a replica's share of a GPU (0.5: two replicas on each GPU)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/icecache-bench-model"))
     ap.add_argument("--port", type=int, default=9100)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_gpu.json"))
@@ -354,6 +466,12 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     report = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "args": {k: str(v) for k, v in vars(args).items()},
               "vocab_size": model.config.vocab_size, "runs": []}
+    if args.replicas_only:
+        del model
+        gc.collect()
+        report["replica_rounds"] = replica_rounds(args, vocab)
+        finish(report, args.out, summarise, plot)
+        return 0
     rows = {}
     config = IceCacheConfig(**{"token_budget": 256, **engine_overrides(args)})
     eng = Engine.from_model(model, tokenizer, config=config, model_id="bench")
@@ -405,6 +523,8 @@ def main(argv=None) -> int:
         import ray
         serve.shutdown()
         ray.shutdown()
+    if args.replica_rounds:
+        report["replica_rounds"] = replica_rounds(args, vocab)
     finish(report, args.out, summarise, plot)
     return 0
 
