@@ -84,9 +84,8 @@ class IceCacheLLM:
                                         boundaries=seconds, tag_keys=tags)
         self._pages = metrics.Histogram("icecache_pages_per_token", "Pages read per sparse layer, KV head and "
                                         "output token", boundaries=[1, 2, 4, 8, 12, 16, 24, 32, 64], tag_keys=tags)
-        shape, dense = self.engine.shape, self.engine.config.dense_layers
         # the generation stats sum pages over sparse layers and KV heads; the histogram's unit is one of each
-        self._page_rows = max(1, (shape.num_layers - min(dense, shape.num_layers)) * shape.num_kv_heads)
+        self._page_rows = max(1, self.engine.sparse_layers * self.engine.shape.num_kv_heads)
         self._requests = metrics.Counter("icecache_requests", "Requests ended, by status", tag_keys=("status", *tags))
         self._tokens = metrics.Counter("icecache_output_tokens", "Tokens generated", tag_keys=tags)
         self._prompt_tokens = metrics.Counter("icecache_prompt_tokens", "Prompt tokens prefilled (a reused "

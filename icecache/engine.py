@@ -275,6 +275,11 @@ class Engine:
         dense = s.num_layers if c.mode == "full" else min(c.dense_layers, s.num_layers)
         return dense, s.kv_bytes_per_token
 
+    @property
+    def sparse_layers(self) -> int:
+        """How many layers attend to a budget of pages (none in mode "full")."""
+        return self.shape.num_layers - self._dense_kv()[0]
+
     def request_device_bytes(self, context_tokens: int, own_tokens: int, max_tokens: int) -> int:
         """Device bytes a request's KV state takes while it decodes (an upper estimate):
         dense layers hold the whole context, sparse layers sinks, window, page slots and
@@ -285,7 +290,7 @@ class Engine:
         own = own_tokens + max_tokens
         copied = c.question_pages * c.page_size // 2
         sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own + copied
-        return per_token * (dense * (context_tokens + own) + (self.shape.num_layers - dense) * sparse_tokens)
+        return per_token * (dense * (context_tokens + own) + self.sparse_layers * sparse_tokens)
 
     def context_device_bytes(self, context_tokens: int) -> int:
         """Of request_device_bytes, the part that every request on one context shares on
