@@ -4,7 +4,6 @@ the ingress calls through a deployment handle (routed by cluster.router)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from cluster.contexts import Lease, SharedContexts
 from deploy.config import AppArgs
 from deploy.errors import RequestError, as_request_error
 from deploy.openai_api import served_model
+from deploy.streams import ItemStream
 from icecache import Context, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -197,17 +197,9 @@ class IceCacheLLM:
         chat messages in the model's template; with a context or document, they continue
         the chat it opens as a turn of chat_role (default "system")."""
         arrived = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        items: collections.deque = collections.deque()  # (kind, value), filled from the scheduler thread
-        arrived_item = asyncio.Event()
+        stream = ItemStream(asyncio.get_running_loop())
+        put = stream.put  # from the scheduler and request threads
         cancelled = threading.Event()
-
-        def push(item) -> None:  # on the event loop
-            items.append(item)
-            arrived_item.set()
-
-        def put(kind: str, value) -> None:
-            loop.call_soon_threadsafe(push, (kind, value))
 
         submitted: list = []
         leased_at = [arrived]
@@ -289,21 +281,8 @@ class IceCacheLLM:
 
         self._threads.submit(work)
         try:
-            while True:
-                if not items:
-                    arrived_item.clear()
-                    await arrived_item.wait()
-                    continue
-                kind, value = items.popleft()
-                # what queued meanwhile goes out in the same message: a reader slower than the
-                # decode steps gets fewer, larger pieces instead of falling behind
-                while kind == "text" and items and items[0][0] == "text":
-                    value += items.popleft()[1]
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise value
-                yield {kind: value}
+            async for item in stream:
+                yield item
         finally:
             cancelled.set()
             if submitted:

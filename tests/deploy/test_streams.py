@@ -1,0 +1,51 @@
+"""ItemStream: a producer thread's items read on an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+
+from deploy.errors import RequestError
+from deploy.streams import ItemStream
+
+
+def read(pieces: list[str], last: tuple, reader_delay_s: float = 0.0) -> tuple[list[dict], BaseException | None]:
+    """Put pieces (1 ms apart), `last` and the end from a thread; read them back on a loop
+    that takes reader_delay_s over each message. -> (messages, the error raised or None)."""
+    messages: list[dict] = []
+
+    async def main():
+        stream = ItemStream(asyncio.get_running_loop())
+
+        def produce():
+            for piece in pieces:
+                stream.put("text", piece)
+                time.sleep(0.001)
+            stream.put(*last)
+            stream.put("end")
+        threading.Thread(target=produce, daemon=True).start()
+        async for item in stream:
+            messages.append(item)
+            await asyncio.sleep(reader_delay_s)
+    try:
+        asyncio.run(main())
+    except RequestError as e:
+        return messages, e
+    return messages, None
+
+
+def test_a_slow_reader_gets_the_queued_pieces_joined_and_nothing_lost():
+    pieces = [f"t{i} " for i in range(60)]
+    messages, error = read(pieces, ("stats", {"output_tokens": 60}), reader_delay_s=0.02)
+    texts = [m["text"] for m in messages if "text" in m]
+    assert error is None and "".join(texts) == "".join(pieces)  # nothing lost, nothing reordered
+    assert len(texts) < len(pieces) // 2  # ~60 ms of tokens read 20 ms a message: a handful of messages
+    assert messages[-1] == {"stats": {"output_tokens": 60}}
+
+
+def test_a_fast_reader_gets_each_piece_and_an_error_ends_the_stream():
+    messages, error = read(["x", "y"], ("error", RequestError("INVALID_ARGUMENT", "bad")))
+    assert "".join(m["text"] for m in messages) == "xy" and all(set(m) == {"text"} for m in messages)
+    assert isinstance(error, RequestError) and error.code == "INVALID_ARGUMENT"
