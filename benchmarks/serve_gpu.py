@@ -19,39 +19,26 @@ For each document length, in this order:
 Then 16 and 64 concurrent questions spread over `--docs` documents. Ratios against the
 design's budgets are printed and stored; JSON and a PNG go next to --out.
 
-`--replica-rounds 1 2` (one GPU a replica; on a CPU, CPU replicas) then starts the app again
-for each replica count and measures what replicas share on one node: one document indexed
-once, questions on it until every replica has answered (each replica's TTFT, whether it
-reused the node's copy), the node's stats (contexts, segments, prefills), and
-`--replica-concurrency` questions over `--docs` documents (tokens/s, and its ratio to the
-first count's). `--replicas-only` skips everything before them.
+`--replica-rounds 1 2`, `--autoscale-round` and `--kill-round` (benchmarks/serve_replicas.py)
+then start the app again with several replicas (one GPU each, or `--gpus-per-replica`; on a
+CPU, CPU replicas) and measure what they share on one node, how the app scales and how it
+survives a dead replica. `--replicas-only` skips everything before them.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
-import math
 import statistics
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.decode_speed import finish, run_hf, save, shaped_model
+from benchmarks.serve_app import QUESTION, ask, concurrent, document, engine_overrides, index_timed, start_app
+from benchmarks.serve_replicas import replica_rounds, summarise_rounds
 from icecache import Engine, IceCacheConfig, SamplingParams
-
-QUESTION = "\nQuestion: what does the document say about its {n}th clause? Answer:"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
 
 def build_model(shape: str, device: torch.device, max_positions: int, vocab: int):
     if shape == "8b":
@@ -59,10 +46,6 @@ def build_model(shape: str, device: torch.device, max_positions: int, vocab: int
     from icecache.testing import random_model, tiny_config
     config = tiny_config("llama", vocab_size=vocab, max_position_embeddings=max_positions, num_hidden_layers=4)
     return random_model(config, device, torch.float32)
-
-
-def document(n: int, seed: int, vocab: int) -> list[int]:
-    return torch.randint(100, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def first_document(n: int, vocab: int) -> list[int]:
@@ -141,96 +124,6 @@ def run_engine(eng: Engine, doc: list[int], tokens: int, sessions: int, chunks: 
 
 
 # ---------------------------------------------------------------- (c) the Serve app
-def start_app(model_dir: Path, args, replicas: int = 1) -> str:
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from deploy.app import build_app_with
-    spec = yaml.safe_load(Path("deploy/app.yaml").read_text())
-    app_spec = spec["applications"][0]
-    app_args = {**app_spec["args"], "model": str(model_dir), "device": args.device, "cache_capacity": args.cache,
-                "engine": engine_overrides(args),
-                "max_batch": args.max_batch, "max_waiting": 1024, "burst_wait_s": args.burst_wait,
-                "max_new_tokens": max(args.tokens, 64), "max_document_bytes": "64MiB", "tenant_secret": "bench"}
-    gpus = math.ceil(replicas * args.gpus_per_replica) if args.device == "cuda" else 0
-    if gpus:  # e.g. 0.5: two replicas on one GPU (the code path of N GPUs, on a machine of one)
-        app_args["replica_gpus"] = args.gpus_per_replica
-    llm = next(d for d in app_spec["deployments"] if d["name"] == "IceCacheLLM")
-    options = {"num_replicas": replicas,
-               "max_ongoing_requests": max(llm.get("max_ongoing_requests", 16), args.max_batch)}
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=True,
-             object_store_memory=2 << 30)
-    serve.start(grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=spec["grpc_options"][
-        "grpc_servicer_functions"]), http_options={"host": "127.0.0.1", "port": args.port + 1})
-    serve.run(build_app_with(app_args, llm_options=options), name=app_spec["name"],
-              route_prefix=app_spec["route_prefix"])
-    return f"localhost:{args.port}"
-
-
-def ask(client, context_id: str, prompt: str, tokens: int) -> dict:
-    """One streamed question, timed as the client sees it."""
-    start = time.perf_counter()
-    first = last = None
-    stats = None
-    for reply in client.generate(prompt, tokens, context_id=context_id, temperature=0.0, ignore_eos=True):
-        now = time.perf_counter()
-        if reply.WhichOneof("kind") == "text":
-            first = first or now
-            last = now
-        else:
-            stats = reply.stats
-    if first is None:
-        raise RuntimeError(f"the stream ended without text ({stats.output_tokens if stats else '?'} tokens)")
-    n = stats.output_tokens
-    return {"ttft_s": first - start, "tpot_s": (last - first) / max(1, n - 1), "tokens": n, "start": start,
-            "end": last, "server_ttft_s": stats.ttft_s, "server_tpot_s": stats.tpot_s,
-            "peak_batch": stats.peak_batch, "reused": stats.context_reused, "lease_s": stats.lease_s,
-            "queue_s": stats.queue_s, "prefill_batch": stats.prefill_batch, "prefill_pass_s": stats.prefill_pass_s,
-            "replica_id": stats.replica_id}
-
-
-def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
-    """n questions at once, spread round-robin over context_ids."""
-    barrier = threading.Barrier(n)
-    errors: list[str] = []
-
-    def one(i: int):
-        barrier.wait()
-        try:
-            return ask(client, context_ids[i % len(context_ids)], QUESTION.format(n=i), tokens)
-        except Exception as e:  # reported, not hidden: the run records every failed stream
-            errors.append(repr(e)[:300])
-            return None
-
-    with ThreadPoolExecutor(n) as pool:
-        runs = [r for r in pool.map(one, range(n)) if r is not None]
-    if not runs:
-        return {"n": n, "errors": errors}
-    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-    ttft = [r["ttft_s"] for r in runs]
-    return {"n": n, "docs": len(context_ids), "completed": len(runs), "errors": errors,
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
-            "server_ttft_p50_s": statistics.median(r["server_ttft_s"] for r in runs),
-            "tpot_p50_s": statistics.median(r["tpot_s"] for r in runs),
-            "tok_s": sum(r["tokens"] for r in runs) / wall, "peak_batch": max(r["peak_batch"] for r in runs),
-            # where a first token's wait goes, server side: leasing the context, then waiting for
-            # admission (the step in flight), then the prefill pass the question joined
-            **{f"{k}_p50_s": statistics.median(r[f"{k}_s"] for r in runs) for k in ("lease", "queue", "prefill_pass")},
-            "prefill_batches": sorted(r["prefill_batch"] for r in runs),
-            "by_replica": dict(collections.Counter(r["replica_id"] for r in runs)),
-            "queue_s": sorted(round(r["queue_s"], 4) for r in runs)}
-
-
-def index_timed(index, doc: list[int], build_field: str = "index_build_s") -> tuple[object, dict]:
-    """index(doc) -> (its result, {index_s, index_prefill_s, index_build_s}); the result (an
-    IndexReply, or a Context with build_field "build_s") names its build time build_field."""
-    start = time.perf_counter()
-    result = index(doc)
-    return result, {"index_s": time.perf_counter() - start, "index_prefill_s": result.prefill_s,
-                    "index_build_s": getattr(result, build_field)}
-
-
 def run_serve(client, doc: list[int], tokens: int, levels: list[int], first_doc: list[int]) -> dict:
     # the replica's first document of this size pays one-time costs (attention plans for its
     # shapes); it is reported apart, and the timed document is the next one, as most are
@@ -249,82 +142,6 @@ def run_serve(client, doc: list[int], tokens: int, levels: list[int], first_doc:
         concurrent(client, [cid], n, 4)  # warm-up: this batch size's CUDA graph
         out["concurrent"].append(concurrent(client, [cid], n, tokens))
     client.release(cid)
-    return out
-
-
-def node_stats(client) -> list[dict]:
-    fields = ("node_id", "contexts", "segments", "prefills", "leases", "hits", "misses", "bytes")
-    return [{f: getattr(n, f) for f in fields} for n in client.stats().nodes]
-
-
-def run_replicas(client, replicas: int, doc: list[int], docs: list[list[int]], tokens: int, concurrency: int,
-                 max_questions: int = 40) -> dict:
-    """One app of `replicas` replicas on one node: `doc` indexed once (by whichever replica
-    the router picks), then questions on it one at a time until every replica has answered
-    three (at most max_questions): each replica's TTFT and whether it reused the node's copy.
-    Then `concurrency` questions over `docs` (a warm-up round first)."""
-    reply, out = index_timed(client.index, doc)
-    cid = reply.context_id
-    answers: dict[str, list[dict]] = collections.defaultdict(list)
-    for i in range(max_questions):
-        r = ask(client, cid, QUESTION.format(n=i), tokens)
-        answers[r["replica_id"]].append(r)
-        if len(answers) >= replicas and all(len(a) >= 3 for a in answers.values()):
-            break
-    out["replicas"] = replicas
-    out["questions_by_replica"] = {
-        rid: {"n": len(a), "ttft_p50_s": statistics.median(r["ttft_s"] for r in a),
-              # the replica's first read of the document: from shared memory, unless it indexed it
-              "first_ttft_s": a[0]["ttft_s"],
-              "server_ttft_p50_s": statistics.median(r["server_ttft_s"] for r in a),
-              "tpot_p50_s": statistics.median(r["tpot_s"] for r in a), "reused": [r["reused"] for r in a]}
-        for rid, a in answers.items()}
-    out["replicas_answered"] = len(answers)
-    out["node_stats_one_document"] = node_stats(client)  # one context, one segment, one prefill expected
-    ids = [client.index(d).context_id for d in docs]
-    concurrent(client, ids, concurrency, 4)  # warm-up: every replica's CUDA graph of this batch
-    out["concurrent"] = concurrent(client, ids, concurrency, tokens)
-    out["node_stats"] = node_stats(client)
-    for c in [cid, *ids]:
-        client.release(c)
-    return out
-
-
-def replica_rounds(args, vocab: int) -> list[dict]:
-    """--replica-rounds: the app started once per replica count, run_replicas on each."""
-    from ray import serve
-    import ray
-
-    from deploy.client import Client
-    rounds = []
-    doc = document(args.contexts[0], args.contexts[0], vocab)
-    docs = [document(args.doc_tokens, 1000 + i, vocab) for i in range(max(1, args.docs))]
-    for replicas in args.replica_rounds:
-        t0 = time.perf_counter()
-        address = start_app(args.model_dir, args, replicas)
-        client = Client(address, timeout_s=900)
-        try:
-            out = run_replicas(client, replicas, doc, docs, args.tokens, args.replica_concurrency)
-            out["app_start_s"] = time.perf_counter() - t0
-            rounds.append(out)
-            print(f"{replicas} replicas: {out}", flush=True)
-        finally:
-            client.close()
-            serve.shutdown()
-            ray.shutdown()
-    first = rounds[0]["concurrent"].get("tok_s") if rounds else None
-    for r in rounds:
-        if first and "tok_s" in r["concurrent"]:
-            r["tok_s_vs_first_round"] = r["concurrent"]["tok_s"] / first  # 2 replicas: >= 1.8 wanted
-    return rounds
-
-
-def engine_overrides(args) -> dict:
-    """--engine name=value pairs as IceCacheConfig fields (ints where they parse)."""
-    out = {}
-    for pair in args.engine:
-        name, _, value = pair.partition("=")
-        out[name] = int(value) if value.lstrip("-").isdigit() else value
     return out
 
 
@@ -356,21 +173,11 @@ def summarise(report: dict) -> None:
         for c in srv["concurrent"]:
             if "ttft_p50_s" in c:
                 print(f"    {c['n']:>3} concurrent: TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms p99 "
-                      f"{c['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {c['tpot_p50_s'] * 1e3:.1f} ms, {c['tok_s']:.0f} tok/s, "
+                      f"{c['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {c['tpot_p50_s'] * 1e3:.1f} ms "
+                      f"(replica {c['server_tpot_p50_s'] * 1e3:.1f}), {c['tok_s']:.0f} tok/s, "
                       f"{c['completed']}/{c['n']} done, errors {len(c['errors'])}")
         print("  ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
-    for r in report.get("replica_rounds", []):
-        c = r["concurrent"]
-        per = ", ".join(f"{rid[:8]}: {q['n']} answers, TTFT first {q['first_ttft_s'] * 1e3:.0f} ms, p50 "
-                        f"{q['ttft_p50_s'] * 1e3:.0f} ms, reused "
-                        f"{sum(q['reused'])}/{q['n']}" for rid, q in r["questions_by_replica"].items())
-        print(f"  {r['replicas']} replica(s): {r['replicas_answered']} answered ({per}); "
-              f"node {r['node_stats_one_document']}")
-        if "tok_s" in c:
-            print(f"    {c['n']} concurrent over {c['docs']} documents: {c['tok_s']:.0f} tok/s "
-                  f"({r.get('tok_s_vs_first_round', 1.0):.2f}x the first round), "
-                  f"TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms, "
-                  f"by replica {c['by_replica']}, errors {len(c['errors'])}")
+    summarise_rounds(report)
     for c in report.get("multi_doc", []):
         if "ttft_p50_s" in c:
             print(f"  {c['n']} concurrent over {c['docs']} documents: TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms, p99 "
@@ -384,8 +191,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     runs = report["runs"]
     labels = [f"{r['context_tokens'] // 1024}k" for r in runs]
-    rounds = report.get("replica_rounds", [])
-    panels = (3 if runs else 0) + (1 if rounds else 0)  # --replicas-only: the replicas' panel alone
+    rounds, scaled = report.get("replica_rounds", []), report.get("autoscale")
+    panels = (3 if runs else 0) + (1 if rounds else 0) + (1 if scaled else 0)  # --replicas-only: theirs alone
     fig, axes = plt.subplots(1, max(1, panels), figsize=(5 * max(1, panels), 4), squeeze=False)
     axes = list(axes[0])
     if runs:
@@ -406,12 +213,16 @@ def plot(report: dict, path: Path) -> None:
             axes[2].plot([c["n"] for c in cs], [c["tok_s"] for c in cs], marker="o", label=f"serve {label}")
         axes[2].set(title="concurrent questions on one document", xlabel="streams", ylabel="tokens/s",
                     xscale="log")
+    if scaled:
+        t, n = zip(*scaled["timeline"]) if scaled["timeline"] else ((), ())
+        axes[-1].step(t, n, where="post", label=f"{scaled['askers']} askers, {scaled['failed']} failed")
+        axes[-1].set(title="autoscaling: replicas running", xlabel="s since the load began", ylabel="replicas")
     if rounds:
         done = [r for r in rounds if "tok_s" in r["concurrent"]]
-        axes[-1].bar([str(r["replicas"]) for r in done], [r["concurrent"]["tok_s"] for r in done],
+        axes[-1 - bool(scaled)].bar([str(r["replicas"]) for r in done], [r["concurrent"]["tok_s"] for r in done],
                      label=f"{done[0]['concurrent']['n']} questions over {done[0]['concurrent']['docs']} documents"
                      if done else None)
-        axes[-1].set(title="replicas on one node", xlabel="replicas", ylabel="tokens/s")
+        axes[-1 - bool(scaled)].set(title="replicas on one node", xlabel="replicas", ylabel="tokens/s")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -436,15 +247,30 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="48GiB", help="the node cache's shared-memory capacity")
     ap.add_argument("--engine", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="IceCacheConfig fields for the engine and the app (e.g. index_chunk_tokens=8192)")
+    ap.add_argument("--app", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="the app's args (deploy/config.py AppArgs), e.g. stream_interval_s=0")
     ap.add_argument("--index-chunks", type=int, nargs="*", default=[],
                     help="index_chunk_tokens values to time in-process on the first length")
     ap.add_argument("--replica-rounds", type=int, nargs="*", default=[],
                     help="replica counts to start the app with, one round each (e.g. 1 2: two GPUs)")
     ap.add_argument("--replica-concurrency", type=int, default=32, help="questions at once in a replica round")
-    ap.add_argument("--replicas-only", action="store_true", help="only the replica rounds")
+    ap.add_argument("--autoscale-round", action="store_true",
+                    help="the app as app.yaml's autoscaling block scales it, under --replica-concurrency askers")
+    ap.add_argument("--downscale-delay", type=float, default=30.0,
+                    help="the autoscale round's downscale_delay_s (the yaml's 300 s would idle the run)")
+    ap.add_argument("--autoscale-timeout", type=float, default=300.0,
+                    help="the autoscale round's longest load before the added replica answers")
+    ap.add_argument("--autoscale-hold", type=float, default=20.0,
+                    help="seconds the autoscale round's load goes on once both replicas answer")
+    ap.add_argument("--kill-round", action="store_true",
+                    help="two replicas, streams on both, one replica killed mid-stream")
+    ap.add_argument("--kill-tokens", type=int, default=256, help="tokens each stream of the kill round asks for")
+    ap.add_argument("--replicas-only", action="store_true", help="only the replica, autoscale and kill rounds")
     ap.add_argument("--gpus-per-replica", type=float, default=1.0,
                     help="a replica's share of a GPU (0.5: two replicas on each GPU)")
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/icecache-bench-model"))
+    ap.add_argument("--reuse-model", action="store_true",
+                    help="with --replicas-only: serve the model a previous run saved in --model-dir")
     ap.add_argument("--port", type=int, default=9100)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_gpu.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing JSON")
@@ -456,20 +282,31 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    report = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "args": {k: str(v) for k, v in vars(args).items()},
+              "runs": []}
+    if args.reuse_model:
+        if not args.replicas_only:
+            raise SystemExit("--reuse-model: only with --replicas-only (the other rounds run the model here)")
+        from transformers import AutoConfig
+        report["vocab_size"] = AutoConfig.from_pretrained(args.model_dir).vocab_size
+        replica_rounds(args, min(len(tokenizer), report["vocab_size"]), report)
+        finish(report, args.out, summarise, plot)
+        return 0
     max_positions = max(args.contexts + [args.doc_tokens]) + 1024
     model = build_model(args.shape, device, max_positions, len(tokenizer))
     vocab = min(len(tokenizer), model.config.vocab_size)
+    report["vocab_size"] = model.config.vocab_size
     t0 = time.perf_counter()
     model.save_pretrained(args.model_dir)
     tokenizer.save_pretrained(args.model_dir)
     print(f"model saved for the app in {time.perf_counter() - t0:.0f} s", flush=True)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    report = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "args": {k: str(v) for k, v in vars(args).items()},
-              "vocab_size": model.config.vocab_size, "runs": []}
     if args.replicas_only:
         del model
         gc.collect()
-        report["replica_rounds"] = replica_rounds(args, vocab)
+        if device.type == "cuda":  # this process's cached blocks would shrink the replicas' share
+            torch.cuda.empty_cache()
+        replica_rounds(args, vocab, report)
         finish(report, args.out, summarise, plot)
         return 0
     rows = {}
@@ -523,8 +360,7 @@ def main(argv=None) -> int:
         import ray
         serve.shutdown()
         ray.shutdown()
-    if args.replica_rounds:
-        report["replica_rounds"] = replica_rounds(args, vocab)
+    replica_rounds(args, vocab, report)
     finish(report, args.out, summarise, plot)
     return 0
 
