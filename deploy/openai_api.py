@@ -32,9 +32,10 @@ _STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
            "DEADLINE_EXCEEDED": 504, "INTERNAL": 500}
 _TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable",
          504: "timeout", 500: "server_error"}
-# accepted only at their no-op values: this server does not implement them
-_NO_OP = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "presence_penalty": 0,
-          "frequency_penalty": 0, "logit_bias": None, "suffix": None}
+# accepted only at their no-op values (clients send them explicitly: chat's `logprobs: false`,
+# `logit_bias: {}`): this server does not implement them
+_NO_OP = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,),
+          "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",)}
 _IGNORED = {"user", "stream_options", "service_tier", "store", "metadata", "parallel_tool_calls", "response_format"}
 
 
@@ -92,9 +93,11 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
         raise _bad("the request body must be a JSON object")
     if body.get("model") not in (None, "", model):
         raise RequestError("NOT_FOUND", f"model {body['model']!r} does not exist; this server serves {model!r}")
-    for name, value in _NO_OP.items():
-        if name in body and body[name] not in (value, None):
-            raise _bad(f"{name}: not supported by this server (only {value!r})")
+    for name, values in _NO_OP.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(v) and value == v for v in values) and not (
+                isinstance(value, float) and value == 0 and 0 in values):
+            raise _bad(f"{name}: not supported by this server (only {' or '.join(map(repr, values))}, or null)")
     known = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
              "stop", "seed", "stream", "ignore_eos", "context_id", "document", "chat_role", *_NO_OP, *_IGNORED}
     unknown = sorted(set(body) - known)
