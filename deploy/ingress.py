@@ -179,8 +179,14 @@ class IceCacheIngress:
     # ------------------------------------------------------------------ OpenAI-compatible HTTP
     @http.get("/v1/models")
     async def list_models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started,
-                                            "owned_by": "icecache"}]}
+        return {"object": "list", "data": [await self.retrieve_model(self.model_name)]}
+
+    @http.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str):
+        if model_id != self.model_name:
+            return self._error(RequestError("NOT_FOUND", f"model {model_id!r} does not exist; this server serves "
+                                            f"{self.model_name!r}"))
+        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "icecache"}
 
     @http.post("/v1/completions")
     async def completions(self, request: Request):

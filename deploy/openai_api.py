@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API of the app: what its routes (deploy/ingress.py) parse,
 check and send back, kept apart from Serve so it reads (and is tested) as plain functions.
 
-    GET    /v1/models
+    GET    /v1/models, /v1/models/{id}
     POST   /v1/completions          prompt -> text, streamed as server-sent events or not
     POST   /v1/chat/completions     messages -> reply, in the model's chat template
     POST   /v1/contexts             index a document once -> its id

@@ -284,6 +284,13 @@ def test_openai_errors_have_their_status_and_shape(app):
     assert status == 400 and "X-Tenant" in bad_tenant["error"]["message"]
     assert http_json("DELETE", f"{app.http}/v1/contexts/{'0' * 32}", "oa-bad")[0] == 404
     assert oai.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello", max_tokens=2).usage.completion_tokens
+    assert oai.models.retrieve("SmolLM2-135M-Instruct").id == "SmolLM2-135M-Instruct"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-4")
+    # what real clients send with features off is accepted through the whole path
+    chat = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                                       max_completion_tokens=2, logprobs=False, n=1, presence_penalty=0.0)
+    assert 1 <= chat.usage.completion_tokens <= 2 and chat.choices[0].logprobs is None
 
 
 def test_the_replicas_metrics_reach_prometheus(app):
