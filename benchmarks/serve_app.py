@@ -40,8 +40,8 @@ def start_app(model_dir: Path, args, replicas: int | None = 1) -> str:
     app_args = {**app_spec["args"], "model": str(model_dir), "device": args.device, "cache_capacity": args.cache,
                 "engine": engine_overrides(args),
                 "max_batch": args.max_batch, "max_waiting": 1024, "burst_wait_s": args.burst_wait,
-                "max_new_tokens": max(args.tokens, getattr(args, "kill_tokens", 0), 64), "max_document_bytes": "64MiB", "tenant_secret": "bench",
-                **parse_pairs(args.app)}
+                "max_new_tokens": max(args.tokens, args.kill_tokens, 64), "max_document_bytes": "64MiB",
+                "tenant_secret": "bench", **parse_pairs(args.app)}
     llm = next(d for d in app_spec["deployments"] if d["name"] == "IceCacheLLM")
     options = {"max_ongoing_requests": max(llm.get("max_ongoing_requests", 16), args.max_batch)}
     if replicas is None:

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="IceCacheConfig fields for the engine and the app (e.g. index_chunk_tokens=8192)")
     ap.add_argument("--app", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="the app's args (deploy/config.py AppArgs), e.g. stream_interval_s=0")
+                    help="the app's args (deploy/config.py AppArgs), e.g. warmup_tokens=0")
     ap.add_argument("--index-chunks", type=int, nargs="*", default=[],
                     help="index_chunk_tokens values to time in-process on the first length")
     ap.add_argument("--replica-rounds", type=int, nargs="*", default=[],
@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    report = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "args": {k: str(v) for k, v in vars(args).items()},
-              "runs": []}
+    report = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "runs": [],
+              "args": {k: str(v) for k, v in vars(args).items()}}
     if args.reuse_model:
         if not args.replicas_only:
             raise SystemExit("--reuse-model: only with --replicas-only (the other rounds run the model here)")

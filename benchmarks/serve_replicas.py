@@ -9,8 +9,9 @@ that start the app afresh with several model replicas (one GPU each, or --gpus-p
   --autoscale-round     the app as deploy/app.yaml's autoscaling block scales it (1 to 2
                         replicas), its downscale delay shortened to --downscale-delay:
                         --replica-concurrency askers keep questions coming until the added
-                        replica has answered and --autoscale-hold seconds more, then stop; the round waits for the app to come
-                        back to one replica. Failed requests, tokens/s before and after;
+                        replica has answered and --autoscale-hold seconds more, then stop;
+                        the round waits for the app to come back to one replica. Failed
+                        requests, tokens/s on one replica and on two;
   --kill-round          two replicas, --replica-concurrency long streams on one document; once
                         every stream has its first piece, one replica is killed (SIGKILL):
                         its streams must end UNAVAILABLE and the others finish, the document's
