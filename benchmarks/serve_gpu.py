@@ -216,7 +216,9 @@ def plot(report: dict, path: Path) -> None:
     if scaled:
         t, n = zip(*scaled["timeline"]) if scaled["timeline"] else ((), ())
         axes[-1].step(t, n, where="post", label=f"{scaled['askers']} askers, {scaled['failed']} failed")
-        axes[-1].set(title="autoscaling: replicas running", xlabel="s since the load began", ylabel="replicas")
+        axes[-1].axvline(scaled["load_s"], color="grey", linestyle=":", label="the load stops")
+        axes[-1].set(title="autoscaling: replicas running", xlabel="s since the load began", ylabel="replicas",
+                     yticks=range(0, 1 + max(n, default=1)))
     if rounds:
         done = [r for r in rounds if "tok_s" in r["concurrent"]]
         axes[-1 - bool(scaled)].bar([str(r["replicas"]) for r in done], [r["concurrent"]["tok_s"] for r in done],

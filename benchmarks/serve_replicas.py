@@ -145,7 +145,7 @@ def autoscale_round(args, docs: list[list[int]]) -> dict:
             "added_first_ttft_s": added[0]["ttft_s"] if added else None,
             "added_reused": [r["reused"] for r in added[:3]],
             "tok_s_one_replica": tok_s(start, split), "tok_s_two_replicas": tok_s(split, load_end),
-            "scaled_down_s": scaled_down_s, "timeline": timeline})
+            "load_s": load_end - start, "scaled_down_s": scaled_down_s, "timeline": timeline})
         out["after_downscale"] = {k: v for k, v in ask(client, ids[0], QUESTION.format(n=0), 4).items()
                                   if k in ("ttft_s", "tokens", "replica_id")}  # the app still answers
         for cid in ids:
