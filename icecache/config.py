@@ -12,6 +12,7 @@ PAGE_HEADS = ("max", "sum")
 DECODE_PATHS = ("auto", "static", "dynamic")
 PREFILL_OFFLOAD = ("auto", "device", "host")
 OFFLOAD_CHUNK_TOKENS = 8192  # an offloaded prefill's smallest chunk: the past KV crosses PCIe once per chunk
+MAX_LOGPROBS = 20  # most alternatives SamplingParams.logprobs asks for (OpenAI's top_logprobs limit)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -152,6 +153,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # None: no log-probabilities; k >= 0: each output token's log-probability under the model
+    # (before temperature and cut-offs) and the k most likely tokens' (GenerationOutput.logprobs)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _require(_is_int(self.max_tokens) and self.max_tokens > 0, "max_tokens",
@@ -164,6 +168,9 @@ class SamplingParams:
                  "top_p", f"must lie in (0, 1], got {p!r}")
         _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an int >= 0, got {self.top_k!r}")
         _require(self.seed is None or _is_int(self.seed), "seed", f"must be an int or None, got {self.seed!r}")
+        lp = self.logprobs
+        _require(lp is None or _is_int(lp) and 0 <= lp <= MAX_LOGPROBS, "logprobs",
+                 f"must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
         stop = self.stop
         if isinstance(stop, str):
             object.__setattr__(self, "stop", (stop,))

@@ -7,11 +7,20 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class TokenLogprob:
+    """One output token's log-probability under the model, and the most likely tokens' at its step."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+@dataclass
 class GenerationOutput:
     text: str
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
     stats: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams.logprobs asked
 
 
 class GenerationStream:

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from icecache.config import SamplingParams
+from icecache.outputs import TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:
@@ -31,6 +32,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s log-probability under the model's distribution (logits [vocab], before any
+    temperature or cut-off) and the k most likely tokens'."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(k) if k else None
+    return TokenLogprob(token, float(logp[token]),
+                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
 
 
 class TextStream:

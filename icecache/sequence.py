@@ -16,8 +16,8 @@ import torch
 from icecache.cache import RequestKV
 from icecache.config import SamplingParams
 from icecache.context import Context
-from icecache.outputs import GenerationOutput
-from icecache.sampling import TextStream, make_generator, sample
+from icecache.outputs import GenerationOutput, TokenLogprob
+from icecache.sampling import TextStream, make_generator, sample, token_logprob
 from icecache.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class Sequence:
         self.generator = make_generator(params)
         self.text = TextStream(engine.tokenizer, params.stop, engine.tokenizer_lock)
         self.eos = set() if params.ignore_eos else engine.eos_ids()
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.step_times: list[float] = []
         self.ttft: float | None = None
         self.last_token_at = 0.0
@@ -168,6 +169,8 @@ class Sequence:
         if token in self.eos:
             self.finish = "eos"
             return self._finish()
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(self.logits, token, self.params.logprobs))
         piece = self.text.add(token)
         if piece:
             self.emit(piece)
@@ -187,7 +190,7 @@ class Sequence:
             self.req.pages_loaded = self.req.pages_selected = self.group.pages_per_step(self) * steps
         ctx, n = self.context, max(1, steps)
         self.emit(GenerationOutput(
-            text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish,
+            text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish, logprobs=self.logprobs,
             stats={
                 "ttft_s": self.ttft,
                 "queue_s": (self.admitted or self.t0) - self.t0,  # arrival to admission
@@ -261,7 +264,9 @@ class DecodeGroup:
         """One token for every request of the group (all are decoding)."""
         logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
                                          graph=self.decoder.device.type == "cuda")
-        if all(s.params.temperature == 0.0 for s in self.seqs):  # greedy: pick on the device, copy B ids
+        if any(s.params.logprobs is not None for s in self.seqs):  # their log-probabilities need the rows
+            picked, logits = [None] * len(self.seqs), logits.float().cpu()
+        elif all(s.params.temperature == 0.0 for s in self.seqs):  # greedy: pick on the device, copy B ids
             picked, logits = logits.argmax(-1).tolist(), [None] * len(self.seqs)
         else:  # one copy and one sync for the batch; sampling runs on the host
             picked, logits = [None] * len(self.seqs), logits.float().cpu()

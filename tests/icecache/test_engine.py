@@ -117,6 +117,24 @@ def test_seeded_sampling_is_reproducible(engine, context):
     assert a.token_ids != c.token_ids
 
 
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_logprobs_are_the_models_and_do_not_change_the_tokens(engine, context, path):
+    eng = engine.with_config(engine.config.replace(decode_path=path))
+    plain = eng.generate(QUESTION, GREEDY, context=context)
+    out = eng.generate(QUESTION, SamplingParams(max_tokens=12, temperature=0.0, logprobs=3), context=context)
+    assert plain.logprobs is None and out.token_ids == plain.token_ids  # asking for them changes nothing else
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    for lp in out.logprobs:  # greedy: each token is its step's most likely, with that log-probability
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id and lp.logprob == pytest.approx(lp.top[0][1])
+        assert 0 >= lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+    sampled = eng.generate(QUESTION, SamplingParams(max_tokens=8, temperature=1.0, seed=3, logprobs=0),
+                           context=context)
+    assert [lp.token_id for lp in sampled.logprobs] == sampled.token_ids and all(not lp.top for lp in sampled.logprobs)
+    assert all(lp.logprob <= 0 for lp in sampled.logprobs) and sum(lp.logprob for lp in sampled.logprobs) < 0
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 def test_chat_uses_the_template_and_stops_at_eos(engine):
     out = engine.chat([{"role": "user", "content": "What is the capital of France? One word."}],
                       SamplingParams(max_tokens=20, temperature=0.0))
