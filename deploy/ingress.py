@@ -144,7 +144,8 @@ class IceCacheIngress:
                 if "text" in item:
                     yield pb.GenerateReply(text=item["text"])
                 else:
-                    yield pb.GenerateReply(stats=pb.GenerationStats(**item["stats"]))
+                    stats = {k: v for k, v in item["stats"].items() if k != "logprobs"}  # HTTP's; no gRPC field
+                    yield pb.GenerateReply(stats=pb.GenerationStats(**stats))
         except RequestError as e:
             fail(grpc_context, e)
             raise  # a streaming call carries a status set before it raises, not one set before it ends

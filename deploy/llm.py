@@ -168,6 +168,13 @@ class IceCacheLLM:
             return lease
         return None
 
+    def _logprobs_as_text(self, logprobs) -> list[dict]:
+        """Output tokens' log-probabilities with each token (and its alternatives) as text."""
+        with self.engine.tokenizer_lock:
+            text = self.engine.tokenizer.decode
+            return [{"token": text([lp.token_id]), "logprob": lp.logprob,
+                     "top": [[text([t]), v] for t, v in lp.top]} for lp in logprobs]
+
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
@@ -215,7 +222,8 @@ class IceCacheLLM:
                 "context_id": lease.context_id if lease else "", "node_id": self.node_id,
                 "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"],
                 "peak_batch": s["peak_batch"], "queue_s": s["queue_s"], "lease_s": leased_at[0] - arrived,
-                "prefill_batch": s["prefill_batch"], "prefill_pass_s": s["prefill_pass_s"]}
+                "prefill_batch": s["prefill_batch"], "prefill_pass_s": s["prefill_pass_s"],
+                **({"logprobs": self._logprobs_as_text(out.logprobs)} if out.logprobs is not None else {})}
 
         def work() -> None:
             """Lease the context (may prefill a document), then hand the request to the scheduler."""

@@ -24,6 +24,7 @@ import uuid
 
 from deploy.errors import RequestError, check_document_size
 from icecache import SamplingParams
+from icecache.config import MAX_LOGPROBS
 
 TENANT_HEADER = "x-tenant"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -34,8 +35,8 @@ _TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_
          504: "timeout", 500: "server_error"}
 # accepted only at their no-op values (clients send them explicitly: chat's `logprobs: false`,
 # `logit_bias: {}`): this server does not implement them
-_NO_OP = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,),
-          "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",)}
+_NO_OP = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0,), "frequency_penalty": (0,),
+          "logit_bias": ({},), "suffix": ("",)}
 _IGNORED = {"user", "stream_options", "service_tier", "store", "metadata", "parallel_tool_calls", "response_format"}
 
 
@@ -99,7 +100,8 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
                 isinstance(value, float) and value == 0 and 0 in values):
             raise _bad(f"{name}: not supported by this server (only {' or '.join(map(repr, values))}, or null)")
     known = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-             "stop", "seed", "stream", "ignore_eos", "context_id", "document", "chat_role", *_NO_OP, *_IGNORED}
+             "stop", "seed", "stream", "ignore_eos", "context_id", "document", "chat_role", "logprobs", "top_logprobs",
+             *_NO_OP, *_IGNORED}
     unknown = sorted(set(body) - known)
     if unknown:
         raise _bad(f"{unknown[0]}: unknown field")
@@ -135,6 +137,11 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
         sampling["top_k"] = _number(body, "top_k", 0, 0, 1 << 20, integer=True)
     if body.get("seed") is not None:
         sampling["seed"] = _number(body, "seed", 0, -(1 << 63), (1 << 63) - 1, integer=True)
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None:
+        if body.get("stream"):
+            raise _bad("logprobs: not supported with stream (ask without streaming)")
+        sampling["logprobs"] = logprobs
     try:
         SamplingParams(**sampling)
     except ValueError as e:
@@ -152,6 +159,24 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
         raise _bad(f"stream: expected true or false, got {stream!r}")
     options = body.get("stream_options") or {}
     return {**out, "stream": stream, "include_usage": bool(isinstance(options, dict) and options.get("include_usage"))}
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request asks log-probabilities for, or None: chat
+    sends `logprobs: true` and `top_logprobs: k`, completions `logprobs: k`."""
+    top = body.get("top_logprobs")
+    if not chat:
+        if top is not None:
+            raise _bad("top_logprobs: a chat field; completions ask with logprobs: k")
+        return _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad(f"logprobs: expected true or false, got {wanted!r}")
+    if not wanted:
+        if top not in (None, 0):
+            raise _bad("top_logprobs: needs logprobs: true")
+        return None
+    return _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
 
 
 def check_document(document, max_document_bytes: int) -> str:
@@ -186,7 +211,10 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def whole(self, text: str, stats: dict) -> dict:
-        choice = {"index": 0, "finish_reason": finish_reason(stats), "logprobs": None}
+        logprobs = stats.get("logprobs")
+        if logprobs is not None:
+            logprobs = chat_logprobs(logprobs) if self.chat else completion_logprobs(logprobs)
+        choice = {"index": 0, "finish_reason": finish_reason(stats), "logprobs": logprobs}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
         return {**self._head(self.object), "choices": [choice], "usage": usage(stats),
                 "icecache": _extension(stats)}
@@ -205,6 +233,25 @@ class Reply:
     def usage_chunk(self, stats: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return event({**self._head(obj), "choices": [], "usage": usage(stats), "icecache": _extension(stats)})
+
+
+def chat_logprobs(logprobs: list[dict]) -> dict:
+    """A chat choice's `logprobs`: per output token its text, log-probability, UTF-8 bytes and
+    the most likely tokens'."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    return {"content": [{**entry(t["token"], t["logprob"]), "top_logprobs": [entry(*alt) for alt in t["top"]]}
+                        for t in logprobs], "refusal": None}
+
+
+def completion_logprobs(logprobs: list[dict]) -> dict:
+    """A completion choice's `logprobs`, in the legacy API's columns."""
+    offsets, at = [], 0
+    for t in logprobs:
+        offsets.append(at)
+        at += len(t["token"])
+    return {"tokens": [t["token"] for t in logprobs], "token_logprobs": [t["logprob"] for t in logprobs],
+            "top_logprobs": [dict(t["top"]) for t in logprobs], "text_offset": offsets}
 
 
 def _extension(stats: dict) -> dict:

@@ -24,8 +24,8 @@ def test_fields_clients_send_at_their_off_values_are_accepted():
     assert req["prompt"] == "hi" and req["sampling"]["max_tokens"] == 5
 
 
-@pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 5), ("n", 2), ("presence_penalty", 0.5),
-                                         ("logit_bias", {"50256": -100}), ("echo", True)])
+@pytest.mark.parametrize("field,value", [("n", 2), ("presence_penalty", 0.5), ("logit_bias", {"50256": -100}),
+                                         ("echo", True), ("best_of", 3)])
 def test_features_this_server_lacks_are_refused_by_name(field, value):
     with pytest.raises(RequestError) as failure:
         parse({"messages": [{"role": "user", "content": "hi"}], field: value})
@@ -40,3 +40,34 @@ def test_bad_values_name_their_field():
         with pytest.raises(RequestError) as failure:
             parse(body)
         assert failure.value.message.startswith(field), failure.value.message
+
+
+def test_logprobs_are_asked_the_way_each_api_asks_them():
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse({**chat, "logprobs": True, "top_logprobs": 3})["sampling"]["logprobs"] == 3
+    assert parse({**chat, "logprobs": True})["sampling"]["logprobs"] == 0
+    assert "logprobs" not in parse({**chat, "logprobs": False})["sampling"]
+    assert parse({"prompt": "hi", "logprobs": 2}, chat=False)["sampling"]["logprobs"] == 2
+    for body, chat_api, field in [({**chat, "top_logprobs": 2}, True, "top_logprobs"),
+                                  ({**chat, "logprobs": True, "top_logprobs": 21}, True, "top_logprobs"),
+                                  ({**chat, "logprobs": 1}, True, "logprobs"),
+                                  ({"prompt": "hi", "logprobs": True}, False, "logprobs"),
+                                  ({"prompt": "hi", "top_logprobs": 2}, False, "top_logprobs"),
+                                  ({**chat, "logprobs": True, "stream": True}, True, "logprobs")]:
+        with pytest.raises(RequestError) as failure:
+            parse(body, chat=chat_api)
+        assert failure.value.message.startswith(field), failure.value.message
+
+
+def test_logprobs_come_back_in_each_apis_shape():
+    from deploy.openai_api import Reply
+    stats = {"finish_reason": "length", "context_tokens": 0, "prompt_tokens": 2, "output_tokens": 2,
+             "context_reused": False, "logprobs": [{"token": "Hi", "logprob": -0.5, "top": [["Hi", -0.5], ["Yo", -1.5]]},
+                                                   {"token": " there", "logprob": -0.25, "top": [[" there", -0.25]]}]}
+    chat = Reply(True, MODEL).whole("Hi there", stats)["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in chat] == ["Hi", " there"] and chat[0]["bytes"] == list(b"Hi")
+    assert chat[0]["top_logprobs"][1] == {"token": "Yo", "logprob": -1.5, "bytes": list(b"Yo")}
+    legacy = Reply(False, MODEL).whole("Hi there", stats)["choices"][0]["logprobs"]
+    assert legacy == {"tokens": ["Hi", " there"], "token_logprobs": [-0.5, -0.25],
+                      "top_logprobs": [{"Hi": -0.5, "Yo": -1.5}, {" there": -0.25}], "text_offset": [0, 2]}
+    assert Reply(True, MODEL).whole("x", {**stats, "logprobs": None})["choices"][0]["logprobs"] is None

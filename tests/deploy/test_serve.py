@@ -291,6 +291,16 @@ def test_openai_errors_have_their_status_and_shape(app):
     chat = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
                                        max_completion_tokens=2, logprobs=False, n=1, presence_penalty=0.0)
     assert 1 <= chat.usage.completion_tokens <= 2 and chat.choices[0].logprobs is None
+    # log-probabilities: one entry per output token, the greedy token its step's most likely
+    chat = oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token and c.logprob <= 0 for c in content)
+    legacy = oai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=3,
+                                    temperature=0, logprobs=1).choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == 3 and all(len(t) == 1 for t in legacy.top_logprobs)
 
 
 def test_the_replicas_metrics_reach_prometheus(app):
