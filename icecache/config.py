@@ -156,6 +156,9 @@ class SamplingParams:
     # None: no log-probabilities; k >= 0: each output token's log-probability under the model
     # (before temperature and cut-offs) and the k most likely tokens' (GenerationOutput.logprobs)
     logprobs: int | None = None
+    # the first output tokens, given instead of drawn (teacher forcing): each is fed on through the
+    # same decode path and, with logprobs, scored there; after them tokens are drawn as usual
+    force_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(_is_int(self.max_tokens) and self.max_tokens > 0, "max_tokens",
@@ -171,6 +174,11 @@ class SamplingParams:
         lp = self.logprobs
         _require(lp is None or _is_int(lp) and 0 <= lp <= MAX_LOGPROBS, "logprobs",
                  f"must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
+        force = self.force_tokens
+        if isinstance(force, list):
+            object.__setattr__(self, "force_tokens", tuple(force))
+        _require(isinstance(self.force_tokens, tuple) and all(_is_int(t) and t >= 0 for t in self.force_tokens),
+                 "force_tokens", f"must be token ids (ints >= 0), got {force!r}")
         stop = self.stop
         if isinstance(stop, str):
             object.__setattr__(self, "stop", (stop,))

@@ -230,6 +230,8 @@ class Engine:
             context = context.with_index_on(self.device, boxes=self.config.reads_page_boxes)
             ids = self._encode(prompt, add_special=False)
             self._check_length(context.num_tokens + len(ids), "context + prompt")
+        if params.force_tokens:
+            self._encode(list(params.force_tokens), add_special=False, what="force_tokens")  # in the vocabulary
         return ids, params, context
 
     def _iterate(self, prompt, params: SamplingParams | None, context: Context | None):

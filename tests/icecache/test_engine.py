@@ -135,6 +135,30 @@ def test_logprobs_are_the_models_and_do_not_change_the_tokens(engine, context, p
         SamplingParams(logprobs=21)
 
 
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_forced_tokens_are_fed_and_scored_on_the_decode_path(engine, context, path):
+    eng = engine.with_config(engine.config.replace(decode_path=path))
+    free = eng.generate(QUESTION, SamplingParams(max_tokens=10, temperature=0.0, logprobs=2), context=context)
+    # forcing the greedy answer itself scores it as the free run did
+    same = eng.generate(QUESTION, SamplingParams(max_tokens=10, temperature=0.0, logprobs=2,
+                                                 force_tokens=free.token_ids), context=context)
+    assert same.token_ids == free.token_ids
+    assert [lp.logprob for lp in same.logprobs] == pytest.approx([lp.logprob for lp in free.logprobs], abs=1e-4)
+    # another answer is fed on: its tokens come out, each scored, and greedy decoding goes on after them
+    other = eng.tokenizer(" The pass key is 11111", add_special_tokens=False).input_ids
+    out = eng.generate(QUESTION, SamplingParams(max_tokens=len(other) + 4, temperature=0.0, logprobs=2,
+                                                ignore_eos=True, force_tokens=other), context=context)
+    assert out.token_ids[:len(other)] == other and len(out.token_ids) == len(other) + 4
+    forced = out.logprobs[:len(other)]
+    assert any(lp.top[0][0] != lp.token_id for lp in forced)  # the model would not have said "11111"
+    assert all(lp.logprob <= lp.top[0][1] + 1e-6 for lp in forced)
+    assert all(lp.top[0][0] == lp.token_id for lp in out.logprobs[len(other):])  # greedy again
+    with pytest.raises(ValueError, match="force_tokens: token id"):
+        eng.generate(QUESTION, SamplingParams(force_tokens=[eng.model.config.vocab_size]), context=context)
+    with pytest.raises(ValueError, match="force_tokens"):
+        SamplingParams(force_tokens=[-1])
+
+
 def test_chat_uses_the_template_and_stops_at_eos(engine):
     out = engine.chat([{"role": "user", "content": "What is the capital of France? One word."}],
                       SamplingParams(max_tokens=20, temperature=0.0))
