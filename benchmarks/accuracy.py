@@ -19,6 +19,7 @@ that was cut off resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import random
@@ -158,28 +159,66 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-METHODS = ("full", "icecache", "icecache_bounds", "icecache_sum", "icecache_beam256", "icecache_reuse",
-           "icecache_rerank2", "icecache_rerank4", "icecache_rerank1q", "icecache_q12",
-           "oracle", "quest", "streaming", "random")
+# the default (the bounds' 2R best and the question's pages, re-ranked by their keys) with fields changed
+VARIANTS = {
+    "icecache_bounds": dict(rerank=1, question_pages=0),  # pages by the bounds alone (the default until 2026-12)
+    "icecache_sum": dict(page_heads="sum"),  # pages ranked by the query heads' summed softmax shares
+    "icecache_beam256": dict(search_width=256),  # the tree walk keeps 256 nodes per level, not 64
+    "icecache_reuse": dict(reuse_layers=2),  # IceCache-reuse: cycles of 2 sparse layers share one selection
+    "icecache_rerank2": dict(rerank=2, question_pages=0),  # the bounds' 2R best, re-ranked: no question pages
+    "icecache_rerank4": dict(rerank=4, question_pages=0),
+    "icecache_rerank1q": dict(rerank=1),  # the bounds' R best and the question's pages, re-ranked: 1/3 fewer reads
+    "icecache_q12": dict(question_pages=12, question_follow=16),  # the question's pages until 2026-12-03
+}
+METHODS = ("full", "icecache", *VARIANTS, "oracle", "quest", "streaming", "random")
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:FIELD=VALUE,FIELD=VALUE' -> (NAME, {FIELD: VALUE}), values as Python literals
+    (a --variant option: the default config with IceCacheConfig fields changed)."""
+    name, sep, fields = text.partition(":")
+    if not sep or not name or not fields:
+        raise argparse.ArgumentTypeError(f"expected NAME:FIELD=VALUE[,FIELD=VALUE], got {text!r}")
+    changes = {}
+    for item in fields.split(","):
+        field, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {item!r}")
+        try:
+            changes[field.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            changes[field.strip()] = value.strip()
+    try:
+        IceCacheConfig().replace(**changes)  # an unknown field or a bad value fails here, by name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+    return name, changes
+
+
+def add_variant_option(ap: argparse.ArgumentParser, help: str = "one more method, the default config with "
+                       "these IceCacheConfig fields (repeatable), e.g. rerank2:rerank=2") -> None:
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[],
+                    help=f"NAME:FIELD=VALUE[,FIELD=VALUE]: {help}")
+
+
+def with_variants(methods: list[str], variants: list[tuple[str, dict]]) -> list[str]:
+    """methods, then --variant's (name, changes), which method_config knows from now on."""
+    for name, changes in variants:
+        if name in METHODS and VARIANTS.get(name) != changes:
+            raise ValueError(f"--variant {name}: the name of a built-in method")
+        VARIANTS[name] = changes
+    return list(dict.fromkeys([*methods, *(name for name, _ in variants)]))
 
 
 def method_config(method: str, budget: int) -> IceCacheConfig:
     """Every method at the same budget, sinks and window, on the engine's own decode path
-    (static, with kernels and CUDA graphs on a GPU; dynamic on CPU): only the pages differ."""
+    (static, with kernels and CUDA graphs on a GPU; dynamic on CPU): only the pages differ.
+    A variant's own budget, sinks and window, if it sets them, stand."""
     if method == "full":
         return IceCacheConfig(mode="full")
     edge = 16 if budget < 256 else 32
-    variant = {  # the default: the bounds' 2R best and the question's pages, re-ranked by their keys
-        "icecache_bounds": dict(rerank=1, question_pages=0),  # pages by the bounds alone (the default until 2026-12)
-        "icecache_sum": dict(page_heads="sum"),  # pages ranked by the query heads' summed softmax shares
-        "icecache_beam256": dict(search_width=256),  # the tree walk keeps 256 nodes per level, not 64
-        "icecache_reuse": dict(reuse_layers=2),  # IceCache-reuse: cycles of 2 sparse layers share one selection
-        "icecache_rerank2": dict(rerank=2, question_pages=0),  # the bounds' 2R best, re-ranked: no question pages
-        "icecache_rerank4": dict(rerank=4, question_pages=0),
-        "icecache_rerank1q": dict(rerank=1),  # the bounds' R best and the question's pages, re-ranked: 1/3 fewer reads
-        "icecache_q12": dict(question_pages=12, question_follow=16),  # the question's pages until 2026-12-03
-    }.get(method, {} if method == "icecache" else dict(selector=method))
-    return IceCacheConfig(token_budget=budget, sink_tokens=edge, window_tokens=edge, **variant)
+    variant = VARIANTS.get(method, {} if method == "icecache" else dict(selector=method))
+    return IceCacheConfig(**{"token_budget": budget, "sink_tokens": edge, "window_tokens": edge, **variant})
 
 
 def score(task: str, text: str, answers: list[str]) -> float:

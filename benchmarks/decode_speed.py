@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import accuracy
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.internals import RequestKV, StaticDecoder
 
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--question-pages", type=int, nargs="*", default=[],
                     help="also run the default with this many question pages per KV head (decode reads them all "
                          "as re-ranking candidates at every step)")
+    accuracy.add_variant_option(ap, "also run the default with these IceCacheConfig fields at every budget "
+                                "(on the same context: no page, sink or window fields), e.g. rerank2:rerank=2")
     ap.add_argument("--bounds", action="store_true",
                     help="also run IceCache choosing pages by the bounds alone (no question pages, no re-ranking)")
     add_shape_arg(ap)
@@ -249,6 +252,11 @@ def main(argv=None) -> int:
                 row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, question_pages=qp)),
                                       ctx, args.tokens, breakdown=True)
                 print(f"[{n}] IceCache@{budget}, {qp} question pages: {row[key]}")
+            for name, changes in args.variant:
+                key = f"icecache_{budget}_{name}"
+                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget).replace(**changes)),
+                                      ctx, args.tokens, breakdown=True)
+                print(f"[{n}] IceCache@{budget}, {name} {changes}: {row[key]}")
             if args.bounds:  # the default until 2026-12: pages by the bounds alone
                 key = f"icecache_{budget}_bounds"
                 row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=1, question_pages=0)),

@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["full", "icecache", "icecache_bounds", "icecache_rerank4",
                                                      "quest", "oracle", "streaming"], choices=accuracy.METHODS)
+    accuracy.add_variant_option(ap)
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--device", default="cpu", help="where the model runs (fp32)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/real_text.json"))
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.lengths, args.seeds, args.budgets = [4000, 7500], [0], [256]
         args.methods = ["full", "icecache", "icecache_bounds"]
+    args.methods = accuracy.with_variants(args.methods, args.variant)
     start = time.perf_counter()
     engine = Engine.from_pretrained(device=args.device, dtype=torch.float32)
     report = accuracy.run_to(args.out, args.resume, engine, args.documents, args.lengths, args.seeds, args.methods,

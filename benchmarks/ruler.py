@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--samples", type=int, default=1, help="samples per task, length and seed")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=accuracy.METHODS)
+    accuracy.add_variant_option(ap)
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--max-tokens", type=int, default=None, help="cap the tasks' own output lengths")
     ap.add_argument("--device", default="cpu", help="where the model runs (fp32)")
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.tasks, args.lengths, args.seeds, args.samples = ["niah_single_1", "niah_single_2"], [2048], [0], 2
         args.methods, args.budgets, args.max_tokens = ["full", "icecache", "streaming"], [256], 32
+    args.methods = accuracy.with_variants(args.methods, args.variant)
     start = time.perf_counter()
     engine = Engine.from_pretrained(device=args.device, dtype=torch.float32,
                                     context_length=args.context_length or max(args.lengths))
