@@ -19,7 +19,7 @@ def test_invalid_config_names_the_field(field, value):
 def test_rerank_and_question_pages_are_the_tree_selectors():
     """Re-ranking and question pages belong to the "icecache" selector (on by default); the
     comparison selectors and full mode leave them out, so they need no fields zeroed."""
-    assert IceCacheConfig().candidates == (2, 48)
+    assert IceCacheConfig().candidates == (4, 48)
     assert IceCacheConfig(rerank=4, question_pages=0).candidates == (4, 0)
     assert IceCacheConfig(rerank=4, selector="quest").candidates == (1, 0)
     assert IceCacheConfig(selector="oracle").candidates == (1, 0)

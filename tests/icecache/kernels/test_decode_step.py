@@ -18,10 +18,10 @@ from icecache.kernels import common  # noqa: E402
 
 # compiled on a GPU machine, interpreted (TRITON_INTERPRET=1, tests/conftest.py) elsewhere
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# 12 question pages (the default is 48): as many candidates as these 1,500-token contexts exercise, at a third
-# of the Triton interpreter's time on CPU
+# 12 question pages and re-ranking 2x (the defaults are 48 and 4x): as many candidates as these 1,500-token
+# contexts exercise, at a third of the Triton interpreter's time on CPU
 CONFIG = IceCacheConfig(token_budget=16 + 16 + 4 * 16, page_size=16, sink_tokens=16, window_tokens=16,
-                        dense_layers=1, search_width=8, prefill_chunk_tokens=512, question_pages=12)
+                        dense_layers=1, search_width=8, prefill_chunk_tokens=512, question_pages=12, rerank=2)
 
 
 def decoders(monkeypatch, arch: str, doc_tokens: int, question: list[int], steps: int, **overrides):
