@@ -166,7 +166,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
         result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
             from icecache.internals import sparse_attention
-            sparse = dec.sparse_states
+            sparse, scratch = dec.sparse_states, dec.scratch
             H, D, G = eng.shape.num_kv_heads, eng.shape.head_dim, eng.shape.group
             q = torch.randn(H, G, D, device="cuda")
             scaling = D ** -0.5
@@ -178,7 +178,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
                 for s, i in zip(sparse, page_ids):
                     sparse_attention(q, s.sink_k, s.sink_v, i, s.shared_k, s.shared_v, s.shared_valid, s.priv_k[0],
                                      s.priv_v[0], s.priv_valid[0], s.win_k[0], s.win_v[0], s.ring.counts[:1], scaling,
-                                     dec.scratch["att_parts"], dec.scratch["att_acc"], out)
+                                     scratch["att_parts"], scratch["att_acc"], out)
             with_pages = cuda_time(lambda: attention(ids))
             without = cuda_time(lambda: attention([none] * len(sparse)))
             parts = {"index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),
