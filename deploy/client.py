@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prompt")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each output token's log-probability and the K most likely tokens' (0-20)")
     sub.add_parser("stats", help="per-node cache figures")
     p = sub.add_parser("release", help="release an indexed context")
     p.add_argument("context_id")
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - start:.2f}s total", file=sys.stderr)
         elif args.command == "ask":
             start, first = time.perf_counter(), None
+            extra = {"logprobs": args.logprobs} if args.logprobs is not None else {}
             for reply in client.generate(args.prompt, args.max_tokens, context_id=args.context_id,
-                                         temperature=args.temperature):
+                                         temperature=args.temperature, **extra):
                 if reply.WhichOneof("kind") == "text":
                     first = first or time.perf_counter() - start
                     sys.stdout.write(reply.text)
@@ -122,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\n[{s.output_tokens} tokens, {s.finish_reason}] TTFT {first or 0:.2f}s (client) | "
                           f"TPOT {s.tpot_s * 1000:.0f}ms | context {s.context_tokens} tokens "
                           f"{'reused' if s.context_reused else 'prefilled'}", file=sys.stderr)
+                    for t in s.logprobs:
+                        print(f"{t.token!r} {t.logprob:.3f}" + "".join(f" | {a.token!r} {a.logprob:.3f}" for a in t.top),
+                              file=sys.stderr)
         elif args.command == "stats":
             for n in client.stats().nodes:
                 print(f"node {n.node_id[:12]}: {n.contexts} contexts, {n.bytes / 2**20:.1f} MiB of "

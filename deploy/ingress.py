@@ -70,7 +70,7 @@ def sampling_of(msg: pb.Sampling, max_new_tokens: int) -> dict:
         raise RequestError("INVALID_ARGUMENT",
                            f"sampling.max_tokens: {msg.max_tokens} is over the server's limit of {max_new_tokens}")
     kwargs = {"max_tokens": msg.max_tokens, "stop": tuple(msg.stop), "ignore_eos": msg.ignore_eos}
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "logprobs"):
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     try:
@@ -144,8 +144,11 @@ class IceCacheIngress:
                 if "text" in item:
                     yield pb.GenerateReply(text=item["text"])
                 else:
-                    stats = {k: v for k, v in item["stats"].items() if k != "logprobs"}  # HTTP's; no gRPC field
-                    yield pb.GenerateReply(stats=pb.GenerationStats(**stats))
+                    stats = dict(item["stats"])
+                    logprobs = [pb.TokenLogprob(token=t["token"], logprob=t["logprob"],
+                                                top=[pb.TopLogprob(token=a, logprob=v) for a, v in t["top"]])
+                                for t in stats.pop("logprobs", ())]
+                    yield pb.GenerateReply(stats=pb.GenerationStats(**stats, logprobs=logprobs))
         except RequestError as e:
             fail(grpc_context, e)
             raise  # a streaming call carries a status set before it raises, not one set before it ends

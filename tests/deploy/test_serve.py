@@ -301,6 +301,15 @@ def test_openai_errors_have_their_status_and_shape(app):
     legacy = oai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=3,
                                     temperature=0, logprobs=1).choices[0].logprobs
     assert len(legacy.tokens) == len(legacy.token_logprobs) == 3 and all(len(t) == 1 for t in legacy.top_logprobs)
+    # over gRPC: the same tokens and log-probabilities, in the final stats
+    grpc_client = app.client(tenant="oa-bad")
+    text, stats = grpc_client.ask("The capital of France is", 3, logprobs=1, **GREEDY)
+    assert [t.token for t in stats.logprobs] == legacy.tokens and "".join(legacy.tokens) == text
+    assert [t.logprob for t in stats.logprobs] == pytest.approx(legacy.token_logprobs, abs=1e-5)
+    assert all(len(t.top) == 1 and t.top[0].token == t.token for t in stats.logprobs)
+    assert not grpc_client.ask("The capital of France is", 2, **GREEDY)[1].logprobs  # only when asked
+    code, message = code_of(lambda: grpc_client.ask("x", 2, logprobs=21))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sampling.logprobs" in message, message
 
 
 def test_the_replicas_metrics_reach_prometheus(app):
