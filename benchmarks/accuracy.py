@@ -159,7 +159,7 @@ class FactsQA(Task):
 
 TASKS = {t.name: t for t in (Passkey(), NeedleSingle(), NeedleMultiKey(), NeedleMultiValue(), VariableTracking(),
                              CommonWords(), FactsQA())}
-# the default (the bounds' 2R best and the question's pages, re-ranked by their keys) with fields changed
+# the default (the moments' rerank x R best and the question's pages, re-ranked by their keys), fields changed
 VARIANTS = {
     "icecache_bounds": dict(rerank=1, question_pages=0),  # pages by the bounds alone (the default until 2026-12)
     "icecache_sum": dict(page_heads="sum"),  # pages ranked by the query heads' summed softmax shares

@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"TPOT {s.tpot_s * 1000:.0f}ms | context {s.context_tokens} tokens "
                           f"{'reused' if s.context_reused else 'prefilled'}", file=sys.stderr)
                     for t in s.logprobs:
-                        print(f"{t.token!r} {t.logprob:.3f}" + "".join(f" | {a.token!r} {a.logprob:.3f}" for a in t.top),
-                              file=sys.stderr)
+                        alternatives = "".join(f" | {a.token!r} {a.logprob:.3f}" for a in t.top)
+                        print(f"{t.token!r} {t.logprob:.3f}{alternatives}", file=sys.stderr)
         elif args.command == "stats":
             for n in client.stats().nodes:
                 print(f"node {n.node_id[:12]}: {n.contexts} contexts, {n.bytes / 2**20:.1f} MiB of "
