@@ -36,7 +36,7 @@ import torch
 
 from benchmarks import accuracy, ruler
 from icecache import Engine, SamplingParams
-from icecache.context import layout_of
+from icecache.internals import layout_of
 
 
 def method_configs(methods: list[str], budget: int) -> dict:
