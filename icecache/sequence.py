@@ -83,7 +83,6 @@ class Sequence:
             self.next_pos = context.num_tokens
         self.logits: torch.Tensor | None = None
         self.chosen: int | None = None  # a token already picked on the device (greedy), else sample logits
-        self.drawn = 0  # output tokens taken so far (params.force_tokens are the first ones)
         if context is not None and not self.pending:  # nothing to prefill: decode from the context's last logits
             self.logits, self.phase = context.last_logits, "start"
         self.group: DecodeGroup | None = None  # static path: the batch it decodes in
@@ -165,14 +164,14 @@ class Sequence:
         else:
             self.step_times.append(now - self.last_token_at)
         self.last_token_at = now
-        forced = self.params.force_tokens
-        if self.drawn < len(forced):
-            token = forced[self.drawn]
+        forced, taken = self.params.force_tokens, len(self.text.ids)  # every output token so far is in text.ids
+        if taken < len(forced):
+            token = forced[taken]
         elif self.chosen is not None:
             token = self.chosen
         else:
             token = sample(self.logits, self.params, self.generator)
-        self.chosen, self.drawn = None, self.drawn + 1
+        self.chosen = None
         if token in self.eos:
             self.finish = "eos"
             return self._finish()
