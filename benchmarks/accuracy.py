@@ -251,6 +251,14 @@ def record_key(record: dict) -> tuple:
     return tuple(record[name] for name in RECORD_KEY)
 
 
+def indexed(eng: Engine, document: str, contexts: dict):
+    """The document's context under eng's layout: indexed on first use, then kept in `contexts`."""
+    key = (document, layout_of(eng.config))
+    if key not in contexts:
+        contexts[key] = eng.index(document)
+    return contexts[key]
+
+
 def answer(engine: Engine, case: Case, runs: list[tuple[str, int]], timing: dict,
            contexts: dict | None = None) -> dict[tuple[str, int], str]:
     """The case answered by each (method, budget), greedy: the document is prefilled and
@@ -262,13 +270,11 @@ def answer(engine: Engine, case: Case, runs: list[tuple[str, int]], timing: dict
     for method, budget in runs:
         cfg = method_config(method, budget or 256)
         eng = engine.with_config(cfg)
-        key = (case.document, layout_of(cfg))
-        if key not in contexts:
-            t = time.perf_counter()
-            contexts[key] = eng.index(case.document)
-            timing["prefill"] += time.perf_counter() - t
         t = time.perf_counter()
-        texts[(method, budget)] = eng.generate(case.question, params, context=contexts[key]).text
+        context = indexed(eng, case.document, contexts)
+        timing["prefill"] += time.perf_counter() - t
+        t = time.perf_counter()
+        texts[(method, budget)] = eng.generate(case.question, params, context=context).text
         timing[method] += time.perf_counter() - t
     return texts
 

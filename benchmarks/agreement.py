@@ -36,7 +36,6 @@ import torch
 
 from benchmarks import accuracy, ruler
 from icecache import Engine, SamplingParams
-from icecache.internals import layout_of
 
 
 def method_configs(methods: list[str], budget: int) -> dict:
@@ -44,14 +43,13 @@ def method_configs(methods: list[str], budget: int) -> dict:
     return {m: accuracy.method_config(m, budget) for m in dict.fromkeys(["full", *methods])}
 
 
-def case_steps(engine: Engine, case: accuracy.Case, configs: dict, contexts: dict) -> dict[str, list]:
+def case_steps(engine: Engine, case: accuracy.Case, configs: dict) -> dict[str, list]:
     """Full attention's greedy answer, then every other method forced along it: per method the
-    (token, log-probability, top token) of each answer step. Contexts are indexed once per layout."""
+    (token, log-probability, top token) of each answer step. The document is indexed once per layout."""
+    contexts = {}
+
     def context(cfg):
-        key = layout_of(cfg)
-        if key not in contexts:
-            contexts[key] = engine.with_config(cfg).index(case.document)
-        return contexts[key]
+        return accuracy.indexed(engine.with_config(cfg), case.document, contexts)
 
     full = engine.with_config(configs["full"]).generate(
         case.question, SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=1),
@@ -166,22 +164,17 @@ def main(argv=None) -> int:
             continue
         if (task, n, seed) not in cases:
             cases = {(task, n, seed): make(task, n, seed)}  # a seed's cases share their document
-        case, contexts = cases[(task, n, seed)][i], {}
-        steps = case_steps(engine, case, configs, contexts)
+        case = cases[(task, n, seed)][i]
+        steps = case_steps(engine, case, configs)
         full_score = score(task, steps["text"], case.answers)
-        line = []
-        for name in configs:
-            if name == "full" or name not in steps:
-                continue
-            rec = {"task": task, "length": n, "seed": seed, "case": i, "method": name, "budget": args.budget,
-                   "full_score": full_score,
-                   "steps": len(steps["full"]), **compare(steps["full"], steps[name])}
-            records.append(rec)
-            with log.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            line.append(f"{name} {rec['nll_gap']:.3f}/{rec['agree']:.2f}")
+        done_now = [{"task": task, "length": n, "seed": seed, "case": i, "method": name, "budget": args.budget,
+                     "full_score": full_score, "steps": len(steps["full"]), **compare(steps["full"], steps[name])}
+                    for name in configs if name != "full" and name in steps]
+        records += done_now
+        with log.open("a") as f:  # the case's records at once: a run cut off mid-case redoes the case
+            f.writelines(json.dumps(rec) + "\n" for rec in done_now)
         print(f"{task} {n} seed {seed} case {i} (full {full_score:.2f}, {len(steps['full'])} tokens): "
-              + ", ".join(line), flush=True)
+              + ", ".join(f"{r['method']} {r['nll_gap']:.3f}/{r['agree']:.2f}" for r in done_now), flush=True)
     return report_to(args.out, records, {
         "budget": args.budget, "configs": {name: repr(cfg) for name, cfg in configs.items()},
         "model": engine.model_id, "device": str(engine.device), "wall_s": time.perf_counter() - start})
