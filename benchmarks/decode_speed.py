@@ -212,6 +212,11 @@ def main(argv=None) -> int:
     if args is None:
         return 0
 
+    # the default with fields changed, each a row icecache_{budget}_{name}; --rerank, --question-pages and
+    # --bounds name common ones
+    variants = [(f"rerank{r}", dict(rerank=r, question_pages=0)) for r in args.rerank]
+    variants += [(f"question{qp}", dict(question_pages=qp)) for qp in args.question_pages]
+    variants += args.variant + ([("bounds", dict(rerank=1, question_pages=0))] if args.bounds else [])
     bw = copy_bandwidth()
     model = shaped_model(args.shape, max(args.contexts) + args.tokens + 64)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -242,26 +247,11 @@ def main(argv=None) -> int:
             sparse = eng.with_config(IceCacheConfig(token_budget=budget))
             row[f"icecache_{budget}"] = run_engine(sparse, ctx, args.tokens, breakdown=True)
             print(f"[{n}] (c) IceCache@{budget}: {row[f'icecache_{budget}']}")
-            for r in args.rerank:
-                key = f"icecache_{budget}_rerank{r}"
-                config = IceCacheConfig(token_budget=budget, rerank=r, question_pages=0)
-                row[key] = run_engine(eng.with_config(config), ctx, args.tokens, breakdown=True)
-                print(f"[{n}] (c'') IceCache@{budget}, re-ranking {r}x candidates: {row[key]}")
-            for qp in args.question_pages:
-                key = f"icecache_{budget}_question{qp}"
-                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, question_pages=qp)),
-                                      ctx, args.tokens, breakdown=True)
-                print(f"[{n}] IceCache@{budget}, {qp} question pages: {row[key]}")
-            for name, changes in args.variant:
+            for name, changes in variants:
                 key = f"icecache_{budget}_{name}"
                 row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget).replace(**changes)),
                                       ctx, args.tokens, breakdown=True)
                 print(f"[{n}] IceCache@{budget}, {name} {changes}: {row[key]}")
-            if args.bounds:  # the default until 2026-12: pages by the bounds alone
-                key = f"icecache_{budget}_bounds"
-                row[key] = run_engine(eng.with_config(IceCacheConfig(token_budget=budget, rerank=1, question_pages=0)),
-                                      ctx, args.tokens, breakdown=True)
-                print(f"[{n}] IceCache@{budget}, pages by the bounds alone: {row[key]}")
         if args.reuse_layers > 1:  # its own context: followers are stored in their leader's page layout
             reuse_eng = eng.with_config(IceCacheConfig(reuse_layers=args.reuse_layers))
             t = time.perf_counter()
