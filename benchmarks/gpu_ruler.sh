@@ -2,7 +2,7 @@
 # RULER on the GPU machine, which has neither SmolLM2's weights (98 MB, over the 64 MiB a
 # device call carries) nor RULER's generator dependencies. Here:
 #     python -m benchmarks.ruler --generate-only --lengths 8192 --samples 4 --cache .ruler
-#     bash benchmarks/gpu_ruler.sh stage        # .w1/ (60 MB of the gguf, RULER's code) and .w2/
+#     bash benchmarks/gpu_ruler.sh stage        # .w1/ (55 MB of the gguf, RULER's code) and .w2/
 # then two device calls on a warm machine, one right after the other (it goes back ~30 s after a call):
 #     carry [".w1"]:            true                                  (leaves .w1 there)
 #     carry [".w2", ".ruler"]:  source benchmarks/gpu_ruler.sh assemble && python3 -m benchmarks.ruler \
@@ -15,8 +15,8 @@ stage)
     gguf=$(python -c "from icecache.models import default_model_path; print(default_model_path())")
     lce=$(python -c "import long_context_eval, os; print(os.path.dirname(long_context_eval.__file__))")
     rm -rf .w1 .w2 && mkdir -p .w1/lce .w2
-    head -c 60000000 "$gguf" > .w1/gguf.part1
-    tail -c +60000001 "$gguf" > .w2/gguf.part2
+    head -c 55000000 "$gguf" > .w1/gguf.part1
+    tail -c +55000001 "$gguf" > .w2/gguf.part2
     sha256sum "$gguf" | cut -d' ' -f1 > .w2/gguf.sha256
     cp -r "$lce" .w1/lce/ && rm -rf .w1/lce/long_context_eval/data/synthetic/json
     find .w1/lce -name __pycache__ -prune -exec rm -rf {} +
