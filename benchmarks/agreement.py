@@ -13,7 +13,13 @@ from the same state. Per case and method:
 * `nll_gap`: the mean over the answer's tokens of log p_full(token) - log p_method(token):
   how much less likely the method finds full attention's answer (0 = as likely);
 * `agree`: the share of steps whose most likely token is full attention's;
-* `same_answer`: every step agrees, i.e. the method's own greedy answer is full attention's.
+* `same_answer`: every step agrees, i.e. the method's own greedy answer is full attention's;
+* `first_flip_margin`: where a method's top token first differs from full attention's, how
+  sure full attention was of its own: its top token's log-probability minus its second's
+  (None where every step agrees). A 135M model decides many RULER answers on near-ties (a
+  7-digit number ends after 6 digits at a 0.1-nat margin), which any change of attention
+  tips either way; `clear_flips` counts the steps where the method's top token differs
+  although full attention's margin was at least CLEAR_MARGIN: facts it had and the method lost.
 
 Methods are benchmarks/accuracy.py's (`icecache` is the default config) and `--variant
 NAME:FIELD=VALUE[,FIELD=VALUE]`, the default with IceCacheConfig fields changed, all at one
@@ -37,6 +43,8 @@ import torch
 from benchmarks import accuracy, ruler
 from icecache import Engine, SamplingParams
 
+CLEAR_MARGIN = 1.0  # nats: full attention's top token at least e times as likely as its second
+
 
 def method_configs(methods: list[str], budget: int) -> dict:
     """Every method's IceCacheConfig at the budget (accuracy.method_config), full attention first."""
@@ -52,9 +60,10 @@ def case_steps(engine: Engine, case: accuracy.Case, configs: dict) -> dict[str, 
         return accuracy.indexed(engine.with_config(cfg), case.document, contexts)
 
     full = engine.with_config(configs["full"]).generate(
-        case.question, SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=1),
+        case.question, SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=2),
         context=context(configs["full"]))
-    steps = {"full": [(lp.token_id, lp.logprob, lp.top[0][0]) for lp in full.logprobs], "text": full.text}
+    steps = {"full": [(lp.token_id, lp.logprob, lp.top[0][0], margin(lp.top)) for lp in full.logprobs],
+             "text": full.text}
     if not full.token_ids:
         return steps
     forced = SamplingParams(max_tokens=len(full.token_ids), temperature=0.0, logprobs=1, ignore_eos=True,
@@ -66,12 +75,19 @@ def case_steps(engine: Engine, case: accuracy.Case, configs: dict) -> dict[str, 
     return steps
 
 
+def margin(top: list[tuple[int, float]]) -> float:
+    """How sure a step was of its top token: its log-probability minus the second's (nats)."""
+    return top[0][1] - top[1][1] if len(top) > 1 else float("inf")
+
+
 def compare(full: list, other: list) -> dict:
     """One case's figures for a method, from both runs' steps (the same forced tokens)."""
     gap = [f[1] - o[1] for f, o in zip(full, other)]
     agree = [o[2] == f[0] for f, o in zip(full, other)]
+    flips = [f[3] for f, same in zip(full, agree) if not same]  # full attention's margins where the method differs
     return {"nll_gap": statistics.fmean(gap), "agree": statistics.fmean(agree), "same_answer": all(agree),
-            "max_gap": max(gap)}
+            "max_gap": max(gap), "first_flip_margin": flips[0] if flips else None,
+            "clear_flips": sum(m >= CLEAR_MARGIN for m in flips)}
 
 
 def summarise(records: list[dict], resamples: int = 2000) -> dict:
@@ -90,6 +106,13 @@ def summarise(records: list[dict], resamples: int = 2000) -> dict:
                 continue
             entry[subset] = {name: accuracy.bootstrap([float(r[name]) for r in chosen], resamples, rng)
                              for name in ("nll_gap", "agree", "same_answer")}
+        flipped = [r for r in rows if r.get("first_flip_margin") is not None]  # records before margins: none
+        if flipped:
+            entry["flips"] = {
+                "cases": len(flipped),
+                "first_at_near_tie": sum(r["first_flip_margin"] < CLEAR_MARGIN for r in flipped),
+                "clear_flip_cases": sum(r["clear_flips"] > 0 for r in flipped),
+                "clear_flip_cases_full_right": sum(r["clear_flips"] > 0 and r["full_score"] > 0 for r in flipped)}
         paired = [r["nll_gap"] - default[key] for r in rows
                   if (key := (r["task"], r["length"], r["seed"], r["case"])) in default]
         if method != "icecache" and paired:
@@ -191,9 +214,13 @@ def report_to(out: Path, records: list[dict], run: dict) -> int:
     for name, entry in sorted(report["methods"].items(), key=lambda kv: kv[1]["all"]["nll_gap"]["diff"]):
         a = entry["all"]
         vs = entry.get("nll_gap_vs_default")
+        flips = entry.get("flips")
         print(f"{name:>16}: nll_gap {a['nll_gap']['diff']:.4f} {interval(a['nll_gap'])}, agree "
               f"{a['agree']['diff']:.3f}, same answer {a['same_answer']['diff']:.2f}"
-              + (f", vs default {vs['diff']:+.4f} {interval(vs)}" if vs else ""))
+              + (f", vs default {vs['diff']:+.4f} {interval(vs)}" if vs else "")
+              + (f"; differs on {flips['cases']} cases, first at a near-tie (< {CLEAR_MARGIN} nat) on "
+                 f"{flips['first_at_near_tie']}, against a clear choice on {flips['clear_flip_cases']} "
+                 f"({flips['clear_flip_cases_full_right']} that full attention answers right)" if flips else ""))
     print(f"wrote {out} ({cases} cases)")
     return 0
 

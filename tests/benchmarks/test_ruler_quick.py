@@ -52,16 +52,31 @@ def test_agreement_with_full_attention(quick, tmp_path):
     for case in (0, 1):
         whole = records[("whole", case)]
         assert whole["nll_gap"] == pytest.approx(0.0, abs=1e-3) and whole["same_answer"], whole
-        assert records[("streaming", case)]["nll_gap"] > records[("icecache", case)]["nll_gap"] + 0.5
+        assert whole["first_flip_margin"] is None and whole["clear_flips"] == 0
+        streaming = records[("streaming", case)]
+        assert streaming["nll_gap"] > records[("icecache", case)]["nll_gap"] + 0.5
+        assert streaming["clear_flips"] > 0  # the needle's digits, which full attention is sure of
         assert records[("icecache", case)]["full_score"] == 1.0  # full attention finds the needle
     methods = report["methods"]
     assert methods["streaming"]["nll_gap_vs_default"]["ci95"][0] > 0
     assert "nll_gap_vs_default" not in methods["icecache"]
+    assert methods["streaming"]["flips"]["clear_flip_cases_full_right"] == 2 and "flips" not in methods["whole"]
     # a second run over the same cases finds them done and writes the same report
     log = out.with_suffix(".records.jsonl").read_text()
     assert agreement.main([*run, "--resume"]) == 0
     assert out.with_suffix(".records.jsonl").read_text() == log
     assert json.loads(out.read_text())["methods"] == methods
+
+
+def test_flips_are_told_from_near_ties_by_full_attentions_margin():
+    # (token, log p, top token[, full attention's margin]) per step
+    full = [(5, -0.7, 5, 0.1), (6, -0.05, 6, 3.0), (7, -0.01, 7, 4.0)]
+    tipped = agreement.compare(full, [(5, -0.8, 9), (6, -0.1, 6), (7, -0.02, 7)])
+    assert tipped["first_flip_margin"] == 0.1 and tipped["clear_flips"] == 0 and not tipped["same_answer"]
+    lost = agreement.compare(full, [(5, -0.7, 5), (6, -3.0, 8), (7, -2.0, 2)])
+    assert lost["first_flip_margin"] == 3.0 and lost["clear_flips"] == 2
+    assert agreement.compare(full, [(5, -0.7, 5), (6, -0.05, 6), (7, -0.01, 7)])["first_flip_margin"] is None
+    assert agreement.margin([(5, -0.2), (9, -1.9)]) == pytest.approx(1.7)
 
 
 def test_variants_are_checked_by_field():
