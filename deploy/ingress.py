@@ -80,6 +80,12 @@ def sampling_of(msg: pb.Sampling, max_new_tokens: int) -> dict:
     return kwargs
 
 
+def _token_logprobs(logprobs) -> list:
+    """The replica's log-probabilities (tokens as text) as the proto's TokenLogprob list."""
+    return [pb.TokenLogprob(token=t["token"], logprob=t["logprob"],
+                            top=[pb.TopLogprob(token=a, logprob=v) for a, v in t["top"]]) for t in logprobs]
+
+
 def fail(grpc_context, error: RequestError) -> None:
     grpc_context.set_code(getattr(grpc.StatusCode, error.code))
     grpc_context.set_details(error.message)
@@ -142,12 +148,10 @@ class IceCacheIngress:
                 messages=messages, chat_role=request.chat_role or None)
             async for item in stream:
                 if "text" in item:
-                    yield pb.GenerateReply(text=item["text"])
+                    yield pb.GenerateReply(text=item["text"], logprobs=_token_logprobs(item.get("logprobs") or ()))
                 else:
                     stats = dict(item["stats"])
-                    logprobs = [pb.TokenLogprob(token=t["token"], logprob=t["logprob"],
-                                                top=[pb.TopLogprob(token=a, logprob=v) for a, v in t["top"]])
-                                for t in stats.pop("logprobs", ())]
+                    logprobs = _token_logprobs(stats.pop("logprobs", ()))
                     yield pb.GenerateReply(stats=pb.GenerationStats(**stats, logprobs=logprobs))
         except RequestError as e:
             fail(grpc_context, e)
@@ -288,7 +292,7 @@ class IceCacheIngress:
             try:
                 while True:
                     if "text" in item:
-                        yield reply.chunk(item["text"])
+                        yield reply.chunk(item["text"], logprobs=item.get("logprobs"))
                     else:
                         yield reply.chunk(stats=item["stats"])
                         if include_usage:

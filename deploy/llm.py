@@ -199,10 +199,11 @@ class IceCacheLLM:
     async def generate(self, tenant: str, prompt: str, sampling: dict, context_id: str | None = None,
                        document: str | list[int] | None = None, messages: list[dict] | None = None,
                        chat_role: str | None = None) -> AsyncIterator[dict]:
-        """Stream {"text": piece} items, then one {"stats": {...}}. Cancelling the call stops
-        decoding at the next token and releases the context. messages (instead of prompt):
-        chat messages in the model's template; with a context or document, they continue
-        the chat it opens as a turn of chat_role (default "system")."""
+        """Stream {"text": piece} items (with "logprobs", their tokens', where sampling asks
+        for them), then one {"stats": {...}}. Cancelling the call stops decoding at the next
+        token and releases the context. messages (instead of prompt): chat messages in the
+        model's template; with a context or document, they continue the chat it opens as a
+        turn of chat_role (default "system")."""
         arrived = time.perf_counter()
         stream = ItemStream(asyncio.get_running_loop())
         put = stream.put  # from the scheduler and request threads
@@ -249,7 +250,8 @@ class IceCacheLLM:
                             self._ttft.observe(time.perf_counter() - arrived,
                                                tags={"reused": str(bool(lease and lease.cached)), "tenant": tenant})
                             first[0] = False
-                        put("text", item)
+                        logprobs = getattr(item, "logprobs", None)  # a TextPiece, where they were asked
+                        put("text", str(item), None if logprobs is None else self._logprobs_as_text(logprobs))
                     elif isinstance(item, Exception):  # the scheduler logged it
                         error = as_request_error(item) or RequestError(
                             "INTERNAL", f"the request failed in the model replica: {item!r}")

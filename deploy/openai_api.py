@@ -139,8 +139,6 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
         sampling["seed"] = _number(body, "seed", 0, -(1 << 63), (1 << 63) - 1, integer=True)
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
-        if body.get("stream"):
-            raise _bad("logprobs: not supported with stream (ask without streaming)")
         sampling["logprobs"] = logprobs
     try:
         SamplingParams(**sampling)
@@ -203,6 +201,8 @@ class Reply:
 
     def __init__(self, chat: bool, model: str) -> None:
         self.chat, self.model = chat, model
+        self.logprobs_sent = 0  # a stream's tokens whose log-probabilities went out with its chunks
+        self.offset = 0  # a completion stream's characters sent (text_offset counts from the start)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -210,24 +210,35 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
+    def _logprobs(self, logprobs: list[dict] | None) -> dict | None:
+        if logprobs is None:
+            return None
+        self.logprobs_sent += len(logprobs)
+        if self.chat:
+            return chat_logprobs(logprobs)
+        return completion_logprobs(logprobs, self.offset)
+
     def whole(self, text: str, stats: dict) -> dict:
-        logprobs = stats.get("logprobs")
-        if logprobs is not None:
-            logprobs = chat_logprobs(logprobs) if self.chat else completion_logprobs(logprobs)
-        choice = {"index": 0, "finish_reason": finish_reason(stats), "logprobs": logprobs}
+        choice = {"index": 0, "finish_reason": finish_reason(stats), "logprobs": self._logprobs(stats.get("logprobs"))}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
         return {**self._head(self.object), "choices": [choice], "usage": usage(stats),
                 "icecache": _extension(stats)}
 
-    def chunk(self, text: str | None = None, stats: dict | None = None, first: bool = False) -> str:
-        """One server-sent event: a text piece, the role opening a chat, or the end."""
+    def chunk(self, text: str | None = None, stats: dict | None = None, first: bool = False,
+              logprobs: list[dict] | None = None) -> str:
+        """One server-sent event: a text piece (with its tokens' logprobs, if asked), the role
+        opening a chat, or the end (with the logprobs of tokens that showed no text, if any)."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         reason = finish_reason(stats) if stats is not None else None
+        if stats is not None and stats.get("logprobs") is not None:
+            logprobs = stats["logprobs"][self.logprobs_sent:] or None
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(logprobs)}
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice["delta"] = ({"role": "assistant", "content": ""} if first
+                               else {} if text is None else {"content": text})
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+            choice["text"] = text or ""
+        self.offset += len(text or "")
         return event({**self._head(obj), "choices": [choice]})
 
     def usage_chunk(self, stats: dict) -> str:
@@ -244,9 +255,10 @@ def chat_logprobs(logprobs: list[dict]) -> dict:
                         for t in logprobs], "refusal": None}
 
 
-def completion_logprobs(logprobs: list[dict]) -> dict:
-    """A completion choice's `logprobs`, in the legacy API's columns."""
-    offsets, at = [], 0
+def completion_logprobs(logprobs: list[dict], start: int = 0) -> dict:
+    """A completion choice's `logprobs`, in the legacy API's columns; text_offset counts from
+    `start` (a stream's characters sent before these tokens)."""
+    offsets, at = [], start
     for t in logprobs:
         offsets.append(at)
         at += len(t["token"])

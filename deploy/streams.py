@@ -9,22 +9,24 @@ from collections.abc import AsyncIterator
 
 class ItemStream:
     """Items ("text" pieces, then "stats", "error" or "end") that worker threads put, read on
-    `loop` as {kind: value} dicts until "end" (an "error" item's value is raised).
+    `loop` as {kind: value} dicts until "end" (an "error" item's value is raised). A text
+    piece may carry its tokens' log-probabilities: {"text": piece, "logprobs": [...]}.
 
-    Text pieces that queued while the reader was busy go out joined in one message: a reader
-    slower than the decode steps gets fewer, larger pieces instead of falling behind."""
+    Text pieces that queued while the reader was busy go out joined in one message (their
+    log-probabilities too): a reader slower than the decode steps gets fewer, larger pieces
+    instead of falling behind."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: collections.deque = collections.deque()  # (kind, value), appended on the loop
+        self._items: collections.deque = collections.deque()  # (kind, value, logprobs), appended on the loop
         self._arrived = asyncio.Event()
 
-    def put(self, kind: str, value=None) -> None:
-        """From any thread."""
-        self._loop.call_soon_threadsafe(self._push, kind, value)
+    def put(self, kind: str, value=None, logprobs: list | None = None) -> None:
+        """From any thread. logprobs: a text piece's tokens'."""
+        self._loop.call_soon_threadsafe(self._push, kind, value, logprobs)
 
-    def _push(self, kind: str, value) -> None:
-        self._items.append((kind, value))
+    def _push(self, kind: str, value, logprobs: list | None) -> None:
+        self._items.append((kind, value, logprobs))
         self._arrived.set()
 
     async def __aiter__(self) -> AsyncIterator[dict]:
@@ -32,11 +34,18 @@ class ItemStream:
             while not self._items:
                 self._arrived.clear()
                 await self._arrived.wait()
-            kind, value = self._items.popleft()
-            while kind == "text" and self._items and self._items[0][0] == "text":
-                value += self._items.popleft()[1]
+            kind, value, logprobs = self._items.popleft()
             if kind == "end":
                 return
             if kind == "error":
                 raise value
-            yield {kind: value}
+            if kind != "text":
+                yield {kind: value}
+                continue
+            logprobs = list(logprobs) if logprobs is not None else None
+            while self._items and self._items[0][0] == "text":
+                _, more, more_logprobs = self._items.popleft()
+                value += more
+                if more_logprobs is not None:
+                    logprobs = (logprobs or []) + list(more_logprobs)
+            yield {"text": value} if logprobs is None else {"text": value, "logprobs": logprobs}

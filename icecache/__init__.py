@@ -4,7 +4,7 @@ DCI-tree, and only the pages a query needs brought to the GPU at each decode ste
 from icecache.config import IceCacheConfig, SamplingParams
 from icecache.context import Context
 from icecache.engine import Engine, GenerationOutput
-from icecache.outputs import TokenLogprob
+from icecache.outputs import TextPiece, TokenLogprob
 
-__all__ = ["Context", "Engine", "GenerationOutput", "IceCacheConfig", "SamplingParams", "TokenLogprob"]
+__all__ = ["Context", "Engine", "GenerationOutput", "IceCacheConfig", "SamplingParams", "TextPiece", "TokenLogprob"]
 __version__ = "0.1.0"

@@ -129,9 +129,10 @@ class Engine:
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                context: Context | None = None) -> "GenerationStream":
-        """Like generate, yielding text pieces as they are decoded; once exhausted, the
-        stream's `output` holds the GenerationOutput (stats included). `close()` stops
-        decoding early. Bad input raises ValueError here, before the first piece."""
+        """Like generate, yielding text pieces as they are decoded (with `params.logprobs`,
+        TextPieces: each with its tokens' log-probabilities); once exhausted, the stream's
+        `output` holds the GenerationOutput (stats included). `close()` stops decoding
+        early. Bad input raises ValueError here, before the first piece."""
         return GenerationStream(self._iterate(prompt, params, context))
 
     def tokenize(self, document: str | Sequence[int]) -> list[int]:

@@ -14,6 +14,23 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, log-probability), most likely first
 
 
+class TextPiece(str):
+    """A streamed text piece of a request that asked for log-probabilities: the text, and
+    `logprobs`, the tokens decoded since the previous piece (a token whose text is held back,
+    an incomplete character or a possible stop string, comes with the piece that shows it;
+    the final output holds every token's)."""
+
+    logprobs: list[TokenLogprob]
+
+    def __new__(cls, text: str, logprobs: list[TokenLogprob]) -> "TextPiece":
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
+
+    def __reduce__(self):  # pickled (sent between processes) with its log-probabilities
+        return TextPiece, (str(self), self.logprobs)
+
+
 @dataclass
 class GenerationOutput:
     text: str

@@ -16,7 +16,7 @@ import torch
 from icecache.cache import RequestKV
 from icecache.config import SamplingParams
 from icecache.context import Context
-from icecache.outputs import GenerationOutput, TokenLogprob
+from icecache.outputs import GenerationOutput, TextPiece, TokenLogprob
 from icecache.sampling import TextStream, make_generator, sample, token_logprob
 from icecache.static_decode import StaticDecoder
 
@@ -91,6 +91,7 @@ class Sequence:
         self.text = TextStream(engine.tokenizer, params.stop, engine.tokenizer_lock)
         self.eos = set() if params.ignore_eos else engine.eos_ids()
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.logprobs_sent = 0  # of them, handed out with text pieces
         self.step_times: list[float] = []
         self.ttft: float | None = None
         self.last_token_at = 0.0
@@ -128,6 +129,13 @@ class Sequence:
             self.on_item(item)
         else:
             self.items.append(item)
+
+    def emit_text(self, piece: str) -> None:
+        """A text piece; where log-probabilities were asked, with those of its tokens."""
+        if self.logprobs is not None:
+            piece = TextPiece(piece, self.logprobs[self.logprobs_sent:])
+            self.logprobs_sent = len(self.logprobs)
+        self.emit(piece)
 
     def fail(self, error: Exception) -> None:
         """End the request with `error` (its consumer gets it) and free its state."""
@@ -179,7 +187,7 @@ class Sequence:
             self.logprobs.append(token_logprob(self.logits, token, self.params.logprobs))
         piece = self.text.add(token)
         if piece:
-            self.emit(piece)
+            self.emit_text(piece)
         if self.text.stopped:
             self.finish = "stop"
             return self._finish()
@@ -190,7 +198,7 @@ class Sequence:
     def _finish(self) -> None:  # returns None: no token to feed
         tail = self.text.flush()
         if tail:
-            self.emit(tail)
+            self.emit_text(tail)
         steps = len(self.step_times)
         if self.group is not None and steps:  # every selected page is gathered each step
             self.req.pages_loaded = self.req.pages_selected = self.group.pages_per_step(self) * steps

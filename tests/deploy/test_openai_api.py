@@ -52,8 +52,7 @@ def test_logprobs_are_asked_the_way_each_api_asks_them():
                                   ({**chat, "logprobs": True, "top_logprobs": 21}, True, "top_logprobs"),
                                   ({**chat, "logprobs": 1}, True, "logprobs"),
                                   ({"prompt": "hi", "logprobs": True}, False, "logprobs"),
-                                  ({"prompt": "hi", "top_logprobs": 2}, False, "top_logprobs"),
-                                  ({**chat, "logprobs": True, "stream": True}, True, "logprobs")]:
+                                  ({"prompt": "hi", "top_logprobs": 2}, False, "top_logprobs")]:
         with pytest.raises(RequestError) as failure:
             parse(body, chat=chat_api)
         assert failure.value.message.startswith(field), failure.value.message
@@ -71,3 +70,30 @@ def test_logprobs_come_back_in_each_apis_shape():
     assert legacy == {"tokens": ["Hi", " there"], "token_logprobs": [-0.5, -0.25],
                       "top_logprobs": [{"Hi": -0.5, "Yo": -1.5}, {" there": -0.25}], "text_offset": [0, 2]}
     assert Reply(True, MODEL).whole("x", {**stats, "logprobs": None})["choices"][0]["logprobs"] is None
+
+
+def test_a_streams_logprobs_go_with_its_chunks_and_the_rest_with_the_last():
+    """Each text chunk carries its tokens' log-probabilities; tokens that showed no text (held
+    back, then cut at a stop string) come with the finishing chunk; the offsets of a completion
+    stream count from its first character."""
+    import json
+
+    from deploy.openai_api import Reply
+    tokens = [{"token": t, "logprob": -0.1 * i, "top": [[t, -0.1 * i]]} for i, t in enumerate(["Hi", " there", "!"])]
+    stats = {"finish_reason": "stop", "context_tokens": 0, "prompt_tokens": 2, "output_tokens": 3,
+             "context_reused": False, "logprobs": tokens}
+
+    def choice(chunk: str) -> dict:
+        return json.loads(chunk.removeprefix("data: "))["choices"][0]
+
+    chat = Reply(True, MODEL)
+    assert choice(chat.chunk(first=True))["logprobs"] is None
+    first, second = choice(chat.chunk("Hi", logprobs=tokens[:1])), choice(chat.chunk(" there", logprobs=tokens[1:2]))
+    assert [c["token"] for c in first["logprobs"]["content"]] == ["Hi"] and first["delta"] == {"content": "Hi"}
+    assert [c["token"] for c in second["logprobs"]["content"]] == [" there"]
+    last = choice(chat.chunk(stats=stats))
+    assert last["finish_reason"] == "stop" and [c["token"] for c in last["logprobs"]["content"]] == ["!"]
+    legacy = Reply(False, MODEL)
+    assert choice(legacy.chunk("Hi", logprobs=tokens[:1]))["logprobs"]["text_offset"] == [0]
+    assert choice(legacy.chunk(" there", logprobs=tokens[1:2]))["logprobs"]["text_offset"] == [2]
+    assert choice(legacy.chunk(stats={**stats, "logprobs": tokens[:2]}))["logprobs"] is None  # nothing left

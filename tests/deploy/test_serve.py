@@ -301,12 +301,23 @@ def test_openai_errors_have_their_status_and_shape(app):
     legacy = oai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=3,
                                     temperature=0, logprobs=1).choices[0].logprobs
     assert len(legacy.tokens) == len(legacy.token_logprobs) == 3 and all(len(t) == 1 for t in legacy.top_logprobs)
+    # streamed: each chunk with its tokens', together the same as the whole reply's
+    chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [c for chunk in chunks for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, pytest.approx(c.logprob, abs=1e-5)) for c in content]
+    assert "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices) == \
+        chat.choices[0].message.content
     # over gRPC: the same tokens and log-probabilities, in the final stats
     grpc_client = app.client(tenant="oa-bad")
     text, stats = grpc_client.ask("The capital of France is", 3, logprobs=1, **GREEDY)
     assert [t.token for t in stats.logprobs] == legacy.tokens and "".join(legacy.tokens) == text
     assert [t.logprob for t in stats.logprobs] == pytest.approx(legacy.token_logprobs, abs=1e-5)
     assert all(len(t.top) == 1 and t.top[0].token == t.token for t in stats.logprobs)
+    replies = list(grpc_client.generate("The capital of France is", 3, logprobs=1, **GREEDY))
+    pieces = [r for r in replies if r.WhichOneof("kind") == "text"]
+    assert all(r.logprobs for r in pieces) and "".join(r.text for r in pieces) == text  # each with its tokens'
+    assert [t.token for r in pieces for t in r.logprobs] == legacy.tokens[:sum(len(r.logprobs) for r in pieces)]
     assert not grpc_client.ask("The capital of France is", 2, **GREEDY)[1].logprobs  # only when asked
     code, message = code_of(lambda: grpc_client.ask("x", 2, logprobs=21))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sampling.logprobs" in message, message

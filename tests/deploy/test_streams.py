@@ -11,9 +11,11 @@ from deploy.errors import RequestError
 from deploy.streams import ItemStream
 
 
-def read(pieces: list[str], last: tuple, reader_delay_s: float = 0.0) -> tuple[list[dict], BaseException | None]:
-    """Put pieces (1 ms apart), `last` and the end from a thread; read them back on a loop
-    that takes reader_delay_s over each message. -> (messages, the error raised or None)."""
+def read(pieces: list[str], last: tuple, reader_delay_s: float = 0.0,
+         logprobs: bool = False) -> tuple[list[dict], BaseException | None]:
+    """Put pieces (1 ms apart; with logprobs, each carrying [piece] as its tokens'), `last`
+    and the end from a thread; read them back on a loop that takes reader_delay_s over each
+    message. -> (messages, the error raised or None)."""
     messages: list[dict] = []
 
     async def main():
@@ -21,7 +23,7 @@ def read(pieces: list[str], last: tuple, reader_delay_s: float = 0.0) -> tuple[l
 
         def produce():
             for piece in pieces:
-                stream.put("text", piece)
+                stream.put("text", piece, [piece] if logprobs else None)
                 time.sleep(0.001)
             stream.put(*last)
             stream.put("end")
@@ -49,3 +51,12 @@ def test_a_fast_reader_gets_each_piece_and_an_error_ends_the_stream():
     messages, error = read(["x", "y"], ("error", RequestError("INVALID_ARGUMENT", "bad")))
     assert "".join(m["text"] for m in messages) == "xy" and all(set(m) == {"text"} for m in messages)
     assert isinstance(error, RequestError) and error.code == "INVALID_ARGUMENT"
+
+
+def test_joined_pieces_carry_their_tokens_logprobs_in_order():
+    pieces = [f"t{i} " for i in range(60)]
+    messages, error = read(pieces, ("stats", {"output_tokens": 60}), reader_delay_s=0.02, logprobs=True)
+    texts = [m for m in messages if "text" in m]
+    assert error is None and len(texts) < len(pieces) // 2
+    assert all(m["logprobs"] == [p for p in pieces if p in m["text"]] for m in texts)
+    assert [t for m in texts for t in m["logprobs"]] == pieces

@@ -1,5 +1,6 @@
 """The engine on the built-in model with real weights (SmolLM2-135M-Instruct)."""
 
+import pickle
 import random
 
 import pytest
@@ -98,6 +99,16 @@ def test_stream_yields_the_generated_text(engine, context):
     pieces = list(engine.stream(QUESTION, GREEDY, context=context))
     assert len(pieces) > 1
     assert "".join(pieces) == engine.generate(QUESTION, GREEDY, context=context).text
+    assert not any(hasattr(p, "logprobs") for p in pieces)  # plain text unless asked
+    # asked: each piece carries its own tokens' log-probabilities, in order, and shows their text
+    stream = engine.stream(QUESTION, SamplingParams(max_tokens=12, temperature=0.0, logprobs=1), context=context)
+    pieces = list(stream)
+    carried = [lp for p in pieces for lp in p.logprobs]
+    assert all(p.logprobs for p in pieces) and carried == stream.output.logprobs[:len(carried)]
+    for p in pieces:
+        assert p == engine.tokenizer.decode([lp.token_id for lp in p.logprobs]) or not p.strip()
+    sent = pickle.loads(pickle.dumps(pieces[0]))  # as a process hands it on
+    assert sent == pieces[0] and sent.logprobs == pieces[0].logprobs
 
 
 def test_stop_string_ends_generation_before_it(engine, context):
