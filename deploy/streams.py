@@ -42,10 +42,9 @@ class ItemStream:
             if kind != "text":
                 yield {kind: value}
                 continue
-            logprobs = list(logprobs) if logprobs is not None else None
             while self._items and self._items[0][0] == "text":
                 _, more, more_logprobs = self._items.popleft()
                 value += more
                 if more_logprobs is not None:
-                    logprobs = (logprobs or []) + list(more_logprobs)
+                    logprobs = (logprobs or []) + more_logprobs
             yield {"text": value} if logprobs is None else {"text": value, "logprobs": logprobs}

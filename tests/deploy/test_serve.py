@@ -302,8 +302,9 @@ def test_openai_errors_have_their_status_and_shape(app):
                                     temperature=0, logprobs=1).choices[0].logprobs
     assert len(legacy.tokens) == len(legacy.token_logprobs) == 3 and all(len(t) == 1 for t in legacy.top_logprobs)
     # streamed: each chunk with its tokens', together the same as the whole reply's
-    chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True))
+    hi = [{"role": "user", "content": "Hi"}]
+    chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=hi, max_tokens=4, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=True))
     streamed = [c for chunk in chunks for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
     assert [(c.token, c.logprob) for c in streamed] == [(c.token, pytest.approx(c.logprob, abs=1e-5)) for c in content]
     assert "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices) == \
