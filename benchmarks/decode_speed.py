@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     # --bounds name common ones
     variants = [(f"rerank{r}", dict(rerank=r, question_pages=0)) for r in args.rerank]
     variants += [(f"question{qp}", dict(question_pages=qp)) for qp in args.question_pages]
-    variants += args.variant + ([("bounds", dict(rerank=1, question_pages=0))] if args.bounds else [])
+    variants += args.variant + ([("bounds", accuracy.VARIANTS["icecache_bounds"])] if args.bounds else [])
     bw = copy_bandwidth()
     model = shaped_model(args.shape, max(args.contexts) + args.tokens + 64)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
