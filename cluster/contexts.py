@@ -282,14 +282,18 @@ class SharedContexts:
             written = self.run(lambda: pack_into(ctx, view))  # by DMA from the device, once
             t3 = time.perf_counter()
             ray.get(self.cache.publish.remote(grant.lease, written))
+            t4 = time.perf_counter()
+            # the trees already on the device stay, and so does the KV for its questions' prefills
+            # (the first would read it all back from shared memory otherwise)
+            shared = unpack(view).with_index_from(ctx, boxes=self.engine.config.reads_page_boxes)
+            resident = self.run(lambda: self.engine.make_resident(shared, source=ctx))
         except BaseException:
-            ray.get(self.cache.release.remote(grant.lease))  # unpublished: the cache frees its extent
+            ray.get(self.cache.release.remote(grant.lease))  # if unpublished, the cache frees its extent
             raise
-        # the trees already on the device stay
-        shared = unpack(view).with_index_from(ctx, boxes=self.engine.config.reads_page_boxes)
         log.info("indexed %d tokens as %s: prefill %.2f s, index build %.2f s (%.2f s in all), then waited %.2f s "
-                 "for the page-lock, write %.2f s (%.1f GiB), publish %.2f s", ctx.num_tokens, context_id[:8],
-                 ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30, time.perf_counter() - t3)
+                 "for the page-lock, write %.2f s (%.1f GiB), publish %.2f s%s", ctx.num_tokens, context_id[:8],
+                 ctx.prefill_s, ctx.build_s, t1 - t0, t2 - t1, t3 - t2, written / 2**30, t4 - t3,
+                 f", kept on the device in {time.perf_counter() - t4:.2f} s" if resident else "")
         del ctx  # requests use the shared copy, so the device pages are freed now
         return Lease(grant.lease, context_id, self._hold(grant.extent, grant.segment, shared), False,
                      grant.extent)

@@ -118,6 +118,14 @@ class Engine:
         """
         return self.index_ids(self.tokenize(document), progress)
 
+    def make_resident(self, context: Context, source: Context | None = None) -> bool:
+        """Keep a context's KV on the GPU for its questions' prefills now rather than at its
+        first question (index does so itself; a caller that indexes with on_device=True and
+        keeps another copy, e.g. in shared memory, calls it with the indexed one as source,
+        read in place). -> whether it is resident (never on CPU; not if over the budget,
+        IceCacheConfig.resident_context_share)."""
+        return self.runner.make_resident(context, source)
+
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                  context: Context | None = None) -> GenerationOutput:
         """Complete raw text (no chat template). With `context`, the prompt continues that

@@ -11,6 +11,7 @@ import torch
 import icecache.cache as cache_module
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV, StepBatch
+from icecache.packing import pack_into, packed_size, unpack
 from icecache.testing import random_model, tiny_config
 from icecache.static_decode import CAPTURE_AFTER, StaticDecoder
 
@@ -197,10 +198,12 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
     assert off.runner.resident is None and on.runner.resident.budget_bytes > 0
     with torch.inference_mode():
         ctx = on.index(ids)
+        assert ctx in on.runner.resident  # kept as it was indexed, before any question...
+        on.runner.forget(ctx)
         requests = [RequestKV(e.shape, e.config, ctx) for e in (off, on, on)]
         expected = off.runner.prefill_one(requests[0], [7, 8, 9], ctx.num_tokens)
         first = on.runner.prefill_one(requests[1], [7, 8, 9], ctx.num_tokens)
-        assert ctx in on.runner.resident  # kept by the first question's pass...
+        assert ctx in on.runner.resident  # ...or by the first question's pass
         second = on.runner.prefill_one(requests[2], [7, 8, 9], ctx.num_tokens)
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)  # ...and the second attends to it, with the same result
@@ -210,3 +213,32 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
             assert torch.equal(req.question_pages[layer], pages), f"layer {layer}"
     on.runner.forget(ctx)
     assert ctx not in on.runner.resident and on.runner.resident.used_bytes == 0
+
+
+def test_a_context_copied_elsewhere_is_kept_resident_from_the_indexed_one(models):
+    """The served path: indexed with its pages on the device, packed into shared memory,
+    and that copy made resident from the device pages (no read back from the host)."""
+    _, gpu = models
+    ids = torch.randint(0, 512, (2000,), generator=torch.Generator().manual_seed(6)).tolist()
+    off = Engine.from_model(gpu, config=CONFIG.replace(resident_context_share=0.0), model_id="tiny")
+    on = Engine.from_model(gpu, config=CONFIG, model_id="tiny")
+    with torch.inference_mode():
+        built = on.index_ids(ids, on_device=True)
+        assert built not in on.runner.resident  # the caller decides which copy is kept
+        buffer = bytearray(packed_size(built))  # shared memory's stand-in
+        pack_into(built, memoryview(buffer))
+        copy_ = unpack(memoryview(buffer)).with_index_from(built)
+        assert not off.make_resident(copy_)  # no resident budget: nothing kept
+        assert on.make_resident(copy_, source=built) and copy_ in on.runner.resident
+        kept = on.runner.resident.get(copy_)
+        del built
+        torch.cuda.empty_cache()
+        req_off, req_on = RequestKV(off.shape, off.config, copy_), RequestKV(on.shape, on.config, copy_)
+        expected = off.runner.prefill_one(req_off, [7, 8, 9], copy_.num_tokens)
+        got = on.runner.prefill_one(req_on, [7, 8, 9], copy_.num_tokens)
+    assert on.runner.resident.get(copy_) is kept  # the question read the kept copy, not the host pages
+    torch.testing.assert_close(got, expected)
+    for layer, pages in req_off.question_pages.items():
+        assert torch.equal(req_on.question_pages[layer], pages), f"layer {layer}"
+    on.runner.forget(copy_)
+
