@@ -268,7 +268,9 @@ class PrefillPack:
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
-        parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling)]  # each chunk over itself
+        offsets = self._device(("offsets",), torch.tensor([0] + [e for _, e in self.spans], dtype=torch.int32),
+                               q.device)
+        parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling, offsets)]  # each chunk over itself
         T = q.shape[1]
         spread = None  # (out, lse) over the pack's rows: a row's part from its own context, none elsewhere
         for uid, cols in self.columns.items():  # each context read once, attended by the rows on it

@@ -28,6 +28,11 @@ def prefill_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tenso
 
 
 _CUDNN_REFUSED: set[tuple] = set()  # (shape, dtype, causal) cases cuDNN's attention rejected here
+# A KV head's rows (query heads x tokens) up to which a prefill's attention over earlier keys
+# runs as the split-key Triton kernel (kernels.attention.prefix_attention_lse), no per-shape plan
+KERNEL_ROWS = 1024
+SMALL_CAUSAL = 1024  # tokens up to which a pack's causal part runs as the variable-length flash kernel
+_KERNEL_REFUSED: list[str] = []  # why the kernel could not build or run in this process, if it could not
 
 
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -73,25 +78,49 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         out, lse = _attention_lse(q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], True,
                                   scaling)
         return out[0], lse[0]
+    if g * T <= KERNEL_ROWS and k.shape[1] and _kernel_takes(q):
+        from triton.errors import TritonError
+
+        from icecache.kernels.attention import prefix_attention_lse
+        try:
+            return prefix_attention_lse(q, k, v, scaling)
+        except (TritonError, RuntimeError) as e:
+            _KERNEL_REFUSED.append(repr(e))
+            log.warning("prefill attention: the split-key kernel cannot run here (%r); cuDNN or flash from now on", e)
     out, lse = _attention_lse(q.reshape(H, g * T, D)[None], k[None], v[None], False, scaling)
     return out[0].reshape(Hq, T, D), lse[0].reshape(Hq, T)
+
+
+def _kernel_takes(q: torch.Tensor) -> bool:
+    """Whether attention_lse's few-rows case runs as the Triton kernel: 16-bit on CUDA, a head
+    dim its tiles take, unless it failed here before. cuDNN's fused attention (the other way)
+    plans every new shape (~36 ms on an H200, paid by every question of a new length)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or _KERNEL_REFUSED:
+        return False
+    from icecache.kernels.common import is_tile
+    return is_tile(q.shape[-1])
 
 
 _VARLEN_REFUSED: set[str] = set()  # why the variable-length kernel cannot run here, once seen
 
 
 def packed_causal_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
-                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      scaling: float, offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each span of a pack over itself only (spans of `lengths`, in
     order), with its log-sum-exp: q [Hq, T, D], k/v [H, T, D] -> (out [Hq, T, D], lse
     [Hq, T] fp32). On a CUDA GPU in 16-bit, one variable-length flash call for the whole
-    pack (FlashAttention-2's varlen kernel, which torch ships); elsewhere, or where that
-    kernel refuses, one attention_lse per span."""
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and len(lengths) > 1 \
-            and not _VARLEN_REFUSED:
+    pack (FlashAttention-2's varlen kernel, which torch ships), a lone span too up to
+    SMALL_CAUSAL tokens (a question: no cuDNN plan for its length); elsewhere, or where that
+    kernel refuses, one attention_lse per span. offsets: the spans' starts and end [len + 1]
+    int32 on q's device, where the caller has them (a pass's layers share them: made from the
+    lengths here, they are a copy from pageable memory, which waits for the GPU)."""
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) \
+            and (len(lengths) > 1 or q.shape[1] <= SMALL_CAUSAL) and not _VARLEN_REFUSED:
         Hq, T, _ = q.shape
         g = Hq // k.shape[0]
-        cu = torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
+        cu = offsets
+        if cu is None:
+            cu = torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
         longest = max(lengths)
         try:
             out, lse = torch.ops.aten._flash_attention_forward(

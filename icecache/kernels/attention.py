@@ -256,4 +256,34 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     return out
 
 
+def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill's few rows over a context's keys, with their log-sum-exp (the non-causal
+    case of attention.attention_lse), as flash-decoding: q [Hq, T, D], k/v [HS, n, D], n > 0
+    -> (out [Hq, T, D] in q's dtype, lse [Hq, T] fp32). The T tokens are _prefix_attention's
+    requests and a KV head's query heads its G rows, so nothing is compiled or planned per
+    question length or context length (cuDNN's fused attention builds a plan for every new
+    shape, ~36 ms on an H200: every question of a length not seen before paid it), and the
+    keys are split over the whole GPU however few the rows (a flash kernel's grid is row
+    blocks x heads: 16 programs for a 20-token question)."""
+    Hq, T, D = q.shape
+    HS, n = k.shape[:2]
+    G = Hq // HS
+    rows = q.reshape(HS, G, T, D).permute(2, 0, 1, 3).contiguous()  # [T, HS, G, D]: row t * G + j
+    k, v = k.contiguous(), v.contiguous()
+    RP, tiles, splits, span = dense_plan(T, HS, G, n)
+    parts = torch.empty(HS, splits, tiles * RP, 2, dtype=torch.float32, device=q.device)
+    acc = torch.empty(HS, splits, tiles * RP, D, dtype=torch.float32, device=q.device)
+    launch(_prefix_attention, (tiles, splits, HS), (rows, k, v, parts, acc, n, T * G, span, scaling, HS),
+           dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=k.dtype != torch.float32))
+    m, l = parts[:, :, :T * G].unbind(-1)  # [HS, splits, rows]: every split holds keys, so m is finite
+    top = m.amax(1)
+    w = torch.exp(m - top[:, None])
+    total = (l * w).sum(1)
+    out = torch.einsum("hsr,hsrd->hrd", w, acc[:, :, :T * G]) / total[..., None]  # [HS, rows, D]
+    lse = top + total.log()
+    return (out.view(HS, T, G, D).transpose(1, 2).reshape(Hq, T, D).to(q.dtype),
+            lse.view(HS, T, G).transpose(1, 2).reshape(Hq, T))
+
+
 VARIANTS[_prefix_attention] = lambda args, constexprs, kps, widest: [{**constexprs, "RP": rp} for rp in powers(16, 64)]

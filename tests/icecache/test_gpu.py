@@ -242,3 +242,33 @@ def test_a_context_copied_elsewhere_is_kept_resident_from_the_indexed_one(models
         assert torch.equal(req_on.question_pages[layer], pages), f"layer {layer}"
     on.runner.forget(copy_)
 
+
+def test_a_questions_prefill_through_the_split_key_kernel_matches_cudnns(models, monkeypatch, caplog):
+    """bf16: a question's attention over its context through kernels.attention's split-key
+    kernel and over itself through the varlen flash kernel (no per-shape plan) is as close
+    to the fp32 model's as cuDNN's fused attention (what ran before), and picks the same
+    question pages."""
+    import icecache.attention.torch_backend as backend
+    _, gpu = models
+    config = CONFIG.replace(resident_context_share=0.0)
+    ids = torch.randint(0, 512, (2500,), generator=torch.Generator().manual_seed(7)).tolist()
+    question = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(8)).tolist()
+    exact = Engine.from_model(gpu, config=config, model_id="tiny")
+    eng = Engine.from_model(copy.deepcopy(gpu).to(torch.bfloat16), config=config, model_id="tiny")
+    runs = []
+    with torch.inference_mode():
+        ctx = exact.index(ids)
+        want = exact.runner.prefill_one(RequestKV(exact.shape, exact.config, ctx), question, ctx.num_tokens)
+        ctx = eng.index(ids)
+        for rows, causal in ((backend.KERNEL_ROWS, backend.SMALL_CAUSAL), (0, 0)):
+            monkeypatch.setattr(backend, "KERNEL_ROWS", rows)
+            monkeypatch.setattr(backend, "SMALL_CAUSAL", causal)
+            req = RequestKV(eng.shape, eng.config, ctx)
+            runs.append((eng.runner.prefill_one(req, question, ctx.num_tokens).float(), req.question_pages))
+    assert "cannot run here" not in caplog.text  # the kernels ran, no fallback
+    (kernel, kernel_pages), (cudnn, cudnn_pages) = runs
+    err_kernel, err_cudnn = (kernel - want).abs().max().item(), (cudnn - want).abs().max().item()
+    assert err_kernel <= 1.5 * err_cudnn + 1e-3, f"max |logit - fp32| {err_kernel:.4f} against cuDNN's {err_cudnn:.4f}"
+    shared = [len(set(kernel_pages[l].flatten().tolist()) & set(cudnn_pages[l].flatten().tolist()))
+              / cudnn_pages[l].numel() for l in cudnn_pages]
+    assert min(shared) >= 0.8, f"question pages shared per layer: {shared}"  # bf16 near-ties may swap a page
