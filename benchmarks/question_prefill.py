@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.decode_speed import random_ids, shaped_model
-import icecache.attention.torch_backend as backend
 from icecache import Engine, SamplingParams
-from icecache.attention import attention_lse
-from icecache.kernels.attention import prefix_attention_lse
+from icecache.internals import attention_lse, cudnn_for_every_shape, prefix_attention_lse
 
 LENGTHS = [20, 20, 23, 31, 20, 47, 23, 58, 31, 64]  # question tokens, in order asked
 
@@ -104,12 +102,8 @@ def run(eng: Engine, n: int, vocab: int, top: int) -> dict:
     eng.generate(random_ids(19, vocab, gen), params, context=ctx)  # the process's first question (compiles)
     report = {"context_tokens": n, **ask_all(eng, ctx, LENGTHS, vocab, gen)}
     # the same with the attention as it was (cuDNN for every shape), on lengths new to it
-    kernel_rows, small_causal = backend.KERNEL_ROWS, backend.SMALL_CAUSAL
-    backend.KERNEL_ROWS = backend.SMALL_CAUSAL = 0
-    try:
+    with cudnn_for_every_shape():
         report["cudnn"] = ask_all(eng, ctx, [t + 1 for t in LENGTHS], vocab, gen)
-    finally:
-        backend.KERNEL_ROWS, backend.SMALL_CAUSAL = kernel_rows, small_causal
     other = eng.index(random_ids(n + 100, vocab, gen))  # another document: a new context length
     again = [eng.generate(random_ids(20, vocab, gen), params, context=other).stats["ttft_s"] for _ in range(2)]
     report.update({"other_document_ttft_s": again,

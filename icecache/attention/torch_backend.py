@@ -3,6 +3,7 @@ are checked against."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -89,6 +90,19 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
             log.warning("prefill attention: the split-key kernel cannot run here (%r); cuDNN or flash from now on", e)
     out, lse = _attention_lse(q.reshape(H, g * T, D)[None], k[None], v[None], False, scaling)
     return out[0].reshape(Hq, T, D), lse[0].reshape(Hq, T)
+
+
+@contextlib.contextmanager
+def cudnn_for_every_shape():
+    """Within it, prefill attention runs as it did before the split-key kernel and the lone
+    varlen span (cuDNN's fused attention for every shape): a benchmark's baseline."""
+    global KERNEL_ROWS, SMALL_CAUSAL
+    saved = KERNEL_ROWS, SMALL_CAUSAL
+    KERNEL_ROWS = SMALL_CAUSAL = 0
+    try:
+        yield
+    finally:
+        KERNEL_ROWS, SMALL_CAUSAL = saved
 
 
 def _kernel_takes(q: torch.Tensor) -> bool:

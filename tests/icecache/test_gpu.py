@@ -243,12 +243,14 @@ def test_a_context_copied_elsewhere_is_kept_resident_from_the_indexed_one(models
     on.runner.forget(copy_)
 
 
-def test_a_questions_prefill_through_the_split_key_kernel_matches_cudnns(models, monkeypatch, caplog):
+def test_a_questions_prefill_through_the_split_key_kernel_matches_cudnns(models, caplog):
     """bf16: a question's attention over its context through kernels.attention's split-key
     kernel and over itself through the varlen flash kernel (no per-shape plan) is as close
     to the fp32 model's as cuDNN's fused attention (what ran before), and picks the same
     question pages."""
-    import icecache.attention.torch_backend as backend
+    import contextlib
+
+    from icecache.internals import cudnn_for_every_shape
     _, gpu = models
     config = CONFIG.replace(resident_context_share=0.0)
     ids = torch.randint(0, 512, (2500,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -260,11 +262,10 @@ def test_a_questions_prefill_through_the_split_key_kernel_matches_cudnns(models,
         ctx = exact.index(ids)
         want = exact.runner.prefill_one(RequestKV(exact.shape, exact.config, ctx), question, ctx.num_tokens)
         ctx = eng.index(ids)
-        for rows, causal in ((backend.KERNEL_ROWS, backend.SMALL_CAUSAL), (0, 0)):
-            monkeypatch.setattr(backend, "KERNEL_ROWS", rows)
-            monkeypatch.setattr(backend, "SMALL_CAUSAL", causal)
-            req = RequestKV(eng.shape, eng.config, ctx)
-            runs.append((eng.runner.prefill_one(req, question, ctx.num_tokens).float(), req.question_pages))
+        for dispatch in (contextlib.nullcontext(), cudnn_for_every_shape()):
+            with dispatch:
+                req = RequestKV(eng.shape, eng.config, ctx)
+                runs.append((eng.runner.prefill_one(req, question, ctx.num_tokens).float(), req.question_pages))
     assert "cannot run here" not in caplog.text  # the kernels ran, no fallback
     (kernel, kernel_pages), (cudnn, cudnn_pages) = runs
     err_kernel, err_cudnn = (kernel - want).abs().max().item(), (cudnn - want).abs().max().item()
