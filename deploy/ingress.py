@@ -64,13 +64,14 @@ def decode_text(data: bytes, what: str) -> str:
 
 def sampling_of(msg: pb.Sampling, max_new_tokens: int) -> dict:
     """Proto sampling -> SamplingParams kwargs, validated (the replica rebuilds them)."""
-    if msg.max_tokens <= 0:
-        raise RequestError("INVALID_ARGUMENT", f"sampling.max_tokens: must be positive, got {msg.max_tokens}")
+    if msg.max_tokens < (0 if msg.HasField("prompt_logprobs") else 1):
+        raise RequestError("INVALID_ARGUMENT", f"sampling.max_tokens: must be positive (0 only with "
+                           f"prompt_logprobs), got {msg.max_tokens}")
     if msg.max_tokens > max_new_tokens:
         raise RequestError("INVALID_ARGUMENT",
                            f"sampling.max_tokens: {msg.max_tokens} is over the server's limit of {max_new_tokens}")
     kwargs = {"max_tokens": msg.max_tokens, "stop": tuple(msg.stop), "ignore_eos": msg.ignore_eos}
-    for name in ("temperature", "top_p", "top_k", "seed", "logprobs"):
+    for name in ("temperature", "top_p", "top_k", "seed", "logprobs", "prompt_logprobs"):
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     try:
@@ -82,8 +83,8 @@ def sampling_of(msg: pb.Sampling, max_new_tokens: int) -> dict:
 
 def _token_logprobs(logprobs) -> list:
     """The replica's log-probabilities (tokens as text) as the proto's TokenLogprob list."""
-    return [pb.TokenLogprob(token=t["token"], logprob=t["logprob"],
-                            top=[pb.TopLogprob(token=a, logprob=v) for a, v in t["top"]]) for t in logprobs]
+    return [pb.TokenLogprob(token=t["token"], top=[pb.TopLogprob(token=a, logprob=v) for a, v in t["top"]],
+                            **({"logprob": t["logprob"]} if t["logprob"] is not None else {})) for t in logprobs]
 
 
 def fail(grpc_context, error: RequestError) -> None:
@@ -152,7 +153,9 @@ class IceCacheIngress:
                 else:
                     stats = dict(item["stats"])
                     logprobs = _token_logprobs(stats.pop("logprobs", ()))
-                    yield pb.GenerateReply(stats=pb.GenerationStats(**stats, logprobs=logprobs))
+                    prompt_logprobs = _token_logprobs(stats.pop("prompt_logprobs", ()))
+                    yield pb.GenerateReply(stats=pb.GenerationStats(**stats, logprobs=logprobs,
+                                                                    prompt_logprobs=prompt_logprobs))
         except RequestError as e:
             fail(grpc_context, e)
             raise  # a streaming call carries a status set before it raises, not one set before it ends
@@ -259,8 +262,9 @@ class IceCacheIngress:
                                    self.args.max_document_bytes)
             if "context_id" in req:
                 check_context_id(req["context_id"])
-            stream, include_usage = req.pop("stream"), req.pop("include_usage")
-            items = self.llm.options(stream=True).generate.remote(tenant=tenant, prompt=req.pop("prompt", ""), **req)
+            stream, include_usage, echo = req.pop("stream"), req.pop("include_usage"), req.pop("echo", False)
+            prompt = req.pop("prompt", "")
+            items = self.llm.options(stream=True).generate.remote(tenant=tenant, prompt=prompt, **req)
             it = items.__aiter__()
             first = await it.__anext__()
         except RequestError as e:
@@ -283,7 +287,7 @@ class IceCacheIngress:
                 return self._error(e)
             except _REPLICA_GONE:
                 return self._error(RequestError("UNAVAILABLE", "the model replica died mid-request; retry"))
-            return JSONResponse(reply.whole("".join(pieces), stats))
+            return JSONResponse(reply.whole("".join(pieces), stats, oa.echo_text(prompt, stats) if echo else None))
 
         async def events():
             if chat:

@@ -224,7 +224,9 @@ class IceCacheLLM:
                 "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"],
                 "peak_batch": s["peak_batch"], "queue_s": s["queue_s"], "lease_s": leased_at[0] - arrived,
                 "prefill_batch": s["prefill_batch"], "prefill_pass_s": s["prefill_pass_s"],
-                **({"logprobs": self._logprobs_as_text(out.logprobs)} if out.logprobs is not None else {})}
+                **({"logprobs": self._logprobs_as_text(out.logprobs)} if out.logprobs is not None else {}),
+                **({"prompt_logprobs": self._logprobs_as_text(out.prompt_logprobs)}
+                   if out.prompt_logprobs is not None else {})}
 
         def work() -> None:
             """Lease the context (may prefill a document), then hand the request to the scheduler."""

@@ -2,7 +2,8 @@
 check and send back, kept apart from Serve so it reads (and is tested) as plain functions.
 
     GET    /v1/models, /v1/models/{id}
-    POST   /v1/completions          prompt -> text, streamed as server-sent events or not
+    POST   /v1/completions          prompt -> text, streamed as server-sent events or not; with
+                                    echo (not streamed) the prompt first, scored with logprobs
     POST   /v1/chat/completions     messages -> reply, in the model's chat template
     POST   /v1/contexts             index a document once -> its id
     DELETE /v1/contexts/{id}
@@ -35,7 +36,7 @@ _TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_
          504: "timeout", 500: "server_error"}
 # accepted only at their no-op values (clients send them explicitly: chat's `logprobs: false`,
 # `logit_bias: {}`): this server does not implement them
-_NO_OP = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0,), "frequency_penalty": (0,),
+_NO_OP = {"n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
           "logit_bias": ({},), "suffix": ("",)}
 _IGNORED = {"user", "stream_options", "service_tier", "store", "metadata", "parallel_tool_calls", "response_format"}
 
@@ -101,7 +102,7 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
             raise _bad(f"{name}: not supported by this server (only {' or '.join(map(repr, values))}, or null)")
     known = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
              "stop", "seed", "stream", "ignore_eos", "context_id", "document", "chat_role", "logprobs", "top_logprobs",
-             *_NO_OP, *_IGNORED}
+             "echo", *_NO_OP, *_IGNORED}
     unknown = sorted(set(body) - known)
     if unknown:
         raise _bad(f"{unknown[0]}: unknown field")
@@ -119,19 +120,21 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
         if not (isinstance(prompt, str) or ids) or not prompt:
             raise _bad("prompt: expected a non-empty string or list of token ids (one prompt)")
         out["prompt"] = prompt
+    echo = _echo(body, chat)
     limit = max_new_tokens
     default = limit if chat else min(COMPLETION_DEFAULT_TOKENS, limit)
     tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
-        raise _bad(f"max_tokens: must be a positive integer, got {tokens!r}")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < (0 if echo else 1)):
+        raise _bad(f"max_tokens: must be a positive integer (0 only with echo), got {tokens!r}")
     if tokens is not None and tokens > limit:
         raise _bad(f"max_tokens: {tokens} is over the server's limit of {limit}")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop: expected a string or a list of at most 4 non-empty strings")
-    sampling = {"max_tokens": tokens or default, "temperature": _number(body, "temperature", 1.0, 0, 2),
-                "top_p": _number(body, "top_p", 1.0, 0, 1), "stop": tuple(stop),
+    sampling = {"max_tokens": default if tokens is None else tokens,
+                "temperature": _number(body, "temperature", 1.0, 0, 2), "top_p": _number(body, "top_p", 1.0, 0, 1),
+                "stop": tuple(stop),
                 "ignore_eos": bool(body.get("ignore_eos", False))}
     if body.get("top_k") is not None:
         sampling["top_k"] = _number(body, "top_k", 0, 0, 1 << 20, integer=True)
@@ -140,6 +143,9 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
         sampling["logprobs"] = logprobs
+    if echo:  # the prompt's tokens come back scored (their text is what is echoed)
+        sampling["prompt_logprobs"] = logprobs or 0
+        out["echo"] = True
     try:
         SamplingParams(**sampling)
     except ValueError as e:
@@ -157,6 +163,21 @@ def parse_request(body, chat: bool, model: str, max_new_tokens: int, max_documen
         raise _bad(f"stream: expected true or false, got {stream!r}")
     options = body.get("stream_options") or {}
     return {**out, "stream": stream, "include_usage": bool(isinstance(options, dict) and options.get("include_usage"))}
+
+
+def _echo(body: dict, chat: bool) -> bool:
+    """Whether a completion echoes its prompt (with the prompt tokens' log-probabilities where
+    logprobs asks for them, and max_tokens 0 to score a prompt only)."""
+    echo = body.get("echo")
+    if echo in (None, False):
+        return False
+    if echo is not True:
+        raise _bad(f"echo: expected true or false, got {echo!r}")
+    if chat:
+        raise _bad("echo: a completions field; chat completions do not echo")
+    if body.get("stream"):
+        raise _bad("echo: not supported with stream: true by this server")
+    return True
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -192,6 +213,12 @@ def usage(stats: dict) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats["context_tokens"] if stats["context_reused"] else 0}}
 
 
+def echo_text(prompt: str | list[int], stats: dict) -> str:
+    """The text a completion with echo puts before its own: the prompt as sent, or a prompt
+    of token ids as its tokens' text."""
+    return prompt if isinstance(prompt, str) else "".join(t["token"] for t in stats["prompt_logprobs"])
+
+
 def finish_reason(stats: dict) -> str:
     return "length" if stats["finish_reason"] == "length" else "stop"
 
@@ -218,8 +245,15 @@ class Reply:
             return chat_logprobs(logprobs)
         return completion_logprobs(logprobs, self.offset)
 
-    def whole(self, text: str, stats: dict) -> dict:
-        choice = {"index": 0, "finish_reason": finish_reason(stats), "logprobs": self._logprobs(stats.get("logprobs"))}
+    def whole(self, text: str, stats: dict, echo: str | None = None) -> dict:
+        """The whole response; echo: the prompt's text, put before the completion's (with
+        its tokens' log-probabilities first, where they were asked)."""
+        logprobs = stats.get("logprobs")
+        if echo is not None:
+            if logprobs is not None:
+                logprobs = stats["prompt_logprobs"] + logprobs
+            text = echo + text
+        choice = {"index": 0, "finish_reason": finish_reason(stats), "logprobs": self._logprobs(logprobs)}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
         return {**self._head(self.object), "choices": [choice], "usage": usage(stats),
                 "icecache": _extension(stats)}
@@ -263,7 +297,8 @@ def completion_logprobs(logprobs: list[dict], start: int = 0) -> dict:
         offsets.append(at)
         at += len(t["token"])
     return {"tokens": [t["token"] for t in logprobs], "token_logprobs": [t["logprob"] for t in logprobs],
-            "top_logprobs": [dict(t["top"]) for t in logprobs], "text_offset": offsets}
+            "top_logprobs": [dict(t["top"]) if t["logprob"] is not None else None for t in logprobs],
+            "text_offset": offsets}
 
 
 def _extension(stats: dict) -> dict:

@@ -161,10 +161,15 @@ class SamplingParams:
     # the first output tokens, given instead of drawn (teacher forcing): each is fed on through the
     # same decode path and, with logprobs, scored there; after them tokens are drawn as usual
     force_tokens: tuple[int, ...] = ()
+    # None: the prompt is not scored; k >= 0: each prompt token's log-probability given all
+    # before it (the exact prefill's; GenerationOutput.prompt_logprobs) and the k most likely
+    # tokens' at its position. With it, max_tokens may be 0: score the prompt, generate nothing
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.max_tokens) and self.max_tokens > 0, "max_tokens",
-                 f"must be a positive int, got {self.max_tokens!r}")
+        scoring = self.prompt_logprobs is not None
+        _require(_is_int(self.max_tokens) and (self.max_tokens > 0 or self.max_tokens == 0 and scoring), "max_tokens",
+                 f"must be a positive int (0 only with prompt_logprobs), got {self.max_tokens!r}")
         t = self.temperature
         _require(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
                  "temperature", f"must be a finite number >= 0, got {t!r}")
@@ -173,9 +178,10 @@ class SamplingParams:
                  "top_p", f"must lie in (0, 1], got {p!r}")
         _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an int >= 0, got {self.top_k!r}")
         _require(self.seed is None or _is_int(self.seed), "seed", f"must be an int or None, got {self.seed!r}")
-        lp = self.logprobs
-        _require(lp is None or _is_int(lp) and 0 <= lp <= MAX_LOGPROBS, "logprobs",
-                 f"must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            _require(lp is None or _is_int(lp) and 0 <= lp <= MAX_LOGPROBS, name,
+                     f"must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
         force = self.force_tokens
         if isinstance(force, list):
             object.__setattr__(self, "force_tokens", tuple(force))

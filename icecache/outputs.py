@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 class TokenLogprob:
     """One output token's log-probability under the model, and the most likely tokens' at its step."""
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which nothing precedes
     top: list[tuple[int, float]]  # (token id, log-probability), most likely first
 
 
@@ -38,6 +38,9 @@ class GenerationOutput:
     finish_reason: str  # "eos" | "stop" | "length"
     stats: dict = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams.logprobs asked
+    # one per prompt token, when SamplingParams.prompt_logprobs asked (a prompt that continues a
+    # context: its first token's given the context; else that one's logprob is None)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class GenerationStream:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
 import torch
@@ -404,17 +404,36 @@ class ModelRunner:
                 ) -> torch.Tensor:
         """One packed pass: chunks[i] (token ids at positions starts[i]...) of requests[i],
         each on its request's context (or none). -> logits [len(chunks), vocab] after each chunk."""
+        return self.prefill_rows(requests, chunks, starts, ())[0]
+
+    def prefill_rows(self, requests: Sequence[RequestKV], chunks: Sequence[list[int]], starts: Sequence[int],
+                     every_row: Collection[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """prefill, with the logits after every token of the chunks `every_row` names (a prompt
+        being scored) as well. -> (logits [len(chunks), vocab] after each chunk,
+        {i: logits [len(chunks[i]), vocab]} for i in every_row)."""
         assert len(requests) == len(chunks) == len(starts) and all(chunks), "one non-empty chunk per request"
         ids = torch.tensor([t for c in chunks for t in c])[None]
         positions = torch.cat([torch.arange(s, s + len(c)) for s, c in zip(starts, chunks)])[None]
         lengths = [len(c) for c in chunks]
-        last = torch.tensor(lengths).cumsum(0) - 1
+        rows: list[int] = []  # the pack's rows whose logits are kept: each chunk's last, or all of it
+        last, spans, end = [], {}, 0
+        for i, n in enumerate(lengths):
+            end += n
+            if i in every_row:
+                spans[i] = (len(rows), len(rows) + n)
+                rows.extend(range(end - n, end))
+            else:
+                rows.append(end - 1)
+            last.append(len(rows) - 1)
         contexts = {req.context.uid: req.context for req in requests if req.context is not None}
         readers = {uid: ContextReader(ctx, self.device, self.shape.dtype, self.resident) for uid, ctx in contexts.items()}
-        logits = self.forward(StepBatch([PrefillPack(list(requests), lengths, readers)]), ids, positions, last)
+        logits = self.forward(StepBatch([PrefillPack(list(requests), lengths, readers)]), ids, positions,
+                              torch.tensor(rows))
         for reader in readers.values():
             reader.finish()
-        return logits
+        if not spans:
+            return logits, {}
+        return logits[torch.tensor(last, device=logits.device)], {i: logits[a:b] for i, (a, b) in spans.items()}
 
     def prefill_one(self, req: RequestKV, token_ids: list[int], start: int) -> torch.Tensor:
         """Prefill one request's tokens (at positions start...) on its context, in one

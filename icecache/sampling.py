@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 
@@ -41,6 +42,20 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     top = logp.topk(k) if k else None
     return TokenLogprob(token, float(logp[token]),
                         list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
+
+
+def rows_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int, block: int = 256) -> list[TokenLogprob]:
+    """token_logprob of each row of logits [n, vocab] for tokens[i], `block` rows at a time
+    (a prompt's rows over a large vocabulary), one copy to the host a block."""
+    out = []
+    for at in range(0, len(tokens), block):
+        logp = torch.log_softmax(logits[at:at + block].float(), dim=-1)
+        ids = torch.tensor(tokens[at:at + block], device=logp.device)
+        chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
+        top = logp.topk(k, dim=-1) if k else None
+        alts = zip(top.indices.tolist(), top.values.tolist()) if top is not None else ([[], []] for _ in chosen)
+        out += [TokenLogprob(t, c, list(zip(i, v))) for t, c, (i, v) in zip(tokens[at:at + block], chosen, alts)]
+    return out
 
 
 class TextStream:

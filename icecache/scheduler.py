@@ -366,13 +366,20 @@ class Scheduler:
         if not pack:
             return
         members = [s for s, _ in pack]
+        scored = {i for i, s in enumerate(members) if s.prompt_logprobs is not None}  # every row's logits too
         started = time.perf_counter()
-        logits = self._guard(members, lambda: self.runner.prefill(
-            [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members]))
-        if logits is None:
+        out = self._guard(members, lambda: self.runner.prefill_rows(
+            [s.req for s in members], [c for _, c in pack], [s.next_pos for s in members], scored))
+        if out is None:
             return
+        logits, rows = out
+        for i in scored:
+            seq = members[i]
+            self._guard([seq], lambda: seq.score_prompt(len(seq.own_ids) - len(seq.pending), rows[i]))
         ready = []
         for i, (seq, chunk) in enumerate(pack):
+            if seq.done:  # its scoring failed
+                continue
             seq.pending = seq.pending[len(chunk):]
             seq.next_pos += len(chunk)
             if not seq.pending:

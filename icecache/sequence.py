@@ -17,7 +17,7 @@ from icecache.cache import RequestKV
 from icecache.config import SamplingParams
 from icecache.context import Context
 from icecache.outputs import GenerationOutput, TextPiece, TokenLogprob
-from icecache.sampling import TextStream, make_generator, sample, token_logprob
+from icecache.sampling import TextStream, make_generator, rows_logprobs, sample, token_logprob
 from icecache.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
@@ -33,8 +33,11 @@ class IndexJob:
     """A document being prefilled and indexed inside the scheduler, one pass per step.
     on_done receives the Context (pages on the device if on_device) or the Exception."""
 
-    def __init__(self, ids: list[int], on_done: Callable[[object], None], on_device: bool) -> None:
-        self.ids, self.on_done, self.on_device = ids, on_done, on_device
+    def __init__(self, ids: list[int], on_done: Callable[[object], None], on_device: bool,
+                 score: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        """score: called with (first token's index, logits after each token [n, vocab]) for
+        every pass, where the document's tokens are scored (a prompt's prompt_logprobs)."""
+        self.ids, self.on_done, self.on_device, self.score = ids, on_done, on_device, score
         self.req: RequestKV | None = None  # allocated at the first pass
         self.done_tokens = 0
         self.started = 0.0
@@ -45,8 +48,14 @@ class IndexJob:
         if self.req is None:
             self.started = time.perf_counter()
             self.req = runner.document_request(len(self.ids))
-        piece = self.ids[self.done_tokens:self.done_tokens + runner.chunk_tokens(self.req)]
-        logits = runner.prefill([self.req], [piece], [self.done_tokens])[0]
+        chunk = runner.chunk_tokens(self.req)
+        if self.score is not None:  # passes a prompt's size: their every row's logits at once
+            chunk = min(chunk, runner.config.prefill_chunk_tokens)
+        piece = self.ids[self.done_tokens:self.done_tokens + chunk]
+        last, rows = runner.prefill_rows([self.req], [piece], [self.done_tokens], (0,) if self.score else ())
+        logits = last[0]
+        if self.score is not None:
+            self.score(self.done_tokens, rows[0])
         self.done_tokens += len(piece)
         if self.done_tokens < len(self.ids):
             return None
@@ -72,9 +81,17 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.reused = context is not None
         self.job: IndexJob | None = None
+        # SamplingParams.prompt_logprobs: one per prompt token, filled as its passes run
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [] if context is not None else [TokenLogprob(prompt_ids[0], None, [])]
+            if context is not None and prompt_ids:  # its first token, given the context
+                self.prompt_logprobs += rows_logprobs(context.last_logits[None], prompt_ids[:1],
+                                                      params.prompt_logprobs)
         if context is None:  # the prompt itself is indexed, then decoded from
             self.phase, self.own_ids, self.pending = "index", [], []
-            self.job = IndexJob(prompt_ids, self._indexed, on_device=False)
+            self.job = IndexJob(prompt_ids, self._indexed, on_device=False,
+                                score=self.score_prompt if params.prompt_logprobs is not None else None)
             self.req = None
             self.next_pos = len(prompt_ids)
         else:  # the prompt continues an indexed context
@@ -105,6 +122,13 @@ class Sequence:
         self.device_bytes = engine.request_device_bytes(context_tokens, len(self.own_ids), params.max_tokens)
         self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
         self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
+
+    def score_prompt(self, start: int, logits: torch.Tensor) -> None:
+        """The logits after prompt tokens start, start + 1, ... [n, vocab]: the log-probabilities
+        of the prompt tokens they predict (the last prompt token's predict the output)."""
+        after = self.prompt_ids[start + 1:start + 1 + logits.shape[0]]
+        if after:
+            self.prompt_logprobs += rows_logprobs(logits[:len(after)], after, self.params.prompt_logprobs)
 
     def _indexed(self, result: Context) -> None:
         """The prompt's own index is built (a failure ends the request before this)."""
@@ -152,6 +176,9 @@ class Sequence:
         """The first output token, from the prefill's logits: handed out before the request
         takes its decode slot (loading a slot is no part of the time to first token)."""
         self.position = self.context.num_tokens + len(self.own_ids)
+        if self.params.max_tokens == 0:  # a prompt scored, nothing to generate
+            self.ttft = time.perf_counter() - self.t0
+            return self._finish()
         return self.next_token()
 
     def start_decode(self, group: "DecodeGroup | None") -> None:
@@ -205,7 +232,7 @@ class Sequence:
         ctx, n = self.context, max(1, steps)
         self.emit(GenerationOutput(
             text=self.text.text, token_ids=list(self.text.ids), finish_reason=self.finish, logprobs=self.logprobs,
-            stats={
+            prompt_logprobs=self.prompt_logprobs, stats={
                 "ttft_s": self.ttft,
                 "queue_s": (self.admitted or self.t0) - self.t0,  # arrival to admission
                 "tpot_s": sum(self.step_times) / n if steps else 0.0,

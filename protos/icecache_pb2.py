@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/icecache.proto\x12\x0bicecache.v1\"C\n\rDocumentChunk\x12\x0c\n\x04text\x18\x01 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tchat_role\x18\x03 \x01(\t\"\x7f\n\nIndexReply\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rindex_build_s\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"\xe6\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xbd\x01\n\x0fGenerateRequest\x12\x14\n\ncontext_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x64ocument\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.icecache.v1.Sampling\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.icecache.v1.ChatMessage\x12\x11\n\tchat_role\x18\x06 \x01(\tB\x08\n\x06source\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa4\x03\n\x0fGenerationStats\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_reused\x18\x05 \x01(\x08\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x07 \x01(\x01\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x12\n\ncontext_id\x18\t \x01(\t\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x12\n\nreplica_id\x18\x0b \x01(\t\x12\x1e\n\x16pages_loaded_per_token\x18\x0c \x01(\x01\x12\x12\n\npeak_batch\x18\r \x01(\x05\x12\x0f\n\x07queue_s\x18\x0e \x01(\x01\x12\x0f\n\x07lease_s\x18\x0f \x01(\x01\x12\x15\n\rprefill_batch\x18\x10 \x01(\x05\x12\x16\n\x0eprefill_pass_s\x18\x11 \x01(\x01\x12+\n\x08logprobs\x18\x12 \x03(\x0b\x32\x19.icecache.v1.TokenLogprob\"T\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.icecache.v1.TopLogprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x83\x01\n\rGenerateReply\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.icecache.v1.GenerationStatsH\x00\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.icecache.v1.TokenLogprobB\x06\n\x04kind\"$\n\x0eReleaseRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xba\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ontexts\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\x11\n\tevictions\x18\x07 \x01(\x03\x12\x0e\n\x06leases\x18\x08 \x01(\x03\x12\x10\n\x08segments\x18\t \x01(\x03\x12\x10\n\x08prefills\x18\n \x01(\x03\"3\n\nStatsReply\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.icecache.v1.NodeStats2\xa4\x02\n\x08IceCache\x12\x46\n\rIndexDocument\x12\x1a.icecache.v1.DocumentChunk\x1a\x17.icecache.v1.IndexReply(\x01\x12\x46\n\x08Generate\x12\x1c.icecache.v1.GenerateRequest\x1a\x1a.icecache.v1.GenerateReply0\x01\x12H\n\x0eReleaseContext\x12\x1b.icecache.v1.ReleaseRequest\x1a\x19.icecache.v1.ReleaseReply\x12>\n\x08GetStats\x12\x19.icecache.v1.StatsRequest\x1a\x17.icecache.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/icecache.proto\x12\x0bicecache.v1\"C\n\rDocumentChunk\x12\x0c\n\x04text\x18\x01 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tchat_role\x18\x03 \x01(\t\"\x7f\n\nIndexReply\x12\x12\n\ncontext_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rindex_build_s\x18\x05 \x01(\x01\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"\x98\x02\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xbd\x01\n\x0fGenerateRequest\x12\x14\n\ncontext_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x64ocument\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.icecache.v1.Sampling\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.icecache.v1.ChatMessage\x12\x11\n\tchat_role\x18\x06 \x01(\tB\x08\n\x06source\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd8\x03\n\x0fGenerationStats\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x16\n\x0e\x63ontext_reused\x18\x05 \x01(\x08\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x07 \x01(\x01\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x12\n\ncontext_id\x18\t \x01(\t\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x12\n\nreplica_id\x18\x0b \x01(\t\x12\x1e\n\x16pages_loaded_per_token\x18\x0c \x01(\x01\x12\x12\n\npeak_batch\x18\r \x01(\x05\x12\x0f\n\x07queue_s\x18\x0e \x01(\x01\x12\x0f\n\x07lease_s\x18\x0f \x01(\x01\x12\x15\n\rprefill_batch\x18\x10 \x01(\x05\x12\x16\n\x0eprefill_pass_s\x18\x11 \x01(\x01\x12+\n\x08logprobs\x18\x12 \x03(\x0b\x32\x19.icecache.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x13 \x03(\x0b\x32\x19.icecache.v1.TokenLogprob\"e\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.icecache.v1.TopLogprobB\n\n\x08_logprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x83\x01\n\rGenerateReply\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.icecache.v1.GenerationStatsH\x00\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.icecache.v1.TokenLogprobB\x06\n\x04kind\"$\n\x0eReleaseRequest\x12\x12\n\ncontext_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xba\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ontexts\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x0e\n\x06misses\x18\x06 \x01(\x03\x12\x11\n\tevictions\x18\x07 \x01(\x03\x12\x0e\n\x06leases\x18\x08 \x01(\x03\x12\x10\n\x08segments\x18\t \x01(\x03\x12\x10\n\x08prefills\x18\n \x01(\x03\"3\n\nStatsReply\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.icecache.v1.NodeStats2\xa4\x02\n\x08IceCache\x12\x46\n\rIndexDocument\x12\x1a.icecache.v1.DocumentChunk\x1a\x17.icecache.v1.IndexReply(\x01\x12\x46\n\x08Generate\x12\x1c.icecache.v1.GenerateRequest\x1a\x1a.icecache.v1.GenerateReply0\x01\x12H\n\x0eReleaseContext\x12\x1b.icecache.v1.ReleaseRequest\x1a\x19.icecache.v1.ReleaseReply\x12>\n\x08GetStats\x12\x19.icecache.v1.StatsRequest\x1a\x17.icecache.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDEXREPLY']._serialized_start=107
   _globals['_INDEXREPLY']._serialized_end=234
   _globals['_SAMPLING']._serialized_start=237
-  _globals['_SAMPLING']._serialized_end=467
-  _globals['_GENERATEREQUEST']._serialized_start=470
-  _globals['_GENERATEREQUEST']._serialized_end=659
-  _globals['_CHATMESSAGE']._serialized_start=661
-  _globals['_CHATMESSAGE']._serialized_end=705
-  _globals['_GENERATIONSTATS']._serialized_start=708
-  _globals['_GENERATIONSTATS']._serialized_end=1128
-  _globals['_TOKENLOGPROB']._serialized_start=1130
-  _globals['_TOKENLOGPROB']._serialized_end=1214
-  _globals['_TOPLOGPROB']._serialized_start=1216
-  _globals['_TOPLOGPROB']._serialized_end=1260
-  _globals['_GENERATEREPLY']._serialized_start=1263
-  _globals['_GENERATEREPLY']._serialized_end=1394
-  _globals['_RELEASEREQUEST']._serialized_start=1396
-  _globals['_RELEASEREQUEST']._serialized_end=1432
-  _globals['_RELEASEREPLY']._serialized_start=1434
-  _globals['_RELEASEREPLY']._serialized_end=1466
-  _globals['_STATSREQUEST']._serialized_start=1468
-  _globals['_STATSREQUEST']._serialized_end=1482
-  _globals['_NODESTATS']._serialized_start=1485
-  _globals['_NODESTATS']._serialized_end=1671
-  _globals['_STATSREPLY']._serialized_start=1673
-  _globals['_STATSREPLY']._serialized_end=1724
-  _globals['_ICECACHE']._serialized_start=1727
-  _globals['_ICECACHE']._serialized_end=2019
+  _globals['_SAMPLING']._serialized_end=517
+  _globals['_GENERATEREQUEST']._serialized_start=520
+  _globals['_GENERATEREQUEST']._serialized_end=709
+  _globals['_CHATMESSAGE']._serialized_start=711
+  _globals['_CHATMESSAGE']._serialized_end=755
+  _globals['_GENERATIONSTATS']._serialized_start=758
+  _globals['_GENERATIONSTATS']._serialized_end=1230
+  _globals['_TOKENLOGPROB']._serialized_start=1232
+  _globals['_TOKENLOGPROB']._serialized_end=1333
+  _globals['_TOPLOGPROB']._serialized_start=1335
+  _globals['_TOPLOGPROB']._serialized_end=1379
+  _globals['_GENERATEREPLY']._serialized_start=1382
+  _globals['_GENERATEREPLY']._serialized_end=1513
+  _globals['_RELEASEREQUEST']._serialized_start=1515
+  _globals['_RELEASEREQUEST']._serialized_end=1551
+  _globals['_RELEASEREPLY']._serialized_start=1553
+  _globals['_RELEASEREPLY']._serialized_end=1585
+  _globals['_STATSREQUEST']._serialized_start=1587
+  _globals['_STATSREQUEST']._serialized_end=1601
+  _globals['_NODESTATS']._serialized_start=1604
+  _globals['_NODESTATS']._serialized_end=1790
+  _globals['_STATSREPLY']._serialized_start=1792
+  _globals['_STATSREPLY']._serialized_end=1843
+  _globals['_ICECACHE']._serialized_start=1846
+  _globals['_ICECACHE']._serialized_end=2138
 # @@protoc_insertion_point(module_scope)

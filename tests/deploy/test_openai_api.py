@@ -25,7 +25,7 @@ def test_fields_clients_send_at_their_off_values_are_accepted():
 
 
 @pytest.mark.parametrize("field,value", [("n", 2), ("presence_penalty", 0.5), ("logit_bias", {"50256": -100}),
-                                         ("echo", True), ("best_of", 3)])
+                                         ("best_of", 3)])
 def test_features_this_server_lacks_are_refused_by_name(field, value):
     with pytest.raises(RequestError) as failure:
         parse({"messages": [{"role": "user", "content": "hi"}], field: value})
@@ -97,3 +97,31 @@ def test_a_streams_logprobs_go_with_its_chunks_and_the_rest_with_the_last():
     assert choice(legacy.chunk("Hi", logprobs=tokens[:1]))["logprobs"]["text_offset"] == [0]
     assert choice(legacy.chunk(" there", logprobs=tokens[1:2]))["logprobs"]["text_offset"] == [2]
     assert choice(legacy.chunk(stats={**stats, "logprobs": tokens[:2]}))["logprobs"] is None  # nothing left
+
+
+def test_echo_asks_for_the_prompts_tokens_and_puts_them_first():
+    """A completion with echo scores its prompt (prompt_logprobs, k = logprobs), may ask for no
+    new token (max_tokens 0: how evaluation harnesses score a text), and returns the prompt's
+    text and tokens before its own, the first prompt token with no log-probability."""
+    from deploy.openai_api import Reply, echo_text
+    req = parse({"prompt": "Hi there", "echo": True, "max_tokens": 0, "logprobs": 2}, chat=False)
+    assert req["echo"] and req["sampling"] == {**req["sampling"], "max_tokens": 0, "prompt_logprobs": 2, "logprobs": 2}
+    assert parse({"prompt": "Hi", "echo": True}, chat=False)["sampling"]["prompt_logprobs"] == 0
+    assert "echo" not in parse({"prompt": "Hi", "echo": False}, chat=False)
+    for body, chat, fragment in [({"prompt": "Hi", "max_tokens": 0}, False, "max_tokens"),
+                                 ({"prompt": "Hi", "echo": True, "stream": True}, False, "echo: not supported with"),
+                                 ({"prompt": "Hi", "echo": 1}, False, "echo: expected"),
+                                 ({"messages": [{"role": "user", "content": "x"}], "echo": True}, True, "echo: a")]:
+        with pytest.raises(RequestError) as failure:
+            parse(body, chat=chat)
+        assert failure.value.message.startswith(fragment), failure.value.message
+    prompt = [{"token": "Hi", "logprob": None, "top": []}, {"token": " there", "logprob": -2.0, "top": [[" all", -1.0]]}]
+    stats = {"finish_reason": "length", "context_tokens": 0, "prompt_tokens": 2, "output_tokens": 1,
+             "context_reused": False, "prompt_logprobs": prompt,
+             "logprobs": [{"token": "!", "logprob": -0.5, "top": [["!", -0.5]]}]}
+    assert echo_text("Hi there", stats) == echo_text([1, 2], stats) == "Hi there"
+    choice = Reply(False, MODEL).whole("!", stats, echo="Hi there")["choices"][0]
+    assert choice["text"] == "Hi there!"
+    assert choice["logprobs"] == {"tokens": ["Hi", " there", "!"], "token_logprobs": [None, -2.0, -0.5],
+                                  "top_logprobs": [None, {" all": -1.0}, {"!": -0.5}], "text_offset": [0, 2, 8]}
+    assert Reply(False, MODEL).whole("!", {**stats, "logprobs": None}, echo="Hi there")["choices"][0]["logprobs"] is None

@@ -301,6 +301,19 @@ def test_openai_errors_have_their_status_and_shape(app):
     legacy = oai.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=3,
                                     temperature=0, logprobs=1).choices[0].logprobs
     assert len(legacy.tokens) == len(legacy.token_logprobs) == 3 and all(len(t) == 1 for t in legacy.top_logprobs)
+    # echo, as evaluation harnesses score a text: the prompt back, each token scored given those
+    # before it (the first has nothing before it), and nothing generated with max_tokens 0
+    sentence = "The capital of France is Paris"
+    scored = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=sentence, max_tokens=0, echo=True, logprobs=1)
+    echoed = scored.choices[0].logprobs
+    assert scored.choices[0].text == sentence == "".join(echoed.tokens) and scored.usage.completion_tokens == 0
+    assert echoed.token_logprobs[0] is None and echoed.top_logprobs[0] is None and len(echoed.tokens) > 3
+    assert all(lp <= 0 for lp in echoed.token_logprobs[1:]) and all(len(t) == 1 for t in echoed.top_logprobs[1:])
+    more = oai.completions.create(model="SmolLM2-135M-Instruct", prompt=sentence, max_tokens=2, echo=True, logprobs=0,
+                                  temperature=0).choices[0]
+    assert more.text.startswith(sentence) and len(more.logprobs.tokens) == len(echoed.tokens) + 2
+    assert more.logprobs.token_logprobs[0] is None  # the same prompt scored the same, then two tokens
+    assert more.logprobs.token_logprobs[1:-2] == pytest.approx(echoed.token_logprobs[1:], abs=1e-4)
     # streamed: each chunk with its tokens', together the same as the whole reply's
     hi = [{"role": "user", "content": "Hi"}]
     chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=hi, max_tokens=4, temperature=0,
@@ -315,6 +328,10 @@ def test_openai_errors_have_their_status_and_shape(app):
     assert [t.token for t in stats.logprobs] == legacy.tokens and "".join(legacy.tokens) == text
     assert [t.logprob for t in stats.logprobs] == pytest.approx(legacy.token_logprobs, abs=1e-5)
     assert all(len(t.top) == 1 and t.top[0].token == t.token for t in stats.logprobs)
+    text_only, scored = grpc_client.ask(sentence, 0, prompt_logprobs=1)  # gRPC's prompt_logprobs: as echo scores
+    assert text_only == "" and "".join(t.token for t in scored.prompt_logprobs) == sentence
+    assert not scored.prompt_logprobs[0].HasField("logprob") and scored.output_tokens == 0
+    assert [t.logprob for t in scored.prompt_logprobs[1:]] == pytest.approx(echoed.token_logprobs[1:], abs=1e-5)
     replies = list(grpc_client.generate("The capital of France is", 3, logprobs=1, **GREEDY))
     pieces = [r for r in replies if r.WhichOneof("kind") == "text"]
     assert all(r.logprobs for r in pieces) and "".join(r.text for r in pieces) == text  # each with its tokens'

@@ -170,6 +170,67 @@ def test_forced_tokens_are_fed_and_scored_on_the_decode_path(engine, context, pa
         SamplingParams(force_tokens=[-1])
 
 
+def exact_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log-softmax of transformers' own forward over ids (sdpa, no IceCache): [len(ids), vocab]."""
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"
+    try:
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)
+    finally:
+        model.config._attn_implementation = impl
+
+
+def test_prompt_logprobs_are_the_exact_prefills_with_and_without_a_context(engine, context, document):
+    """SamplingParams.prompt_logprobs scores each prompt token given everything before it, as
+    full attention over the document and the prompt does (the prefill is exact), over several
+    prefill passes; max_tokens=0 scores without generating."""
+    small = engine.with_config(engine.config.replace(prefill_chunk_tokens=16))  # a 30-token prompt: two passes
+    prompt = engine.tokenizer(" The pass key mentioned in the text above, written out in digits, is the number",
+                              add_special_tokens=False).input_ids
+    out = small.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2), context=context)
+    assert out.token_ids == [] and out.text == "" and out.finish_reason == "length" and out.stats["ttft_s"] > 0
+    whole = engine.tokenize(document) + prompt
+    exact = exact_logprobs(engine.model, whole)[-len(prompt) - 1:-1]  # the rows that predict the prompt
+    assert [lp.token_id for lp in out.prompt_logprobs] == prompt
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs])
+    torch.testing.assert_close(got, exact[torch.arange(len(prompt)), prompt], atol=2e-3, rtol=1e-3)
+    for lp, row in zip(out.prompt_logprobs, exact):
+        assert [t for t, _ in lp.top] == row.topk(2).indices.tolist() or abs(lp.top[0][1] - lp.top[1][1]) < 1e-3
+    # no context: the prompt is indexed for its own request; its first token has nothing before it
+    alone = small.generate(prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=0, logprobs=0))
+    assert alone.prompt_logprobs[0].logprob is None and len(alone.prompt_logprobs) == len(prompt)
+    exact = exact_logprobs(engine.model, prompt)[:-1]
+    got = torch.tensor([lp.logprob for lp in alone.prompt_logprobs[1:]])
+    torch.testing.assert_close(got, exact[torch.arange(len(prompt) - 1), prompt[1:]], atol=2e-3, rtol=1e-3)
+    assert len(alone.token_ids) == 3 and alone.logprobs[0].token_id == alone.token_ids[0]
+    assert engine.generate(prompt, GREEDY, context=context).prompt_logprobs is None
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)  # nothing to generate and nothing to score
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-1)
+
+
+def test_a_scored_prompt_packed_with_others_leaves_them_as_they_were(engine, context):
+    """Prompts prefilled in one pass, one of them scored: the others' outputs are unchanged, and
+    the scored one's log-probabilities are those it gets alone."""
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    scored = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1)
+    alone = [engine.generate(q, params, context=context).token_ids for q in (QUESTION, " Say it again:")]
+    by_itself = engine.generate(" Which number?", scored, context=context)
+    sched = engine.scheduler(max_batch=4)
+    seqs = [sched.submit(QUESTION, params, context=context), sched.submit(" Which number?", scored, context=context),
+            sched.submit(" Say it again:", params, context=context)]
+    while sched.has_work:
+        sched.step()
+    outs = [s.items[-1] for s in seqs]
+    assert outs[1].stats["prefill_batch"] == 3  # all three in one pass
+    assert [outs[0].token_ids, outs[2].token_ids] == alone and outs[0].prompt_logprobs is None
+    assert outs[1].token_ids == by_itself.token_ids
+    assert [lp.logprob for lp in outs[1].prompt_logprobs] == pytest.approx(
+        [lp.logprob for lp in by_itself.prompt_logprobs], abs=1e-4)
+
+
 def test_chat_uses_the_template_and_stops_at_eos(engine):
     out = engine.chat([{"role": "user", "content": "What is the capital of France? One word."}],
                       SamplingParams(max_tokens=20, temperature=0.0))
