@@ -212,7 +212,7 @@ class ContextReader:
         return slots // P, positions.gather(1, slots)
 
 
-def on_device_pages(context: Context) -> bool:
+def _on_device_pages(context: Context) -> bool:
     """Whether a context's KV (pages, dense layers) lies in device memory."""
     first = next(iter(context.sparse.values())).pages.keys if context.sparse else next(iter(context.dense.values()))[0]
     return first.is_cuda
@@ -238,6 +238,7 @@ class PrefillPack:
         self.requests, self.readers = requests, readers
         ends = torch.tensor(lengths).cumsum(0).tolist()
         self.spans = [(end - n, end) for end, n in zip(ends, lengths)]
+        self.offsets = torch.tensor([0, *ends], dtype=torch.int32)  # the spans' starts and end, for the varlen kernel
         columns: dict[int, list[int]] = {}  # context uid -> the pack's token positions on it
         for req, (s, e) in zip(requests, self.spans):
             if req.context is not None:
@@ -268,8 +269,7 @@ class PrefillPack:
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
-        offsets = self._device(("offsets",), torch.tensor([0] + [e for _, e in self.spans], dtype=torch.int32),
-                               q.device)
+        offsets = self._device(("offsets",), self.offsets, q.device)
         parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling, offsets)]  # each chunk over itself
         T = q.shape[1]
         spread = None  # (out, lse) over the pack's rows: a row's part from its own context, none elsewhere
@@ -490,7 +490,7 @@ class ModelRunner:
         ctx = build_context(self.model_id, token_ids, layer_kv, logits, self.config, self.device)
         if not on_device:
             built, ctx = ctx, ctx.to_host().with_index_on(self.device, boxes=self.config.reads_page_boxes)
-            if on_device_pages(built):  # its first question need not read the pages back from the host
+            if _on_device_pages(built):  # its first question need not read the pages back from the host
                 self.make_resident(ctx, source=built)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
