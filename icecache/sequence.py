@@ -88,7 +88,11 @@ class Sequence:
             if context is not None and prompt_ids:  # its first token, given the context
                 self.prompt_logprobs += rows_logprobs(context.last_logits[None], prompt_ids[:1],
                                                       params.prompt_logprobs)
-        if context is None:  # the prompt itself is indexed, then decoded from
+        if context is None and params.max_tokens == 0:  # a prompt only scored: prefilled, no index built
+            self.phase, self.own_ids, self.pending = "prompt", prompt_ids, list(prompt_ids)
+            self.req = RequestKV(engine.shape, engine.config, None)
+            self.next_pos = 0
+        elif context is None:  # the prompt itself is indexed, then decoded from
             self.phase, self.own_ids, self.pending = "index", [], []
             self.job = IndexJob(prompt_ids, self._indexed, on_device=False,
                                 score=self.score_prompt if params.prompt_logprobs is not None else None)
@@ -121,7 +125,7 @@ class Sequence:
         context_tokens = context.num_tokens if context else len(prompt_ids)
         self.device_bytes = engine.request_device_bytes(context_tokens, len(self.own_ids), params.max_tokens)
         self.context_bytes = engine.context_device_bytes(context_tokens)  # of device_bytes, shareable
-        self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if context is None else 0  # its index
+        self.host_bytes = engine.context_host_bytes(len(prompt_ids)) if self.job is not None else 0  # its index
 
     def score_prompt(self, start: int, logits: torch.Tensor) -> None:
         """The logits after prompt tokens start, start + 1, ... [n, vocab]: the log-probabilities
@@ -175,10 +179,10 @@ class Sequence:
     def first_token(self) -> int | None:
         """The first output token, from the prefill's logits: handed out before the request
         takes its decode slot (loading a slot is no part of the time to first token)."""
-        self.position = self.context.num_tokens + len(self.own_ids)
         if self.params.max_tokens == 0:  # a prompt scored, nothing to generate
             self.ttft = time.perf_counter() - self.t0
             return self._finish()
+        self.position = self.context.num_tokens + len(self.own_ids)
         return self.next_token()
 
     def start_decode(self, group: "DecodeGroup | None") -> None:
@@ -238,12 +242,12 @@ class Sequence:
                 "tpot_s": sum(self.step_times) / n if steps else 0.0,
                 # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
                 "tpot_median_s": statistics.median(self.step_times) if steps else 0.0,
-                "context_tokens": ctx.num_tokens,
+                "context_tokens": ctx.num_tokens if ctx is not None else 0,  # none: a prompt only scored
                 "prompt_tokens": len(self.own_ids),
                 "output_tokens": len(self.text.ids),
                 "context_reused": self.reused,
-                "prefill_s": ctx.prefill_s if not self.reused else None,
-                "index_build_s": ctx.build_s if not self.reused else None,
+                "prefill_s": ctx.prefill_s if ctx is not None and not self.reused else None,
+                "index_build_s": ctx.build_s if ctx is not None and not self.reused else None,
                 "pages_loaded": self.req.pages_loaded,
                 # pages read, and pages attended, per output token, summed over sparse layers and KV
                 # heads. The dynamic path counts every step; the static path (GPU) counts its last step's
@@ -251,7 +255,7 @@ class Sequence:
                 # private pages, so the two paths differ slightly for the same tokens
                 "pages_loaded_per_token": self.req.pages_loaded / n,
                 "pages_selected_per_token": self.req.pages_selected / n,
-                "host_bytes": ctx.host_bytes,
+                "host_bytes": ctx.host_bytes if ctx is not None else 0,
                 "mode": self.engine.config.mode,
                 "peak_batch": self.peak_batch,
                 "prefill_batch": self.prefill_batch,

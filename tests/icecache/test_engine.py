@@ -204,6 +204,11 @@ def test_prompt_logprobs_are_the_exact_prefills_with_and_without_a_context(engin
     got = torch.tensor([lp.logprob for lp in alone.prompt_logprobs[1:]])
     torch.testing.assert_close(got, exact[torch.arange(len(prompt) - 1), prompt[1:]], atol=2e-3, rtol=1e-3)
     assert len(alone.token_ids) == 3 and alone.logprobs[0].token_id == alone.token_ids[0]
+    # scored only (max_tokens 0): prefilled as a prompt of its own, no index built, the same scores
+    only = small.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    assert only.stats["context_tokens"] == 0 and only.stats["prompt_tokens"] == len(prompt)
+    assert only.stats["index_build_s"] is None and only.prompt_logprobs[0].logprob is None
+    assert [lp.logprob for lp in only.prompt_logprobs[1:]] == pytest.approx(got.tolist(), abs=1e-4)
     assert engine.generate(prompt, GREEDY, context=context).prompt_logprobs is None
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)  # nothing to generate and nothing to score
