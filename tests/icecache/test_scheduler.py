@@ -215,13 +215,13 @@ def test_waiting_questions_prefill_in_one_pass_and_answer_as_alone(eng, path, mo
             (ctx, [3, 4]), (other, [8, 9, 10])]
     alone = [eng.generate(p, greedy(6), context=c).token_ids for c, p in asks]
     passes = []
-    real = eng.runner.prefill
+    real = eng.runner.prefill_rows
 
-    def spy(requests, chunks, starts):  # the real pass, counted
+    def spy(requests, chunks, starts, every_row):  # the real pass, counted
         passes.append(([r.context for r in requests], [len(c) for c in chunks]))
-        return real(requests, chunks, starts)
+        return real(requests, chunks, starts, every_row)
 
-    monkeypatch.setattr(eng.runner, "prefill", spy)
+    monkeypatch.setattr(eng.runner, "prefill_rows", spy)
     scheduler = eng.scheduler(max_batch=8)
     seqs = [scheduler.submit(p, greedy(6), context=c) for c, p in asks]
     drain(scheduler, seqs)
