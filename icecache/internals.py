@@ -2,9 +2,9 @@
 API (`from icecache import Engine, IceCacheConfig, SamplingParams`): a request's KV state,
 the static decoder, a context built from given KV and the layout a context is indexed
 for, one page query, one sparse attention kernel, the prefill's attention over earlier
-keys (and its split-key kernel, and a switch back to cuDNN for every shape). They may change between releases; a
-tool imports them from here, never from the modules behind them (tests/test_layering.py
-checks the benchmarks do)."""
+keys (its split-key kernel, and a switch back to cuDNN for every shape). They may change
+between releases; a tool imports them from here, never from the modules behind them
+(tests/test_layering.py checks the benchmarks do)."""
 
 from __future__ import annotations
 

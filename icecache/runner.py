@@ -212,12 +212,6 @@ class ContextReader:
         return slots // P, positions.gather(1, slots)
 
 
-def _on_device_pages(context: Context) -> bool:
-    """Whether a context's KV (pages, dense layers) lies in device memory."""
-    first = next(iter(context.sparse.values())).pages.keys if context.sparse else next(iter(context.dense.values()))[0]
-    return first.is_cuda
-
-
 def _valid_slots(valid: torch.Tensor, page_size: int, n: int) -> torch.Tensor:
     """The n valid slots of pages [H, N] holding valid[h, p] tokens each, in page order, as
     flat slot indices [H, n] (every head holds n tokens), without a host sync."""
@@ -490,7 +484,7 @@ class ModelRunner:
         ctx = build_context(self.model_id, token_ids, layer_kv, logits, self.config, self.device)
         if not on_device:
             built, ctx = ctx, ctx.to_host().with_index_on(self.device, boxes=self.config.reads_page_boxes)
-            if _on_device_pages(built):  # its first question need not read the pages back from the host
+            if not req.offload:  # built on the device: its first question need not read them back from the host
                 self.make_resident(ctx, source=built)
         if self.device.type == "cuda":
             torch.cuda.synchronize()

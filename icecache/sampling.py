@@ -38,15 +38,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """`token`'s log-probability under the model's distribution (logits [vocab], before any
     temperature or cut-off) and the k most likely tokens'."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = logp.topk(k) if k else None
-    return TokenLogprob(token, float(logp[token]),
-                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
+    return rows_logprobs(logits[None], [token], k)[0]
 
 
 def rows_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int, block: int = 256) -> list[TokenLogprob]:
     """token_logprob of each row of logits [n, vocab] for tokens[i], `block` rows at a time
-    (a prompt's rows over a large vocabulary), one copy to the host a block."""
+    (a prompt's rows over a large vocabulary), each block's results copied to the host at once."""
     out = []
     for at in range(0, len(tokens), block):
         logp = torch.log_softmax(logits[at:at + block].float(), dim=-1)
