@@ -162,7 +162,8 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
         req = RequestKV(eng.shape, eng.config, ctx.with_index_on(eng.device))
         eng.runner.prefill_one(req, question, ctx.num_tokens)
         dec = StaticDecoder(eng.model, eng.config, ctx.with_index_on(eng.device), [(kv.k, kv.v) for kv in req.own],
-                            tokens, question_pages=req.question_pages)
+                            tokens, question_pages=req.question_pages, resident=eng.runner.resident)
+        result["pages_from_resident_copy"] = dec.resident_rows
         result["kv_gpu_gib"] = dec.device_bytes() / GiB
         if breakdown:
             from icecache.internals import sparse_attention
@@ -176,9 +177,9 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
 
             def attention(page_ids):
                 for s, i in zip(sparse, page_ids):
-                    sparse_attention(q, s.sink_k, s.sink_v, i, s.shared_k, s.shared_v, s.shared_valid, s.priv_k[0],
+                    sparse_attention(q, s.sink_k, s.sink_v, i, s.rows_k, s.rows_v, s.shared_valid, s.priv_k[0],
                                      s.priv_v[0], s.priv_valid[0], s.win_k[0], s.win_v[0], s.ring.counts[:1], scaling,
-                                     scratch["att_parts"], scratch["att_acc"], out)
+                                     scratch["att_parts"], scratch["att_acc"], out, s.rows_at)
             with_pages = cuda_time(lambda: attention(ids))
             without = cuda_time(lambda: attention([none] * len(sparse)))
             parts = {"index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),

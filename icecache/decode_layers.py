@@ -18,6 +18,7 @@ from icecache.config import IceCacheConfig
 from icecache.index.select import box_parts, private_part, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
 from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
+from icecache.store import page_rows, shared_rows
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,24 @@ class DenseSlots:
             from icecache.kernels.attention import dense_scratch_sizes
             for name, numel in dense_scratch_sizes(slots, H, scratch.group, D, n).items():
                 scratch.need(name, numel)
+
+    def read_shared_from(self, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Where the kernels read the shared pages: rows = the context's flat (K, V) [H, T, D]
+        on the device (its sinks, then its pages' valid tokens in page order, as
+        runner.ContextReader lays them out: a resident context), or None for the pages
+        themselves (shared_k/v: host memory through UVA, or a device_pages copy). The torch
+        path always reads shared_k/v."""
+        if rows is None:
+            self.rows_k, self.rows_v, self.rows_at = shared_rows(self.shared_k, self.shared_v, self.shared_valid,
+                                                                 None)
+            return
+        k, v = rows
+        H, N, P, D = self.shared_k.shape
+        if k.shape[0] != H or k.shape[2] != D or k.device != self.shared_valid.device:
+            raise ValueError(f"rows: a [{H}, tokens, {D}] copy on {self.shared_valid.device} for this layer, "
+                             f"got {tuple(k.shape)} on {k.device}")
+        self.rows_k, self.rows_v = k.contiguous(), v.contiguous()
+        self.rows_at = page_rows(self.shared_valid, self.pages_from)
 
     def slot_tensors(self) -> list[torch.Tensor]:
         return [self.own_k, self.own_v]
@@ -143,12 +162,14 @@ class SparseSlots:
         self.pages = pages = ctx_layer.pages
         self.tree: TreeIndex = ctx_layer.tree
         self.num_shared = pages.num_pages
+        self.pages_from = ctx_layer.sink_k.shape[1]  # a flat copy's first page row: after the sinks
         self.device_pages = device_pages
         if device_pages:  # a copy in device memory: page reads at memory speed instead of over PCIe
             self.shared_k, self.shared_v = pages.keys.to(device), pages.values.to(device)
         else:
             self.shared_k, self.shared_v = uva_view(pages.keys, device), uva_view(pages.values, device)
         self.shared_valid = pages.valid.to(device)
+        self.read_shared_from(None)
         self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
         self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
         self.tail_k = ctx_layer.tail_k.to(device, dtype)  # [H, num_tail, D]: where every slot's window starts
@@ -181,6 +202,24 @@ class SparseSlots:
         self.question_k = torch.zeros(slots, H, copies, P, D, dtype=dtype, device=device)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
+
+    def read_shared_from(self, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Where the kernels read the shared pages: rows = the context's flat (K, V) [H, T, D]
+        on the device (its sinks, then its pages' valid tokens in page order, as
+        runner.ContextReader lays them out: a resident context), or None for the pages
+        themselves (shared_k/v: host memory through UVA, or a device_pages copy). The torch
+        path always reads shared_k/v."""
+        if rows is None:
+            self.rows_k, self.rows_v, self.rows_at = shared_rows(self.shared_k, self.shared_v, self.shared_valid,
+                                                                 None)
+            return
+        k, v = rows
+        H, N, P, D = self.shared_k.shape
+        if k.shape[0] != H or k.shape[2] != D or k.device != self.shared_valid.device:
+            raise ValueError(f"rows: a [{H}, tokens, {D}] copy on {self.shared_valid.device} for this layer, "
+                             f"got {tuple(k.shape)} on {k.device}")
+        self.rows_k, self.rows_v = k.contiguous(), v.contiguous()
+        self.rows_at = page_rows(self.shared_valid, self.pages_from)
 
     def slot_tensors(self) -> list[torch.Tensor]:
         return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.priv_mean, self.priv_var,
@@ -243,8 +282,8 @@ class SparseSlots:
 
             from icecache.kernels import rerank
             try:
-                return rerank.rerank_pages(q, ids, self.shared_k, self.shared_valid, *private, self.R, scaling,
-                                           self.question_k[:B].flatten(0, 1))
+                return rerank.rerank_pages(q, ids, self.rows_k, self.shared_valid, *private, self.R, scaling,
+                                           self.question_k[:B].flatten(0, 1), self.rows_at)
             except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
                 FUSED_RERANK_FAILED.append(repr(e))
                 log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
@@ -261,10 +300,10 @@ class SparseSlots:
         qf = q.reshape(B * H, G, D)  # the kernels read it in fp32
         page_ids = self.select(qf, scaling)
         S = self.scratch
-        out = sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.shared_k, self.shared_v,
+        out = sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.rows_k, self.rows_v,
                                self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
                                rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling, S["att_parts"],
-                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device))
+                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device), self.rows_at)
         return out.view(B, H, G, D), page_ids
 
     # ------------------------------------------------------------ the torch path (reference, CPU)

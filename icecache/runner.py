@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
@@ -44,6 +45,8 @@ class ResidentContexts:
         self.budget_bytes = budget_bytes
         self._kept: collections.OrderedDict[int, tuple[Resident, int]] = collections.OrderedDict()
         self._too_large: set[int] = set()  # contexts already said to be over the budget
+        # decoders reading a kept copy's pages (StaticDecoder.read_resident), told before it goes
+        self._readers: dict[int, weakref.WeakSet] = {}
 
     @property
     def used_bytes(self) -> int:
@@ -71,7 +74,7 @@ class ResidentContexts:
                          size / 2**30, self.budget_bytes / 2**30)
             return False
         while self._kept and self.used_bytes + size > self.budget_bytes:
-            self._kept.popitem(last=False)
+            self._drop(next(iter(self._kept)))
         return True
 
     def put(self, context: Context, kept: Resident) -> bool:
@@ -84,8 +87,22 @@ class ResidentContexts:
         return True
 
     def forget(self, context: Context) -> None:
-        self._kept.pop(context.uid, None)
+        self._drop(context.uid)
         self._too_large.discard(context.uid)
+
+    def watch(self, context: Context, reader) -> None:
+        """reader (a StaticDecoder) reads the kept copy of context: its drop_resident() runs
+        before the copy is evicted or forgotten (held weakly: a freed decoder drops out)."""
+        self._readers.setdefault(context.uid, weakref.WeakSet()).add(reader)
+
+    def readers(self, context: Context) -> int:
+        """Decoders reading the kept copy of context's pages now."""
+        return len(self._readers.get(context.uid, ()))
+
+    def _drop(self, uid: int) -> None:
+        for reader in list(self._readers.pop(uid, ())):
+            reader.drop_resident()
+        self._kept.pop(uid, None)
 
 
 class Resident(NamedTuple):

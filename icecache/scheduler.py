@@ -403,11 +403,13 @@ class Scheduler:
         for group in sorted(groups, key=lambda g: g not in self._idle):  # busy groups first: fuller batches
             if group.fits(seq):
                 self._idle.pop(group, None)
+                if self.runner.resident is not None:  # the context may have been made resident since
+                    group.decoder.read_resident(self.runner.resident)
                 return group
         slot_tokens = -(-seq.slot_tokens // _SLOT_TOKENS) * _SLOT_TOKENS
         eng = self.engine
         decoder = StaticDecoder(eng.model, eng.config, seq.context, slots=self.max_batch, slot_tokens=slot_tokens,
-                                device_pages=self.device_pages)
+                                device_pages=self.device_pages, resident=self.runner.resident)
         group = DecodeGroup(decoder, seq.context_key, self._park)
         groups.append(group)
         return group

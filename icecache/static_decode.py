@@ -62,12 +62,15 @@ class StaticDecoder:
     def __init__(self, model: torch.nn.Module, config: IceCacheConfig, context: Context,
                  own_kv: list | None = None, max_new_tokens: int = 0, *, slots: int = 1,
                  slot_tokens: int | None = None, device_pages: bool = False,
-                 question_pages: dict[int, torch.Tensor] | None = None) -> None:
+                 question_pages: dict[int, torch.Tensor] | None = None, resident=None) -> None:
         """slot_tokens: the most own tokens (prompt + decoded) a slot holds; with own_kv,
         at least its prompt plus max_new_tokens. device_pages: copy the context's host
         pages into device memory (for a document many requests read at once: one copy
         serves them all, and page reads stop being bound by PCIe); by default they are
-        read in place from host memory. question_pages: the one request's (RequestKV's)."""
+        read in place from host memory. question_pages: the one request's (RequestKV's).
+        resident: the runner's ResidentContexts; where the context's KV is kept on the
+        device there (for its questions' prefills), the kernels read its pages from that
+        copy instead of host memory, until it is evicted (read_resident)."""
         self.model, self.config, self.context = model, config, context
         inner = model.model
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
@@ -119,8 +122,38 @@ class StaticDecoder:
         self._pool = None  # one memory pool for every batch size's graph (they never run at once)
         self._eager: set[int] = set()  # batch sizes whose capture failed
         self._runs: dict[int, int] = {}  # eager steps per batch size not yet captured
+        self.resident_rows = False  # whether the kernels read the pages from a resident copy of the context
+        if resident is not None and not device_pages:
+            self.read_resident(resident)
         if own_kv is not None:
             self.load(0, own_kv, max_new_tokens, question_pages)
+
+    def read_resident(self, resident) -> None:
+        """Read the shared pages from the context's device copy in `resident` (a
+        runner.ResidentContexts) if it holds one: at device memory speed instead of over
+        PCIe, no copy of ours (the copy is the one the context's question prefills read).
+        resident calls drop_resident() before it lets the copy go. Idempotent; nothing on
+        the torch path, which reads the pages where they lie."""
+        if self.resident_rows or self.scratch is None:
+            return
+        kept = resident.get(self.context)
+        if kept is None:
+            return
+        for i, state in enumerate(self.states):
+            if isinstance(state, SparseSlots):
+                state.read_shared_from(kept.kv[i])
+        resident.watch(self.context, self)
+        self._graphs.clear()  # recorded with the host pages' addresses
+        self.resident_rows = True
+
+    def drop_resident(self) -> None:
+        """The context's device copy is going away: read its pages from where they lie again
+        (the graphs recorded with the copy's addresses go, and are recorded again)."""
+        for state in self.sparse_states:
+            state.read_shared_from(None)
+        self._graphs.clear()
+        self._runs.clear()
+        self.resident_rows = False
 
     # ---------------------------------------------------------------- slots
     def load(self, slot: int, own_kv: list, max_new_tokens: int,
@@ -306,7 +339,8 @@ class StaticDecoder:
         tensors = {}  # by address: a reuse cycle's layers share one tree
         for s in self.states:
             for name, t in vars(s).items():
-                uva = name in ("shared_k", "shared_v") and not getattr(s, "device_pages", False)
+                # host pages through UVA, or a resident copy of the context (ResidentContexts counts it)
+                uva = name in ("shared_k", "shared_v", "rows_k", "rows_v") and not getattr(s, "device_pages", False)
                 if isinstance(t, torch.Tensor) and not uva:
                     tensors[t.data_ptr()] = t
             if isinstance(s, SparseSlots):

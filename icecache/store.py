@@ -72,3 +72,22 @@ class HostPageStore:
         k = self.keys.reshape(H, -1, D)[ok].reshape(H, n, D)
         v = self.values.reshape(H, -1, D)[ok].reshape(H, n, D)
         return k, v
+
+
+def shared_rows(shared_k: torch.Tensor, shared_v: torch.Tensor, shared_valid: torch.Tensor,
+                shared_at: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared pages as the decode kernels read them: (keys, values) as token rows [HS, T, D]
+    and each page's first row [HS, N]. Pages [HS, N, P, D] (shared_at None) are rows
+    p * P...; rows already ([HS, T, D], e.g. a context's flat KV on the device) come with
+    their shared_at (page_rows)."""
+    if shared_at is not None:
+        return shared_k, shared_v, shared_at
+    HS, N, P, D = shared_k.shape
+    return shared_k.view(HS, N * P, D), shared_v.view(HS, N * P, D), page_rows(shared_valid.new_full((HS, N), P))
+
+
+def page_rows(valid: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The first token row of each page [HS, N] when every head's pages lie one after the
+    other from row `first`, page p holding valid[hs, p] rows (a context's flat KV: its
+    sinks, then its pages' valid tokens in page order, as flat() lists them). -> int32 [HS, N]."""
+    return (first + valid.cumsum(1) - valid).to(torch.int32).contiguous()

@@ -9,16 +9,19 @@ import triton
 import triton.language as tl
 
 from icecache.kernels.common import VARIANTS, check_contiguous, launch, powers, row_tile
+from icecache.store import shared_rows
 
-@triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'n_private', 'W'])
+@triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'head_tokens', 'n_private', 'W'])
 def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
-                      priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr, acc_ptr,
-                      num_sink, R, n_shared, n_private, W, scaling, HS, G: tl.constexpr, GP: tl.constexpr,
-                      D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
+                      shared_at_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr,
+                      acc_ptr, num_sink, R, n_shared, head_tokens, n_private, W, scaling, HS, G: tl.constexpr,
+                      GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
     """One block of P keys per program (a sink block, a selected page, or a window
     block): partial softmax (max, sum) and weighted values for flash-decoding's merge.
-    Shared pages are read where they lie (a UVA view of host memory on CUDA). Row h:
-    sinks and shared pages of KV head h % HS, the rest of request h // HS's row."""
+    Shared pages are read where they lie (a UVA view of host memory on CUDA, or a device
+    copy): page p of KV head hs is the shared_valid[hs, p] token rows from shared_at[hs, p]
+    of that head's head_tokens rows. Row h: sinks and shared pages of KV head h % HS, the
+    rest of request h // HS's row."""
     h, b = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     blocks = tl.num_programs(1)
@@ -40,7 +43,8 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
             v = tl.zeros((P, D), tl.float32)
         elif page < n_shared:
             ok = t < tl.load(shared_valid_ptr + hs * n_shared + page)
-            rows = ((hs * n_shared + page) * P + t[:, None]) * D + d[None, :]
+            first = (hs * head_tokens + tl.load(shared_at_ptr + hs * n_shared + page)).to(tl.int64)
+            rows = (first + t[:, None]) * D + d[None, :]
             k = tl.load(shared_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             v = tl.load(shared_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
         else:
@@ -95,13 +99,16 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
                      shared_k: torch.Tensor, shared_v: torch.Tensor, shared_valid: torch.Tensor,
                      priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
                      win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
-                     acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                     acc: torch.Tensor, out: torch.Tensor, shared_at: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of q [H, G, D] (any float dtype; H = B * HS rows: B requests, HS KV heads)
-    over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared
-    [HS, N, P, D], else the row's private [H, M, P, D]; -1 = none) and the row's window
-    ring [H, W, D] holding min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]."""
-    check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v, priv_valid,
-                      win_k, win_v)
+    over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared, else the
+    row's private [H, M, P, D]; -1 = none) and the row's window ring [H, W, D] holding
+    min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]. Shared pages: shared_k/v [HS, N, P, D]
+    (shared_at None), or token rows [HS, T, D] where page p of head hs starts at row
+    shared_at[hs, p] (shared_pages_at), with shared_valid [HS, N] tokens."""
+    shared_k, shared_v, shared_at = shared_rows(shared_k, shared_v, shared_valid, shared_at)
+    check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k, priv_v,
+                     priv_valid, win_k, win_v)
     H, G, D = q.shape
     P = priv_k.shape[2]
     R = page_ids.shape[1]
@@ -109,11 +116,10 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
     GP = row_tile(G)
     sink_blocks = triton.cdiv(sink_k.shape[1], P)
     blocks = sink_blocks + R + triton.cdiv(W, P)
-    _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, priv_k, priv_v,
-                                   priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R,
-                                   shared_k.shape[1], priv_k.shape[1], W, scaling, sink_k.shape[0], G=G, GP=GP,
-                                   D=D, P=P,
-                                   SINK_BLOCKS=sink_blocks)
+    _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k,
+                                   priv_v, priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R,
+                                   shared_valid.shape[1], shared_k.shape[1], priv_k.shape[1], W, scaling,
+                                   sink_k.shape[0], G=G, GP=GP, D=D, P=P, SINK_BLOCKS=sink_blocks)
     _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
     return out
 

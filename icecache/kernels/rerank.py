@@ -20,18 +20,20 @@ import triton
 import triton.language as tl
 
 from icecache.kernels.common import check_contiguous, supported
+from icecache.store import shared_rows
 
 
-@triton.jit(do_not_specialize=['C', 'n_shared', 'n_private', 'n_copied'])
-def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvalid_ptr, copy_k_ptr, lse_ptr, C,
-              n_shared, n_private, n_copied, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-              P: tl.constexpr, CP: tl.constexpr):
+@triton.jit(do_not_specialize=['C', 'n_shared', 'head_tokens', 'n_private', 'n_copied'])
+def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, shared_at_ptr, priv_k_ptr, pvalid_ptr, copy_k_ptr,
+              lse_ptr, C, n_shared, head_tokens, n_private, n_copied, scaling, HS, G: tl.constexpr, GP: tl.constexpr,
+              D: tl.constexpr, P: tl.constexpr, CP: tl.constexpr):
     """Program (h, i): candidate cand[h, i] (< n_shared: a shared page of KV head h % HS, else
     the row's private page; -1 = none) -> lse[h, i, :G], each query head's log-sum-exp of
     scores over the page's valid keys (-inf for an absent or empty page, or one that an
     earlier candidate of the row names already). A shared page among the row's first
     n_copied candidates has its keys read from copy_k[h, i] (a device copy) instead of
-    shared_k. One program per candidate, so the pages' reads (host memory over PCIe) are
+    shared_k (token rows: page p of KV head hs is rows shared_at[hs, p]... of that head's
+    head_tokens). One program per candidate, so the pages' reads (host memory over PCIe) are
     in flight together."""
     h = tl.program_id(0)
     i = tl.program_id(1)
@@ -54,7 +56,8 @@ def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, priv_k_ptr, pvali
     earlier = tl.load(cand_ptr + h * C + c, mask=c < i, other=-2)
     repeated = tl.max(tl.where(earlier == tl.max(page, axis=0), 1, 0), axis=0)
     ok = t < count * (1 - repeated)
-    k = tl.load(shared_k_ptr + ((hs * n_shared + sid[:, None]) * P + t[:, None]) * D + d[None, :],
+    first_row = (hs * head_tokens + tl.load(shared_at_ptr + hs * n_shared + sid, mask=shared, other=0)).to(tl.int64)
+    k = tl.load(shared_k_ptr + (first_row[:, None] + t[:, None]) * D + d[None, :],
                 mask=(ok & uncopied)[:, None], other=0.0).to(tl.float32)
     k += tl.load(copy_k_ptr + ((h * n_copied + i) * P + t[:, None]) * D + d[None, :],
                  mask=(ok & copied)[:, None], other=0.0).to(tl.float32)
@@ -97,16 +100,19 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
                  priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float,
-                 copied_k: torch.Tensor | None = None) -> torch.Tensor:
+                 copied_k: torch.Tensor | None = None, shared_at: torch.Tensor | None = None) -> torch.Tensor:
     """index.select.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
     (-1 = none, ids >= N private, a repeated id counts once: its first place); shared_k
     [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
     [rows, M, P, D], priv_valid [rows, M]; copied_k [rows, Q, P, D]: the keys of the shared
     pages of each row's first Q candidates (their valid counts still shared_valid's), read
-    there rather than from shared_k. -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
+    there rather than from shared_k. shared_at: shared_k as token rows [HS, T, D] instead of pages,
+    page p of head hs from row shared_at[hs, p] (kernels.common.shared_rows).
+    -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
     if copied_k is None:
         copied_k = priv_k[:, :0]
-    check_contiguous(q, candidates, shared_k, shared_valid, priv_k, priv_valid, copied_k)
+    shared_k, _, shared_at = shared_rows(shared_k, shared_k, shared_valid, shared_at)
+    check_contiguous(q, candidates, shared_k, shared_valid, shared_at, priv_k, priv_valid, copied_k)
     rows, C = candidates.shape
     _, G, D = q.shape
     P = priv_k.shape[2]
@@ -114,9 +120,9 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     R = min(num_pages, C)
     GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
     lse = torch.empty(rows, C, G, dtype=torch.float32, device=candidates.device)
-    _page_lse[(rows, C)](q, candidates, shared_k, shared_valid, priv_k, priv_valid, copied_k, lse, C,
-                         shared_k.shape[1], priv_k.shape[1], copied_k.shape[1], scaling, max(shared_k.shape[0], 1),
-                         G=G, GP=GP, D=D, P=P, CP=CP)
+    _page_lse[(rows, C)](q, candidates, shared_k, shared_valid, shared_at, priv_k, priv_valid, copied_k, lse, C,
+                         shared_valid.shape[1], shared_k.shape[1], priv_k.shape[1], copied_k.shape[1], scaling,
+                         max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P, CP=CP)
     out = torch.empty(rows, R, dtype=candidates.dtype, device=candidates.device)
     _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=CP)
     return out

@@ -243,6 +243,37 @@ def test_a_context_copied_elsewhere_is_kept_resident_from_the_indexed_one(models
     on.runner.forget(copy_)
 
 
+def test_decode_reads_a_resident_context_from_the_device(models):
+    """A context kept on the device for its questions' prefills is where the decode kernels
+    read its pages too (no PCIe reads): through the scheduler, as a replica runs it, the
+    same tokens as an engine that keeps nothing resident, graphed. Forgotten, the copy's
+    decoder lets it go; the next questions' prefill keeps a new one, which the same (idle)
+    decoder then reads: the same tokens again. (Decoding on after an eviction mid-request:
+    tests/icecache/kernels/test_decode_step.py.)"""
+    _, gpu = models
+    ids = torch.randint(0, 512, (3000,), generator=torch.Generator().manual_seed(9)).tolist()
+    config = CONFIG.replace(decode_path="static")
+    off = Engine.from_model(gpu, config=config.replace(resident_context_share=0.0), model_id="tiny")
+    on = Engine.from_model(gpu, config=config, model_id="tiny")
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    questions = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    ctx = on.index(ids)
+    assert ctx in on.runner.resident
+    want = [off.generate(q, params, context=ctx).token_ids for q in questions]
+    sched = on.scheduler(max_batch=4, device_bytes=None)
+    for round_ in ("resident", "kept again"):
+        seqs = [sched.submit(q, params, context=ctx) for q in questions]
+        while sched.has_work:
+            sched.step()
+            if any(s.group is not None for s in seqs):
+                assert on.runner.resident.readers(ctx) == 1  # the group's decoder reads the copy
+        assert [s.items[-1].token_ids for s in seqs] == want, round_
+        if round_ == "resident":
+            on.runner.forget(ctx)
+            assert on.runner.resident.readers(ctx) == 0 and ctx not in on.runner.resident
+    assert sched.idle_groups == 1  # the same decoder served both rounds
+
+
 def test_a_questions_prefill_through_the_split_key_kernel_matches_cudnns(models, caplog):
     """bf16: a question's attention over its context through kernels.attention's split-key
     kernel and over itself through the varlen flash kernel (no per-shape plan) is as close

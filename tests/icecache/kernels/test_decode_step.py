@@ -190,3 +190,44 @@ def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkey
     assert (ref_logits - fast_logits).abs().max() < 1e-4
     assert len(decode_layers.FUSED_RERANK_FAILED) == 1
     assert caplog.text.count("re-ranking in torch ops") == 1
+
+
+def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(monkeypatch):
+    """A context kept whole on the device (runner.ResidentContexts, for its questions'
+    prefills) is where the kernels read its shared pages from: same logits as reading the
+    pages, from the copy's own memory; evicting the copy tells the decoder, which reads
+    the pages again and still agrees."""
+    from icecache.runner import Resident, ResidentContexts
+    monkeypatch.setenv("ICECACHE_KERNELS", "1")
+    model = random_model(tiny_config("llama", num_hidden_layers=3, hidden_size=192, num_attention_heads=6,
+                                     num_key_value_heads=2), DEVICE, torch.float32)
+    eng = Engine.from_model(model, config=CONFIG, model_id="tiny")
+    ctx = eng.index(torch.randint(0, 500, (1500,), generator=torch.Generator().manual_seed(8)).tolist())
+    resident = ResidentContexts(1 << 30)
+    kv = {i: tuple(t.to(DEVICE) for t in ctx.flat_kv(i)) for i in [*ctx.dense, *ctx.sparse]}
+    assert resident.put(ctx, Resident(kv, {}))
+    steps, question = 12, [5, 6, 7]
+    with torch.inference_mode():
+        req = RequestKV(eng.shape, eng.config, ctx)
+        logits = eng.runner.prefill_one(req, question, ctx.num_tokens)
+        own = [(b.k, b.v) for b in req.own]
+        pages = StaticDecoder(eng.model, CONFIG, ctx, own, steps, question_pages=req.question_pages)
+        copy_ = StaticDecoder(eng.model, CONFIG, ctx, own, steps, question_pages=req.question_pages,
+                              resident=resident)
+        assert copy_.resident_rows and not pages.resident_rows
+        for i, state in enumerate(copy_.states):
+            if i in ctx.sparse:
+                assert state.rows_k.data_ptr() == kv[i][0].data_ptr()
+        token, start = int(logits.argmax()), ctx.num_tokens + len(question)
+        for step in range(steps):
+            if step == steps // 2:
+                resident.forget(ctx)  # evicted mid-request: back to the pages
+                assert not copy_.resident_rows
+                assert all(s.rows_k.data_ptr() == s.shared_k.data_ptr() for s in copy_.sparse_states)
+            want = pages.step(token, start + step).clone()
+            got = copy_.step(token, start + step).clone()
+            assert (want - got).abs().max() < 1e-5, f"step {step}"
+            chosen = [(a.sort(dim=1).values, b.sort(dim=1).values)
+                      for a, b in zip(pages.last_pages, copy_.last_pages) if a is not None]
+            assert chosen and all(torch.equal(a, b) for a, b in chosen), f"step {step}"
+            token = int(want.argmax())

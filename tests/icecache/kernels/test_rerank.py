@@ -70,3 +70,33 @@ def test_fused_rerank_reads_the_question_pages_from_their_device_copy():
     got = rerank_pages(*(t.to(DEVICE) for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid)), R,
                        0.25, copied_k.to(DEVICE))
     assert torch.equal(got.cpu(), want), (got, want)
+
+
+def test_fused_rerank_reads_shared_pages_laid_out_as_token_rows():
+    """Shared pages given as token rows (a context's flat KV on the device: sinks, then each
+    page's valid tokens in page order, located by store.page_rows) choose what the same
+    pages given as pages choose."""
+    from icecache.kernels.rerank import rerank_pages
+    from icecache.store import page_rows
+    gen = torch.Generator().manual_seed(11)
+    B, HS, G, D, P, N, M, C, R, SINKS = 2, 2, 3, 16, 16, 30, 4, 12, 4, 5
+    rows = B * HS
+    q = torch.randn(rows, G, D, generator=gen)
+    shared_k = torch.randn(HS, N, P, D, generator=gen).to(torch.bfloat16)
+    shared_valid = torch.randint(0, P + 1, (HS, N), generator=gen)
+    priv_k = torch.randn(rows, M, P, D, generator=gen)
+    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
+    candidates = torch.stack([torch.randperm(N + M, generator=gen)[:C] for _ in range(rows)]).to(torch.int32)
+    # every head's rows: garbage sinks, its pages' valid tokens, garbage up to the longest head's length
+    tokens = [torch.cat([shared_k[h, p, :int(shared_valid[h, p])] for p in range(N)]) for h in range(HS)]
+    length = SINKS + max(len(t) for t in tokens) + 3
+    flat = torch.randn(HS, length, D, generator=gen).to(torch.bfloat16)
+    for h, t in enumerate(tokens):
+        flat[h, SINKS:SINKS + len(t)] = t
+    at = page_rows(shared_valid, SINKS)
+    args = [t.to(DEVICE) for t in (q, candidates)]
+    want = rerank_pages(*args, *(t.to(DEVICE) for t in (shared_k, shared_valid, priv_k, priv_valid)), R, 0.25)
+    got = rerank_pages(*args, *(t.to(DEVICE) for t in (flat, shared_valid, priv_k, priv_valid)), R, 0.25,
+                       shared_at=at.to(DEVICE))
+    assert torch.equal(got, want), (got, want)
+    assert (got >= 0).sum() > rows  # shared and private pages were chosen
