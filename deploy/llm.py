@@ -271,6 +271,11 @@ class IceCacheLLM:
                         if s.get("pages_loaded_per_token"):
                             self._pages.observe(s["pages_loaded_per_token"] / self._page_rows, tags=tagged)
                         self._ended(tenant, "OK")
+                        log.info("request of tenant %s: %d + %d prompt tokens, %d out (%s), TTFT %.0f ms, TPOT %.1f ms "
+                                 "(decode pass %.1f ms), batch up to %d, context %s", tenant, s["context_tokens"],
+                                 s["prompt_tokens"], s["output_tokens"], item.finish_reason, 1e3 * (s["ttft_s"] or 0.0),
+                                 1e3 * s["tpot_median_s"], 1e3 * s["decode_pass_s"], s["peak_batch"],
+                                 "reused" if lease and lease.cached else "indexed" if lease else "none")
                         put("stats", stats(item, lease))
 
                 def on_done() -> None:  # the scheduler no longer reads the context

@@ -114,6 +114,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.logprobs_sent = 0  # of them, handed out with text pieces
         self.step_times: list[float] = []
+        self.pass_times: list[float] = []  # its decode group's passes (static path): TPOT less the scheduler's own time
         self.ttft: float | None = None
         self.last_token_at = 0.0
         self.finish = "length"
@@ -242,6 +243,9 @@ class Sequence:
                 "tpot_s": sum(self.step_times) / n if steps else 0.0,
                 # steady state: the first steps include warm-up (kernel compiles, CUDA graph capture)
                 "tpot_median_s": statistics.median(self.step_times) if steps else 0.0,
+                # the median decode pass of its batch (static path; 0 on the dynamic one): what of
+                # tpot_median_s the model took, the rest is the scheduler's and its process's time
+                "decode_pass_s": statistics.median(self.pass_times) if self.pass_times else 0.0,
                 "context_tokens": ctx.num_tokens if ctx is not None else 0,  # none: a prompt only scored
                 "prompt_tokens": len(self.own_ids),
                 "output_tokens": len(self.text.ids),
@@ -307,6 +311,7 @@ class DecodeGroup:
 
     def step(self, tokens: dict[Sequence, int]) -> None:
         """One token for every request of the group (all are decoding)."""
+        started = time.perf_counter()
         logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
                                          graph=self.decoder.device.type == "cuda")
         if any(s.params.logprobs is not None for s in self.seqs):  # their log-probabilities need the rows
@@ -315,6 +320,8 @@ class DecodeGroup:
             picked, logits = logits.argmax(-1).tolist(), [None] * len(self.seqs)
         else:  # one copy and one sync for the batch; sampling runs on the host
             picked, logits = [None] * len(self.seqs), logits.float().cpu()
+        took = time.perf_counter() - started  # through the read back of the picks (or logits): the device's pass
         for b, seq in enumerate(self.seqs):
             seq.logits, seq.chosen = logits[b], picked[b]
             seq.position += 1
+            seq.pass_times.append(took)

@@ -71,6 +71,12 @@ def test_batched_decode_gives_each_request_its_tokens_alone(eng, path):
     assert scheduler.largest_batch >= (4 if path == "dynamic" else 2)  # they did decode together
     assert scheduler.steps < sum(n for _, _, n, _ in plan)  # fewer steps than tokens
     assert [output(s).stats["context_reused"] for s in seqs] == [True, True, True, False, True]
+    for s in seqs:  # the batch's decode pass is part of each token's time (the static path's groups time it)
+        stats = output(s).stats
+        if path == "static" and s.context is not None:
+            assert 0 < stats["decode_pass_s"] <= stats["tpot_median_s"] * 1.5
+        else:
+            assert stats["decode_pass_s"] == 0.0
 
 
 def test_admission_queues_by_device_memory_and_refuses_what_never_fits(eng):
