@@ -58,24 +58,6 @@ class DenseSlots:
             for name, numel in dense_scratch_sizes(slots, H, scratch.group, D, n).items():
                 scratch.need(name, numel)
 
-    def read_shared_from(self, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Where the kernels read the shared pages: rows = the context's flat (K, V) [H, T, D]
-        on the device (its sinks, then its pages' valid tokens in page order, as
-        runner.ContextReader lays them out: a resident context), or None for the pages
-        themselves (shared_k/v: host memory through UVA, or a device_pages copy). The torch
-        path always reads shared_k/v."""
-        if rows is None:
-            self.rows_k, self.rows_v, self.rows_at = shared_rows(self.shared_k, self.shared_v, self.shared_valid,
-                                                                 None)
-            return
-        k, v = rows
-        H, N, P, D = self.shared_k.shape
-        if k.shape[0] != H or k.shape[2] != D or k.device != self.shared_valid.device:
-            raise ValueError(f"rows: a [{H}, tokens, {D}] copy on {self.shared_valid.device} for this layer, "
-                             f"got {tuple(k.shape)} on {k.device}")
-        self.rows_k, self.rows_v = k.contiguous(), v.contiguous()
-        self.rows_at = page_rows(self.shared_valid, self.pages_from)
-
     def slot_tensors(self) -> list[torch.Tensor]:
         return [self.own_k, self.own_v]
 
