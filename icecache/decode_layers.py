@@ -17,7 +17,7 @@ from icecache.attention import decode_attention
 from icecache.config import IceCacheConfig
 from icecache.index.select import box_parts, private_part, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
-from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
+from icecache.selectors import SELECTORS, PageView, random_draw
 from icecache.store import page_rows, shared_rows
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,84 @@ class Scratch:
         return self.buffers[name]
 
 
+class SlotStack:
+    """Every sparse layer's per-slot state, one tensor per kind with the sparse layers first:
+    [L, slots, H, ...] (SparseSlots of sparse layer j holds the views [slots, H, ...] at j).
+    A request is loaded into its slot for all L layers at once: a few dozen ops, where a
+    load per layer took ~30 each (on an H200 ~26 ms a request for an 8B model: a burst of 16
+    questions waited 0.4 s between its first and second tokens)."""
+
+    def __init__(self, tails: list[tuple[torch.Tensor, torch.Tensor]], slots: int, private_pages: int,
+                 page_size: int, window: int, question: int, dtype: torch.dtype, device: torch.device) -> None:
+        """tails: each sparse layer's context tail (K, V) [H, num_tail, D], where every slot's
+        window starts."""
+        L, (H, _, D), cap, P = len(tails), tails[0][0].shape, private_pages, page_size
+        self.page_size = P
+        self.tail_k = torch.stack([k for k, _ in tails]).to(device, dtype)  # [L, H, num_tail, D]
+        self.tail_v = torch.stack([v for _, v in tails]).to(device, dtype)
+        self.priv_k = torch.zeros(L, slots, H, cap, P, D, dtype=dtype, device=device)  # token n at page n // P
+        self.priv_v = torch.zeros_like(self.priv_k)
+        self.priv_valid = torch.zeros(L, slots, H, cap, dtype=torch.long, device=device)
+        self.priv_lo = torch.zeros(L, slots, H, cap, D, dtype=dtype, device=device)  # page boxes, kept as tokens arrive
+        self.priv_hi = torch.zeros_like(self.priv_lo)
+        self.priv_mean = torch.zeros_like(self.priv_lo)  # page moments, kept as tokens arrive
+        self.priv_var = torch.zeros_like(self.priv_lo)
+        self.win_k = torch.zeros(L, slots, H, window, D, dtype=dtype, device=device)
+        self.win_v = torch.zeros_like(self.win_k)
+        # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
+        self.question = torch.full((L, slots, H, question), -1, dtype=torch.long, device=device)
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """The per-slot tensors ([L, slots, ...]: the slot is dimension 1)."""
+        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.priv_mean, self.priv_var,
+                self.win_k, self.win_v, self.question]
+
+    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int,
+             more: tuple[torch.Tensor, torch.Tensor] | None = None, question: torch.Tensor | None = None) -> None:
+        """A request's recent tokens in every sparse layer (the last tokens of the context's
+        middle `more` [L, H, b, D] if any, its tail, then the request's own prompt own_k/v
+        [L, H, m, D]) into slot: the oldest `cut` of them into private pages, the rest into
+        the window ring. question: [L, H, K] the pages its question picked (-1 = none)."""
+        dev, dtype, P = self.win_k.device, self.win_k.dtype, self.page_size
+        L, _, H = self.priv_valid.shape[:3]
+        self.question[:, slot] = -1
+        if question is not None:  # fewer columns where the context has fewer pages than asked for
+            self.question[:, slot, :, :question.shape[2]] = question.to(dev)
+        parts_k, parts_v = [self.tail_k, own_k.to(dev, dtype)], [self.tail_v, own_v.to(dev, dtype)]
+        if more is not None:
+            parts_k.insert(0, more[0].to(dev, dtype))
+            parts_v.insert(0, more[1].to(dev, dtype))
+        recent_k, recent_v = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)  # [L, H, r, D]
+        valid = self.priv_valid[:, slot]  # [L, H, cap]
+        valid.zero_()
+        for box in (self.priv_lo, self.priv_hi, self.priv_mean, self.priv_var):
+            box[:, slot].zero_()  # an empty page's boxes and moments are 0
+        if cut:
+            n = torch.arange(cut, device=dev)
+            self.priv_k[:, slot][:, :, n // P, n % P] = recent_k[:, :, :cut]
+            self.priv_v[:, slot][:, :, n // P, n % P] = recent_v[:, :, :cut]
+            valid.index_add_(2, n // P, torch.ones(L, H, cut, dtype=torch.long, device=dev))
+            used = -(-cut // P)  # the pages holding tokens
+            keys = self.priv_k[:, slot, :, :used].reshape(L * H, used, P, -1)
+            counts = valid[..., :used].reshape(L * H, used)
+            for (lo, hi), (a, b) in (((self.priv_lo, self.priv_hi), page_bounds(keys, counts)),
+                                     ((self.priv_mean, self.priv_var), page_moments(keys, counts))):
+                lo[:, slot, :, :used] = a.view(L, H, used, -1)
+                hi[:, slot, :, :used] = b.view(L, H, used, -1)
+        w = recent_k.shape[2] - cut
+        self.win_k[:, slot, :, :w], self.win_v[:, slot, :, :w] = recent_k[:, :, cut:], recent_v[:, :, cut:]
+
+
 class SparseSlots:
     """A sparse layer: the context's shared tree, host pages and sinks, and per slot a
     window ring and private pages. Per-slot tensors lead with the slot: [B, H, ...]."""
 
-    def __init__(self, ctx_layer, slots: int, private_pages: int, config: IceCacheConfig, dtype: torch.dtype,
+    def __init__(self, ctx_layer, stack: SlotStack, index: int, config: IceCacheConfig, dtype: torch.dtype,
                  device: torch.device, ring: Ring, scratch: Scratch | None,
                  leader: "SparseSlots | None" = None, device_pages: bool = False, layer: int = 0) -> None:
+        """stack: the per-slot state of every sparse layer, this one's at `index`."""
         H, _, D = ctx_layer.sink_k.shape
+        slots, cap = stack.priv_valid.shape[1], stack.priv_valid.shape[3]
         self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
         self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
         P, W = config.page_size, ring.window
@@ -154,20 +224,12 @@ class SparseSlots:
         self.read_shared_from(None)
         self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
         self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
-        self.tail_k = ctx_layer.tail_k.to(device, dtype)  # [H, num_tail, D]: where every slot's window starts
-        self.tail_v = ctx_layer.tail_v.to(device, dtype)
-        cap = private_pages
-        self.priv_k = torch.zeros(slots, H, cap, P, D, dtype=dtype, device=device)  # token n at page n // P
-        self.priv_v = torch.zeros_like(self.priv_k)
-        self.priv_valid = torch.zeros(slots, H, cap, dtype=torch.long, device=device)
-        self.priv_lo = torch.zeros(slots, H, cap, D, dtype=dtype, device=device)  # page boxes, kept as tokens arrive
-        self.priv_hi = torch.zeros_like(self.priv_lo)
-        self.priv_mean = torch.zeros_like(self.priv_lo)  # page moments, kept as tokens arrive
-        self.priv_var = torch.zeros_like(self.priv_lo)
-        self.win_k = torch.zeros(slots, H, W, D, dtype=dtype, device=device)
-        self.win_v = torch.zeros_like(self.win_k)
-        # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
-        self.question = torch.full((slots, H, question), -1, dtype=torch.long, device=device)
+        # per slot (views of the stack): private pages (token n at page n // P), their boxes and
+        # moments (kept as tokens arrive), the window ring, the pages the question picked
+        self.priv_k, self.priv_v, self.priv_valid = stack.priv_k[index], stack.priv_v[index], stack.priv_valid[index]
+        self.priv_lo, self.priv_hi = stack.priv_lo[index], stack.priv_hi[index]
+        self.priv_mean, self.priv_var = stack.priv_mean[index], stack.priv_var[index]
+        self.win_k, self.win_v, self.question = stack.win_k[index], stack.win_v[index], stack.question[index]
         # the budget holds every page the slots can have (a short context): no search, all of
         # them every step, as the dynamic path does; -1 for empty shared pages
         self.everything = None
@@ -204,34 +266,15 @@ class SparseSlots:
         self.rows_at = page_rows(self.shared_valid, self.pages_from)
 
     def slot_tensors(self) -> list[torch.Tensor]:
-        return [self.priv_k, self.priv_v, self.priv_valid, self.priv_lo, self.priv_hi, self.priv_mean, self.priv_var,
-                self.win_k, self.win_v, self.question, self.question_k]
+        """This layer's own per-slot tensors (the rest are its stack's)."""
+        return [self.question_k]
 
-    def load(self, slot: int, own_k: torch.Tensor, own_v: torch.Tensor, cut: int, before: int = 0,
-             question: torch.Tensor | None = None) -> None:
-        """A request's recent tokens (the last `before` tokens of the context's middle, its
-        tail, then the request's own prompt) into slot: the oldest `cut` of them into private
-        pages, the rest into the window ring. question: [H, K] the pages its question picked."""
-        dev, dtype, P = self.win_k.device, self.win_k.dtype, self.P
-        self.question[slot] = -1
-        if question is not None:  # fewer columns where the context has fewer pages than asked for
-            self.question[slot, :, :question.shape[1]] = question.to(dev)
-        if self.question_k.shape[2]:  # one read of the question's pages over PCIe, not one a step
-            heads = torch.arange(self.H, device=dev)[:, None]
+    def copy_question_keys(self, slot: int) -> None:
+        """The keys of the pages slot's question picked (self.question, loaded by the stack),
+        copied to the device once for the re-ranking: one read of them, not one a step."""
+        if self.question_k.shape[2]:
+            heads = torch.arange(self.H, device=self.question.device)[:, None]
             self.question_k[slot] = self.shared_k[heads, self.question[slot].clamp_min(0)]
-        more_k, more_v = recent_tokens(self.pages, before)
-        recent_k = torch.cat([more_k.to(dev, dtype), self.tail_k, own_k.to(dev, dtype)], dim=1)
-        recent_v = torch.cat([more_v.to(dev, dtype), self.tail_v, own_v.to(dev, dtype)], dim=1)
-        self.priv_valid[slot].zero_()
-        if cut:
-            n = torch.arange(cut, device=dev)
-            self.priv_k[slot][:, n // P, n % P] = recent_k[:, :cut]
-            self.priv_v[slot][:, n // P, n % P] = recent_v[:, :cut]
-            self.priv_valid[slot].index_add_(1, n // P, torch.ones(self.H, cut, dtype=torch.long, device=dev))
-        self.priv_lo[slot], self.priv_hi[slot] = page_bounds(self.priv_k[slot], self.priv_valid[slot])
-        self.priv_mean[slot], self.priv_var[slot] = page_moments(self.priv_k[slot], self.priv_valid[slot])
-        w = recent_k.shape[1] - cut
-        self.win_k[slot, :, :w], self.win_v[slot, :, :w] = recent_k[:, cut:], recent_v[:, cut:]
 
     # ------------------------------------------------------------ the Triton path (CUDA)
     def _plan_kernels(self, slots: int, H: int, D: int) -> None:

@@ -39,8 +39,8 @@ import torch
 
 from icecache.config import IceCacheConfig
 from icecache.context import Context
-from icecache.decode_layers import DenseSlots, Ring, Scratch, SparseSlots, use_kernels
-from icecache.selectors import SELECTORS
+from icecache.decode_layers import DenseSlots, Ring, Scratch, SlotStack, SparseSlots, use_kernels
+from icecache.selectors import SELECTORS, recent_tokens
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,17 @@ class StaticDecoder:
         self._merged = [self._merge(layer) if self.fused else (None, None) for layer in self.layers]
         kernel_layers = use_kernels(self.device, config, self.head_dim, self.group, widest)
         self.scratch = Scratch(self.device, self.group) if kernel_layers else None
+        self.stack = None  # every sparse layer's per-slot state, loaded for all of them at once
+        if sparse_layers:
+            self.stack = SlotStack([(context.sparse[i].tail_k, context.sparse[i].tail_v) for i in sparse_layers],
+                                   slots, private_pages, config.page_size, window, config.candidates[1], self.dtype,
+                                   self.device)
         self.states: list[SparseSlots | DenseSlots] = []
         for i in range(num_layers):
             if i in sparse_layers:
                 leader = context.cycle_leader(i)
-                self.states.append(SparseSlots(context.sparse[i], slots, private_pages, config, self.dtype,
-                                                self.device, self.ring, self.scratch,
+                self.states.append(SparseSlots(context.sparse[i], self.stack, sparse_layers.index(i), config,
+                                                self.dtype, self.device, self.ring, self.scratch,
                                                 self.states[leader] if leader != i else None, device_pages, i))
             else:
                 ck, cv = context.flat_kv(i)
@@ -114,7 +119,8 @@ class StaticDecoder:
         if self.scratch is not None:
             self.scratch.allocate()
         self._slot_tensors = [t for s in self.states for t in s.slot_tensors()] + [self.own] + (
-            [self.ring.counts] if self.ring is not None else [])
+            [self.ring.counts] if self.ring is not None else [])  # the slot first
+        self._stacked = self.stack.slot_tensors() if self.stack is not None else []  # the slot second
         self.last_pages: list[torch.Tensor | None] = [None] * num_layers
         self._token = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
@@ -176,17 +182,41 @@ class StaticDecoder:
             recent += before
             cut = max(0, recent - window)  # the oldest of them start in private pages
             self.ring.counts[slot, 0], self.ring.counts[slot, 1] = recent - cut, cut
-        for i, (state, (k, v)) in enumerate(zip(self.states, own_kv)):
-            if isinstance(state, SparseSlots):
-                state.load(slot, k, v, cut, before, (question_pages or {}).get(i))
-            else:
+            sparse = [i for i, state in enumerate(self.states) if isinstance(state, SparseSlots)]
+            more = None
+            if before:
+                recent_of = [recent_tokens(self.states[i].pages, before) for i in sparse]
+                more = torch.stack([k for k, _ in recent_of]), torch.stack([v for _, v in recent_of])
+            self.stack.load(slot, torch.stack([own_kv[i][0] for i in sparse]),
+                            torch.stack([own_kv[i][1] for i in sparse]), cut, more,
+                            self._questions(question_pages or {}, sparse))
+            for i in sparse:
+                self.states[i].copy_question_keys(slot)
+        for state, (k, v) in zip(self.states, own_kv):
+            if isinstance(state, DenseSlots):
                 state.load(slot, k, v)
+
+    def _questions(self, question_pages: dict[int, torch.Tensor], sparse: list[int]) -> torch.Tensor | None:
+        """The sparse layers' question pages as one [L, H, K] tensor (-1 = none), or None."""
+        if not question_pages:
+            return None
+        picked = [question_pages.get(i) for i in sparse]
+        widths = {p.shape[1] for p in picked if p is not None}
+        if None not in picked and len(widths) == 1:  # the usual case: one stack, no copy per layer
+            return torch.stack(picked)
+        out = torch.full((len(sparse), self.num_kv_heads, max(widths, default=0)), -1, dtype=torch.long)
+        for j, p in enumerate(picked):
+            if p is not None:
+                out[j, :, :p.shape[1]] = p.cpu()
+        return out
 
     def move(self, src: int, dst: int) -> None:
         """Slot src's request into slot dst (e.g. the last slot into a freed one)."""
         if src != dst:
             for t in self._slot_tensors:
                 t[dst].copy_(t[src])
+            for t in self._stacked:
+                t[:, dst].copy_(t[:, src])
 
     # ---------------------------------------------------------------- steps
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -347,6 +377,8 @@ class StaticDecoder:
                 tensors.update((t.data_ptr(), t) for t in s.tree.tensors())
         if self.scratch is not None:
             tensors.update((t.data_ptr(), t) for t in self.scratch.buffers.values())
+        if self.stack is not None:  # its per-slot tensors are the sparse layers' (counted above); the tails
+            tensors.update((t.data_ptr(), t) for t in (self.stack.tail_k, self.stack.tail_v))
         return sum(t.numel() * t.element_size() for t in tensors.values() if t.device == self.device)
 
     def pages_per_step(self, slot: int = 0) -> int:
