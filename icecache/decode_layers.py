@@ -258,7 +258,7 @@ class SparseSlots:
                                                                  None)
             return
         k, v = rows
-        H, N, P, D = self.shared_k.shape
+        H, D = self.shared_k.shape[0], self.shared_k.shape[-1]
         if k.shape[0] != H or k.shape[2] != D or k.device != self.shared_valid.device:
             raise ValueError(f"rows: a [{H}, tokens, {D}] copy on {self.shared_valid.device} for this layer, "
                              f"got {tuple(k.shape)} on {k.device}")

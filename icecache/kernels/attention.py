@@ -105,7 +105,7 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
     row's private [H, M, P, D]; -1 = none) and the row's window ring [H, W, D] holding
     min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]. Shared pages: shared_k/v [HS, N, P, D]
     (shared_at None), or token rows [HS, T, D] where page p of head hs starts at row
-    shared_at[hs, p] (shared_pages_at), with shared_valid [HS, N] tokens."""
+    shared_at[hs, p] (store.page_rows), with shared_valid [HS, N] tokens."""
     shared_k, shared_v, shared_at = shared_rows(shared_k, shared_v, shared_valid, shared_at)
     check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k, priv_v,
                      priv_valid, win_k, win_v)

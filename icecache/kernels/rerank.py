@@ -107,7 +107,7 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     [rows, M, P, D], priv_valid [rows, M]; copied_k [rows, Q, P, D]: the keys of the shared
     pages of each row's first Q candidates (their valid counts still shared_valid's), read
     there rather than from shared_k. shared_at: shared_k as token rows [HS, T, D] instead of pages,
-    page p of head hs from row shared_at[hs, p] (kernels.common.shared_rows).
+    page p of head hs from row shared_at[hs, p] (store.shared_rows).
     -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
     if copied_k is None:
         copied_k = priv_k[:, :0]
