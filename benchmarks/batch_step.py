@@ -1,0 +1,192 @@
+"""Where a batched decode step's time goes, as a served replica runs it (GPU), side by side in one run.
+
+    python -m benchmarks.batch_step --contexts 32768 131072 --batches 1 16
+
+Model: Llama-3.1-8B shape, random bf16 weights (vocabulary of SmolLM2's tokenizer, as
+benchmarks/serve_gpu.py). Per context length, a document is indexed (the engine keeps it
+resident on the GPU, as a replica does) and N sessions each prefill a question of their own,
+whose pages are candidates at every step (the default). Then, for each batch size N:
+
+  step           a graphed step of N slots (StaticDecoder), p50, with the document's pages
+                 read from host memory over PCIe ("host"), from the resident copy the
+                 engine keeps for question prefill ("resident", the served default), and
+                 from a device_pages copy of the decoder's own ("device_pages");
+  index query    the sparse layers' page choice alone for N rows (walk, ranking by key
+                 moments, re-ranking by keys), and its walk and walk + ranking parts;
+  load           putting N prefilled requests into their slots (what a burst's requests
+                 pay between their first and second tokens);
+and once, through Engine.scheduler as the replica drives it: N sessions of 32 tokens,
+tokens/s, each request's TPOT mean and median and its batch's decode pass (p50 over them).
+Writes JSON + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.decode_speed import cuda_time, finish, parse_gpu_args, random_ids, save, shaped_model
+from icecache import Engine, IceCacheConfig, SamplingParams
+from icecache.internals import RequestKV, StaticDecoder
+
+VOCAB = 49152  # SmolLM2's tokenizer, as the served benchmark uses
+QUESTION_TOKENS = 20
+WHERE = ("host", "resident", "device_pages")
+
+
+def prefilled(eng: Engine, ctx, n: int) -> list[tuple[list, dict]]:
+    """n questions of their own on ctx, prefilled: (own KV per layer, question pages) each."""
+    out = []
+    with torch.inference_mode():
+        for i in range(n):
+            req = RequestKV(eng.shape, eng.config, ctx)
+            eng.runner.prefill_one(req, random_ids(QUESTION_TOKENS, VOCAB, torch.Generator().manual_seed(i)),
+                                   ctx.num_tokens)
+            out.append(([(kv.k, kv.v) for kv in req.own], req.question_pages))
+    return out
+
+
+def measure(eng: Engine, ctx, requests: list, where: str, steps: int) -> dict:
+    """A decoder of len(requests) slots reading the pages from `where`: its graphed step,
+    the index query's parts for as many rows, and the slots' load."""
+    from icecache.internals import rank_pages, walk_tree
+    B = len(requests)
+    resident = eng.runner.resident if where == "resident" else None
+    with torch.inference_mode():
+        dec = StaticDecoder(eng.model, eng.config, ctx, slots=B, slot_tokens=512, device_pages=where == "device_pages",
+                            resident=resident)
+        if where == "resident" and not dec.resident_rows:
+            raise SystemExit("the engine did not keep the document resident: raise resident_context_share")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for slot, (own, pages) in enumerate(requests):
+            dec.load(slot, own, 64, pages)
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - start
+        tokens, positions, times = [100 + i for i in range(B)], [ctx.num_tokens + QUESTION_TOKENS] * B, []
+        for _ in range(steps + 4):  # eager until the size recurs, then recorded and replayed
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens = dec.step_batch(tokens, positions, graph=True).argmax(-1).tolist()
+            times.append(time.perf_counter() - start)
+            positions = [p + 1 for p in positions]
+        H, D, G = eng.shape.num_kv_heads, eng.shape.head_dim, eng.shape.group
+        sparse = dec.sparse_states
+        q = torch.randn(B * H, G, D, device="cuda")
+        scaling = D ** -0.5
+
+        def walk_rank(rank: bool):
+            for s in sparse:
+                S = s.scratch
+                top = walk_tree(q, s.plan, s.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
+                if rank:
+                    rank_pages(q, top, s.plan, s.tree.page_mean, s.tree.page_var, s.tree.page_valid,
+                                    s.priv_mean[:B].flatten(0, 1), s.priv_var[:B].flatten(0, 1),
+                                    s.priv_valid[:B].flatten(0, 1), scaling, s.R * s.rerank, S["raw"], S["cand"],
+                                    S["parts"], s.page_heads)
+        row = {"batch": B, "where": where, "step_p50_s": statistics.median(times[4:]), "load_s": load_s,
+               "index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),
+               "walk_s": cuda_time(lambda: walk_rank(False)), "walk_rank_s": cuda_time(lambda: walk_rank(True)),
+               "graphed": sorted(dec.graphed), "kv_gpu_gib": dec.device_bytes() / 2**30}
+        del dec
+    torch.cuda.empty_cache()
+    return row
+
+
+def scheduler_round(eng: Engine, ctx, sessions: int, tokens: int) -> dict:
+    """sessions questions on ctx through Engine.scheduler, the second of two rounds (the
+    first records the graphs)."""
+    sched = eng.scheduler(max_batch=sessions)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for round_ in range(2):
+        seqs = [sched.submit(random_ids(QUESTION_TOKENS, VOCAB, torch.Generator().manual_seed(100 * round_ + i)),
+                             params, context=ctx) for i in range(sessions)]
+        start = time.perf_counter()
+        while sched.has_work:
+            sched.step()
+        wall = time.perf_counter() - start
+    stats = [s.items[-1].stats for s in seqs]
+    p50 = lambda key: statistics.median(x[key] for x in stats)  # noqa: E731
+    return {"sessions": sessions, "tokens": tokens, "tokens_per_s": sessions * tokens / wall,
+            "ttft_p50_s": p50("ttft_s"), "tpot_mean_p50_s": p50("tpot_s"), "tpot_median_p50_s": p50("tpot_median_s"),
+            "decode_pass_p50_s": p50("decode_pass_s")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per session in the scheduler round")
+    args = parse_gpu_args(ap, argv, "batch_step", plot)
+    if args is None:
+        return 0
+    model = shaped_model("llama-3.1-8b", max(args.contexts) + 4096, vocab_size=VOCAB)
+    eng = Engine.from_model(model, config=IceCacheConfig(), model_id="llama-3.1-8b-random")
+    report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": "llama-3.1-8b shape",
+              "runs": []}
+    for n in args.contexts:
+        ctx = eng.index(random_ids(n, VOCAB, torch.Generator().manual_seed(n))).with_index_on(eng.device)
+        requests = prefilled(eng, ctx, max(args.batches))
+        entry = {"context": n, "rows": []}
+        for B in args.batches:
+            for where in WHERE:
+                row = measure(eng, ctx, requests[:B], where, args.steps)
+                entry["rows"].append(row)
+                print(f"[{n}] x{B} {where}: step {row['step_p50_s'] * 1e3:.1f} ms, index query "
+                      f"{row['index_query_s'] * 1e3:.1f} ms, load {row['load_s'] * 1e3:.0f} ms", flush=True)
+        entry["scheduler"] = scheduler_round(eng, ctx, max(args.batches), args.tokens)
+        print(f"[{n}] scheduler: {entry['scheduler']}", flush=True)
+        report["runs"].append(entry)
+        eng.runner.forget(ctx)
+        del ctx, requests
+        torch.cuda.empty_cache()
+        save(report, args.out)  # partial results survive a timeout
+    finish(report, args.out, summarise, plot)
+    return 0
+
+
+def summarise(report: dict) -> None:
+    ratios = {}
+    for entry in report["runs"]:
+        rows = {(r["batch"], r["where"]): r for r in entry["rows"]}
+        for B in sorted({r["batch"] for r in entry["rows"]}):
+            host, resident = rows[(B, "host")], rows[(B, "resident")]
+            ratios[f"{entry['context']}_x{B}_resident_over_host"] = resident["step_p50_s"] / host["step_p50_s"]
+            print(f"{entry['context']:>7} x{B:<3} step ms host / resident / device_pages: " +
+                  " / ".join(f"{rows[(B, w)]['step_p50_s'] * 1e3:.1f}" for w in WHERE) +
+                  f"; index query {resident['index_query_s'] * 1e3:.1f} (walk {resident['walk_s'] * 1e3:.1f}, "
+                  f"+ranking {resident['walk_rank_s'] * 1e3:.1f}); load {resident['load_s'] * 1e3:.0f} ms")
+        s = entry["scheduler"]
+        print(f"{entry['context']:>7} scheduler x{s['sessions']}: {s['tokens_per_s']:.0f} tok/s, TPOT mean "
+              f"{s['tpot_mean_p50_s'] * 1e3:.1f} / median {s['tpot_median_p50_s'] * 1e3:.1f} / decode pass "
+              f"{s['decode_pass_p50_s'] * 1e3:.1f} ms")
+    report["ratios"] = ratios
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = report["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, entry in zip(axes[0], runs):
+        batches = sorted({r["batch"] for r in entry["rows"]})
+        width = 0.8 / len(WHERE)
+        for j, where in enumerate(WHERE):
+            rows = {r["batch"]: r for r in entry["rows"] if r["where"] == where}
+            ax.bar([i + j * width for i in range(len(batches))], [rows[b]["step_p50_s"] * 1e3 for b in batches],
+                   width, label=f"step, pages from {where}")
+        ax.set_xticks([i + width for i in range(len(batches))], [f"{b} sessions" for b in batches])
+        ax.set(ylabel="ms per batched step", title=f"{entry['context'] // 1024}k context, {report['gpu']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
