@@ -221,7 +221,6 @@ class SparseSlots:
         else:
             self.shared_k, self.shared_v = uva_view(pages.keys, device), uva_view(pages.values, device)
         self.shared_valid = pages.valid.to(device)
-        self.read_shared_from(None)
         self.sink_k = ctx_layer.sink_k.to(device, dtype).contiguous()  # [H, num_sink, D]
         self.sink_v = ctx_layer.sink_v.to(device, dtype).contiguous()
         # per slot (views of the stack): private pages (token n at page n // P), their boxes and
@@ -242,8 +241,9 @@ class SparseSlots:
         # every step, 3x the PCIe traffic of the pages it keeps otherwise (the kernel path; nothing
         # to copy where the pages lie on the device already, or where no step searches)
         searches = scratch is not None and leader is None and self.everything is None
-        copies = question if searches and not device_pages and pages.num_pages else 0
-        self.question_k = torch.zeros(slots, H, copies, P, D, dtype=dtype, device=device)
+        self.copies = question if searches and not device_pages and pages.num_pages else 0
+        self.question_k = torch.zeros(slots, H, self.copies, P, D, dtype=dtype, device=device)
+        self.read_shared_from(None)
         if scratch is not None and leader is None:
             self._plan_kernels(slots, H, D)
 
@@ -253,9 +253,13 @@ class SparseSlots:
         runner.ContextReader lays them out: a resident context), or None for the pages
         themselves (shared_k/v: host memory through UVA, or a device_pages copy). The torch
         path always reads shared_k/v."""
+        slots, H, _, P, D = self.question_k.shape
         if rows is None:
             self.rows_k, self.rows_v, self.rows_at = shared_rows(self.shared_k, self.shared_v, self.shared_valid,
                                                                  None)
+            if self.question_k.shape[2] != self.copies:  # back from a device copy: every slot's questions' keys
+                heads = torch.arange(H, device=self.question.device)[None, :, None]
+                self.question_k = self.shared_k[heads, self.question.clamp_min(0)].to(self.question_k.dtype)
             return
         k, v = rows
         H, D = self.shared_k.shape[0], self.shared_k.shape[-1]
@@ -264,6 +268,8 @@ class SparseSlots:
                              f"got {tuple(k.shape)} on {k.device}")
         self.rows_k, self.rows_v = k.contiguous(), v.contiguous()
         self.rows_at = page_rows(self.shared_valid, self.pages_from)
+        # the re-ranking reads the questions' pages from the copy as well: no keys of ours to keep
+        self.question_k = self.question_k.new_zeros(slots, H, 0, P, D)
 
     def slot_tensors(self) -> list[torch.Tensor]:
         """This layer's own per-slot tensors (the rest are its stack's)."""
@@ -271,7 +277,8 @@ class SparseSlots:
 
     def copy_question_keys(self, slot: int) -> None:
         """The keys of the pages slot's question picked (self.question, loaded by the stack),
-        copied to the device once for the re-ranking: one read of them, not one a step."""
+        copied to the device once for the re-ranking: one read of them, not one a step
+        (nothing while the pages are read from a device copy of the context)."""
         if self.question_k.shape[2]:
             heads = torch.arange(self.H, device=self.question.device)[:, None]
             self.question_k[slot] = self.shared_k[heads, self.question[slot].clamp_min(0)]

@@ -118,8 +118,7 @@ class StaticDecoder:
                                                self.scratch))
         if self.scratch is not None:
             self.scratch.allocate()
-        self._slot_tensors = [t for s in self.states for t in s.slot_tensors()] + [self.own] + (
-            [self.ring.counts] if self.ring is not None else [])  # the slot first
+        self._slot_tensors = [self.own] + ([self.ring.counts] if self.ring is not None else [])  # the slot first
         self._stacked = self.stack.slot_tensors() if self.stack is not None else []  # the slot second
         self.last_pages: list[torch.Tensor | None] = [None] * num_layers
         self._token = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
@@ -213,7 +212,7 @@ class StaticDecoder:
     def move(self, src: int, dst: int) -> None:
         """Slot src's request into slot dst (e.g. the last slot into a freed one)."""
         if src != dst:
-            for t in self._slot_tensors:
+            for t in [*self._slot_tensors, *(t for s in self.states for t in s.slot_tensors())]:
                 t[dst].copy_(t[src])
             for t in self._stacked:
                 t[:, dst].copy_(t[:, src])

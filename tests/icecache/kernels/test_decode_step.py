@@ -218,12 +218,16 @@ def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(mon
         for i, state in enumerate(copy_.states):
             if i in ctx.sparse:
                 assert state.rows_k.data_ptr() == kv[i][0].data_ptr()
+                assert state.question_k.shape[2] == 0  # the question's pages are read from the copy too
+        assert any(s.question_k.shape[2] for s in pages.sparse_states)
         token, start = int(logits.argmax()), ctx.num_tokens + len(question)
         for step in range(steps):
             if step == steps // 2:
                 resident.forget(ctx)  # evicted mid-request: back to the pages
                 assert not copy_.resident_rows
                 assert all(s.rows_k.data_ptr() == s.shared_k.data_ptr() for s in copy_.sparse_states)
+                for mine, theirs in zip(copy_.sparse_states, pages.sparse_states):  # its questions' keys again
+                    assert torch.equal(mine.question_k, theirs.question_k)
             want = pages.step(token, start + step).clone()
             got = copy_.step(token, start + step).clone()
             assert (want - got).abs().max() < 1e-5, f"step {step}"
