@@ -262,7 +262,6 @@ class SparseSlots:
                 self.question_k = self.shared_k[heads, self.question.clamp_min(0)].to(self.question_k.dtype)
             return
         k, v = rows
-        H, D = self.shared_k.shape[0], self.shared_k.shape[-1]
         if k.shape[0] != H or k.shape[2] != D or k.device != self.shared_valid.device:
             raise ValueError(f"rows: a [{H}, tokens, {D}] copy on {self.shared_valid.device} for this layer, "
                              f"got {tuple(k.shape)} on {k.device}")
