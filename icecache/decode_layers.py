@@ -258,8 +258,7 @@ class SparseSlots:
             self.rows_k, self.rows_v, self.rows_at = shared_rows(self.shared_k, self.shared_v, self.shared_valid,
                                                                  None)
             if self.question_k.shape[2] != self.copies:  # back from a device copy: every slot's questions' keys
-                heads = torch.arange(H, device=self.question.device)[None, :, None]
-                self.question_k = self.shared_k[heads, self.question.clamp_min(0)].to(self.question_k.dtype)
+                self.question_k = self._question_keys(self.question).to(self.question_k.dtype)
             return
         k, v = rows
         if k.shape[0] != H or k.shape[2] != D or k.device != self.shared_valid.device:
@@ -279,8 +278,12 @@ class SparseSlots:
         copied to the device once for the re-ranking: one read of them, not one a step
         (nothing while the pages are read from a device copy of the context)."""
         if self.question_k.shape[2]:
-            heads = torch.arange(self.H, device=self.question.device)[:, None]
-            self.question_k[slot] = self.shared_k[heads, self.question[slot].clamp_min(0)]
+            self.question_k[slot] = self._question_keys(self.question[slot])
+
+    def _question_keys(self, question: torch.Tensor) -> torch.Tensor:
+        """The keys of question pages [..., H, K] (-1 = none: page 0's, never read) -> [..., H, K, P, D]."""
+        heads = torch.arange(self.H, device=question.device)[:, None]
+        return self.shared_k[heads, question.clamp_min(0)]
 
     # ------------------------------------------------------------ the Triton path (CUDA)
     def _plan_kernels(self, slots: int, H: int, D: int) -> None:

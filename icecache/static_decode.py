@@ -100,6 +100,7 @@ class StaticDecoder:
         self._merged = [self._merge(layer) if self.fused else (None, None) for layer in self.layers]
         kernel_layers = use_kernels(self.device, config, self.head_dim, self.group, widest)
         self.scratch = Scratch(self.device, self.group) if kernel_layers else None
+        self.sparse_layers = sparse_layers
         self.stack = None  # every sparse layer's per-slot state, loaded for all of them at once
         if sparse_layers:
             self.stack = SlotStack([(context.sparse[i].tail_k, context.sparse[i].tail_v) for i in sparse_layers],
@@ -144,9 +145,8 @@ class StaticDecoder:
         kept = resident.get(self.context)
         if kept is None:
             return
-        for i, state in enumerate(self.states):
-            if isinstance(state, SparseSlots):
-                state.read_shared_from(kept.kv[i])
+        for i in self.sparse_layers:
+            self.states[i].read_shared_from(kept.kv[i])
         resident.watch(self.context, self)
         self._graphs.clear()  # recorded with the host pages' addresses
         self.resident_rows = True
@@ -181,7 +181,7 @@ class StaticDecoder:
             recent += before
             cut = max(0, recent - window)  # the oldest of them start in private pages
             self.ring.counts[slot, 0], self.ring.counts[slot, 1] = recent - cut, cut
-            sparse = [i for i, state in enumerate(self.states) if isinstance(state, SparseSlots)]
+            sparse = self.sparse_layers
             more = None
             if before:
                 recent_of = [recent_tokens(self.states[i].pages, before) for i in sparse]
