@@ -9,6 +9,18 @@ triton = pytest.importorskip("triton", reason="the kernels need triton (a test d
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def random_pages(gen: torch.Generator, rows: int, HS: int, G: int, D: int, P: int, N: int, M: int,
+                 least_valid: int = 1) -> tuple[torch.Tensor, ...]:
+    """A re-ranking case's queries [rows, G, D], shared pages [HS, N, P, D] (bf16, as a model's)
+    with their valid counts, and each row's private pages [rows, M, P, D] with theirs."""
+    q = torch.randn(rows, G, D, generator=gen)
+    shared_k = torch.randn(HS, N, P, D, generator=gen).to(torch.bfloat16)
+    shared_valid = torch.randint(least_valid, P + 1, (HS, N), generator=gen)
+    priv_k = torch.randn(rows, M, P, D, generator=gen)
+    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
+    return q, shared_k, shared_valid, priv_k, priv_valid
+
+
 @pytest.mark.parametrize("num_shared", [40, 0])
 def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
     """kernels.rerank.rerank_pages = index.select.rerank_pages: same pages, same order, over
@@ -18,13 +30,9 @@ def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
     gen = torch.Generator().manual_seed(num_shared)
     B, HS, G, D, P, M, C, R = 2, 2, 3, 16, 16, 6, 12, 4
     rows = B * HS
-    q = torch.randn(rows, G, D, generator=gen)
-    shared_k = torch.randn(HS, num_shared, P, D, generator=gen).to(torch.bfloat16)
-    shared_valid = torch.randint(1, P + 1, (HS, num_shared), generator=gen)
+    q, shared_k, shared_valid, priv_k, priv_valid = random_pages(gen, rows, HS, G, D, P, num_shared, M)
     if num_shared:
         shared_valid[:, 3] = 0  # an empty page among the candidates
-    priv_k = torch.randn(rows, M, P, D, generator=gen)
-    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
     candidates = torch.stack([torch.randperm(num_shared + M, generator=gen)[:C] for _ in range(rows)]).to(torch.int32)
     candidates[:, -2:] = -1
     candidates[1, 4] = candidates[1, 1]  # a page named twice (a question's page the bounds picked too) counts once
@@ -47,11 +55,7 @@ def test_fused_rerank_reads_the_question_pages_from_their_device_copy():
     gen = torch.Generator().manual_seed(7)
     B, HS, G, D, P, N, M, C, Q, R = 2, 2, 3, 16, 16, 40, 4, 14, 5, 4
     rows = B * HS
-    q = torch.randn(rows, G, D, generator=gen)
-    shared_k = torch.randn(HS, N, P, D, generator=gen).to(torch.bfloat16)
-    shared_valid = torch.randint(1, P + 1, (HS, N), generator=gen)
-    priv_k = torch.randn(rows, M, P, D, generator=gen)
-    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
+    q, shared_k, shared_valid, priv_k, priv_valid = random_pages(gen, rows, HS, G, D, P, N, M)
     # row r's question: pages r*Q... (no other row's), then the bounds' candidates: the other pages
     later = torch.stack([rows * Q + torch.randperm(N + M - rows * Q, generator=gen)[:C - Q] for _ in range(rows)])
     candidates = torch.cat([torch.arange(rows * Q).view(rows, Q), later], dim=1)
@@ -81,11 +85,7 @@ def test_fused_rerank_reads_shared_pages_laid_out_as_token_rows():
     gen = torch.Generator().manual_seed(11)
     B, HS, G, D, P, N, M, C, R, SINKS = 2, 2, 3, 16, 16, 30, 4, 12, 4, 5
     rows = B * HS
-    q = torch.randn(rows, G, D, generator=gen)
-    shared_k = torch.randn(HS, N, P, D, generator=gen).to(torch.bfloat16)
-    shared_valid = torch.randint(0, P + 1, (HS, N), generator=gen)
-    priv_k = torch.randn(rows, M, P, D, generator=gen)
-    priv_valid = torch.randint(0, P + 1, (rows, M), generator=gen)
+    q, shared_k, shared_valid, priv_k, priv_valid = random_pages(gen, rows, HS, G, D, P, N, M, least_valid=0)
     candidates = torch.stack([torch.randperm(N + M, generator=gen)[:C] for _ in range(rows)]).to(torch.int32)
     # every head's rows: garbage sinks, its pages' valid tokens, garbage up to the longest head's length
     tokens = [torch.cat([shared_k[h, p, :int(shared_valid[h, p])] for p in range(N)]) for h in range(HS)]
