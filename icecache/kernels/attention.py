@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from icecache.kernels.common import VARIANTS, check_contiguous, launch, powers, row_tile
+from icecache.kernels.common import (VARIANTS, check_contiguous, head_scores, head_weighted_sums, launch, powers,
+                                     row_tile)
 from icecache.store import shared_rows
 
 @triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'head_tokens', 'n_private', 'W'])
@@ -28,7 +29,6 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     t = tl.arange(0, P)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
     if b < SINK_BLOCKS:
         tok = b * P + t
         ok = tok < num_sink
@@ -60,12 +60,12 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
         rows = (h * W + tok[:, None]) * D + d[None, :]
         k = tl.load(win_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
         v = tl.load(win_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [GP, P]
+    s = head_scores(q_ptr, h, k, G, GP, D) * scaling  # [GP, P]
     s = tl.where(ok[None, :], s, -float("inf"))
     m = tl.max(s, axis=1)
     safe = tl.where(m > -float("inf"), m, 0.0)
     p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
-    acc = tl.dot(p, v, input_precision="ieee")  # [GP, D]
+    acc = head_weighted_sums(p, v, G, GP)  # [GP, D]
     base = (h * blocks + b) * GP + g
     tl.store(part_ptr + base * 2, m)
     tl.store(part_ptr + base * 2 + 1, tl.sum(p, axis=1))

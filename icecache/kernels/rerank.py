@@ -1,6 +1,6 @@
 """Re-ranking candidate pages by their keys (IceCacheConfig.rerank > 1) in two Triton
-kernels, for the decode step's CUDA graph: one program per (row, candidate page) for the
-pages' log-sum-exps, then one per (request, KV head) row for the choice.
+kernels, for the decode step's CUDA graph: one program per (row, PAGES_PER_PROGRAM candidate
+pages) for the pages' log-sum-exps, then one per (request, KV head) row for the choice.
 
 The box bounds pick rerank x R candidate pages; this keeps the R of them that hold the
 most attention mass of the step's query: per candidate, every query head's log-sum-exp
@@ -19,57 +19,57 @@ import torch
 import triton
 import triton.language as tl
 
-from icecache.kernels.common import check_contiguous, supported
+from icecache.kernels.common import check_contiguous, head_scores, supported
 from icecache.store import shared_rows
+
+PAGES_PER_PROGRAM = 2  # candidates _page_lse scores together (1-8 were within 10% of each other on an H200)
 
 
 @triton.jit(do_not_specialize=['C', 'n_shared', 'head_tokens', 'n_private', 'n_copied'])
 def _page_lse(q_ptr, cand_ptr, shared_k_ptr, shared_valid_ptr, shared_at_ptr, priv_k_ptr, pvalid_ptr, copy_k_ptr,
               lse_ptr, C, n_shared, head_tokens, n_private, n_copied, scaling, HS, G: tl.constexpr, GP: tl.constexpr,
-              D: tl.constexpr, P: tl.constexpr, CP: tl.constexpr):
-    """Program (h, i): candidate cand[h, i] (< n_shared: a shared page of KV head h % HS, else
-    the row's private page; -1 = none) -> lse[h, i, :G], each query head's log-sum-exp of
-    scores over the page's valid keys (-inf for an absent or empty page, or one that an
-    earlier candidate of the row names already). A shared page among the row's first
-    n_copied candidates has its keys read from copy_k[h, i] (a device copy) instead of
-    shared_k (token rows: page p of KV head hs is rows shared_at[hs, p]... of that head's
-    head_tokens). One program per candidate, so the pages' reads (host memory over PCIe) are
-    in flight together."""
+              D: tl.constexpr, P: tl.constexpr, CP: tl.constexpr, CB: tl.constexpr):
+    """Program (h, b): candidates i = b·CB ... b·CB + CB-1 of row h, each cand[h, i] (< n_shared:
+    a shared page of KV head h % HS, else the row's private page; -1 = none) -> lse[h, i, :G],
+    each query head's log-sum-exp of scores over the page's valid keys (-inf for an absent or
+    empty page, or one that an earlier candidate of the row names already). A shared page
+    among the row's first n_copied candidates has its keys read from copy_k[h, i] (a device
+    copy) instead of shared_k (token rows: page p of KV head hs is rows shared_at[hs, p]...
+    of that head's head_tokens). The CB pages' keys are one [CB·P, D] gather, so their reads
+    (host memory over PCIe, or the device) are in flight together."""
     h = tl.program_id(0)
-    i = tl.program_id(1)
+    i = tl.program_id(1) * CB + tl.arange(0, CB)  # [CB] candidate columns
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     t = tl.arange(0, P)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
-    page = tl.load(cand_ptr + h * C + i + t * 0)  # [P], all the same id (masks stay vectors)
+    page = tl.load(cand_ptr + h * C + i, mask=i < C, other=-1)
     shared = (page >= 0) & (page < n_shared)
-    copied = shared & (i + t * 0 < n_copied)  # [P] (masks stay vectors)
-    uncopied = shared & (i + t * 0 >= n_copied)
+    copied = shared & (i < n_copied)
+    uncopied = shared & (i >= n_copied)
     private = page >= n_shared
     sid = tl.maximum(tl.minimum(page, n_shared - 1), 0)
     pid = tl.maximum(tl.minimum(page - n_shared, n_private - 1), 0)
-    first = t == 0
-    count = tl.sum(tl.load(shared_valid_ptr + hs * n_shared + sid, mask=first & shared, other=0), axis=0)
-    count += tl.sum(tl.load(pvalid_ptr + h * n_private + pid, mask=first & private, other=0), axis=0)
+    count = tl.load(shared_valid_ptr + hs * n_shared + sid, mask=shared, other=0)
+    count += tl.load(pvalid_ptr + h * n_private + pid, mask=private, other=0)
     c = tl.arange(0, CP)
-    earlier = tl.load(cand_ptr + h * C + c, mask=c < i, other=-2)
-    repeated = tl.max(tl.where(earlier == tl.max(page, axis=0), 1, 0), axis=0)
-    ok = t < count * (1 - repeated)
+    row = tl.load(cand_ptr + h * C + c, mask=c < C, other=-2)
+    repeated = tl.max(tl.where((row[None, :] == page[:, None]) & (c[None, :] < i[:, None]), 1, 0), axis=1)
+    ok = t[None, :] < (count * (1 - repeated))[:, None]  # [CB, P]
     first_row = (hs * head_tokens + tl.load(shared_at_ptr + hs * n_shared + sid, mask=shared, other=0)).to(tl.int64)
-    k = tl.load(shared_k_ptr + (first_row[:, None] + t[:, None]) * D + d[None, :],
-                mask=(ok & uncopied)[:, None], other=0.0).to(tl.float32)
-    k += tl.load(copy_k_ptr + ((h * n_copied + i) * P + t[:, None]) * D + d[None, :],
-                 mask=(ok & copied)[:, None], other=0.0).to(tl.float32)
-    k += tl.load(priv_k_ptr + ((h * n_private + pid[:, None]) * P + t[:, None]) * D + d[None, :],
-                 mask=(ok & private)[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [GP, P]
-    s = tl.where(ok[None, :], s, -float("inf"))
-    m = tl.max(s, axis=1)
+    at = (first_row[:, None] + t[None, :])[:, :, None] * D + d[None, None, :]  # [CB, P, D]
+    k = tl.load(shared_k_ptr + at, mask=(ok & uncopied[:, None])[:, :, None], other=0.0).to(tl.float32)
+    at = ((h * n_copied + i[:, None]) * P + t[None, :])[:, :, None] * D + d[None, None, :]
+    k += tl.load(copy_k_ptr + at, mask=(ok & copied[:, None])[:, :, None], other=0.0).to(tl.float32)
+    at = ((h * n_private + pid[:, None]) * P + t[None, :])[:, :, None] * D + d[None, None, :]
+    k += tl.load(priv_k_ptr + at, mask=(ok & private[:, None])[:, :, None], other=0.0).to(tl.float32)
+    s = head_scores(q_ptr, h, tl.reshape(k, (CB * P, D)), G, GP, D) * scaling  # [GP, CB·P]
+    s = tl.where(ok[None, :, :], tl.reshape(s, (GP, CB, P)), -float("inf"))
+    m = tl.max(s, axis=2)  # [GP, CB]
     safe = tl.where(m > -float("inf"), m, 0.0)
-    total = tl.sum(tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0), axis=1)
+    total = tl.sum(tl.where(ok[None, :, :], tl.exp(s - safe[:, :, None]), 0.0), axis=2)
     page_lse = tl.where(m > -float("inf"), safe + tl.log(total), -float("inf"))
-    tl.store(lse_ptr + (h * C + i) * G + g, page_lse, mask=g < G)
+    tl.store(lse_ptr + (h * C + i[None, :]) * G + g[:, None], page_lse, mask=(g[:, None] < G) & (i[None, :] < C))
 
 
 @triton.jit(do_not_specialize=['C'])
@@ -100,14 +100,16 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
                  priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float,
-                 copied_k: torch.Tensor | None = None, shared_at: torch.Tensor | None = None) -> torch.Tensor:
+                 copied_k: torch.Tensor | None = None, shared_at: torch.Tensor | None = None,
+                 block: int = PAGES_PER_PROGRAM) -> torch.Tensor:
     """index.select.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
     (-1 = none, ids >= N private, a repeated id counts once: its first place); shared_k
     [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
     [rows, M, P, D], priv_valid [rows, M]; copied_k [rows, Q, P, D]: the keys of the shared
     pages of each row's first Q candidates (their valid counts still shared_valid's), read
     there rather than from shared_k. shared_at: shared_k as token rows [HS, T, D] instead of pages,
-    page p of head hs from row shared_at[hs, p] (store.shared_rows).
+    page p of head hs from row shared_at[hs, p] (store.shared_rows). block: candidates a
+    program scores (a power of two).
     -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
     if copied_k is None:
         copied_k = priv_k[:, :0]
@@ -120,9 +122,9 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     R = min(num_pages, C)
     GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
     lse = torch.empty(rows, C, G, dtype=torch.float32, device=candidates.device)
-    _page_lse[(rows, C)](q, candidates, shared_k, shared_valid, shared_at, priv_k, priv_valid, copied_k, lse, C,
+    _page_lse[(rows, triton.cdiv(C, block))](q, candidates, shared_k, shared_valid, shared_at, priv_k, priv_valid, copied_k, lse, C,
                          shared_valid.shape[1], shared_k.shape[1], priv_k.shape[1], copied_k.shape[1], scaling,
-                         max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P, CP=CP)
+                         max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P, CP=CP, CB=block)
     out = torch.empty(rows, R, dtype=candidates.dtype, device=candidates.device)
     _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=CP)
     return out
