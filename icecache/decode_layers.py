@@ -131,9 +131,11 @@ class SlotStack:
     questions waited 0.4 s between its first and second tokens)."""
 
     def __init__(self, tails: list[tuple[torch.Tensor, torch.Tensor]], slots: int, private_pages: int,
-                 page_size: int, window: int, question: int, dtype: torch.dtype, device: torch.device) -> None:
+                 page_size: int, window: int, question: int, dtype: torch.dtype, device: torch.device,
+                 ranked: int = 0) -> None:
         """tails: each sparse layer's context tail (K, V) [H, num_tail, D], where every slot's
-        window starts."""
+        window starts. question: columns for the pages each slot's question picked; ranked:
+        columns after them for the pages a step ranks (the kernels' candidates, written in place)."""
         L, (H, _, D), cap, P = len(tails), tails[0][0].shape, private_pages, page_size
         self.page_size = P
         self.tail_k = torch.stack([k for k, _ in tails]).to(device, dtype)  # [L, H, num_tail, D]
@@ -147,8 +149,11 @@ class SlotStack:
         self.priv_var = torch.zeros_like(self.priv_lo)
         self.win_k = torch.zeros(L, slots, H, window, D, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
-        # the pages each slot's question picked (IceCacheConfig.question_pages), candidates at every step
-        self.question = torch.full((L, slots, H, question), -1, dtype=torch.long, device=device)
+        # a step's candidates: the pages each slot's question picked (IceCacheConfig.question_pages),
+        # loaded with the request, then those the step ranks (written by the kernels each step)
+        ranked = ranked if question else 0  # without question pages the kernels rank into a buffer of their own
+        self.candidates = torch.full((L, slots, H, question + ranked), -1, dtype=torch.long, device=device)
+        self.question = self.candidates[..., :question]
 
     def slot_tensors(self) -> list[torch.Tensor]:
         """The per-slot tensors ([L, slots, ...]: the slot is dimension 1)."""
@@ -229,6 +234,7 @@ class SparseSlots:
         self.priv_lo, self.priv_hi = stack.priv_lo[index], stack.priv_hi[index]
         self.priv_mean, self.priv_var = stack.priv_mean[index], stack.priv_var[index]
         self.win_k, self.win_v, self.question = stack.win_k[index], stack.win_v[index], stack.question[index]
+        self.candidates = stack.candidates[index]  # [slots, H, question + ranked]: the question's, then a step's
         # the budget holds every page the slots can have (a short context): no search, all of
         # them every step, as the dynamic path does; -1 for empty shared pages
         self.everything = None
@@ -302,12 +308,16 @@ class SparseSlots:
         top = None  # kept level-1 clusters
         if self.plan.levels:
             top = walk.walk_tree(q, self.plan, self.root, scaling, S["raw"], S["cand"], S["parts"], S["tops"])
+        Q = self.question.shape[2]
+        # the question's pages first (where a page is named twice, its device copy is the one
+        # read), the ranked ones written after them in place: no copy of the question's per step
+        every = self.candidates[:B].flatten(0, 1)
         ids = walk.rank_pages(q, top, self.plan, tree.page_mean, tree.page_var, tree.page_valid,
                               self.priv_mean[:B].flatten(0, 1), self.priv_var[:B].flatten(0, 1),
                               self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"], S["cand"],
-                              S["parts"], self.page_heads)
-        if self.question.shape[2]:  # first: where a page is named twice, its device copy is the one read
-            ids = torch.cat([self.question[:B].flatten(0, 1).to(ids.dtype), ids], dim=1)
+                              S["parts"], self.page_heads, every[:, Q:] if Q else None)
+        if Q:
+            ids = every
         if ids.shape[1] <= self.R:  # no more candidates than pages to keep: nothing to re-rank
             return ids
         private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))

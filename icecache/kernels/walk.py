@@ -145,12 +145,12 @@ RANK_LEVEL, RANK_SUM, RANK_MAX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(
 RANK_OF_HEADS = {"sum": RANK_SUM, "max": RANK_MAX}  # IceCacheConfig.page_heads -> its page ranking
 
 
-@triton.jit(do_not_specialize=['K', 'n_parents', 'stride', 'num_parts', 'extra', 'width'])
+@triton.jit(do_not_specialize=['K', 'n_parents', 'stride', 'num_parts', 'extra', 'width', 'out_stride'])
 def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr, K, n_parents, stride, num_parts,
-                    extra, width, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
+                    extra, width, out_stride, HS, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr,
                     KP: tl.constexpr, KW: tl.constexpr, RANK: tl.constexpr):
     """Per row, over its compact candidates (children of its kept parents, plus `extra`
-    private pages), the `width` best into out[h, :] as ids from cand, ranked by RANK:
+    private pages), the `width` best into out[h * out_stride:][:width] as ids from cand, ranked by RANK:
     RANK_LEVEL (a tree level): the best log-share (raw - the head's log-sum-exp) over the
     query heads; RANK_SUM (pages): the softmax shares summed over the query heads;
     RANK_MAX (pages): the largest raw score over the query heads (index.select.combine_heads)."""
@@ -177,7 +177,7 @@ def _select_compact(raw_ptr, cand_ptr, part_ptr, parents_ptr, start_ptr, out_ptr
         score = tl.where(candidate, score, -1.0)
     selected = (sort_key(score) >= kth_largest(score, width)) & candidate
     ids = tl.load(cand_ptr + h * stride + i, mask=inside, other=-1)
-    store_selected(out_ptr + h * width, selected, ids, width, KW)
+    store_selected(out_ptr + h * out_stride, selected, ids, width, KW)
 
 
 
@@ -202,7 +202,7 @@ def walk_tree(q: torch.Tensor, plan: WalkPlan, root: torch.Tensor, scaling: floa
                 dict(G=G, GP=GP, D=D, BLOCK=BLOCK, KP=max(16, triton.next_power_of_2(K))))
         NB = max(16, triton.next_power_of_2(widest))
         launch(_select_compact, (H,), (raw, cand, parts, parents, start, out, K, n_parents, stride, chunks, 0, width,
-                                         mean.shape[0]),
+                                         width, mean.shape[0]),
                 dict(G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB, KP=max(16, triton.next_power_of_2(K)),
                      KW=triton.next_power_of_2(width), RANK=RANK_LEVEL, num_warps=warps(NB)))
         parents, K = out, width
@@ -251,7 +251,7 @@ def _page_scores(q_ptr, top_ptr, start_ptr, mean_ptr, var_ptr, valid_ptr, pmean_
 def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_mean: torch.Tensor,
                  page_var: torch.Tensor, page_valid: torch.Tensor, priv_mean: torch.Tensor, priv_var: torch.Tensor,
                  priv_valid: torch.Tensor, scaling: float, num_pages: int, raw: torch.Tensor, cand: torch.Tensor,
-                 parts: torch.Tensor, heads: str = "max") -> torch.Tensor:
+                 parts: torch.Tensor, heads: str = "max", out: torch.Tensor | None = None) -> torch.Tensor:
     """The `num_pages` best pages per row by their moments (index.select.rank_pages),
     -1 where fewer qualify; ids >= N are private pages (id - N). Candidates: the pages of
     the row's kept level-1 clusters and its private pages.
@@ -259,7 +259,9 @@ def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_m
     q: [H, G, D] (any float dtype), H = B * HS rows; top: [H, K] int32 kept clusters (walk_tree; None
     for a tree without levels, hence without pages); page_mean/var: [HS, N, D] page moments,
     page_valid: [HS, N]; priv_mean/var: [H, M, D] the moments of the rows' private pages,
-    priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. -> [H, num_pages] long."""
+    priv_valid: [H, M]. raw/parts fp32, cand int32 scratch. out: where to write the ids, [H,
+    num_pages] long with unit column stride (e.g. the columns after a row's question pages
+    in a wider buffer); a new tensor when None. -> out."""
     check_contiguous(q, page_mean, page_var, page_valid, priv_mean, priv_var, priv_valid)
     H, G, D = q.shape
     GP = row_tile(G)
@@ -279,10 +281,11 @@ def rank_pages(q: torch.Tensor, top: torch.Tensor | None, plan: WalkPlan, page_m
     _page_scores[(H, chunks)](q, top, start, page_mean, page_var, page_valid, priv_mean, priv_var, priv_valid, raw,
                               cand, parts, K, start.shape[1] - 1, n_shared, n_private, stride, scaling,
                               page_valid.shape[0], G=G, GP=GP, D=D, BLOCK=BLOCK, KP=KP)
-    ids = torch.empty(H, num_pages, dtype=torch.long, device=q.device)
+    ids = torch.empty(H, num_pages, dtype=torch.long, device=q.device) if out is None else out
+    assert ids.shape == (H, num_pages) and ids.dtype == torch.long and ids.stride(1) == 1, "out: [H, num_pages] long"
     NB = max(16, triton.next_power_of_2(n))
     launch(_select_compact, (H,), (raw, cand, parts, top, start, ids, K, start.shape[1] - 1, stride, chunks,
-                                     n_private, num_pages, page_valid.shape[0]),
+                                     n_private, num_pages, ids.stride(0), page_valid.shape[0]),
             dict(G=G, GP=GP, CP=max(16, triton.next_power_of_2(chunks)), NB=NB, KP=KP,
                  KW=triton.next_power_of_2(num_pages), RANK=RANK_OF_HEADS[heads], num_warps=warps(NB)))
     return ids
