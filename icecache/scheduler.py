@@ -416,8 +416,8 @@ class Scheduler:
 
     def _park(self, group: DecodeGroup) -> None:
         """A group whose requests have all left: kept idle for its context's next requests
-        (what it holds now counted: e.g. its questions' keys go while it reads a resident copy)."""
-        group.device_bytes = group.decoder.device_bytes()
+        (counted by what it holds at each admission: e.g. its questions' keys go while it
+        reads a resident copy, and come back when the copy is evicted)."""
         self._idle[group] = None
         while len(self._idle) > self.keep_idle:
             self._free(next(iter(self._idle)))

@@ -288,7 +288,12 @@ class DecodeGroup:
     def __init__(self, decoder: StaticDecoder, key: int, on_empty: Callable[["DecodeGroup"], None]) -> None:
         self.decoder, self.key, self.on_empty = decoder, key, on_empty
         self.seqs: list[Sequence] = []
-        self.device_bytes = decoder.device_bytes()
+
+    @property
+    def device_bytes(self) -> int:
+        """What its decoder holds on the device now (it changes as a resident copy of the
+        context comes or goes)."""
+        return self.decoder.device_bytes()
 
     def fits(self, seq: Sequence) -> bool:
         return len(self.seqs) < self.decoder.slots and seq.slot_tokens <= self.decoder.slot_tokens

@@ -129,6 +129,7 @@ class StaticDecoder:
         self._eager: set[int] = set()  # batch sizes whose capture failed
         self._runs: dict[int, int] = {}  # eager steps per batch size not yet captured
         self.resident_rows = False  # whether the kernels read the pages from a resident copy of the context
+        self._held: int | None = None  # device_bytes(), until what the layers hold changes
         if resident is not None and not device_pages:
             self.read_resident(resident)
         if own_kv is not None:
@@ -150,6 +151,7 @@ class StaticDecoder:
         resident.watch(self.context, self)
         self._graphs.clear()  # recorded with the host pages' addresses
         self.resident_rows = True
+        self._held = None  # the questions' keys went
 
     def drop_resident(self) -> None:
         """The context's device copy is going away: read its pages from where they lie again
@@ -159,6 +161,7 @@ class StaticDecoder:
         self._graphs.clear()
         self._runs.clear()
         self.resident_rows = False
+        self._held = None  # the questions' keys are back
 
     # ---------------------------------------------------------------- slots
     def load(self, slot: int, own_kv: list, max_new_tokens: int,
@@ -364,7 +367,10 @@ class StaticDecoder:
     def device_bytes(self) -> int:
         """Device bytes this decoder holds for KV-side state, all its slots: dense KV, trees,
         page tables, windows, private pages, work buffers (host pages read through UVA
-        views are not counted; a device_pages copy is)."""
+        views are not counted; a device_pages copy is). Kept until a resident copy comes or
+        goes (a scheduler reads it for every idle group at every admission)."""
+        if self._held is not None:
+            return self._held
         tensors = {}  # by address: a reuse cycle's layers share one tree
         for s in self.states:
             for name, t in vars(s).items():
@@ -378,7 +384,8 @@ class StaticDecoder:
             tensors.update((t.data_ptr(), t) for t in self.scratch.buffers.values())
         if self.stack is not None:  # its per-slot tensors are the sparse layers' (counted above); the tails
             tensors.update((t.data_ptr(), t) for t in (self.stack.tail_k, self.stack.tail_v))
-        return sum(t.numel() * t.element_size() for t in tensors.values() if t.device == self.device)
+        self._held = sum(t.numel() * t.element_size() for t in tensors.values() if t.device == self.device)
+        return self._held
 
     def pages_per_step(self, slot: int = 0) -> int:
         """Pages the last step selected for `slot`, summed over sparse layers and KV heads (one sync)."""

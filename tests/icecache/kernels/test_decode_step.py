@@ -221,10 +221,13 @@ def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(mon
                 assert state.question_k.shape[2] == 0  # the question's pages are read from the copy too
         assert any(s.question_k.shape[2] for s in pages.sparse_states)
         token, start = int(logits.argmax()), ctx.num_tokens + len(question)
+        held = copy_.device_bytes()
         for step in range(steps):
             if step == steps // 2:
                 resident.forget(ctx)  # evicted mid-request: back to the pages
                 assert not copy_.resident_rows
+                # what it holds now counts its questions' keys (a scheduler's admission reads it)
+                assert copy_.device_bytes() == pages.device_bytes() > held
                 assert all(s.rows_k.data_ptr() == s.shared_k.data_ptr() for s in copy_.sparse_states)
                 for mine, theirs in zip(copy_.sparse_states, pages.sparse_states):  # its questions' keys again
                     assert torch.equal(mine.question_k, theirs.question_k)
