@@ -122,9 +122,10 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     R = min(num_pages, C)
     GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
     lse = torch.empty(rows, C, G, dtype=torch.float32, device=candidates.device)
-    _page_lse[(rows, triton.cdiv(C, block))](q, candidates, shared_k, shared_valid, shared_at, priv_k, priv_valid, copied_k, lse, C,
-                         shared_valid.shape[1], shared_k.shape[1], priv_k.shape[1], copied_k.shape[1], scaling,
-                         max(shared_k.shape[0], 1), G=G, GP=GP, D=D, P=P, CP=CP, CB=block)
+    _page_lse[(rows, triton.cdiv(C, block))](q, candidates, shared_k, shared_valid, shared_at, priv_k, priv_valid,
+                                             copied_k, lse, C, shared_valid.shape[1], shared_k.shape[1],
+                                             priv_k.shape[1], copied_k.shape[1], scaling, max(shared_k.shape[0], 1),
+                                             G=G, GP=GP, D=D, P=P, CP=CP, CB=block)
     out = torch.empty(rows, R, dtype=candidates.dtype, device=candidates.device)
     _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=CP)
     return out
