@@ -18,6 +18,11 @@ whose pages are candidates at every step (the default). Then, for each batch siz
                  slots, and the fresh decoder's first (load_first_s: allocations too);
 and once, through Engine.scheduler as the replica drives it: N sessions of 32 tokens,
 tokens/s, each request's TPOT mean and median and its batch's decode pass (p50 over them).
+
+Several documents (--documents K of --document-tokens each, resident): the largest N sessions
+spread over them, N/K a document, decoded (a) one decoder after another, each its own graphed
+step (what a replica did before JointStep), and (b) in one JointStep (one pass through the
+model for all of them, graphed); then the same sessions through Engine.scheduler.
 Writes JSON + PNG.
 """
 
@@ -32,7 +37,7 @@ import torch
 
 from benchmarks.decode_speed import cuda_time, finish, parse_gpu_args, random_ids, save, shaped_model
 from icecache import Engine, IceCacheConfig, SamplingParams
-from icecache.internals import RequestKV, StaticDecoder
+from icecache.internals import JointStep, RequestKV, StaticDecoder
 
 VOCAB = 49152  # SmolLM2's tokenizer, as the served benchmark uses
 QUESTION_TOKENS = 20
@@ -120,16 +125,72 @@ def scheduler_round(eng: Engine, ctx, sessions: int, tokens: int) -> dict:
             "decode_pass_p50_s": p50("decode_pass_s")}
 
 
+def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int, new_tokens: int) -> dict:
+    """sessions questions over k documents of `tokens` (sessions // k each, all resident):
+    the documents' decoders stepped in turn against one JointStep, then the scheduler."""
+    contexts = [eng.index(random_ids(tokens, VOCAB, torch.Generator().manual_seed(7000 + d))).with_index_on(eng.device)
+                for d in range(k)]
+    each = max(1, sessions // k)
+    row = {"documents": k, "document_tokens": tokens, "sessions": each * k}
+    with torch.inference_mode():
+        decs = []
+        for ctx in contexts:
+            dec = StaticDecoder(eng.model, eng.config, ctx, slots=each, slot_tokens=512, resident=eng.runner.resident)
+            for slot, (own, pages) in enumerate(prefilled(eng, ctx, each)):
+                dec.load(slot, own, 64, pages)
+            decs.append(dec)
+        row["resident"] = sum(d.resident_rows for d in decs)
+        joint = JointStep()
+        for mode in ("turns", "joint"):
+            times, pos = [], [[ctx.num_tokens + QUESTION_TOKENS] * each for ctx in contexts]
+            for _ in range(steps + 4):  # eager until the combination recurs, then recorded and replayed
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                parts = [(d, [100 + i for i in range(each)], p) for d, p in zip(decs, pos)]
+                if mode == "turns":
+                    out = [d.step_batch(t, p, graph=True) for d, t, p in parts]
+                else:
+                    out = joint.step(parts, graph=True)
+                for o in out:  # the picks read back, as a replica does
+                    o.argmax(-1).tolist()
+                times.append(time.perf_counter() - start)
+                pos = [[x + 1 for x in p] for p in pos]
+            row[f"{mode}_step_p50_s"] = statistics.median(times[4:])
+        row["joint_graphed"] = len(joint.graphed)
+        del decs, joint
+    sched = eng.scheduler(max_batch=max(64, each * k))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for round_ in range(2):  # the first records the graphs
+        seqs = [sched.submit(random_ids(QUESTION_TOKENS, VOCAB, torch.Generator().manual_seed(100 * round_ + i)),
+                             params, context=contexts[i % k]) for i in range(each * k)]
+        start = time.perf_counter()
+        while sched.has_work:
+            sched.step()
+        wall = time.perf_counter() - start
+    stats = [s.items[-1].stats for s in seqs]
+    row["scheduler"] = {"tokens_per_s": len(seqs) * new_tokens / wall,
+                        "decode_pass_p50_s": statistics.median(x["decode_pass_s"] for x in stats),
+                        "tpot_median_p50_s": statistics.median(x["tpot_median_s"] for x in stats),
+                        "largest_batch": sched.largest_batch}
+    for ctx in contexts:
+        eng.runner.forget(ctx)
+    del contexts, sched, seqs
+    torch.cuda.empty_cache()
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=32, help="tokens per session in the scheduler round")
+    ap.add_argument("--documents", type=int, default=4, help="documents of the several-documents round (0 = skip)")
+    ap.add_argument("--document-tokens", type=int, default=32768, help="length of each of those documents")
     args = parse_gpu_args(ap, argv, "batch_step", plot)
     if args is None:
         return 0
-    model = shaped_model("llama-3.1-8b", max(args.contexts) + 4096, vocab_size=VOCAB)
+    model = shaped_model("llama-3.1-8b", max(args.contexts + [args.document_tokens]) + 4096, vocab_size=VOCAB)
     eng = Engine.from_model(model, config=IceCacheConfig(), model_id="llama-3.1-8b-random")
     report = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "model": "llama-3.1-8b shape",
               "runs": []}
@@ -151,6 +212,10 @@ def main(argv=None) -> int:
         del ctx, requests
         torch.cuda.empty_cache()
         save(report, args.out)  # partial results survive a timeout
+    if args.documents:
+        report["documents"] = documents_round(eng, args.documents, args.document_tokens, max(args.batches),
+                                              args.steps, args.tokens)
+        print(f"documents: {report['documents']}", flush=True)
     finish(report, args.out, summarise, plot)
     return 0
 
@@ -170,6 +235,13 @@ def summarise(report: dict) -> None:
         print(f"{entry['context']:>7} scheduler x{s['sessions']}: {s['tokens_per_s']:.0f} tok/s, TPOT mean "
               f"{s['tpot_mean_p50_s'] * 1e3:.1f} / median {s['tpot_median_p50_s'] * 1e3:.1f} / decode pass "
               f"{s['decode_pass_p50_s'] * 1e3:.1f} ms")
+    d = report.get("documents")
+    if d:
+        ratios["documents_joint_over_turns"] = d["joint_step_p50_s"] / d["turns_step_p50_s"]
+        s = d["scheduler"]
+        print(f"{d['sessions']} sessions over {d['documents']} documents of {d['document_tokens']}: step in turns "
+              f"{d['turns_step_p50_s'] * 1e3:.1f} ms, joint {d['joint_step_p50_s'] * 1e3:.1f} ms; scheduler "
+              f"{s['tokens_per_s']:.0f} tok/s, decode pass {s['decode_pass_p50_s'] * 1e3:.1f} ms")
     report["ratios"] = ratios
 
 
@@ -177,8 +249,14 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = report["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    runs, docs = report["runs"], report.get("documents")
+    panels = len(runs) + bool(docs)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if docs:
+        ax = axes[0][-1]
+        ax.bar(["in turns", "joint step"], [docs["turns_step_p50_s"] * 1e3, docs["joint_step_p50_s"] * 1e3])
+        ax.set(ylabel="ms per step of every session", title=f"{docs['sessions']} sessions over {docs['documents']} "
+               f"documents of {docs['document_tokens'] // 1024}k")
     for ax, entry in zip(axes[0], runs):
         batches = sorted({r["batch"] for r in entry["rows"]})
         width = 0.8 / len(WHERE)

@@ -13,8 +13,9 @@ A step, in order:
    once for all of them (runner.ContextReader);
 4. one decode token for every decoding request. On the dynamic path (CPU) that is a single
    forward pass over all of them. On the static path (CUDA graphs) the requests on one
-   context decode together in one StaticDecoder (a group); groups on different contexts
-   take turns within the step.
+   context decode together in one StaticDecoder (a group), and the groups of every context
+   decoding share one pass through the model (static_decode.JointStep): the weights are
+   read once a step however many documents are being asked about.
 
 Device state of a context: a group whose requests have all left stays, idle, with its
 context's dense KV, tree plans and CUDA graphs, and the next request on that context
@@ -50,7 +51,7 @@ from icecache.cache import StepBatch
 from icecache.config import SamplingParams
 from icecache.context import Context
 from icecache.sequence import DecodeGroup, IndexJob, OnItem, Sequence
-from icecache.static_decode import StaticDecoder
+from icecache.static_decode import JointStep, StaticDecoder
 
 if TYPE_CHECKING:
     from icecache.engine import Engine
@@ -105,6 +106,7 @@ class Scheduler:
         self.largest_batch = 0  # most requests one decode pass has carried
         self._groups: dict[int, list[DecodeGroup]] = {}  # static path: context uid -> its groups, busy or idle
         self._idle: collections.OrderedDict[DecodeGroup, None] = collections.OrderedDict()  # least recently used first
+        self._joint = JointStep()  # one pass for the groups of several contexts
 
     # ---------------------------------------------------------------- any thread
     def submit(self, prompt, params: SamplingParams | None = None, context: Context | None = None,
@@ -424,6 +426,7 @@ class Scheduler:
 
     def _free(self, group: DecodeGroup) -> None:
         self._idle.pop(group, None)
+        self._joint.forget(group.decoder)
         groups = self._groups[group.key]
         groups.remove(group)
         if not groups:
@@ -448,9 +451,18 @@ class Scheduler:
             return
         if self.engine.static_decode:
             tokens = dict(feeding)
-            for group in {id(s.group): s.group for s, _ in feeding}.values():
-                self._count_batch(group.seqs)
-                self._guard(list(group.seqs), lambda: group.step(tokens))
+            groups = list({id(s.group): s.group for s, _ in feeding}.values())
+            seqs = [s for g in groups for s in g.seqs]
+            self._count_batch(seqs)
+            if len(groups) == 1:
+                self._guard(seqs, lambda: groups[0].step(tokens))
+            else:  # several contexts: one pass through the model for all of them
+                started = time.perf_counter()
+                graph = self.engine.device.type == "cuda"
+                out = self._guard(seqs, lambda: self._joint.step([(g.decoder, *g.inputs(tokens)) for g in groups],
+                                                                 graph=graph))
+                for group, logits in zip(groups, out or []):
+                    self._guard(list(group.seqs), lambda: group.take(logits, started))
         else:
             seqs = [seq for seq, _ in feeding]
             self._count_batch(seqs)

@@ -317,8 +317,16 @@ class DecodeGroup:
     def step(self, tokens: dict[Sequence, int]) -> None:
         """One token for every request of the group (all are decoding)."""
         started = time.perf_counter()
-        logits = self.decoder.step_batch([tokens[s] for s in self.seqs], [s.position for s in self.seqs],
-                                         graph=self.decoder.device.type == "cuda")
+        self.take(self.decoder.step_batch(*self.inputs(tokens), graph=self.decoder.device.type == "cuda"), started)
+
+    def inputs(self, tokens: dict[Sequence, int]) -> tuple[list[int], list[int]]:
+        """The next tokens and positions of the group's requests, slot by slot."""
+        return [tokens[s] for s in self.seqs], [s.position for s in self.seqs]
+
+    def take(self, logits: torch.Tensor, started: float) -> None:
+        """The step's logits [B, vocab] (slot by slot) to the requests: greedy picks on the
+        device, otherwise the rows to the host for sampling. started: when the pass began
+        (each request records the pass's time, through this read back)."""
         if any(s.params.logprobs is not None for s in self.seqs):  # their log-probabilities need the rows
             picked, logits = [None] * len(self.seqs), logits.float().cpu()
         elif all(s.params.temperature == 0.0 for s in self.seqs):  # greedy: pick on the device, copy B ids

@@ -32,8 +32,11 @@ rest, so any Llama-family architecture the engine supports runs here.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import sys
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 # eager steps of one batch size before its CUDA graph is recorded on the request path (a size
 # that recurs); the sizes a burst only passes through are recorded when the scheduler is idle
 CAPTURE_AFTER = 3
+
+_SERIALS = itertools.count()
 
 
 class StaticDecoder:
@@ -129,6 +134,8 @@ class StaticDecoder:
         self._eager: set[int] = set()  # batch sizes whose capture failed
         self._runs: dict[int, int] = {}  # eager steps per batch size not yet captured
         self.resident_rows = False  # whether the kernels read the pages from a resident copy of the context
+        self.serial = next(_SERIALS)  # names this decoder in a JointStep's graphs (an id() can be reused)
+        self.epoch = 0  # counts the times its recorded graphs went stale (a JointStep's go with them)
         self._held: int | None = None  # device_bytes(), until what the layers hold changes
         if resident is not None and not device_pages:
             self.read_resident(resident)
@@ -150,6 +157,7 @@ class StaticDecoder:
             self.states[i].read_shared_from(kept.kv[i])
         resident.watch(self.context, self)
         self._graphs.clear()  # recorded with the host pages' addresses
+        self.epoch += 1
         self.resident_rows = True
         self._held = None  # the questions' keys went
 
@@ -160,6 +168,7 @@ class StaticDecoder:
             state.read_shared_from(None)
         self._graphs.clear()
         self._runs.clear()
+        self.epoch += 1
         self.resident_rows = False
         self._held = None  # the questions' keys are back
 
@@ -261,41 +270,9 @@ class StaticDecoder:
         from icecache.kernels.model import silu_mul
         return self.layers[i].mlp.down_proj(silu_mul(torch.nn.functional.linear(x, *gate_up)))
 
-    @torch.inference_mode()
     def _forward(self, B: int) -> torch.Tensor:
         """The next token of slots 0..B-1 (in _token/_position). -> logits [B, vocab]."""
-        h = self.embed(self._token[:B])  # [B, 1, hidden]
-        cos, sin = self.rotary(h, self._position[:B])  # [B, 1, D]
-        H, g, D = self.num_kv_heads, self.group, self.head_dim
-        delta = None  # what the last block adds to h, folded into the next norm
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h, x = self._add_norm(h, delta, layer.input_layernorm)
-            qkv = self._merged[i][0]
-            if qkv is not None:
-                q, k, v = torch.nn.functional.linear(x, *qkv).split([H * g * D, H * D, H * D], dim=-1)
-                q, k, v = q.view(B, 1, H * g, D), k.view(B, 1, H, D), v.reshape(B, H, D)
-            else:
-                q = attn.q_proj(x).view(B, 1, H * g, D)
-                k = attn.k_proj(x).view(B, 1, H, D)
-                v = attn.v_proj(x).view(B, H, D)
-            if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = self._norm(attn.q_norm, q.contiguous()), self._norm(attn.k_norm, k.contiguous())
-            if self.fused:
-                from icecache.kernels.model import rope
-                q, k = rope(q.view(B, H * g, D), k.view(B, H, D), cos.view(B, D), sin.view(B, D))
-            else:
-                q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, heads, 1, D]
-            out = self.states[i].attend(q.reshape(B, H, g, D), k.reshape(B, H, D), v, attn.scaling)
-            if isinstance(out, tuple):
-                out, self.last_pages[i] = out
-            h, x = self._add_norm(h, attn.o_proj(out.reshape(B, 1, H * g * D)), layer.post_attention_layernorm)
-            delta = self._mlp(i, x)
-        self.own[:B] += 1
-        if self.ring is not None:
-            self.ring.advance(B)
-        h, x = self._add_norm(h, delta, self.norm)
-        return self.model.lm_head(x)[:, -1].float()
+        return _decode_pass([(self, B)])
 
     def padded_batch(self, B: int) -> int:
         """The batch size a step of B requests runs at: the next power of two (at most
@@ -310,9 +287,24 @@ class StaticDecoder:
         that size, recorded once that size has run CAPTURE_AFTER eager steps (a burst of
         arrivals passes through sizes it never keeps: recording each would stall the batch)
         or by capture_pending() when the decoder is idle."""
+        B, padded = len(tokens), self._stage(tokens, positions)
+        if padded in self._graphs:
+            self._graphs[padded][0].replay()
+            return self._graphs[padded][1][:B]
+        logits = self._forward(padded)
+        self._runs[padded] = self._runs.get(padded, 0) + 1
+        if graph and self._runs[padded] >= CAPTURE_AFTER:
+            self._try_capture(padded)
+        return logits[:B]
+
+    def _stage(self, tokens: list[int], positions: list[int]) -> int:
+        """Slots 0..B-1's next tokens and positions into the step's inputs, the free slots up to
+        padded_batch(B) emptied. -> the padded batch size."""
         B = len(tokens)
         if not 0 < B <= self.slots:
             raise ValueError(f"tokens: {B} for a decoder of {self.slots} slots")
+        if len(positions) != B:
+            raise ValueError(f"positions: {len(positions)} for {B} tokens")
         padded = self.padded_batch(B)
         self._token[:B, 0] = torch.tensor(tokens)
         self._position[:B, 0] = torch.tensor(positions)
@@ -322,14 +314,7 @@ class StaticDecoder:
             self.own[B:padded] = 0
             if self.ring is not None:
                 self.ring.counts[B:padded] = 0
-        if padded in self._graphs:
-            self._graphs[padded][0].replay()
-            return self._graphs[padded][1][:B]
-        logits = self._forward(padded)
-        self._runs[padded] = self._runs.get(padded, 0) + 1
-        if graph and self._runs[padded] >= CAPTURE_AFTER:
-            self._try_capture(padded)
-        return logits[:B]
+        return padded
 
     @property
     def sparse_states(self) -> list[SparseSlots]:
@@ -400,17 +385,158 @@ class StaticDecoder:
         torch.cuda.synchronize(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads of the process (e.g. one page-locking a new segment) may make
-        # calls a capture forbids without breaking this one. No garbage collection while recording:
-        # a collected tensor's free can settle CUDA events, which a capture forbids (a suspect of
-        # the rare failed captures seen on the H200; unconfirmed)
-        collecting = gc.isenabled()
-        gc.disable()
+        self._graphs[B] = _record(self._pool, lambda: self._forward(B))
+
+
+def _record(pool, forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Record forward() as a CUDA graph in memory pool `pool`. -> the graph, its output."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads of the process (e.g. one page-locking a new segment) may make
+    # calls a capture forbids without breaking this one. No garbage collection while recording:
+    # a collected tensor's free can settle CUDA events, which a capture forbids (a suspect of
+    # the rare failed captures seen on the H200; unconfirmed)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            logits = forward()
+    finally:
+        if collecting:
+            gc.enable()
+    return graph, logits
+
+
+@torch.inference_mode()
+def _decode_pass(parts: list[tuple[StaticDecoder, int]]) -> torch.Tensor:
+    """The next token of slots 0..B-1 of each (decoder, B) in parts, decoders of one model, in
+    one pass through it: the weights are read once for every row; each decoder's layers
+    attend over its own context for its rows. -> logits [sum of B, vocab], parts in order."""
+    lead = parts[0][0]
+    N = sum(B for _, B in parts)
+    if len(parts) == 1:
+        tokens, positions = lead._token[:N], lead._position[:N]
+    else:
+        tokens = torch.cat([d._token[:B] for d, B in parts])
+        positions = torch.cat([d._position[:B] for d, B in parts])
+    h = lead.embed(tokens)  # [N, 1, hidden]
+    cos, sin = lead.rotary(h, positions)  # [N, 1, D]
+    H, g, D = lead.num_kv_heads, lead.group, lead.head_dim
+    delta = None  # what the last block adds to h, folded into the next norm
+    for i, layer in enumerate(lead.layers):
+        attn = layer.self_attn
+        h, x = lead._add_norm(h, delta, layer.input_layernorm)
+        qkv = lead._merged[i][0]
+        if qkv is not None:
+            q, k, v = torch.nn.functional.linear(x, *qkv).split([H * g * D, H * D, H * D], dim=-1)
+            q, k, v = q.view(N, 1, H * g, D), k.view(N, 1, H, D), v.reshape(N, H, D)
+        else:
+            q = attn.q_proj(x).view(N, 1, H * g, D)
+            k = attn.k_proj(x).view(N, 1, H, D)
+            v = attn.v_proj(x).view(N, H, D)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = lead._norm(attn.q_norm, q.contiguous()), lead._norm(attn.k_norm, k.contiguous())
+        if lead.fused:
+            from icecache.kernels.model import rope
+            q, k = rope(q.view(N, H * g, D), k.view(N, H, D), cos.view(N, D), sin.view(N, D))
+        else:
+            q, k = lead.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [N, heads, 1, D]
+        q, k = q.reshape(N, H, g, D), k.reshape(N, H, D)
+        outs, at = [], 0
+        for d, B in parts:  # each decoder's rows attend over its own context
+            out = d.states[i].attend(q[at:at + B], k[at:at + B], v[at:at + B], attn.scaling)
+            if isinstance(out, tuple):
+                out, d.last_pages[i] = out
+            outs.append(out.reshape(B, 1, H * g * D))
+            at += B
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        h, x = lead._add_norm(h, attn.o_proj(out), layer.post_attention_layernorm)
+        delta = lead._mlp(i, x)
+    for d, B in parts:
+        d.own[:B] += 1
+        if d.ring is not None:
+            d.ring.advance(B)
+    h, x = lead._add_norm(h, delta, lead.norm)
+    return lead.model.lm_head(x)[:, -1].float()
+
+
+class JointStep:
+    """Decode steps for requests on several contexts at once: one pass through the model
+    for the slots of several StaticDecoders (of one model), so a step over k documents
+    reads the weights once, not k times; each decoder's layers attend over its own context
+    and pages. On CUDA each combination of (decoder, padded batch size) that recurs is
+    recorded as a CUDA graph after CAPTURE_AFTER eager steps, as a decoder records its own;
+    the `max_graphs` most recently used are kept. A combination's graph goes stale when one
+    of its decoders' graphs do (a resident copy came or went: its epoch moved) and is
+    recorded again; forget() a decoder before letting it go."""
+
+    def __init__(self, max_graphs: int = 8) -> None:
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = OrderedDict()
+        self._runs: dict[tuple, int] = {}  # eager steps per combination not yet recorded
+        self._eager: set[tuple] = set()  # combinations whose capture failed
+        self._pool = None
+
+    def step(self, parts: list[tuple[StaticDecoder, list[int], list[int]]], graph: bool = False
+             ) -> list[torch.Tensor]:
+        """One token for each of slots 0..len(tokens)-1 of every (decoder, tokens, positions)
+        in parts (decoders distinct, of one model). -> each part's logits [B, vocab] (views of
+        a static buffer when graphed: read them before the next step)."""
+        decoders = [d for d, _, _ in parts]
+        if len({d.serial for d in decoders}) != len(decoders):
+            raise ValueError("parts: a decoder appears twice in one step")
+        if any(d.model is not decoders[0].model for d in decoders):
+            raise ValueError("parts: decoders of different models cannot share a pass")
+        if len(parts) == 1:
+            d, tokens, positions = parts[0]
+            return [d.step_batch(tokens, positions, graph=graph)]
+        sizes = [d._stage(tokens, positions) for d, tokens, positions in parts]
+        key = tuple((d.serial, n) for d, n in zip(decoders, sizes))
+        epochs = tuple(d.epoch for d in decoders)
+        kept = self._graphs.get(key)
+        if kept is not None and kept[2] != epochs:  # recorded with pages that have moved since
+            del self._graphs[key]
+            kept = None
+        if kept is not None:
+            self._graphs.move_to_end(key)
+            kept[0].replay()
+            logits = kept[1]
+        else:
+            logits = _decode_pass(list(zip(decoders, sizes)))
+            self._runs[key] = self._runs.get(key, 0) + 1
+            if graph and self._runs[key] >= CAPTURE_AFTER and decoders[0].device.type == "cuda":
+                self._capture(key, list(zip(decoders, sizes)), epochs)
+        out, at = [], 0
+        for (_, tokens, _), n in zip(parts, sizes):
+            out.append(logits[at:at + len(tokens)])
+            at += n
+        return out
+
+    def _capture(self, key: tuple, parts: list[tuple[StaticDecoder, int]], epochs: tuple) -> None:
+        del self._runs[key]
+        if key in self._eager:
+            return
+        torch.cuda.synchronize(parts[0][0].device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                logits = self._forward(B)
-        finally:
-            if collecting:
-                gc.enable()
-        self._graphs[B] = (graph, logits)
+            graph, logits = _record(self._pool, lambda: _decode_pass(parts))
+        except RuntimeError as e:  # recording runs nothing: the state is intact, this combination stays eager
+            self._eager.add(key)
+            log.warning("CUDA graph capture of a joint step %s failed (%r); it runs eagerly", key, e)
+            return
+        self._graphs[key] = (graph, logits, epochs)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+
+    @property
+    def graphed(self) -> set[tuple]:
+        """Combinations ((decoder serial, padded batch), ...) whose steps replay a graph."""
+        return set(self._graphs)
+
+    def forget(self, decoder: StaticDecoder) -> None:
+        """Drop every recorded combination (and count) that holds `decoder` (it is going away:
+        its graphs must not keep its buffers, nor replay into them)."""
+        for table in (self._graphs, self._runs):
+            for key in [k for k in table if any(serial == decoder.serial for serial, _ in k)]:
+                del table[key]
+        self._eager = {k for k in self._eager if all(serial != decoder.serial for serial, _ in k)}

@@ -13,7 +13,7 @@ from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV, StepBatch
 from icecache.packing import pack_into, packed_size, unpack
 from icecache.testing import random_model, tiny_config
-from icecache.static_decode import CAPTURE_AFTER, StaticDecoder
+from icecache.static_decode import CAPTURE_AFTER, JointStep, StaticDecoder
 
 pytestmark = pytest.mark.gpu
 CONFIG = IceCacheConfig(token_budget=16 + 16 + 4 * 16, page_size=16, sink_tokens=16, window_tokens=16,
@@ -166,6 +166,36 @@ def test_a_batch_size_is_graphed_once_it_recurs_or_when_the_decoder_idles(models
                 assert not dec.capture_pending()
             out.append(dec.step_batch([9], [pos + CAPTURE_AFTER + 3], graph=graph).clone())  # replayed when graphed
             runs.append(torch.cat(out))
+    assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()
+
+
+def test_a_joint_step_over_two_contexts_is_graphed_once_it_recurs_and_decodes_as_eager(models):
+    """JointStep on CUDA: two decoders on two contexts, the combination recorded after
+    CAPTURE_AFTER eager steps and replayed, the same logits as never recording; a decoder's
+    moved pages (its epoch) make the combination record again, forget() drops it."""
+    contexts = [static_question(models[1], seed=s) for s in (6, 7)]
+    runs = []
+    with torch.inference_mode():
+        for graph in (False, True):
+            decs = []
+            for (eng, ctx, own), slots in zip(contexts, (1, 2)):
+                dec = StaticDecoder(eng.model, eng.config, ctx, slots=slots, slot_tokens=48)
+                for slot in range(slots):
+                    dec.load(slot, own, 32)
+                decs.append(dec)
+            joint, out = JointStep(), []
+            for i in range(CAPTURE_AFTER + 3):
+                parts = [(d, [5 + j for j in range(d.slots)], [c[1].num_tokens + 3 + i] * d.slots)
+                         for d, c in zip(decs, contexts)]
+                out.extend(x.clone() for x in joint.step(parts, graph=graph))
+                assert bool(joint.graphed) == (graph and i + 1 >= CAPTURE_AFTER)
+            runs.append(torch.cat(out))
+            if graph:
+                decs[0].epoch += 1  # as when a resident copy comes or goes
+                joint.step(parts, graph=True)
+                assert not joint.graphed
+                joint.forget(decs[1])
+                assert not joint.graphed
     assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()
 
 

@@ -49,7 +49,8 @@ def output(seq):
 def test_batched_decode_gives_each_request_its_tokens_alone(eng, path):
     """Five requests: two shared contexts of different lengths, different questions and
     lengths, one raw prompt that is indexed inside the batch, joining at different steps.
-    (The static path batches the requests of one context: a group per context.)"""
+    (The static path batches the requests of one context in a group, and the groups of
+    every context in one pass through the model.)"""
     eng = eng.with_config(SMALL.replace(decode_path=path))
     ctx_a, ctx_b = eng.index(doc(700, 1)), eng.index(doc(260, 2))
     plan = [  # (context, prompt, max_tokens, joins after this many steps)
@@ -68,7 +69,7 @@ def test_batched_decode_gives_each_request_its_tokens_alone(eng, path):
     drain(scheduler, seqs)
     batched = [output(s).token_ids for s in seqs]
     assert batched == alone
-    assert scheduler.largest_batch >= (4 if path == "dynamic" else 2)  # they did decode together
+    assert scheduler.largest_batch >= 4  # they did decode together, across contexts
     assert scheduler.steps < sum(n for _, _, n, _ in plan)  # fewer steps than tokens
     assert [output(s).stats["context_reused"] for s in seqs] == [True, True, True, False, True]
     for s in seqs:  # the batch's decode pass is part of each token's time (the static path's groups time it)

@@ -9,7 +9,7 @@ import torch
 
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV
-from icecache.static_decode import StaticDecoder
+from icecache.static_decode import JointStep, StaticDecoder
 from icecache.testing import random_model, tiny_config
 
 triton = pytest.importorskip("triton", reason="the kernels need triton (a test dependency)")
@@ -167,6 +167,55 @@ def test_batched_slots_give_each_request_what_it_gets_alone(monkeypatch, kernels
         assert len(got[r]) == steps[r]
         diff = (torch.stack(got[r]) - alone[r]).abs().max()
         assert diff < 1e-4, f"request {r}: logits differ by {diff}"
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_a_joint_step_over_two_contexts_gives_each_request_what_it_gets_alone(monkeypatch, kernels):
+    """JointStep: one pass through the model for a decoder on one context (one slot) and a
+    decoder on another (three requests in four slots: the pass pads it); every request's
+    logits equal those of running it alone (on the torch path: the kernels' reference, and
+    a fifth of the interpreter's time). A decoder named twice in a step is refused."""
+    monkeypatch.setenv("ICECACHE_KERNELS", "0")
+    model = random_model(tiny_config("llama", num_hidden_layers=3, hidden_size=192, num_attention_heads=6,
+                                     num_key_value_heads=2), DEVICE, torch.float32)
+    eng = Engine.from_model(model, config=CONFIG, model_id="tiny")
+    contexts = [eng.index(torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist())
+                for n in (1500, 900)]
+    questions = [[[5, 6, 7]], [[8, 9], list(range(3, 40)), [4]]]  # per context
+    steps = 5
+    with torch.inference_mode():
+        prefilled = []  # per context: (own KV, logits) per question
+        for ctx, qs in zip(contexts, questions):
+            prefilled.append([])
+            for q in qs:
+                req = RequestKV(eng.shape, eng.config, ctx)
+                prefilled[-1].append(([(kv.k, kv.v) for kv in req.own],
+                                      eng.runner.prefill_one(req, q, ctx.num_tokens)))
+        alone = [[run(StaticDecoder(eng.model, CONFIG, ctx, own, steps), logits, ctx.num_tokens + len(q), steps)[1]
+                  for (own, logits), q in zip(pf, qs)] for ctx, pf, qs in zip(contexts, prefilled, questions)]
+        monkeypatch.setenv("ICECACHE_KERNELS", kernels)
+        decs = [StaticDecoder(eng.model, CONFIG, ctx, slots=n, slot_tokens=64) for ctx, n in zip(contexts, (1, 4))]
+        assert all((dec.scratch is not None) == (kernels == "1") for dec in decs)
+        for dec, pf in zip(decs, prefilled):
+            for slot, (own, _) in enumerate(pf):
+                dec.load(slot, own, steps)
+        joint = JointStep()
+        last = [[lg for _, lg in pf] for pf in prefilled]
+        got = [[[] for _ in qs] for qs in questions]
+        for t in range(steps):
+            parts = [(dec, [int(lg.argmax()) for lg in last[c]],
+                      [contexts[c].num_tokens + len(q) + t for q in questions[c]]) for c, dec in enumerate(decs)]
+            for c, logits in enumerate(joint.step(parts)):
+                assert logits.shape[0] == len(questions[c])
+                for r in range(len(questions[c])):
+                    last[c][r] = logits[r].clone()
+                    got[c][r].append(last[c][r])
+        with pytest.raises(ValueError, match="twice"):
+            joint.step([parts[0], parts[0]])
+    for c, qs in enumerate(questions):
+        for r in range(len(qs)):
+            diff = (torch.stack(got[c][r]) - alone[c][r]).abs().max()
+            assert diff < 1e-4, f"context {c}, request {r}: logits differ by {diff}"
 
 
 def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkeypatch, caplog):
