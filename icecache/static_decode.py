@@ -463,9 +463,12 @@ class JointStep:
     """Decode steps for requests on several contexts at once: one pass through the model
     for the slots of several StaticDecoders (of one model), so a step over k documents
     reads the weights once, not k times; each decoder's layers attend over its own context
-    and pages. On CUDA each combination of (decoder, padded batch size) that recurs is
-    recorded as a CUDA graph after CAPTURE_AFTER eager steps, as a decoder records its own;
-    the `max_graphs` most recently used are kept. A combination's graph goes stale when one
+    and pages. Eagerly (graph=False, e.g. on a CPU) that pass is always taken. On CUDA a
+    combination of (decoder, padded batch size) runs in turns, each decoder replaying its
+    own graph (a burst's combinations change from step to step, and an eager pass of
+    several contexts' kernels costs more than their graphs in turns), until it recurs:
+    its CAPTURE_AFTER-th step records it as one graph, replayed from then on; the
+    `max_graphs` most recently used are kept. A combination's graph goes stale when one
     of its decoders' graphs do (a resident copy came or went: its epoch moved) and is
     recorded again; forget() a decoder before letting it go."""
 
@@ -473,7 +476,7 @@ class JointStep:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = OrderedDict()
         self._runs: dict[tuple, int] = {}  # eager steps per combination not yet recorded
-        self._eager: set[tuple] = set()  # combinations whose capture failed
+        self._eager: set[tuple] = set()  # combinations whose capture failed (they run in turns)
         self._pool = None
 
     def step(self, parts: list[tuple[StaticDecoder, list[int], list[int]]], graph: bool = False
@@ -496,15 +499,19 @@ class JointStep:
         if kept is not None and kept[2] != epochs:  # recorded with pages that have moved since
             del self._graphs[key]
             kept = None
+        graph = graph and decoders[0].device.type == "cuda"
         if kept is not None:
             self._graphs.move_to_end(key)
             kept[0].replay()
             logits = kept[1]
+        elif graph:  # not recorded (yet): in turns, each decoder's own graph where it has one
+            out = [d.step_batch(tokens, positions, graph=True) for d, tokens, positions in parts]
+            self._runs[key] = self._runs.get(key, 0) + 1
+            if self._runs[key] >= CAPTURE_AFTER:  # it recurs: recorded (which runs nothing) for the next steps
+                self._capture(key, list(zip(decoders, sizes)), epochs)
+            return out
         else:
             logits = _decode_pass(list(zip(decoders, sizes)))
-            self._runs[key] = self._runs.get(key, 0) + 1
-            if graph and self._runs[key] >= CAPTURE_AFTER and decoders[0].device.type == "cuda":
-                self._capture(key, list(zip(decoders, sizes)), epochs)
         out, at = [], 0
         for (_, tokens, _), n in zip(parts, sizes):
             out.append(logits[at:at + len(tokens)])
@@ -520,9 +527,9 @@ class JointStep:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             graph, logits = _record(self._pool, lambda: _decode_pass(parts))
-        except RuntimeError as e:  # recording runs nothing: the state is intact, this combination stays eager
+        except RuntimeError as e:  # recording runs nothing: the state is intact, this combination stays in turns
             self._eager.add(key)
-            log.warning("CUDA graph capture of a joint step %s failed (%r); it runs eagerly", key, e)
+            log.warning("CUDA graph capture of a joint step %s failed (%r); its decoders run in turns", key, e)
             return
         self._graphs[key] = (graph, logits, epochs)
         while len(self._graphs) > self.max_graphs:

@@ -170,9 +170,10 @@ def test_a_batch_size_is_graphed_once_it_recurs_or_when_the_decoder_idles(models
 
 
 def test_a_joint_step_over_two_contexts_is_graphed_once_it_recurs_and_decodes_as_eager(models):
-    """JointStep on CUDA: two decoders on two contexts, the combination recorded after
-    CAPTURE_AFTER eager steps and replayed, the same logits as never recording; a decoder's
-    moved pages (its epoch) make the combination record again, forget() drops it."""
+    """JointStep on CUDA: two decoders on two contexts, stepped in turns until their
+    combination recurs, then recorded as one graph and replayed: the same logits as the
+    eager joint pass; a decoder's moved pages (its epoch) make the combination record
+    again, forget() drops it."""
     contexts = [static_question(models[1], seed=s) for s in (6, 7)]
     runs = []
     with torch.inference_mode():
