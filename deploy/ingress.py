@@ -287,14 +287,22 @@ class IceCacheIngress:
                 return self._error(e)
             except _REPLICA_GONE:
                 return self._error(RequestError("UNAVAILABLE", "the model replica died mid-request; retry"))
-            return JSONResponse(reply.whole("".join(pieces), stats, oa.echo_text(prompt, stats) if echo else None))
+            echoed = oa.echo_text(prompt, stats.get("prompt_logprobs", [])) if echo else None
+            return JSONResponse(reply.whole("".join(pieces), stats, echoed))
+        scored = "logprobs" in req["sampling"]  # the echoed prompt's tokens come with their log-probabilities
 
         async def events():
             if chat:
                 yield reply.chunk(first=True)
-            item = first
+            item, to_echo = first, echo
             try:
                 while True:
+                    if to_echo:  # the prompt first: its scores come with the first piece, or the stats
+                        prompt_logprobs = item.get("prompt_logprobs") if "text" in item else \
+                            item["stats"].get("prompt_logprobs")
+                        yield reply.echo_chunk(oa.echo_text(prompt, prompt_logprobs or []),
+                                               prompt_logprobs if scored else None)
+                        to_echo = False
                     if "text" in item:
                         yield reply.chunk(item["text"], logprobs=item.get("logprobs"))
                     else:

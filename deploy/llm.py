@@ -200,7 +200,8 @@ class IceCacheLLM:
                        document: str | list[int] | None = None, messages: list[dict] | None = None,
                        chat_role: str | None = None) -> AsyncIterator[dict]:
         """Stream {"text": piece} items (with "logprobs", their tokens', where sampling asks
-        for them), then one {"stats": {...}}. Cancelling the call stops decoding at the next
+        for them, and the first with "prompt_logprobs" where it asks for those), then one
+        {"stats": {...}}. Cancelling the call stops decoding at the next
         token and releases the context. messages (instead of prompt): chat messages in the
         model's template; with a context or document, they continue the chat it opens as a
         turn of chat_role (default "system")."""
@@ -253,7 +254,9 @@ class IceCacheLLM:
                                                tags={"reused": str(bool(lease and lease.cached)), "tenant": tenant})
                             first[0] = False
                         logprobs = getattr(item, "logprobs", None)  # a TextPiece, where they were asked
-                        put("text", str(item), None if logprobs is None else self._logprobs_as_text(logprobs))
+                        prompt_scores = getattr(item, "prompt_logprobs", None)  # its first, where asked
+                        put("text", str(item), None if logprobs is None else self._logprobs_as_text(logprobs),
+                            None if prompt_scores is None else self._logprobs_as_text(prompt_scores))
                     elif isinstance(item, Exception):  # the scheduler logged it
                         error = as_request_error(item) or RequestError(
                             "INTERNAL", f"the request failed in the model replica: {item!r}")

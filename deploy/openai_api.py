@@ -3,7 +3,8 @@ check and send back, kept apart from Serve so it reads (and is tested) as plain 
 
     GET    /v1/models, /v1/models/{id}
     POST   /v1/completions          prompt -> text, streamed as server-sent events or not; with
-                                    echo (not streamed) the prompt first, scored with logprobs
+                                    echo the prompt first (streamed: as the first event), scored
+                                    with logprobs
     POST   /v1/chat/completions     messages -> reply, in the model's chat template
     POST   /v1/contexts             index a document once -> its id
     DELETE /v1/contexts/{id}
@@ -175,8 +176,6 @@ def _echo(body: dict, chat: bool) -> bool:
         raise _bad(f"echo: expected true or false, got {echo!r}")
     if chat:
         raise _bad("echo: a completions field; chat completions do not echo")
-    if body.get("stream"):
-        raise _bad("echo: not supported with stream: true by this server")
     return True
 
 
@@ -213,10 +212,10 @@ def usage(stats: dict) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats["context_tokens"] if stats["context_reused"] else 0}}
 
 
-def echo_text(prompt: str | list[int], stats: dict) -> str:
+def echo_text(prompt: str | list[int], prompt_logprobs: list[dict]) -> str:
     """The text a completion with echo puts before its own: the prompt as sent, or a prompt
-    of token ids as its tokens' text."""
-    return prompt if isinstance(prompt, str) else "".join(t["token"] for t in stats["prompt_logprobs"])
+    of token ids as its tokens' text (from their log-probabilities' entries)."""
+    return prompt if isinstance(prompt, str) else "".join(t["token"] for t in prompt_logprobs)
 
 
 def finish_reason(stats: dict) -> str:
@@ -274,6 +273,15 @@ class Reply:
             choice["text"] = text or ""
         self.offset += len(text or "")
         return event({**self._head(obj), "choices": [choice]})
+
+    def echo_chunk(self, text: str, logprobs: list[dict] | None) -> str:
+        """A completion stream's first event with echo: the prompt's text, with its tokens'
+        log-probabilities where the request asked for logprobs (they do not count among the
+        completion's own, which the chunks after it carry)."""
+        scored = None if logprobs is None else completion_logprobs(logprobs, self.offset)
+        self.offset += len(text)
+        return event({**self._head("text_completion"),
+                      "choices": [{"index": 0, "finish_reason": None, "logprobs": scored, "text": text}]})
 
     def usage_chunk(self, stats: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

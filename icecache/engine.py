@@ -138,7 +138,8 @@ class Engine:
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                context: Context | None = None) -> "GenerationStream":
         """Like generate, yielding text pieces as they are decoded (with `params.logprobs`,
-        TextPieces: each with its tokens' log-probabilities); once exhausted, the stream's
+        TextPieces: each with its tokens' log-probabilities; with `params.prompt_logprobs`,
+        the first piece is a TextPiece with the prompt's too); once exhausted, the stream's
         `output` holds the GenerationOutput (stats included). `close()` stops decoding
         early. Bad input raises ValueError here, before the first piece."""
         return GenerationStream(self._iterate(prompt, params, context))

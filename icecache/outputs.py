@@ -18,17 +18,22 @@ class TextPiece(str):
     """A streamed text piece of a request that asked for log-probabilities: the text, and
     `logprobs`, the tokens decoded since the previous piece (a token whose text is held back,
     an incomplete character or a possible stop string, comes with the piece that shows it;
-    the final output holds every token's)."""
+    the final output holds every token's); None where only prompt_logprobs were asked.
+    `prompt_logprobs`: on a stream's first piece, where SamplingParams.prompt_logprobs asked
+    for them, the prompt's tokens' (as GenerationOutput.prompt_logprobs; so a client can show
+    the scored prompt before the reply); None on the other pieces."""
 
-    logprobs: list[TokenLogprob]
+    logprobs: list[TokenLogprob] | None
+    prompt_logprobs: list[TokenLogprob] | None
 
-    def __new__(cls, text: str, logprobs: list[TokenLogprob]) -> "TextPiece":
+    def __new__(cls, text: str, logprobs: list[TokenLogprob] | None,
+                prompt_logprobs: list[TokenLogprob] | None = None) -> "TextPiece":
         piece = super().__new__(cls, text)
-        piece.logprobs = logprobs
+        piece.logprobs, piece.prompt_logprobs = logprobs, prompt_logprobs
         return piece
 
     def __reduce__(self):  # pickled (sent between processes) with its log-probabilities
-        return TextPiece, (str(self), self.logprobs)
+        return TextPiece, (str(self), self.logprobs, self.prompt_logprobs)
 
 
 @dataclass

@@ -113,6 +113,7 @@ class Sequence:
         self.eos = set() if params.ignore_eos else engine.eos_ids()
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.logprobs_sent = 0  # of them, handed out with text pieces
+        self.prompt_shown = False  # whether prompt_logprobs went out with a text piece
         self.step_times: list[float] = []
         self.pass_times: list[float] = []  # its decode group's passes (static path): TPOT less the scheduler's own time
         self.ttft: float | None = None
@@ -160,10 +161,16 @@ class Sequence:
             self.items.append(item)
 
     def emit_text(self, piece: str) -> None:
-        """A text piece; where log-probabilities were asked, with those of its tokens."""
+        """A text piece; where log-probabilities were asked, with those of its tokens (and the
+        first piece with the prompt's, where prompt_logprobs asked: scored by then)."""
+        logprobs = prompt = None
         if self.logprobs is not None:
-            piece = TextPiece(piece, self.logprobs[self.logprobs_sent:])
+            logprobs = self.logprobs[self.logprobs_sent:]
             self.logprobs_sent = len(self.logprobs)
+        if self.prompt_logprobs is not None and not self.prompt_shown:
+            prompt, self.prompt_shown = self.prompt_logprobs, True
+        if logprobs is not None or prompt is not None:
+            piece = TextPiece(piece, logprobs, prompt)
         self.emit(piece)
 
     def fail(self, error: Exception) -> None:

@@ -1,6 +1,8 @@
 """The OpenAI API's request parsing, as plain functions (the routes are tested through the
 real app in test_serve.py)."""
 
+import json
+
 import pytest
 
 from deploy.errors import RequestError
@@ -109,7 +111,6 @@ def test_echo_asks_for_the_prompts_tokens_and_puts_them_first():
     assert parse({"prompt": "Hi", "echo": True}, chat=False)["sampling"]["prompt_logprobs"] == 0
     assert "echo" not in parse({"prompt": "Hi", "echo": False}, chat=False)
     for body, chat, fragment in [({"prompt": "Hi", "max_tokens": 0}, False, "max_tokens"),
-                                 ({"prompt": "Hi", "echo": True, "stream": True}, False, "echo: not supported with"),
                                  ({"prompt": "Hi", "echo": 1}, False, "echo: expected"),
                                  ({"messages": [{"role": "user", "content": "x"}], "echo": True}, True, "echo: a")]:
         with pytest.raises(RequestError) as failure:
@@ -119,9 +120,21 @@ def test_echo_asks_for_the_prompts_tokens_and_puts_them_first():
     stats = {"finish_reason": "length", "context_tokens": 0, "prompt_tokens": 2, "output_tokens": 1,
              "context_reused": False, "prompt_logprobs": prompt,
              "logprobs": [{"token": "!", "logprob": -0.5, "top": [["!", -0.5]]}]}
-    assert echo_text("Hi there", stats) == echo_text([1, 2], stats) == "Hi there"
+    assert echo_text("Hi there", prompt) == echo_text([1, 2], prompt) == "Hi there"
     choice = Reply(False, MODEL).whole("!", stats, echo="Hi there")["choices"][0]
     assert choice["text"] == "Hi there!"
     assert choice["logprobs"] == {"tokens": ["Hi", " there", "!"], "token_logprobs": [None, -2.0, -0.5],
                                   "top_logprobs": [None, {" all": -1.0}, {"!": -0.5}], "text_offset": [0, 2, 8]}
     assert Reply(False, MODEL).whole("!", {**stats, "logprobs": None}, echo="Hi there")["choices"][0]["logprobs"] is None
+    # streamed (echo with stream: true): the prompt as the first event, the completion's chunks after it with
+    # their own tokens' log-probabilities, offsets counted from the prompt's start
+    reply = Reply(False, MODEL)
+    events = [json.loads(e[len("data: "):]) for e in (reply.echo_chunk("Hi there", prompt),
+                                                      reply.chunk("!", logprobs=stats["logprobs"]),
+                                                      reply.chunk(stats=stats))]
+    assert "".join(e["choices"][0]["text"] for e in events) == choice["text"]
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert [t for lp in streamed for t in lp["tokens"]] == choice["logprobs"]["tokens"]
+    assert [o for lp in streamed for o in lp["text_offset"]] == choice["logprobs"]["text_offset"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and reply.logprobs_sent == 1
+    assert Reply(False, MODEL).echo_chunk("Hi there", None).count('"logprobs": null') == 1

@@ -314,6 +314,15 @@ def test_openai_errors_have_their_status_and_shape(app):
     assert more.text.startswith(sentence) and len(more.logprobs.tokens) == len(echoed.tokens) + 2
     assert more.logprobs.token_logprobs[0] is None  # the same prompt scored the same, then two tokens
     assert more.logprobs.token_logprobs[1:-2] == pytest.approx(echoed.token_logprobs[1:], abs=1e-4)
+    # echo streamed: the prompt (and its scores) as the first event, then the completion, together the whole reply
+    for tokens in (2, 0):
+        events = list(oai.completions.create(model="SmolLM2-135M-Instruct", prompt=sentence, max_tokens=tokens,
+                                             echo=True, logprobs=0, temperature=0, stream=True))
+        assert events[0].choices[0].text == sentence
+        assert "".join(c.text for e in events for c in e.choices) == (more.text if tokens else sentence)
+        scores = [lp for e in events for c in e.choices if c.logprobs for lp in c.logprobs.token_logprobs]
+        assert scores[0] is None and scores[1:] == pytest.approx(
+            more.logprobs.token_logprobs[1:len(scores)], abs=1e-4) and len(scores) == len(echoed.tokens) + tokens
     # streamed: each chunk with its tokens', together the same as the whole reply's
     hi = [{"role": "user", "content": "Hi"}]
     chunks = list(oai.chat.completions.create(model="SmolLM2-135M-Instruct", messages=hi, max_tokens=4, temperature=0,

@@ -22,8 +22,8 @@ def read(pieces: list[str], last: tuple, reader_delay_s: float = 0.0,
         stream = ItemStream(asyncio.get_running_loop())
 
         def produce():
-            for piece in pieces:
-                stream.put("text", piece, [piece] if logprobs else None)
+            for i, piece in enumerate(pieces):
+                stream.put("text", piece, [piece] if logprobs else None, ["prompt"] if logprobs and i == 0 else None)
                 time.sleep(0.001)
             stream.put(*last)
             stream.put("end")
@@ -60,3 +60,4 @@ def test_joined_pieces_carry_their_tokens_logprobs_in_order():
     assert error is None and len(texts) < len(pieces) // 2
     assert all(m["logprobs"] == [p for p in pieces if p in m["text"]] for m in texts)
     assert [t for m in texts for t in m["logprobs"]] == pieces
+    assert texts[0]["prompt_logprobs"] == ["prompt"] and all("prompt_logprobs" not in m for m in texts[1:])

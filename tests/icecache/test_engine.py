@@ -109,6 +109,14 @@ def test_stream_yields_the_generated_text(engine, context):
         assert p == engine.tokenizer.decode([lp.token_id for lp in p.logprobs]) or not p.strip()
     sent = pickle.loads(pickle.dumps(pieces[0]))  # as a process hands it on
     assert sent == pieces[0] and sent.logprobs == pieces[0].logprobs
+    # the prompt's scores asked: they come with the first piece (only), as the output has them
+    stream = engine.stream(QUESTION, SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1),
+                           context=context)
+    pieces = list(stream)
+    assert pieces[0].prompt_logprobs == stream.output.prompt_logprobs and len(pieces[0].prompt_logprobs) > 3
+    assert pieces[0].logprobs is None and not any(hasattr(p, "prompt_logprobs") for p in pieces[1:])  # plain text
+    sent = pickle.loads(pickle.dumps(pieces[0]))
+    assert sent.prompt_logprobs == pieces[0].prompt_logprobs
 
 
 def test_stop_string_ends_generation_before_it(engine, context):
