@@ -16,7 +16,8 @@ from icecache.index.select import select_pages
 from icecache.static_decode import JointStep, StaticDecoder
 
 __all__ = ["JointStep", "RequestKV", "StaticDecoder", "StepBatch", "attention_lse", "build_context",
-           "cudnn_for_every_shape", "layout_of", "prefix_attention_lse", "rank_pages", "select_pages", "sparse_attention", "walk_tree"]
+           "cudnn_for_every_shape", "layout_of", "prefix_attention_lse", "rank_pages", "select_pages",
+           "sparse_attention", "walk_tree"]
 
 
 def __getattr__(name: str):
