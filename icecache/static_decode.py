@@ -475,7 +475,7 @@ class JointStep:
     def __init__(self, max_graphs: int = 8) -> None:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = OrderedDict()
-        self._runs: dict[tuple, int] = {}  # eager steps per combination not yet recorded
+        self._runs: dict[tuple, int] = {}  # steps in turns per combination not yet recorded (CUDA)
         self._eager: set[tuple] = set()  # combinations whose capture failed (they run in turns)
         self._pool = None
 
