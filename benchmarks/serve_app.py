@@ -78,6 +78,7 @@ def ask(client, context_id: str, prompt: str, tokens: int) -> dict:
     n = stats.output_tokens
     return {"ttft_s": first - start, "tpot_s": (last - first) / max(1, n - 1), "tokens": n, "start": start,
             "end": last, "server_ttft_s": stats.ttft_s, "server_tpot_s": stats.tpot_s,
+            "server_tpot_median_s": stats.tpot_median_s, "decode_pass_s": stats.decode_pass_s,
             "peak_batch": stats.peak_batch, "reused": stats.context_reused, "lease_s": stats.lease_s,
             "queue_s": stats.queue_s, "prefill_batch": stats.prefill_batch, "prefill_pass_s": stats.prefill_pass_s,
             "replica_id": stats.replica_id}
@@ -108,6 +109,9 @@ def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
             "tpot_p50_s": statistics.median(r["tpot_s"] for r in runs),
             # the replica's own time per token: above it, the client's is lost between them
             "server_tpot_p50_s": statistics.median(r["server_tpot_s"] for r in runs),
+            # of that, its median and the decode pass: what is left between them is gaps (loads, recording, prefills)
+            "server_tpot_median_p50_s": statistics.median(r["server_tpot_median_s"] for r in runs),
+            "decode_pass_p50_s": statistics.median(r["decode_pass_s"] for r in runs),
             "tok_s": sum(r["tokens"] for r in runs) / wall, "peak_batch": max(r["peak_batch"] for r in runs),
             # where a first token's wait goes, server side: leasing the context, then waiting for
             # admission (the step in flight), then the prefill pass the question joined
@@ -115,6 +119,13 @@ def concurrent(client, context_ids: list[str], n: int, tokens: int) -> dict:
             "prefill_batches": sorted(r["prefill_batch"] for r in runs),
             "by_replica": dict(collections.Counter(r["replica_id"] for r in runs)),
             "queue_s": sorted(round(r["queue_s"], 4) for r in runs)}
+
+
+def tpot_parts(c: dict) -> str:
+    """A round's TPOT on the replica: mean / median / the decode pass (p50s over the requests;
+    the median and the pass where the run recorded them)."""
+    parts = [c["server_tpot_p50_s"], c.get("server_tpot_median_p50_s"), c.get("decode_pass_p50_s")]
+    return " / ".join(f"{x * 1e3:.1f}" for x in parts if x is not None) + " ms"
 
 
 def index_timed(index, doc: list[int], build_field: str = "index_build_s") -> tuple[object, dict]:

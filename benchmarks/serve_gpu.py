@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.decode_speed import finish, run_hf, save, shaped_model
-from benchmarks.serve_app import QUESTION, ask, concurrent, document, engine_overrides, index_timed, start_app
+from benchmarks.serve_app import (QUESTION, ask, concurrent, document, engine_overrides, index_timed, start_app,
+                                  tpot_parts)
 from benchmarks.serve_replicas import replica_rounds, summarise_rounds
 from icecache import Engine, IceCacheConfig, SamplingParams
 
@@ -174,15 +175,15 @@ def summarise(report: dict) -> None:
             if "ttft_p50_s" in c:
                 print(f"    {c['n']:>3} concurrent: TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms p99 "
                       f"{c['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {c['tpot_p50_s'] * 1e3:.1f} ms "
-                      f"(replica {c['server_tpot_p50_s'] * 1e3:.1f}), {c['tok_s']:.0f} tok/s, "
+                      f"(replica {tpot_parts(c)}), {c['tok_s']:.0f} tok/s, "
                       f"{c['completed']}/{c['n']} done, errors {len(c['errors'])}")
         print("  ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     summarise_rounds(report)
     for c in report.get("multi_doc", []):
         if "ttft_p50_s" in c:
             print(f"  {c['n']} concurrent over {c['docs']} documents: TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms, p99 "
-                  f"{c['ttft_p99_s'] * 1e3:.0f} ms, {c['tok_s']:.0f} tok/s, {c['completed']}/{c['n']} done, "
-                  f"errors {len(c['errors'])}")
+                  f"{c['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {c['tpot_p50_s'] * 1e3:.1f} ms (replica {tpot_parts(c)}), "
+                  f"{c['tok_s']:.0f} tok/s, {c['completed']}/{c['n']} done, errors {len(c['errors'])}")
 
 
 def plot(report: dict, path: Path) -> None:

@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 
-from benchmarks.serve_app import QUESTION, ask, concurrent, document, index_timed, node_stats, start_app
+from benchmarks.serve_app import QUESTION, ask, concurrent, document, index_timed, node_stats, start_app, tpot_parts
 
 APP, LLM = "icecache", "IceCacheLLM"
 
@@ -291,7 +291,7 @@ def summarise_rounds(report: dict) -> None:
             print(f"    {c['n']} concurrent over {c['docs']} documents: {c['tok_s']:.0f} tok/s "
                   f"({r.get('tok_s_vs_first_round', 1.0):.2f}x the first round), "
                   f"TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms, TPOT p50 {c['tpot_p50_s'] * 1e3:.1f} ms (replica "
-                  f"{c['server_tpot_p50_s'] * 1e3:.1f}), by replica {c['by_replica']}, errors {len(c['errors'])}")
+                  f"{tpot_parts(c)}), by replica {c['by_replica']}, errors {len(c['errors'])}")
     a = report.get("autoscale")
     if a:
         print(f"  autoscale: {a['askers']} askers, {a['requests']} requests, {a['failed']} failed; second "

@@ -219,7 +219,8 @@ class IceCacheLLM:
                 "finish_reason": out.finish_reason, "output_tokens": s["output_tokens"],
                 "context_tokens": s["context_tokens"], "prompt_tokens": s["prompt_tokens"],
                 "context_reused": bool(lease.cached) if lease else False, "ttft_s": s["ttft_s"],
-                "tpot_s": s["tpot_s"], "prefill_s": (lease.context.prefill_s if lease and not lease.cached
+                "tpot_s": s["tpot_s"], "tpot_median_s": s["tpot_median_s"], "decode_pass_s": s["decode_pass_s"],
+                "prefill_s": (lease.context.prefill_s if lease and not lease.cached
                                                      else s["prefill_s"] or 0.0),
                 "context_id": lease.context_id if lease else "", "node_id": self.node_id,
                 "replica_id": self.replica_id, "pages_loaded_per_token": s["pages_loaded_per_token"],

@@ -337,6 +337,7 @@ def test_openai_errors_have_their_status_and_shape(app):
     assert [t.token for t in stats.logprobs] == legacy.tokens and "".join(legacy.tokens) == text
     assert [t.logprob for t in stats.logprobs] == pytest.approx(legacy.token_logprobs, abs=1e-5)
     assert all(len(t.top) == 1 and t.top[0].token == t.token for t in stats.logprobs)
+    assert 0 < stats.tpot_median_s and stats.decode_pass_s >= 0  # the replica's own time per token, as it logs it
     text_only, scored = grpc_client.ask(sentence, 0, prompt_logprobs=1)  # gRPC's prompt_logprobs: as echo scores
     assert text_only == "" and "".join(t.token for t in scored.prompt_logprobs) == sentence
     assert not scored.prompt_logprobs[0].HasField("logprob") and scored.output_tokens == 0
