@@ -94,7 +94,7 @@ def measure(eng: Engine, ctx, requests: list, where: str, steps: int) -> dict:
                 if rank:
                     rank_pages(q, top, s.plan, s.tree.page_mean, s.tree.page_var, s.tree.page_valid,
                                     s.priv_mean[:B].flatten(0, 1), s.priv_var[:B].flatten(0, 1),
-                                    s.priv_valid[:B].flatten(0, 1), scaling, s.R * s.rerank, S["raw"], S["cand"],
+                                    s.priv_valid[:B].flatten(0, 1), scaling, s.ranked, S["raw"], S["cand"],
                                     S["parts"], s.page_heads)
         row = {"batch": B, "where": where, "step_p50_s": statistics.median(times[4:]), "load_s": load_s[1],
                "load_first_s": load_s[0],

@@ -232,7 +232,7 @@ class RequestKV:
                             state.draw + state.win_first_pos + state.win_k.shape[1])
             page_ids = state.selector.pages(qg, view, R, scaling)
         else:
-            C = R * self.config.candidates[0]
+            C = self.config.ranked_pages
             page_ids = select_pages(tree, state.private, qg, C, self.config.search_width, scaling,
                                     self.config.page_heads)
             if layer in self.question_pages:  # the question's own pages are candidates at every step

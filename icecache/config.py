@@ -134,6 +134,12 @@ class IceCacheConfig:
         """Pages a sparse layer retrieves per step (the budget left after sinks and window)."""
         return (self.token_budget - self.sink_tokens - self.window_tokens) // self.page_size
 
+    @property
+    def ranked_pages(self) -> int:
+        """Pages the key moments rank per (request, KV head) row each step, before the keys
+        keep retrieved_pages of them: rerank x retrieved_pages (candidates[0])."""
+        return self.retrieved_pages * self.candidates[0]
+
     def replace(self, **changes) -> "IceCacheConfig":
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known

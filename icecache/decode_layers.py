@@ -212,7 +212,7 @@ class SparseSlots:
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.search_width = config.search_width
         self.page_heads = config.page_heads
-        self.rerank, question = config.candidates
+        self.ranked, question = config.ranked_pages, config.candidates[1]  # moment-ranked pages, question pages
         self.selector = SELECTORS[config.selector]
         self.draw = random_draw(config.seed, layer)  # selector "random": + the slot's step count
         self.ring, self.scratch = ring, scratch
@@ -314,7 +314,7 @@ class SparseSlots:
         every = self.candidates[:B].flatten(0, 1)
         ids = walk.rank_pages(q, top, self.plan, tree.page_mean, tree.page_var, tree.page_valid,
                               self.priv_mean[:B].flatten(0, 1), self.priv_var[:B].flatten(0, 1),
-                              self.priv_valid[:B].flatten(0, 1), scaling, self.R * self.rerank, S["raw"], S["cand"],
+                              self.priv_valid[:B].flatten(0, 1), scaling, self.ranked, S["raw"], S["cand"],
                               S["parts"], self.page_heads, every[:, Q:] if Q else None)
         if Q:
             ids = every
@@ -409,7 +409,7 @@ class SparseSlots:
             return self.selector.pages(q, view, R, scaling)
         parts = [shared_part(tree, tree_keep(tree, q, self.search_width, scaling))] if tree.num_pages else []
         parts.append(private_part(self.priv_mean[b], self.priv_var[b], self.priv_valid[b]))
-        ids = rank_pages(q, scaling, parts, R * self.rerank, self.page_heads)
+        ids = rank_pages(q, scaling, parts, self.ranked, self.page_heads)
         if self.question.shape[2]:  # first, as on the kernel path
             ids = torch.cat([self.question[b], ids], dim=1)
         if ids.shape[1] <= R:

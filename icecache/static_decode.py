@@ -110,7 +110,7 @@ class StaticDecoder:
         if sparse_layers:
             self.stack = SlotStack([(context.sparse[i].tail_k, context.sparse[i].tail_v) for i in sparse_layers],
                                    slots, private_pages, config.page_size, window, config.candidates[1], self.dtype,
-                                   self.device, config.retrieved_pages * config.candidates[0])
+                                   self.device, config.ranked_pages)
         self.states: list[SparseSlots | DenseSlots] = []
         for i in range(num_layers):
             if i in sparse_layers:
