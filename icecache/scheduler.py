@@ -454,15 +454,12 @@ class Scheduler:
             groups = list({id(s.group): s.group for s, _ in feeding}.values())
             seqs = [s for g in groups for s in g.seqs]
             self._count_batch(seqs)
-            if len(groups) == 1:
-                self._guard(seqs, lambda: groups[0].step(tokens))
-            else:  # several contexts: one pass through the model for all of them
-                started = time.perf_counter()
-                graph = self.engine.device.type == "cuda"
-                out = self._guard(seqs, lambda: self._joint.step([(g.decoder, *g.inputs(tokens)) for g in groups],
-                                                                 graph=graph))
-                for group, logits in zip(groups, out or []):
-                    self._guard(list(group.seqs), lambda: group.take(logits, started))
+            started = time.perf_counter()  # one pass through the model for every context's group
+            graph = self.engine.device.type == "cuda"
+            out = self._guard(seqs, lambda: self._joint.step([(g.decoder, *g.inputs(tokens)) for g in groups],
+                                                             graph=graph))
+            for group, logits in zip(groups, out or []):
+                self._guard(list(group.seqs), lambda: group.take(logits, started))
         else:
             seqs = [seq for seq, _ in feeding]
             self._count_batch(seqs)

@@ -321,11 +321,6 @@ class DecodeGroup:
     def pages_per_step(self, seq: Sequence) -> int:
         return self.decoder.pages_per_step(self.seqs.index(seq))
 
-    def step(self, tokens: dict[Sequence, int]) -> None:
-        """One token for every request of the group (all are decoding)."""
-        started = time.perf_counter()
-        self.take(self.decoder.step_batch(*self.inputs(tokens), graph=self.decoder.device.type == "cuda"), started)
-
     def inputs(self, tokens: dict[Sequence, int]) -> tuple[list[int], list[int]]:
         """The next tokens and positions of the group's requests, slot by slot."""
         return [tokens[s] for s in self.seqs], [s.position for s in self.seqs]
