@@ -106,14 +106,15 @@ def measure(eng: Engine, ctx, requests: list, where: str, steps: int) -> dict:
     return row
 
 
-def scheduler_round(eng: Engine, ctx, sessions: int, tokens: int) -> dict:
-    """sessions questions on ctx through Engine.scheduler, the second of two rounds (the
-    first records the graphs)."""
-    sched = eng.scheduler(max_batch=sessions)
+def scheduler_round(eng: Engine, contexts: list, sessions: int, tokens: int, max_batch: int | None = None) -> dict:
+    """sessions questions through Engine.scheduler (of max_batch slots a group, default
+    sessions), spread round-robin over contexts; the second of two rounds (the first
+    records the graphs)."""
+    sched = eng.scheduler(max_batch=max_batch or sessions)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for round_ in range(2):
         seqs = [sched.submit(random_ids(QUESTION_TOKENS, VOCAB, torch.Generator().manual_seed(100 * round_ + i)),
-                             params, context=ctx) for i in range(sessions)]
+                             params, context=contexts[i % len(contexts)]) for i in range(sessions)]
         start = time.perf_counter()
         while sched.has_work:
             sched.step()
@@ -122,7 +123,7 @@ def scheduler_round(eng: Engine, ctx, sessions: int, tokens: int) -> dict:
     p50 = lambda key: statistics.median(x[key] for x in stats)  # noqa: E731
     return {"sessions": sessions, "tokens": tokens, "tokens_per_s": sessions * tokens / wall,
             "ttft_p50_s": p50("ttft_s"), "tpot_mean_p50_s": p50("tpot_s"), "tpot_median_p50_s": p50("tpot_median_s"),
-            "decode_pass_p50_s": p50("decode_pass_s")}
+            "decode_pass_p50_s": p50("decode_pass_s"), "largest_batch": sched.largest_batch}
 
 
 def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int, new_tokens: int) -> dict:
@@ -158,23 +159,10 @@ def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int,
             row[f"{mode}_step_p50_s"] = statistics.median(times[4:])
         row["joint_graphed"] = len(joint.graphed)
         del decs, joint
-    sched = eng.scheduler(max_batch=max(64, each * k))
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for round_ in range(2):  # the first records the graphs
-        seqs = [sched.submit(random_ids(QUESTION_TOKENS, VOCAB, torch.Generator().manual_seed(100 * round_ + i)),
-                             params, context=contexts[i % k]) for i in range(each * k)]
-        start = time.perf_counter()
-        while sched.has_work:
-            sched.step()
-        wall = time.perf_counter() - start
-    stats = [s.items[-1].stats for s in seqs]
-    row["scheduler"] = {"tokens_per_s": len(seqs) * new_tokens / wall,
-                        "decode_pass_p50_s": statistics.median(x["decode_pass_s"] for x in stats),
-                        "tpot_median_p50_s": statistics.median(x["tpot_median_s"] for x in stats),
-                        "largest_batch": sched.largest_batch}
+    row["scheduler"] = scheduler_round(eng, contexts, each * k, new_tokens, max_batch=max(64, each * k))
     for ctx in contexts:
         eng.runner.forget(ctx)
-    del contexts, sched, seqs
+    del contexts
     torch.cuda.empty_cache()
     return row
 
@@ -205,7 +193,7 @@ def main(argv=None) -> int:
                 print(f"[{n}] x{B} {where}: step {row['step_p50_s'] * 1e3:.1f} ms, index query "
                       f"{row['index_query_s'] * 1e3:.1f} ms, load {row['load_s'] * 1e3:.0f} ms "
                       f"(first {row['load_first_s'] * 1e3:.0f})", flush=True)
-        entry["scheduler"] = scheduler_round(eng, ctx, max(args.batches), args.tokens)
+        entry["scheduler"] = scheduler_round(eng, [ctx], max(args.batches), args.tokens)
         print(f"[{n}] scheduler: {entry['scheduler']}", flush=True)
         report["runs"].append(entry)
         eng.runner.forget(ctx)
