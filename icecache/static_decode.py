@@ -482,8 +482,9 @@ class JointStep:
     def step(self, parts: list[tuple[StaticDecoder, list[int], list[int]]], graph: bool = False
              ) -> list[torch.Tensor]:
         """One token for each of slots 0..len(tokens)-1 of every (decoder, tokens, positions)
-        in parts (decoders distinct, of one model). -> each part's logits [B, vocab] (views of
-        a static buffer when graphed: read them before the next step)."""
+        in parts (decoders distinct, of one model; one part is that decoder's own step_batch).
+        -> each part's logits [B, vocab] (views of a static buffer when graphed: read them
+        before the next step)."""
         decoders = [d for d, _, _ in parts]
         if len({d.serial for d in decoders}) != len(decoders):
             raise ValueError("parts: a decoder appears twice in one step")
