@@ -106,27 +106,64 @@ def measure(eng: Engine, ctx, requests: list, where: str, steps: int) -> dict:
     return row
 
 
-def scheduler_round(eng: Engine, contexts: list, sessions: int, tokens: int, max_batch: int | None = None) -> dict:
+def scheduler_round(eng: Engine, contexts: list, sessions: int, tokens: int, max_batch: int | None = None,
+                    profile: int = 0) -> dict:
     """sessions questions through Engine.scheduler (of max_batch slots a group, default
-    sessions), spread round-robin over contexts; the second of two rounds (the first
-    records the graphs)."""
+    sessions), spread round-robin over contexts, in two rounds: the first on fresh decoders
+    (they run eagerly, then record their graphs: what a replica's first burst on new
+    documents pays), the second as the replica's steady state (its figures lead). Each
+    round's first step is its prefill pack (every question in one pass); profile > 0: that
+    step of the second round under torch.profiler, its top `profile` operations."""
     sched = eng.scheduler(max_batch=max_batch or sessions)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    rounds = []
     for round_ in range(2):
         seqs = [sched.submit(random_ids(QUESTION_TOKENS, VOCAB, torch.Generator().manual_seed(100 * round_ + i)),
                              params, context=contexts[i % len(contexts)]) for i in range(sessions)]
+        torch.cuda.synchronize()
         start = time.perf_counter()
+        prof = None
+        if profile and round_ == 1:
+            from torch.profiler import ProfilerActivity
+            prof = torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            with prof:
+                sched.step()
+                torch.cuda.synchronize()
+        else:
+            sched.step()
+            torch.cuda.synchronize()
+        first_step = time.perf_counter() - start
         while sched.has_work:
             sched.step()
         wall = time.perf_counter() - start
-    stats = [s.items[-1].stats for s in seqs]
-    p50 = lambda key: statistics.median(x[key] for x in stats)  # noqa: E731
-    return {"sessions": sessions, "tokens": tokens, "tokens_per_s": sessions * tokens / wall,
-            "ttft_p50_s": p50("ttft_s"), "tpot_mean_p50_s": p50("tpot_s"), "tpot_median_p50_s": p50("tpot_median_s"),
-            "decode_pass_p50_s": p50("decode_pass_s"), "largest_batch": sched.largest_batch}
+        stats = [s.items[-1].stats for s in seqs]
+        p50 = lambda key: statistics.median(x[key] for x in stats)  # noqa: E731
+        rounds.append({"sessions": sessions, "documents": len(contexts), "tokens": tokens,
+                       "tokens_per_s": sessions * tokens / wall, "first_step_s": first_step,
+                       "prefill_pass_p50_s": p50("prefill_pass_s"), "ttft_p50_s": p50("ttft_s"),
+                       "tpot_mean_p50_s": p50("tpot_s"), "tpot_median_p50_s": p50("tpot_median_s"),
+                       "decode_pass_p50_s": p50("decode_pass_s"), "largest_batch": sched.largest_batch})
+        if prof is not None:
+            rounds[-1]["pack_profile"] = top_operations(prof, profile)
+    return {**rounds[1], "cold": rounds[0]}
 
 
-def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int, new_tokens: int) -> dict:
+def top_operations(prof, top: int) -> dict:
+    """A profile's operations with the most self time on the GPU and on the CPU, and its count of
+    CPU operations (what a launch-bound pass pays for)."""
+    events = prof.key_averages()
+    rows = lambda evs: [{"name": e.key[:100], "calls": e.count,  # noqa: E731
+                         "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                         "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in evs]
+    by = lambda key: sorted(events, key=key, reverse=True)[:top]  # noqa: E731
+    return {"cpu_operations": sum(e.count for e in events if e.device_type.name == "CPU"),
+            "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
+            "by_device": rows(by(lambda e: getattr(e, "self_device_time_total", 0))),
+            "by_cpu": rows(by(lambda e: e.self_cpu_time_total))}
+
+
+def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int, new_tokens: int,
+                    profile: int = 0) -> dict:
     """sessions questions over k documents of `tokens` (sessions // k each, all resident):
     the documents' decoders stepped in turn against one JointStep, then the scheduler."""
     contexts = [eng.index(random_ids(tokens, VOCAB, torch.Generator().manual_seed(7000 + d))).with_index_on(eng.device)
@@ -159,7 +196,11 @@ def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int,
             row[f"{mode}_step_p50_s"] = statistics.median(times[4:])
         row["joint_graphed"] = len(joint.graphed)
         del decs, joint
-    row["scheduler"] = scheduler_round(eng, contexts, each * k, new_tokens, max_batch=max(64, each * k))
+    # the same sessions on one of the documents, then over all of them (a pack over k contexts)
+    row["scheduler_one"] = scheduler_round(eng, contexts[:1], each * k, new_tokens, max_batch=max(64, each * k),
+                                           profile=profile)
+    row["scheduler"] = scheduler_round(eng, contexts, each * k, new_tokens, max_batch=max(64, each * k),
+                                       profile=profile)
     for ctx in contexts:
         eng.runner.forget(ctx)
     del contexts
@@ -175,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="tokens per session in the scheduler round")
     ap.add_argument("--documents", type=int, default=4, help="documents of the several-documents round (0 = skip)")
     ap.add_argument("--document-tokens", type=int, default=32768, help="length of each of those documents")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile the documents round's prefill packs (over one document and over all): top N")
     args = parse_gpu_args(ap, argv, "batch_step", plot)
     if args is None:
         return 0
@@ -202,7 +245,7 @@ def main(argv=None) -> int:
         save(report, args.out)  # partial results survive a timeout
     if args.documents:
         report["documents"] = documents_round(eng, args.documents, args.document_tokens, max(args.batches),
-                                              args.steps, args.tokens)
+                                              args.steps, args.tokens, args.profile)
         print(f"documents: {report['documents']}", flush=True)
     finish(report, args.out, summarise, plot)
     return 0
@@ -226,10 +269,24 @@ def summarise(report: dict) -> None:
     d = report.get("documents")
     if d:
         ratios["documents_joint_over_turns"] = d["joint_step_p50_s"] / d["turns_step_p50_s"]
-        s = d["scheduler"]
         print(f"{d['sessions']} sessions over {d['documents']} documents of {d['document_tokens']}: step in turns "
-              f"{d['turns_step_p50_s'] * 1e3:.1f} ms, joint {d['joint_step_p50_s'] * 1e3:.1f} ms; scheduler "
-              f"{s['tokens_per_s']:.0f} tok/s, decode pass {s['decode_pass_p50_s'] * 1e3:.1f} ms")
+              f"{d['turns_step_p50_s'] * 1e3:.1f} ms, joint {d['joint_step_p50_s'] * 1e3:.1f} ms")
+        for name in ("scheduler_one", "scheduler"):
+            if name in d:
+                for label, s in (("steady", d[name]), ("fresh decoders", d[name]["cold"])):
+                    print(f"  scheduler over {s['documents']} document(s), {label}: {s['tokens_per_s']:.0f} tok/s, "
+                          f"prefill pack {s['first_step_s'] * 1e3:.0f} ms (pass {s['prefill_pass_p50_s'] * 1e3:.0f}),"
+                          f" TTFT {s['ttft_p50_s'] * 1e3:.0f} ms, TPOT mean {s['tpot_mean_p50_s'] * 1e3:.1f} / median "
+                          f"{s['tpot_median_p50_s'] * 1e3:.1f} / pass {s['decode_pass_p50_s'] * 1e3:.1f} ms")
+                p = d[name].get("pack_profile")
+                if p:
+                    print(f"  pack over {d[name]['documents']} document(s): {p['cpu_operations']} CPU operations, "
+                          f"{p['device_ms']:.1f} ms on the GPU; top GPU:")
+                    for r in p["by_device"][:12]:
+                        print(f"    {r['self_device_ms']:7.2f} ms x{r['calls']:<5} {r['name'][:90]}")
+                    print("   top CPU:")
+                    for r in p["by_cpu"][:12]:
+                        print(f"    {r['self_cpu_ms']:7.2f} ms x{r['calls']:<5} {r['name'][:90]}")
     report["ratios"] = ratios
 
 
