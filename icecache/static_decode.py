@@ -464,12 +464,10 @@ class JointStep:
     for the slots of several StaticDecoders (of one model), so a step over k documents
     reads the weights once, not k times; each decoder's layers attend over its own context
     and pages. Eagerly (graph=False, e.g. on a CPU) that pass is always taken. On CUDA a
-    combination of (decoder, padded batch size) not recorded yet runs in turns, each
-    decoder replaying its own graph, where every decoder has one at its size (a burst's
-    combinations change from step to step, and an eager pass of several contexts' kernels
-    costs more than their graphs in turns), and otherwise as one eager pass (fresh
-    documents' decoders: one eager pass, not one each), until it recurs: its
-    CAPTURE_AFTER-th step records it as one graph, replayed from then on; the
+    combination of (decoder, padded batch size) runs in turns, each decoder replaying its
+    own graph (a burst's combinations change from step to step, and an eager pass of
+    several contexts' kernels costs more than their graphs in turns), until it recurs:
+    its CAPTURE_AFTER-th step records it as one graph, replayed from then on; the
     `max_graphs` most recently used are kept. A combination's graph goes stale when one
     of its decoders' graphs do (a resident copy came or went: its epoch moved) and is
     recorded again; forget() a decoder before letting it go."""
@@ -507,27 +505,19 @@ class JointStep:
             self._graphs.move_to_end(key)
             kept[0].replay()
             logits = kept[1]
-        elif graph and all(n in d._graphs for d, n in zip(decoders, sizes)):
-            # not recorded (yet), every decoder graphed at its size: in turns, each replaying its own
+        elif graph:  # not recorded (yet): in turns, each decoder's own graph where it has one
             out = [d.step_batch(tokens, positions, graph=True) for d, tokens, positions in parts]
-            self._count(key, decoders, sizes, epochs)
+            self._runs[key] = self._runs.get(key, 0) + 1
+            if self._runs[key] >= CAPTURE_AFTER:  # it recurs: recorded (which runs nothing) for the next steps
+                self._capture(key, list(zip(decoders, sizes)), epochs)
             return out
-        else:  # eagerly: one pass for all (where a decoder has no graph, turns would be an eager pass each)
+        else:
             logits = _decode_pass(list(zip(decoders, sizes)))
-            if graph:
-                self._count(key, decoders, sizes, epochs)
         out, at = [], 0
         for (_, tokens, _), n in zip(parts, sizes):
             out.append(logits[at:at + len(tokens)])
             at += n
         return out
-
-    def _count(self, key: tuple, decoders: list[StaticDecoder], sizes: list[int], epochs: tuple) -> None:
-        """One more step of a combination not recorded; at its CAPTURE_AFTER-th it recurs: recorded
-        (which runs nothing) for the next steps."""
-        self._runs[key] = self._runs.get(key, 0) + 1
-        if self._runs[key] >= CAPTURE_AFTER:
-            self._capture(key, list(zip(decoders, sizes)), epochs)
 
     def _capture(self, key: tuple, parts: list[tuple[StaticDecoder, int]], epochs: tuple) -> None:
         del self._runs[key]

@@ -170,8 +170,8 @@ def test_a_batch_size_is_graphed_once_it_recurs_or_when_the_decoder_idles(models
 
 
 def test_a_joint_step_over_two_contexts_is_graphed_once_it_recurs_and_decodes_as_eager(models):
-    """JointStep on CUDA: two fresh decoders on two contexts, stepped in one eager pass until
-    their combination recurs, then recorded as one graph and replayed: the same logits as the
+    """JointStep on CUDA: two decoders on two contexts, stepped in turns until their
+    combination recurs, then recorded as one graph and replayed: the same logits as the
     eager joint pass; a decoder's moved pages (its epoch) make the combination record
     again, forget() drops it."""
     contexts = [static_question(models[1], seed=s) for s in (6, 7)]
@@ -190,9 +190,6 @@ def test_a_joint_step_over_two_contexts_is_graphed_once_it_recurs_and_decodes_as
                          for d, c in zip(decs, contexts)]
                 out.extend(x.clone() for x in joint.step(parts, graph=graph))
                 assert bool(joint.graphed) == (graph and i + 1 >= CAPTURE_AFTER)
-            # fresh decoders (no graph of their own) took one eager pass for both, not one each:
-            # their own graphs were not recorded on the way
-            assert not any(d.graphed for d in decs)
             runs.append(torch.cat(out))
             if graph:
                 decs[0].epoch += 1  # as when a resident copy comes or goes
