@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import cuda_time, finish, parse_gpu_args, random_ids, save, shaped_model
+from benchmarks.decode_speed import cuda_time, finish, parse_gpu_args, random_ids, save, shaped_model, top_operations
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.internals import JointStep, RequestKV, StaticDecoder
 
@@ -146,20 +146,6 @@ def scheduler_round(eng: Engine, contexts: list, sessions: int, tokens: int, max
         if prof is not None:
             rounds[-1]["pack_profile"] = top_operations(prof, profile)
     return {**rounds[1], "cold": rounds[0]}
-
-
-def top_operations(prof, top: int) -> dict:
-    """A profile's operations with the most self time on the GPU and on the CPU, and its count of
-    CPU operations (what a launch-bound pass pays for)."""
-    events = prof.key_averages()
-    rows = lambda evs: [{"name": e.key[:100], "calls": e.count,  # noqa: E731
-                         "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                         "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in evs]
-    by = lambda key: sorted(events, key=key, reverse=True)[:top]  # noqa: E731
-    return {"cpu_operations": sum(e.count for e in events if e.device_type.name == "CPU"),
-            "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
-            "by_device": rows(by(lambda e: getattr(e, "self_device_time_total", 0))),
-            "by_cpu": rows(by(lambda e: e.self_cpu_time_total))}
 
 
 def documents_round(eng: Engine, k: int, tokens: int, sessions: int, steps: int, new_tokens: int,

@@ -143,6 +143,20 @@ def cuda_time(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps / 1000
 
 
+def top_operations(prof, top: int) -> dict:
+    """A profile's operations with the most self time on the GPU and on the CPU, and its count of
+    CPU operations (what a launch-bound pass pays for)."""
+    events = prof.key_averages()
+    rows = lambda evs: [{"name": e.key[:100], "calls": e.count,  # noqa: E731
+                         "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                         "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in evs]
+    by = lambda key: sorted(events, key=key, reverse=True)[:top]  # noqa: E731
+    return {"cpu_operations": sum(e.count for e in events if e.device_type.name == "CPU"),
+            "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3,
+            "by_device": rows(by(lambda e: getattr(e, "self_device_time_total", 0))),
+            "by_cpu": rows(by(lambda e: e.self_cpu_time_total))}
+
+
 def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

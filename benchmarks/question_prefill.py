@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import random_ids, shaped_model
+from benchmarks.decode_speed import random_ids, shaped_model, top_operations
 from icecache import Engine, SamplingParams
 from icecache.internals import attention_lse, cudnn_for_every_shape, prefix_attention_lse
 
@@ -73,12 +73,7 @@ def profile_question(eng: Engine, ctx, ids: list[int], top: int) -> dict:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = eng.generate(ids, params, context=ctx)
-    events = prof.key_averages()
-    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    by_device = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:top]
-    as_rows = lambda evs: [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,  # noqa: E731
-                            "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in evs]
-    return {"ttft_s": out.stats["ttft_s"], "by_cpu": as_rows(by_cpu), "by_device": as_rows(by_device)}
+    return {"ttft_s": out.stats["ttft_s"], **top_operations(prof, top)}
 
 
 def ask_all(eng: Engine, ctx, lengths: list[int], vocab: int, gen: torch.Generator) -> dict:
