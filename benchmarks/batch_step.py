@@ -29,6 +29,7 @@ Writes JSON + PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -127,10 +128,7 @@ def scheduler_round(eng: Engine, contexts: list, sessions: int, tokens: int, max
         if round_ == 2:
             from torch.profiler import ProfilerActivity
             prof = torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            with prof:
-                sched.step()
-                torch.cuda.synchronize()
-        else:
+        with prof or contextlib.nullcontext():
             sched.step()
             torch.cuda.synchronize()
         first_step = time.perf_counter() - start
