@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from icecache.attention import decode_attention
+from icecache.attention import decode_attention, unselected_part
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
@@ -84,18 +84,22 @@ class KVBuffer:
         return self._v[:, :self.length]
 
 
-def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                  scaling: float) -> torch.Tensor:
+def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, ...]], scaling: float) -> torch.Tensor:
     """Decode attention over several KV parts without concatenating them first when
-    there is only one; q: [H, g, D], parts of ([H, n, D], [H, n, D], mask [H, n] | None)."""
+    there is only one; q: [H, g, D], parts of ([H, n, D], [H, n, D], mask [H, n] | None[,
+    bias [H, n]])."""
     parts = [p for p in parts if p[0].shape[1]]
-    if len(parts) == 1:
+    if len(parts) == 1 and len(parts[0]) == 3:
         return decode_attention(q, *parts[0], scaling)
     keys = torch.cat([p[0] for p in parts], dim=1)
     values = torch.cat([p[1] for p in parts], dim=1)
     masks = [p[2] if p[2] is not None else torch.ones(p[0].shape[:2], dtype=torch.bool, device=p[0].device)
              for p in parts]
-    return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling)
+    bias = None
+    if any(len(p) > 3 for p in parts):
+        bias = torch.cat([p[3] if len(p) > 3 else torch.zeros(p[0].shape[:2], device=p[0].device)
+                          for p in parts], dim=1)
+    return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling, bias)
 
 
 class RequestSparseLayer:
@@ -127,6 +131,11 @@ class RequestSparseLayer:
         if self.selector.window_fills_budget:
             num_slots = 0
         self.pool = PagePool(shape.num_kv_heads, num_slots, config.page_size, shape.head_dim, dtype, dev)
+        pages = ctx_layer.pages
+        self.rest = None  # IceCacheConfig.unselected: every shared page's means and size, on the device
+        if config.estimates_rest and pages.num_pages:  # (the dynamic path has no IceCache-reuse: its own tree)
+            self.rest = (ctx_layer.tree.page_mean.to(dev, dtype), pages.value_mean.to(dev, dtype),
+                         pages.valid.to(dev))
 
     def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add the new token ([H, D]) to the window; the oldest token beyond it joins the index."""
@@ -247,6 +256,8 @@ class RequestKV:
         parts = [(state.sink_k, state.sink_v, None),
                  (pool.keys.flatten(1, 2), pool.values.flatten(1, 2), slot_mask.flatten(1, 2)),
                  (state.win_k, state.win_v, None)]
+        if state.rest is not None:  # the pages left out, each by its means (IceCacheConfig.unselected)
+            parts.append(unselected_part(*state.rest, page_ids))
         return _attend_parts(qg, parts, scaling).reshape(H * g, -1)
 
 

@@ -9,6 +9,7 @@ from icecache.selectors import SELECTORS
 
 MODES = ("icecache", "full")
 PAGE_HEADS = ("max", "sum")
+UNSELECTED = ("off", "means")
 DECODE_PATHS = ("auto", "static", "dynamic")
 PREFILL_OFFLOAD = ("auto", "device", "host")
 OFFLOAD_CHUNK_TOKENS = 8192  # an offloaded prefill's smallest chunk: the past KV crosses PCIe once per chunk
@@ -77,6 +78,12 @@ class IceCacheConfig:
     # answer follows the passage the question matches, and a value copied token by token (an
     # ID, a number, a quoted line) needs every one of its pages
     question_follow: int = 48
+    # how the context pages a sparse layer does not retrieve enter its attention: "off" (they do
+    # not: their share of the softmax goes to the pages kept), or "means": each one as a single
+    # key, the mean of its keys weighted by its token count, carrying the mean of its values
+    # (a lower bound of the page's attention mass, by Jensen; read from the index on the device,
+    # never from the host pages). Private pages (the question's, generated tokens) stay out
+    unselected: str = "off"
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -100,6 +107,8 @@ class IceCacheConfig:
         _require(self.selector in SELECTORS, "selector", f"must be one of {tuple(SELECTORS)}, got {self.selector!r}")
         _require(self.page_heads in PAGE_HEADS, "page_heads",
                  f"must be one of {PAGE_HEADS}, got {self.page_heads!r}")
+        _require(self.unselected in UNSELECTED, "unselected",
+                 f"must be one of {UNSELECTED}, got {self.unselected!r}")
         _require(self.prefill_offload in PREFILL_OFFLOAD, "prefill_offload",
                  f"must be one of {PREFILL_OFFLOAD}, got {self.prefill_offload!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",
@@ -122,6 +131,13 @@ class IceCacheConfig:
         if self.mode == "icecache" and SELECTORS[self.selector].walks_tree:
             return self.rerank, self.question_pages
         return 1, 0
+
+    @property
+    def estimates_rest(self) -> bool:
+        """Sparse layers fold the pages they do not retrieve into attention by their means
+        (unselected="means", in "icecache" mode, for any selector that retrieves pages)."""
+        return (self.unselected == "means" and self.mode == "icecache"
+                and not SELECTORS[self.selector].window_fills_budget)
 
     @property
     def reads_page_boxes(self) -> bool:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from icecache.attention import decode_attention
+from icecache.attention import decode_attention, unselected_part
 from icecache.config import IceCacheConfig
 from icecache.index.select import box_parts, private_part, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
@@ -243,6 +243,13 @@ class SparseSlots:
             private = torch.arange(cap, device=device).expand(H, cap) + self.num_shared
             ids = torch.cat([shared, private, shared.new_full((H, self.R - self.num_shared - cap), -1)], dim=1)
             self.everything = ids.repeat(slots, 1)  # [slots * H, R]
+        # IceCacheConfig.unselected: every shared page's key and value means, read each step from the
+        # device (not where every page is retrieved anyway); a layer with its own tree has the key
+        # means there already (IceCache-reuse's followers copy theirs)
+        self.rest = None
+        if config.estimates_rest and self.num_shared and self.everything is None:
+            key_mean = pages.key_mean if leader is not None else self.tree.page_mean
+            self.rest = (key_mean.to(device, dtype).contiguous(), pages.value_mean.to(device, dtype).contiguous())
         # the question's pages' keys, copied to the device once: the re-ranking kernel reads them
         # every step, 3x the PCIe traffic of the pages it keeps otherwise (the kernel path; nothing
         # to copy where the pages lie on the device already, or where no step searches)
@@ -297,8 +304,10 @@ class SparseSlots:
         from icecache.kernels.walk import WalkPlan
         self.plan = WalkPlan(self.tree, self.search_width)
         self.root = torch.zeros(slots * H, dtype=torch.int32, device=self.win_k.device)  # the top level's parent
+        from icecache.kernels.attention import rest_block_count
+        rest = rest_block_count(self.num_shared) if self.rest is not None else 0
         for name, numel in scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
-                                         self.sink_k.shape[1], self.R, self.W, self.P).items():
+                                         self.sink_k.shape[1], self.R, self.W, self.P, rest).items():
             self.scratch.need(name, numel)
 
     def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -347,7 +356,8 @@ class SparseSlots:
         out = sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.rows_k, self.rows_v,
                                self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
                                rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling, S["att_parts"],
-                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device), self.rows_at)
+                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device), self.rows_at,
+                               self.rest)
         return out.view(B, H, G, D), page_ids
 
     # ------------------------------------------------------------ the torch path (reference, CPU)
@@ -454,7 +464,12 @@ class SparseSlots:
         values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v[b]], dim=1)
         mask = torch.cat([torch.ones(H, self.sink_k.shape[1], dtype=torch.bool, device=q.device), slot_ok,
                           filled.expand(H, -1)], dim=1)
-        return decode_attention(q, keys, values, mask, scaling)
+        if self.rest is None:
+            return decode_attention(q, keys, values, mask, scaling)
+        rest_k, rest_v, rest_mask, rest_bias = unselected_part(*self.rest, self.shared_valid, page_ids)
+        return decode_attention(q, torch.cat([keys, rest_k], 1), torch.cat([values, rest_v], 1),
+                                torch.cat([mask, rest_mask], 1), scaling,
+                                torch.cat([rest_bias.new_zeros(mask.shape), rest_bias], 1))
 
 
 def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int, widest_row: int) -> bool:

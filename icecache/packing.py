@@ -98,7 +98,8 @@ def packed_size_bound(config: IceCacheConfig, num_layers: int, num_kv_heads: int
                      page_parent=t(H, pages, kind=torch.long), page_mean=t(H, pages, D), page_var=t(H, pages, D),
                      page_lo=t(H, pages, D), page_hi=t(H, pages, D), page_valid=t(H, pages, kind=torch.long))
     store = HostPageStore(t(H, pages, c.page_size, D), t(H, pages, c.page_size, D),
-                          t(H, pages, c.page_size, kind=torch.long), t(H, pages, kind=torch.long))
+                          t(H, pages, c.page_size, kind=torch.long), t(H, pages, kind=torch.long), t(H, pages, D),
+                          t(H, pages, D))
     dense = {l: (t(H, num_tokens, D), t(H, num_tokens, D)) for l in range(min(c.dense_layers, num_layers))}
     sparse = {l: SparseLayer(t(H, num_sink, D), t(H, num_sink, D), t(H, num_tail, D), t(H, num_tail, D), tree, store)
               for l in range(c.dense_layers, num_layers)}

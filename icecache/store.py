@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from icecache.index.tree import PageLayout
+from icecache.index.tree import PageLayout, page_means
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,10 @@ class HostPageStore:
     values: torch.Tensor  # [H, num_pages, page_size, D]
     positions: torch.Tensor  # [H, num_pages, page_size] token position, -1 in empty slots
     valid: torch.Tensor  # [H, num_pages] valid slots per page
+    # each page's valid keys' and values' means ([H, num_pages, D], 0 on empty pages): what a sparse
+    # layer attends to of a page it does not retrieve (IceCacheConfig.unselected); 1/page_size of the KV
+    key_mean: torch.Tensor
+    value_mean: torch.Tensor
 
     @classmethod
     def from_layout(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -49,7 +53,7 @@ class HostPageStore:
         pos_pages[h, page_of, slot_of] = positions.to(dev).expand(H, n)
         valid = torch.zeros(H, layout.num_pages, dtype=torch.long, device=dev).scatter_add_(
             1, page_of, torch.ones_like(page_of))
-        return cls(k_pages, v_pages, pos_pages, valid)
+        return cls(k_pages, v_pages, pos_pages, valid, page_means(k_pages, valid), page_means(v_pages, valid))
 
     def to_host(self) -> "HostPageStore":
         """The same pages in host memory (pinned when CUDA is present)."""
@@ -61,7 +65,7 @@ class HostPageStore:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.valid))
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every valid token's K and V, page order: ([H, n, D], [H, n, D]).

@@ -178,14 +178,29 @@ def prefill_attention_parts(q: torch.Tensor, past_k: torch.Tensor, past_v: torch
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per head over a gathered key set.
 
     q: [H, g, D] (g query heads share KV head h); keys/values: [H, N, D]; mask: [H, N]
-    (True = attend) -> [H, g, D].
+    (True = attend); bias: [H, N] added to the scores (a key standing for several, see
+    unselected_part) -> [H, g, D].
     """
     s = torch.einsum("hgd,hnd->hgn", q.float(), keys.float()) * scaling  # [H, g, N]
+    if bias is not None:
+        s = s + bias[:, None, :]
     if mask is not None:
         s = s.masked_fill(~mask[:, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1)
     return torch.einsum("hgn,hnd->hgd", p, values.float()).to(q.dtype)
+
+
+def unselected_part(key_mean: torch.Tensor, value_mean: torch.Tensor, valid: torch.Tensor,
+                    page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared pages that page_ids [H, R] (-1 = none, >= N: not a shared page) does not
+    name, each as one key: its keys' mean key_mean [H, N, D], carrying its values' mean, with
+    log(its tokens) added to its score, so that it weighs n e^(s q.mean): a lower bound (Jensen)
+    of the page's attention mass. -> (keys, values, mask [H, N], bias [H, N]) for decode_attention."""
+    H, N = valid.shape
+    named = torch.zeros(H, N + 1, dtype=torch.bool, device=valid.device)
+    named.scatter_(1, torch.where((page_ids >= 0) & (page_ids < N), page_ids, N), True)
+    return key_mean, value_mean, (valid > 0) & ~named[:, :N], valid.clamp_min(1).float().log()

@@ -208,14 +208,25 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
+def page_means(pages: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The mean of each page's valid slots, summed in fp32: pages [H, N, P, D], valid [H, N]
+    -> [H, N, D] in the pages' dtype, 0 on empty pages."""
+    return _page_sums(pages, valid)[0].to(pages.dtype)
+
+
+def _page_sums(pages: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp32 means [H, N, D], fp32 pages with empty slots zeroed [H, N, P, D], slot mask [H, N, P, 1])."""
+    P = pages.shape[2]
+    slot_ok = (torch.arange(P, device=pages.device) < valid[..., None])[..., None]  # [H, N, P, 1]
+    zeroed = pages.float().masked_fill(~slot_ok, 0.0)
+    return zeroed.sum(2) / valid.clamp_min(1).float()[..., None], zeroed, slot_ok
+
+
 def page_moments(keys: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel-wise mean and variance of each page's valid slots, 0 on empty pages.
     keys: [H, N, P, D] paged keys; valid: [H, N] -> ([H, N, D], [H, N, D]) in the keys' dtype."""
-    P = keys.shape[2]
-    slot_ok = (torch.arange(P, device=keys.device) < valid[..., None])[..., None]  # [H, N, P, 1]
-    k = keys.float().masked_fill(~slot_ok, 0.0)
+    mean, k, slot_ok = _page_sums(keys, valid)
     size = valid.clamp_min(1).float()[..., None]
-    mean = k.sum(2) / size
     var = ((k - mean[:, :, None]).masked_fill(~slot_ok, 0.0) ** 2).sum(2) / size
     return mean.to(keys.dtype), var.to(keys.dtype)
 

@@ -12,20 +12,19 @@ from icecache.kernels.common import (VARIANTS, check_contiguous, head_scores, he
                                      row_tile)
 from icecache.store import shared_rows
 
-@triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'head_tokens', 'n_private', 'W'])
+@triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'head_tokens', 'n_private', 'W', 'blocks'])
 def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
                       shared_at_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr,
-                      acc_ptr, num_sink, R, n_shared, head_tokens, n_private, W, scaling, HS, G: tl.constexpr,
-                      GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
+                      acc_ptr, num_sink, R, n_shared, head_tokens, n_private, W, blocks, scaling, HS,
+                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
     """One block of P keys per program (a sink block, a selected page, or a window
     block): partial softmax (max, sum) and weighted values for flash-decoding's merge.
     Shared pages are read where they lie (a UVA view of host memory on CUDA, or a device
     copy): page p of KV head hs is the shared_valid[hs, p] token rows from shared_at[hs, p]
     of that head's head_tokens rows. Row h: sinks and shared pages of KV head h % HS, the
-    rest of request h // HS's row."""
+    rest of request h // HS's row. Its partials are blocks 0.. of the row's `blocks`."""
     h, b = tl.program_id(0), tl.program_id(1)
     hs = h % HS
-    blocks = tl.num_programs(1)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     t = tl.arange(0, P)
@@ -72,6 +71,51 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
 
 
+REST_PAGES = 64  # unselected pages _rest_attention scores at a time
+REST_SPLITS = 16  # most programs a row's unselected pages are spread over (the merge reads each one's partial)
+
+
+@triton.jit(do_not_specialize=['R', 'n_shared', 'span', 'first', 'blocks'])
+def _rest_attention(q_ptr, ids_ptr, mean_k_ptr, mean_v_ptr, shared_valid_ptr, part_ptr, acc_ptr, R, n_shared, span,
+                    first, blocks, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
+                    RP: tl.constexpr):
+    """The shared pages row h did not retrieve (not among its ids [R]), `span` of them per
+    program, RB at a time, each as one key: its keys' mean, score + log(its tokens), carrying
+    its values' mean (IceCacheConfig.unselected; attention.unselected_part is the torch
+    reference). Its partial is block first + b of the row's `blocks`, merged with
+    _sparse_attention's."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    hs = h % HS
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    r = tl.arange(0, RP)
+    ids = tl.load(ids_ptr + h * R + r, mask=r < R, other=-1)
+    m_run = tl.full((GP,), -float("inf"), tl.float32)
+    l_run = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for start in range(b * span, tl.minimum((b + 1) * span, n_shared), RB):
+        page = start + tl.arange(0, RB)
+        n = tl.load(shared_valid_ptr + hs * n_shared + page, mask=page < n_shared, other=0)
+        named = tl.sum((page[:, None] == ids[None, :]).to(tl.int32), axis=1) > 0
+        ok = (n > 0) & ~named
+        rows = (hs * n_shared + page[:, None]).to(tl.int64) * D + d[None, :]
+        k = tl.load(mean_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(mean_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = head_scores(q_ptr, h, k, G, GP, D) * scaling + tl.log(tl.maximum(n, 1).to(tl.float32))[None, :]
+        s = tl.where(ok[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_run, tl.max(s, axis=1))
+        safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+        alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
+        p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
+        acc = acc * alpha[:, None] + head_weighted_sums(p, v, G, GP)
+        l_run = l_run * alpha + tl.sum(p, axis=1)
+        m_run = m_new
+    base = (h * blocks + first + b) * GP + g
+    tl.store(part_ptr + base * 2, m_run)
+    tl.store(part_ptr + base * 2 + 1, l_run)
+    tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
+
+
 @triton.jit(do_not_specialize=['blocks'])
 def _merge_attention(part_ptr, acc_ptr, out_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                      BP: tl.constexpr, blocks):
@@ -99,30 +143,45 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
                      shared_k: torch.Tensor, shared_v: torch.Tensor, shared_valid: torch.Tensor,
                      priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
                      win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
-                     acc: torch.Tensor, out: torch.Tensor, shared_at: torch.Tensor | None = None) -> torch.Tensor:
+                     acc: torch.Tensor, out: torch.Tensor, shared_at: torch.Tensor | None = None,
+                     rest: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of q [H, G, D] (any float dtype; H = B * HS rows: B requests, HS KV heads)
     over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared, else the
     row's private [H, M, P, D]; -1 = none) and the row's window ring [H, W, D] holding
     min(counts[b, 0] + 1, W) tokens. -> out [H, G, D]. Shared pages: shared_k/v [HS, N, P, D]
     (shared_at None), or token rows [HS, T, D] where page p of head hs starts at row
-    shared_at[hs, p] (store.page_rows), with shared_valid [HS, N] tokens."""
+    shared_at[hs, p] (store.page_rows), with shared_valid [HS, N] tokens. rest: the shared
+    pages' (key means, value means) [HS, N, D]: the pages a row does not retrieve join its
+    softmax each as one key (IceCacheConfig.unselected)."""
     shared_k, shared_v, shared_at = shared_rows(shared_k, shared_v, shared_valid, shared_at)
     check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k, priv_v,
-                     priv_valid, win_k, win_v)
+                     priv_valid, win_k, win_v, *(rest or ()))
     H, G, D = q.shape
     P = priv_k.shape[2]
     R = page_ids.shape[1]
     W = win_k.shape[1]
+    HS, N = shared_valid.shape
     GP = row_tile(G)
     sink_blocks = triton.cdiv(sink_k.shape[1], P)
     blocks = sink_blocks + R + triton.cdiv(W, P)
+    rest_blocks = rest_block_count(N) if rest is not None else 0
     _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k,
-                                   priv_v, priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R,
-                                   shared_valid.shape[1], shared_k.shape[1], priv_k.shape[1], W, scaling,
-                                   sink_k.shape[0], G=G, GP=GP, D=D, P=P, SINK_BLOCKS=sink_blocks)
+                                   priv_v, priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R, N,
+                                   shared_k.shape[1], priv_k.shape[1], W, blocks + rest_blocks, scaling, HS, G=G, GP=GP,
+                                   D=D, P=P, SINK_BLOCKS=sink_blocks)
+    if rest_blocks:
+        span = triton.cdiv(triton.cdiv(N, rest_blocks), REST_PAGES) * REST_PAGES
+        _rest_attention[(H, rest_blocks)](q, page_ids, rest[0], rest[1], shared_valid, parts, acc, R, N, span, blocks,
+                                          blocks + rest_blocks, scaling, HS, G=G, GP=GP, D=D, RB=REST_PAGES,
+                                          RP=triton.next_power_of_2(max(R, 1)))
+    blocks += rest_blocks
     _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
     return out
 
+
+def rest_block_count(shared_pages: int) -> int:
+    """Programs per row that fold in the unselected pages of a layer with shared_pages pages."""
+    return min(triton.cdiv(shared_pages, REST_PAGES), REST_SPLITS)
 
 
 # ---------------------------------------------------------------------------- dense layers

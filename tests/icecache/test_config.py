@@ -9,7 +9,7 @@ from icecache import IceCacheConfig, SamplingParams
     ("promotion_ratio", ()), ("search_width", 0), ("reuse_layers", 0), ("prefill_chunk_tokens", 0),
     ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"), ("page_heads", "mean"),
     ("rerank", 0), ("rerank", 2.0), ("question_pages", -1), ("question_pages", 1.5),
-    ("question_follow", -1), ("question_follow", "48"),
+    ("question_follow", -1), ("question_follow", "48"), ("unselected", "moments"), ("unselected", None),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

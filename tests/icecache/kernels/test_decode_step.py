@@ -83,6 +83,22 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
 
+@pytest.mark.parametrize("reuse", [1, 2])
+def test_the_pages_left_out_join_the_kernels_attention_as_the_torch_paths(monkeypatch, reuse):
+    """unselected="means": every sparse layer folds in the shared pages it does not retrieve
+    (IceCache-reuse's followers their own pages' means, in the leader's layout), with the
+    torch path's logits, as tokens move into private pages."""
+    steps = 12
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 1500, [5, 6, 7], steps,
+                                                    reuse_layers=reuse, unselected="means")
+    assert all(s.rest is not None for s in fast.sparse_states + ref.sparse_states)
+    start = ctx.num_tokens + 3
+    ref_pages, ref_logits = run(ref, logits, start, steps)
+    fast_pages, fast_logits = run(fast, logits, start, steps)
+    assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("selector,rerank,question", [("quest", 1, 0), ("oracle", 1, 0), ("random", 1, 0),
                                                       ("streaming", 1, 0), ("icecache", 3, 0), ("icecache", 1, 3),
                                                       ("icecache", 2, 4)])
