@@ -72,24 +72,25 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
 
 
 REST_PAGES = 64  # unselected pages _rest_attention scores at a time
-REST_SPLITS = 16  # most programs a row's unselected pages are spread over (the merge reads each one's partial)
+REST_SPLITS = 32  # most programs a row's unselected pages are spread over (the merge reads each one's partial)
 
 
 @triton.jit(do_not_specialize=['R', 'n_shared', 'span', 'first', 'blocks'])
 def _rest_attention(q_ptr, ids_ptr, mean_k_ptr, mean_v_ptr, shared_valid_ptr, part_ptr, acc_ptr, R, n_shared, span,
                     first, blocks, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
-                    RP: tl.constexpr):
+                    RP: tl.constexpr, LOW: tl.constexpr):
     """The shared pages row h did not retrieve (not among its ids [R]), `span` of them per
     program, RB at a time, each as one key: its keys' mean, score + log(its tokens), carrying
     its values' mean (IceCacheConfig.unselected; attention.unselected_part is the torch
     reference). Its partial is block first + b of the row's `blocks`, merged with
-    _sparse_attention's."""
+    _sparse_attention's. Products on tensor cores (LOW: 16-bit means; fp32 ones exactly)."""
     h, b = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     r = tl.arange(0, RP)
     ids = tl.load(ids_ptr + h * R + r, mask=r < R, other=-1)
+    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
     m_run = tl.full((GP,), -float("inf"), tl.float32)
     l_run = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
@@ -99,17 +100,14 @@ def _rest_attention(q_ptr, ids_ptr, mean_k_ptr, mean_v_ptr, shared_valid_ptr, pa
         named = tl.sum((page[:, None] == ids[None, :]).to(tl.int32), axis=1) > 0
         ok = (n > 0) & ~named
         rows = (hs * n_shared + page[:, None]).to(tl.int64) * D + d[None, :]
-        k = tl.load(mean_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(mean_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
-        s = head_scores(q_ptr, h, k, G, GP, D) * scaling + tl.log(tl.maximum(n, 1).to(tl.float32))[None, :]
-        s = tl.where(ok[None, :], s, -float("inf"))
-        m_new = tl.maximum(m_run, tl.max(s, axis=1))
-        safe = tl.where(m_new > -float("inf"), m_new, 0.0)
-        alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
-        p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
-        acc = acc * alpha[:, None] + head_weighted_sums(p, v, G, GP)
-        l_run = l_run * alpha + tl.sum(p, axis=1)
-        m_run = m_new
+        k = tl.load(mean_k_ptr + rows, mask=ok[:, None], other=0.0)
+        v = tl.load(mean_v_ptr + rows, mask=ok[:, None], other=0.0)
+        if LOW:
+            sc = tl.dot(q.to(k.dtype), tl.trans(k))
+        else:
+            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        sc = sc * scaling + tl.log(tl.maximum(n, 1).to(tl.float32))[None, :]
+        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v, LOW)
     base = (h * blocks + first + b) * GP + g
     tl.store(part_ptr + base * 2, m_run)
     tl.store(part_ptr + base * 2 + 1, l_run)
@@ -173,7 +171,7 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
         span = triton.cdiv(triton.cdiv(N, rest_blocks), REST_PAGES) * REST_PAGES
         _rest_attention[(H, rest_blocks)](q, page_ids, rest[0], rest[1], shared_valid, parts, acc, R, N, span, blocks,
                                           blocks + rest_blocks, scaling, HS, G=G, GP=GP, D=D, RB=REST_PAGES,
-                                          RP=triton.next_power_of_2(max(R, 1)))
+                                          RP=triton.next_power_of_2(max(R, 1)), LOW=rest[0].element_size() == 2)
     blocks += rest_blocks
     _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
     return out
