@@ -302,13 +302,23 @@ class Engine:
         own = own_tokens + max_tokens
         copied = c.question_pages * c.page_size // 2
         sparse_tokens = c.sink_tokens + c.window_tokens + c.retrieved_pages * c.page_size + own + copied
-        return per_token * (dense * (context_tokens + own) + self.sparse_layers * sparse_tokens)
+        return per_token * (dense * (context_tokens + own) + self.sparse_layers * sparse_tokens) + self._rest_bytes(
+            context_tokens)
+
+    def _rest_bytes(self, context_tokens: int) -> int:
+        """Device bytes of the page means a context's decoders read with unselected="means"
+        (an upper estimate: the value means, and the key means of IceCache-reuse's followers,
+        one [H, D] per page, pages padded up to 2x): a token's KV per page_size tokens."""
+        if not self.config.estimates_rest:
+            return 0
+        _, per_token = self._dense_kv()
+        return per_token * self.sparse_layers * context_tokens // self.config.page_size
 
     def context_device_bytes(self, context_tokens: int) -> int:
         """Of request_device_bytes, the part that every request on one context shares on
         the static path (where they decode as one batch): the dense layers' context KV."""
         dense, per_token = self._dense_kv()
-        return per_token * dense * context_tokens if self.static_decode else 0
+        return per_token * dense * context_tokens + self._rest_bytes(context_tokens) if self.static_decode else 0
 
     def context_host_bytes(self, tokens: int) -> int:
         """Host bytes an indexed context of `tokens` takes (an upper estimate): its KV in

@@ -358,11 +358,12 @@ class StaticDecoder:
             return self._held
         tensors = {}  # by address: a reuse cycle's layers share one tree
         for s in self.states:
-            for name, t in vars(s).items():
+            for name, value in vars(s).items():
                 # host pages through UVA, or a resident copy of the context (ResidentContexts counts it)
                 uva = name in ("shared_k", "shared_v", "rows_k", "rows_v") and not getattr(s, "device_pages", False)
-                if isinstance(t, torch.Tensor) and not uva:
-                    tensors[t.data_ptr()] = t
+                for t in value if isinstance(value, tuple) else (value,):  # tuples: e.g. SparseSlots.rest
+                    if isinstance(t, torch.Tensor) and not uva:
+                        tensors[t.data_ptr()] = t
             if isinstance(s, SparseSlots):
                 tensors.update((t.data_ptr(), t) for t in s.tree.tensors())
         if self.scratch is not None:

@@ -132,3 +132,23 @@ def test_random_pages_are_valid_distinct_and_fixed_by_the_draw():
     expected = 400 * 40 / (valid > 0).sum(1, keepdim=True)
     assert bool((counts[valid == 0] == 0).all())
     assert (counts / expected)[valid > 0].std() < 0.25
+
+
+def test_the_page_means_count_in_a_decoders_device_memory():
+    """unselected="means": a decoder holds every sparse layer's value means (its key means are
+    its tree's), counted in its device_bytes, and the engine's estimate for admission covers them."""
+    from icecache.cache import RequestKV
+    from icecache.static_decode import StaticDecoder
+    model = random_model(tiny_config("llama"), torch.device("cpu"))
+    ids = torch.randint(0, 500, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    config = IceCacheConfig(token_budget=4 + 4 + 12 * 4, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1)
+    held, estimate = {}, {}
+    for unselected in ("off", "means"):
+        eng = Engine.from_model(model, config=config.replace(unselected=unselected, decode_path="static"))
+        ctx = eng.index(ids)
+        req = RequestKV(eng.shape, eng.config, ctx)
+        decoder = StaticDecoder(eng.model, eng.config, ctx, [(kv.k, kv.v) for kv in req.own], 8)
+        held[unselected], estimate[unselected] = decoder.device_bytes(), eng.context_device_bytes(len(ids))
+    means = sum(s.pages.value_mean.nbytes for s in ctx.sparse.values())
+    assert means > 0 and held["means"] - held["off"] == means
+    assert estimate["means"] - estimate["off"] >= means
