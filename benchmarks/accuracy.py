@@ -169,6 +169,7 @@ VARIANTS = {
     "icecache_rerank4": dict(rerank=4, question_pages=0),
     "icecache_rerank1q": dict(rerank=1),  # the bounds' R best and the question's pages, re-ranked: 1/3 fewer reads
     "icecache_q12": dict(question_pages=12, question_follow=16),  # the question's pages until 2026-12-03
+    "icecache_means": dict(unselected="means"),  # the pages left out join attention by their means
 }
 METHODS = ("full", "icecache", *VARIANTS, "oracle", "quest", "streaming", "random")
 
