@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from icecache.attention import decode_attention, unselected_part
+from icecache.attention import attend_parts, unselected_part
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
@@ -82,24 +82,6 @@ class KVBuffer:
     @property
     def v(self) -> torch.Tensor:
         return self._v[:, :self.length]
-
-
-def _attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, ...]], scaling: float) -> torch.Tensor:
-    """Decode attention over several KV parts without concatenating them first when
-    there is only one; q: [H, g, D], parts of ([H, n, D], [H, n, D], mask [H, n] | None[,
-    bias [H, n]])."""
-    parts = [p for p in parts if p[0].shape[1]]
-    if len(parts) == 1 and len(parts[0]) == 3:
-        return decode_attention(q, *parts[0], scaling)
-    keys = torch.cat([p[0] for p in parts], dim=1)
-    values = torch.cat([p[1] for p in parts], dim=1)
-    masks = [p[2] if p[2] is not None else torch.ones(p[0].shape[:2], dtype=torch.bool, device=p[0].device)
-             for p in parts]
-    bias = None
-    if any(len(p) > 3 for p in parts):
-        bias = torch.cat([p[3] if len(p) > 3 else torch.zeros(p[0].shape[:2], device=p[0].device)
-                          for p in parts], dim=1)
-    return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling, bias)
 
 
 class RequestSparseLayer:
@@ -221,7 +203,7 @@ class RequestKV:
             own = self.own[layer]
             own.append(k[:, None], v[:, None])
             ctx_k, ctx_v = self.dense_ctx[layer]
-            return _attend_parts(qg, [(ctx_k, ctx_v, None), (own.k, own.v, None)], scaling).reshape(H * g, -1)
+            return attend_parts(qg, [(ctx_k, ctx_v, None), (own.k, own.v, None)], scaling).reshape(H * g, -1)
         state = self.sparse[layer]
         state.push(k, v)
         tree = state.ctx.tree
@@ -258,7 +240,7 @@ class RequestKV:
                  (state.win_k, state.win_v, None)]
         if state.rest is not None:  # the pages left out, each by its means (IceCacheConfig.unselected)
             parts.append(unselected_part(*state.rest, page_ids))
-        return _attend_parts(qg, parts, scaling).reshape(H * g, -1)
+        return attend_parts(qg, parts, scaling).reshape(H * g, -1)
 
 
 class StepBatch:

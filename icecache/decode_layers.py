@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from icecache.attention import decode_attention, unselected_part
+from icecache.attention import attend_parts, decode_attention, unselected_part
 from icecache.config import IceCacheConfig
 from icecache.index.select import box_parts, private_part, rank_pages, rerank_pages, shared_part, tree_keep
 from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
@@ -460,16 +460,11 @@ class SparseSlots:
         H, R, P, D = pk.shape
         slot_ok = (torch.arange(P, device=q.device) < valid[..., None]).reshape(H, R * P)
         filled = torch.arange(self.W, device=q.device) < (self.ring.counts[b, :1] + 1).clamp(max=self.W)
-        keys = torch.cat([self.sink_k, pk.reshape(H, R * P, D), self.win_k[b]], dim=1)
-        values = torch.cat([self.sink_v, pv.reshape(H, R * P, D), self.win_v[b]], dim=1)
-        mask = torch.cat([torch.ones(H, self.sink_k.shape[1], dtype=torch.bool, device=q.device), slot_ok,
-                          filled.expand(H, -1)], dim=1)
-        if self.rest is None:
-            return decode_attention(q, keys, values, mask, scaling)
-        rest_k, rest_v, rest_mask, rest_bias = unselected_part(*self.rest, self.shared_valid, page_ids)
-        return decode_attention(q, torch.cat([keys, rest_k], 1), torch.cat([values, rest_v], 1),
-                                torch.cat([mask, rest_mask], 1), scaling,
-                                torch.cat([rest_bias.new_zeros(mask.shape), rest_bias], 1))
+        parts = [(self.sink_k, self.sink_v, None), (pk.reshape(H, R * P, D), pv.reshape(H, R * P, D), slot_ok),
+                 (self.win_k[b], self.win_v[b], filled.expand(H, -1))]
+        if self.rest is not None:  # the pages left out, each by its means (IceCacheConfig.unselected)
+            parts.append(unselected_part(*self.rest, self.shared_valid, page_ids))
+        return attend_parts(q, parts, scaling)
 
 
 def use_kernels(device: torch.device, config: IceCacheConfig, head_dim: int, group: int, widest_row: int) -> bool:

@@ -316,7 +316,8 @@ class Engine:
 
     def context_device_bytes(self, context_tokens: int) -> int:
         """Of request_device_bytes, the part that every request on one context shares on
-        the static path (where they decode as one batch): the dense layers' context KV."""
+        the static path (where they decode as one batch): the dense layers' context KV, and
+        the page means with unselected="means"."""
         dense, per_token = self._dense_kv()
         return per_token * dense * context_tokens + self._rest_bytes(context_tokens) if self.static_decode else 0
 

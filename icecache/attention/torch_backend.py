@@ -194,6 +194,24 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return torch.einsum("hgn,hnd->hgd", p, values.float()).to(q.dtype)
 
 
+def attend_parts(q: torch.Tensor, parts: list[tuple[torch.Tensor, ...]], scaling: float) -> torch.Tensor:
+    """Decode attention over several KV parts without concatenating them first when
+    there is only one; q: [H, g, D], parts of ([H, n, D], [H, n, D], mask [H, n] | None[,
+    bias [H, n]])."""
+    parts = [p for p in parts if p[0].shape[1]]
+    if len(parts) == 1 and len(parts[0]) == 3:
+        return decode_attention(q, *parts[0], scaling)
+    keys = torch.cat([p[0] for p in parts], dim=1)
+    values = torch.cat([p[1] for p in parts], dim=1)
+    masks = [p[2] if p[2] is not None else torch.ones(p[0].shape[:2], dtype=torch.bool, device=p[0].device)
+             for p in parts]
+    bias = None
+    if any(len(p) > 3 for p in parts):
+        bias = torch.cat([p[3] if len(p) > 3 else torch.zeros(p[0].shape[:2], device=p[0].device)
+                          for p in parts], dim=1)
+    return decode_attention(q, keys, values, torch.cat(masks, dim=1), scaling, bias)
+
+
 def unselected_part(key_mean: torch.Tensor, value_mean: torch.Tensor, valid: torch.Tensor,
                     page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The shared pages that page_ids [H, R] (-1 = none, >= N: not a shared page) does not
