@@ -193,7 +193,7 @@ def run_engine(eng: Engine, ctx, tokens: int, breakdown: bool) -> dict:
                 for s, i in zip(sparse, page_ids):
                     sparse_attention(q, s.sink_k, s.sink_v, i, s.rows_k, s.rows_v, s.shared_valid, s.priv_k[0],
                                      s.priv_v[0], s.priv_valid[0], s.win_k[0], s.win_v[0], s.ring.counts[:1], scaling,
-                                     scratch["att_parts"], scratch["att_acc"], out, s.rows_at, s.rest)
+                                     scratch, out, s.rows_at, s.rest)
             with_pages = cuda_time(lambda: attention(ids))
             without = cuda_time(lambda: attention([none] * len(sparse)))
             parts = {"index_query_s": cuda_time(lambda: [s.select(q, scaling) for s in sparse]),

@@ -304,10 +304,12 @@ class SparseSlots:
         from icecache.kernels.walk import WalkPlan
         self.plan = WalkPlan(self.tree, self.search_width)
         self.root = torch.zeros(slots * H, dtype=torch.int32, device=self.win_k.device)  # the top level's parent
-        from icecache.kernels.attention import rest_block_count
-        rest = rest_block_count(self.num_shared) if self.rest is not None else 0
-        for name, numel in scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
-                                         self.sink_k.shape[1], self.R, self.W, self.P, rest).items():
+        needs = scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
+                              self.sink_k.shape[1], self.R, self.W, self.P)
+        if self.rest is not None:
+            from icecache.kernels.attention import rest_scratch_sizes
+            needs.update(rest_scratch_sizes(slots, H, self.scratch.group, D, self.num_shared))
+        for name, numel in needs.items():
             self.scratch.need(name, numel)
 
     def _select_kernels(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -355,9 +357,8 @@ class SparseSlots:
         S = self.scratch
         out = sparse_attention(qf, self.sink_k, self.sink_v, page_ids, self.rows_k, self.rows_v,
                                self.shared_valid, rows(self.priv_k), rows(self.priv_v), rows(self.priv_valid),
-                               rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling, S["att_parts"],
-                               S["att_acc"], torch.empty(B * H, G, D, dtype=q.dtype, device=q.device), self.rows_at,
-                               self.rest)
+                               rows(self.win_k), rows(self.win_v), self.ring.counts[:B], scaling, S,
+                               torch.empty(B * H, G, D, dtype=q.dtype, device=q.device), self.rows_at, self.rest)
         return out.view(B, H, G, D), page_ids
 
     # ------------------------------------------------------------ the torch path (reference, CPU)

@@ -4,6 +4,8 @@ each request's own tokens)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import triton
 import triton.language as tl
@@ -14,15 +16,20 @@ from icecache.store import shared_rows
 
 @triton.jit(do_not_specialize=['num_sink', 'R', 'n_shared', 'head_tokens', 'n_private', 'W', 'blocks'])
 def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shared_v_ptr, shared_valid_ptr,
-                      shared_at_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, part_ptr,
-                      acc_ptr, num_sink, R, n_shared, head_tokens, n_private, W, blocks, scaling, HS,
-                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr, SINK_BLOCKS: tl.constexpr):
+                      shared_at_ptr, priv_k_ptr, priv_v_ptr, pvalid_ptr, win_k_ptr, win_v_ptr, count_ptr, mean_k_ptr,
+                      mean_v_ptr, part_ptr, acc_ptr, num_sink, R, n_shared, head_tokens, n_private, W, blocks, scaling,
+                      HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                      SINK_BLOCKS: tl.constexpr, REST: tl.constexpr):
     """One block of P keys per program (a sink block, a selected page, or a window
     block): partial softmax (max, sum) and weighted values for flash-decoding's merge.
     Shared pages are read where they lie (a UVA view of host memory on CUDA, or a device
     copy): page p of KV head hs is the shared_valid[hs, p] token rows from shared_at[hs, p]
     of that head's head_tokens rows. Row h: sinks and shared pages of KV head h % HS, the
-    rest of request h // HS's row. Its partials are blocks 0.. of the row's `blocks`."""
+    rest of request h // HS's row. Its partials are blocks 0.. of the row's `blocks`.
+    REST: every shared page also counts once by its means (_rest_partials, for the whole
+    batch), so a retrieved page takes its own mean key's term out of its partial: its
+    tokens stand in for it. The term is scored as the rest's is (q in the means' dtype,
+    exact products), so the two cancel to fp32 rounding."""
     h, b = tl.program_id(0), tl.program_id(1)
     hs = h % HS
     g = tl.arange(0, GP)
@@ -65,83 +72,70 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     safe = tl.where(m > -float("inf"), m, 0.0)
     p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
     acc = head_weighted_sums(p, v, G, GP)  # [GP, D]
+    l = tl.sum(p, axis=1)
+    if REST:
+        if (b >= SINK_BLOCKS) & (b < SINK_BLOCKS + R):
+            page = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
+            if (page >= 0) & (page < n_shared):
+                n = tl.load(shared_valid_ptr + hs * n_shared + page)
+                if n > 0:  # tokens, so m is finite; an empty page has no mean term to take out
+                    at = (hs * n_shared + page).to(tl.int64) * D + d
+                    mean_k = tl.load(mean_k_ptr + at)
+                    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+                    q = q.to(mean_k.dtype).to(tl.float32)
+                    term = tl.sum(q * mean_k.to(tl.float32)[None, :], axis=1) * scaling + tl.log(n.to(tl.float32))
+                    top = tl.maximum(m, term)
+                    keep, drop = tl.exp(m - top), tl.exp(term - top)
+                    mean_v = tl.load(mean_v_ptr + at).to(tl.float32)
+                    acc = acc * keep[:, None] - drop[:, None] * mean_v[None, :]
+                    l = l * keep - drop  # >= 0 but for rounding: a page's mass is at least its mean term's (Jensen)
+                    m = top
     base = (h * blocks + b) * GP + g
     tl.store(part_ptr + base * 2, m)
-    tl.store(part_ptr + base * 2 + 1, tl.sum(p, axis=1))
+    tl.store(part_ptr + base * 2 + 1, l)
     tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
 
 
-REST_PAGES = 64  # unselected pages _rest_attention scores at a time
-REST_SPLITS = 32  # most programs a row's unselected pages are spread over (the merge reads each one's partial)
+MERGE_PARTS = 64  # partials _merge_attention reads at once
 
 
-@triton.jit(do_not_specialize=['R', 'n_shared', 'span', 'first', 'blocks'])
-def _rest_attention(q_ptr, ids_ptr, mean_k_ptr, mean_v_ptr, shared_valid_ptr, part_ptr, acc_ptr, R, n_shared, span,
-                    first, blocks, scaling, HS, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
-                    RP: tl.constexpr, LOW: tl.constexpr):
-    """The shared pages row h did not retrieve (not among its ids [R]), `span` of them per
-    program, RB at a time, each as one key: its keys' mean, score + log(its tokens), carrying
-    its values' mean (IceCacheConfig.unselected; attention.unselected_part is the torch
-    reference). Its partial is block first + b of the row's `blocks`, merged with
-    _sparse_attention's. Products on tensor cores (LOW: 16-bit means; fp32 ones exactly)."""
-    h, b = tl.program_id(0), tl.program_id(1)
-    hs = h % HS
-    g = tl.arange(0, GP)
+@triton.jit(do_not_specialize=['blocks', 'splits', 'rows_pad'])
+def _merge_attention(part_ptr, acc_ptr, rest_part_ptr, rest_acc_ptr, out_ptr, blocks, splits, rows_pad, HS,
+                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, REST: tl.constexpr):
+    """out[h, g] = sum_b e^(m_b - M) acc_b / sum_b e^(m_b - M) l_b over row h's `blocks`
+    partials (_sparse_attention's) and, with REST, the rest's `splits` partials of its
+    query row (_rest_partials' layout: _prefix_attention's). One program per query row, its
+    partials read SC at a time (not one after another: a row's 16-50 partials walked in
+    turn cost ~0.8 us each on an H200)."""
+    h, g = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D)
-    r = tl.arange(0, RP)
-    ids = tl.load(ids_ptr + h * R + r, mask=r < R, other=-1)
-    q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
-    m_run = tl.full((GP,), -float("inf"), tl.float32)
-    l_run = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
-    for start in range(b * span, tl.minimum((b + 1) * span, n_shared), RB):
-        page = start + tl.arange(0, RB)
-        n = tl.load(shared_valid_ptr + hs * n_shared + page, mask=page < n_shared, other=0)
-        named = tl.sum((page[:, None] == ids[None, :]).to(tl.int32), axis=1) > 0
-        ok = (n > 0) & ~named
-        rows = (hs * n_shared + page[:, None]).to(tl.int64) * D + d[None, :]
-        k = tl.load(mean_k_ptr + rows, mask=ok[:, None], other=0.0)
-        v = tl.load(mean_v_ptr + rows, mask=ok[:, None], other=0.0)
-        if LOW:
-            sc = tl.dot(q.to(k.dtype), tl.trans(k))
-        else:
-            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        sc = sc * scaling + tl.log(tl.maximum(n, 1).to(tl.float32))[None, :]
-        m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v, LOW)
-    base = (h * blocks + first + b) * GP + g
-    tl.store(part_ptr + base * 2, m_run)
-    tl.store(part_ptr + base * 2 + 1, l_run)
-    tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
-
-
-@triton.jit(do_not_specialize=['blocks'])
-def _merge_attention(part_ptr, acc_ptr, out_ptr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                     BP: tl.constexpr, blocks):
-    """out[h, g] = sum_b e^(m_b - M) acc_b / sum_b e^(m_b - M) l_b (one program per KV head)."""
-    h = tl.program_id(0)
-    g = tl.arange(0, GP)
-    d = tl.arange(0, D)
-    b = tl.arange(0, BP)
-    base = (h * blocks + b[:, None]) * GP + g[None, :]  # [BP, GP]
-    m = tl.load(part_ptr + base * 2, mask=b[:, None] < blocks, other=-float("inf"))
-    l = tl.load(part_ptr + base * 2 + 1, mask=b[:, None] < blocks, other=0.0)
-    big = tl.max(m, axis=0)
-    scale = tl.where(m > -float("inf"), tl.exp(m - tl.where(big > -float("inf"), big, 0.0)[None, :]), 0.0)  # [BP, GP]
-    total = tl.sum(scale * l, axis=0)  # [GP]
-    out = tl.zeros((GP, D), tl.float32)
-    for i in range(0, blocks):
-        w = tl.load(part_ptr + ((h * blocks + i) * GP + g) * 2)
-        w = tl.where(w > -float("inf"), tl.exp(w - tl.where(big > -float("inf"), big, 0.0)), 0.0)
-        out += w[:, None] * tl.load(acc_ptr + ((h * blocks + i) * GP + g[:, None]) * D + d[None, :])
-    out = out / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + (h * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
+    m_run = tl.full([], -float("inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for s0 in range(0, blocks, SC):
+        sc = s0 + tl.arange(0, SC)
+        cell = (h * blocks + sc) * GP + g
+        m = tl.load(part_ptr + cell * 2, mask=sc < blocks, other=-float("inf"))
+        l = tl.load(part_ptr + cell * 2 + 1, mask=sc < blocks, other=0.0)
+        part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < blocks)[:, None], other=0.0)
+        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+    if REST:
+        for s0 in range(0, splits, SC):
+            sc = s0 + tl.arange(0, SC)
+            cell = ((h % HS) * splits + sc) * rows_pad + (h // HS) * G + g
+            m = tl.load(rest_part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
+            l = tl.load(rest_part_ptr + cell * 2 + 1, mask=sc < splits, other=0.0)
+            part = tl.load(rest_acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
+            m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(out_ptr + (h * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, page_ids: torch.Tensor,
                      shared_k: torch.Tensor, shared_v: torch.Tensor, shared_valid: torch.Tensor,
                      priv_k: torch.Tensor, priv_v: torch.Tensor, priv_valid: torch.Tensor, win_k: torch.Tensor,
-                     win_v: torch.Tensor, counts: torch.Tensor, scaling: float, parts: torch.Tensor,
-                     acc: torch.Tensor, out: torch.Tensor, shared_at: torch.Tensor | None = None,
+                     win_v: torch.Tensor, counts: torch.Tensor, scaling: float, scratch: Mapping[str, torch.Tensor],
+                     out: torch.Tensor, shared_at: torch.Tensor | None = None,
                      rest: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of q [H, G, D] (any float dtype; H = B * HS rows: B requests, HS KV heads)
     over the shared sinks [HS, S, D], the pages page_ids [H, R] (< N: shared, else the
@@ -150,7 +144,9 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
     (shared_at None), or token rows [HS, T, D] where page p of head hs starts at row
     shared_at[hs, p] (store.page_rows), with shared_valid [HS, N] tokens. rest: the shared
     pages' (key means, value means) [HS, N, D]: the pages a row does not retrieve join its
-    softmax each as one key (IceCacheConfig.unselected)."""
+    softmax each as one key (IceCacheConfig.unselected). scratch: fp32 work buffers
+    "att_parts", "att_acc" (common.scratch_sizes) and, with rest, "rest_parts", "rest_acc"
+    (rest_scratch_sizes)."""
     shared_k, shared_v, shared_at = shared_rows(shared_k, shared_v, shared_valid, shared_at)
     check_contiguous(q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k, priv_v,
                      priv_valid, win_k, win_v, *(rest or ()))
@@ -162,24 +158,43 @@ def sparse_attention(q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor
     GP = row_tile(G)
     sink_blocks = triton.cdiv(sink_k.shape[1], P)
     blocks = sink_blocks + R + triton.cdiv(W, P)
-    rest_blocks = rest_block_count(N) if rest is not None else 0
+    parts, acc = scratch["att_parts"], scratch["att_acc"]
+    mean_k, mean_v = rest if rest is not None else (parts, parts)  # not read without REST
     _sparse_attention[(H, blocks)](q, sink_k, sink_v, page_ids, shared_k, shared_v, shared_valid, shared_at, priv_k,
-                                   priv_v, priv_valid, win_k, win_v, counts, parts, acc, sink_k.shape[1], R, N,
-                                   shared_k.shape[1], priv_k.shape[1], W, blocks + rest_blocks, scaling, HS, G=G, GP=GP,
-                                   D=D, P=P, SINK_BLOCKS=sink_blocks)
-    if rest_blocks:
-        span = triton.cdiv(triton.cdiv(N, rest_blocks), REST_PAGES) * REST_PAGES
-        _rest_attention[(H, rest_blocks)](q, page_ids, rest[0], rest[1], shared_valid, parts, acc, R, N, span, blocks,
-                                          blocks + rest_blocks, scaling, HS, G=G, GP=GP, D=D, RB=REST_PAGES,
-                                          RP=triton.next_power_of_2(max(R, 1)), LOW=rest[0].element_size() == 2)
-    blocks += rest_blocks
-    _merge_attention[(H,)](parts, acc, out, G=G, GP=GP, D=D, BP=triton.next_power_of_2(blocks), blocks=blocks)
+                                   priv_v, priv_valid, win_k, win_v, counts, mean_k, mean_v, parts, acc,
+                                   sink_k.shape[1], R, N, shared_k.shape[1], priv_k.shape[1], W, blocks, scaling, HS,
+                                   G=G, GP=GP, D=D, P=P, SINK_BLOCKS=sink_blocks, REST=rest is not None)
+    splits, rows_pad = 0, 0
+    rest_parts, rest_acc = parts, acc  # not read without REST
+    if rest is not None:
+        rest_parts, rest_acc = scratch["rest_parts"], scratch["rest_acc"]
+        splits, rows_pad = _rest_partials(q.view(H // HS, HS, G, D), mean_k, mean_v, shared_valid, scaling,
+                                          rest_parts, rest_acc)
+    _merge_attention[(H, G)](parts, acc, rest_parts, rest_acc, out, blocks, splits, rows_pad, HS, G=G, GP=GP, D=D,
+                             SC=MERGE_PARTS, REST=rest is not None)
     return out
 
 
-def rest_block_count(shared_pages: int) -> int:
-    """Programs per row that fold in the unselected pages of a layer with shared_pages pages."""
-    return min(triton.cdiv(shared_pages, REST_PAGES), REST_SPLITS)
+REST_PROGRAMS = 256  # programs a layer's page means are spread over (each a few tiles: the merge reads each partial)
+
+
+def _rest_partials(q: torch.Tensor, mean_k: torch.Tensor, mean_v: torch.Tensor, valid: torch.Tensor, scaling: float,
+                   parts: torch.Tensor, acc: torch.Tensor) -> tuple[int, int]:
+    """Every shared page as one key for all B requests at once (q [B, HS, G, D]): its keys'
+    mean [HS, N, D], scored + log(its tokens), carrying its values' mean; the context the
+    whole batch shares, so each KV head's means are read once a step, as a dense layer's
+    context is (_prefix_attention). -> (splits, padded rows) of the partials' layout."""
+    B, HS, G, D = q.shape
+    RP, tiles, splits, span = dense_plan(B, HS, G, valid.shape[1], REST_PROGRAMS)
+    launch(_prefix_attention, (tiles, splits, HS),
+           (q, mean_k, mean_v, parts, acc, valid.shape[1], B * G, span, scaling, HS, valid),
+           dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=mean_k.dtype != torch.float32, COUNTS=True))
+    return splits, tiles * RP
+
+
+def rest_scratch_sizes(max_batch: int, HS: int, G: int, D: int, shared_pages: int) -> dict[str, int]:
+    """Work buffers of the rest's partials (sparse_attention with rest) for any batch up to max_batch."""
+    return _plan_cells(max_batch, HS, G, D, shared_pages, REST_PROGRAMS, "rest")
 
 
 # ---------------------------------------------------------------------------- dense layers
@@ -187,30 +202,38 @@ BLOCK_KEYS = 64  # context keys per inner step of the shared-context attention
 _PREFIX_PROGRAMS = 1024  # programs to spread a context's keys over (several waves on a big GPU)
 
 
-def dense_plan(batch: int, HS: int, G: int, n: int) -> tuple[int, int, int, int]:
-    """(rows per program, row tiles, splits, keys per split) of dense_attention's grid."""
+def dense_plan(batch: int, HS: int, G: int, n: int, programs: int = _PREFIX_PROGRAMS) -> tuple[int, int, int, int]:
+    """(rows per program, row tiles, splits, keys per split) of _prefix_attention's grid over
+    n keys shared by `batch` requests, spread over about `programs` programs."""
     rows = batch * G
     RP = min(64, max(16, triton.next_power_of_2(rows)))
     tiles = triton.cdiv(rows, RP)
-    splits = max(1, min(triton.cdiv(n, BLOCK_KEYS), triton.cdiv(_PREFIX_PROGRAMS, HS * tiles)))
+    splits = max(1, min(triton.cdiv(n, BLOCK_KEYS), triton.cdiv(programs, HS * tiles)))
     span = triton.cdiv(triton.cdiv(max(n, 1), splits), BLOCK_KEYS) * BLOCK_KEYS
     return RP, tiles, triton.cdiv(max(n, 1), span), span
 
 
+def _plan_cells(max_batch: int, HS: int, G: int, D: int, n: int, programs: int, name: str) -> dict[str, int]:
+    cells = max(HS * s * t * rp for rp, t, s, _ in (dense_plan(b, HS, G, n, programs) for b in range(1, max_batch + 1)))
+    return {f"{name}_parts": cells * 2, f"{name}_acc": cells * D}
+
+
 def dense_scratch_sizes(max_batch: int, HS: int, G: int, D: int, n: int) -> dict[str, int]:
     """Work buffers of dense_attention for any batch up to max_batch."""
-    cells = max(HS * s * t * rp for rp, t, s, _ in (dense_plan(b, HS, G, n) for b in range(1, max_batch + 1)))
-    return {"dense_parts": cells * 2, "dense_acc": cells * D}
+    return _plan_cells(max_batch, HS, G, D, n, _PREFIX_PROGRAMS, "dense")
 
 
 @triton.jit(do_not_specialize=['n', 'rows', 'span'])
-def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, G: tl.constexpr,
-                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr):
+def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, count_ptr, G: tl.constexpr,
+                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr,
+                      COUNTS: tl.constexpr = False):
     """Flash-decoding over a context's keys [HS, n, D] that every request shares: program
     (row tile t, split s, KV head h) takes the query rows r = b * G + g of all requests b
     in tile t and the keys of split s, so a key block is read once for the whole batch.
     -> per row (max, sum exp) into part and the weighted values into acc. LOW: a bf16/fp16
-    context is multiplied on tensor cores in its own dtype (fp32 sums), as flash attention does."""
+    context is multiplied on tensor cores in its own dtype (fp32 sums), as flash attention does.
+    COUNTS: key j of head h stands for count[h, j] tokens (log of it added to its score; none
+    when 0): the keys are pages' means (sparse_attention's rest)."""
     t, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = t * RP + tl.arange(0, RP)
     d = tl.arange(0, D)
@@ -224,13 +247,18 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
     for k0 in range(s * span, end, BLOCK):
         tok = k0 + tl.arange(0, BLOCK)
         ok = tok < end
-        at = (h * n + tok[:, None]) * D + d[None, :]
+        if COUNTS:
+            count = tl.load(count_ptr + h * n + tok, mask=ok, other=0)
+            ok = count > 0
+        at = (h * n + tok[:, None]).to(tl.int64) * D + d[None, :]
         k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
         if LOW:
             sc = tl.dot(q.to(k.dtype), tl.trans(k)) * scaling
         else:
             sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+        if COUNTS:
+            sc += tl.log(tl.maximum(count, 1).to(tl.float32))[None, :]
         m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v, LOW)
     base = (h * tl.num_programs(1) + s) * tl.num_programs(0) * RP + r
     tl.store(part_ptr + base * 2, m_run)
@@ -312,7 +340,7 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     B, HS, G, D = q.shape
     n, T = ctx_k.shape[1], own_k.shape[2]
     RP, tiles, splits, span = dense_plan(B, HS, G, n)
-    launch(_prefix_attention, (tiles, splits, HS), (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS),
+    launch(_prefix_attention, (tiles, splits, HS), (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, counts),
             dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
     _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
                               SC=32, BLOCK=BLOCK_KEYS)
@@ -337,7 +365,7 @@ def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     RP, tiles, splits, span = dense_plan(T, HS, G, n)
     parts = torch.empty(HS, splits, tiles * RP, 2, dtype=torch.float32, device=q.device)
     acc = torch.empty(HS, splits, tiles * RP, D, dtype=torch.float32, device=q.device)
-    launch(_prefix_attention, (tiles, splits, HS), (rows, k, v, parts, acc, n, T * G, span, scaling, HS),
+    launch(_prefix_attention, (tiles, splits, HS), (rows, k, v, parts, acc, n, T * G, span, scaling, HS, parts),
            dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=k.dtype != torch.float32))
     m, l = parts[:, :, :T * G].unbind(-1)  # [HS, splits, rows]: every split holds keys, so m is finite
     top = m.amax(1)

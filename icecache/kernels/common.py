@@ -53,14 +53,14 @@ SCRATCH_DTYPES = {"cand": torch.int32, "tops": torch.int32}  # the rest are fp32
 
 
 def scratch_sizes(rows: int, G: int, D: int, plan: WalkPlan, num_private: int, num_sink: int, retrieved: int,
-                  window: int, page_size: int, rest_blocks: int = 0) -> dict[str, int]:
+                  window: int, page_size: int) -> dict[str, int]:
     """Elements of each work buffer one sparse layer's step needs for `rows` (request, KV
     head) rows (see the wrappers); "tops" holds two levels' kept-node lists (one read
-    while the next is written); rest_blocks: attention.rest_block_count's, where the pages
-    left out join the attention."""
+    while the next is written). The pages left out, where they join the attention, need
+    attention.rest_scratch_sizes as well."""
     GP = row_tile(G)
     widest = max(plan.widest_level, plan.widest_pages + num_private)
-    blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size) + rest_blocks
+    blocks = triton.cdiv(num_sink, page_size) + retrieved + triton.cdiv(window, page_size)
     return {"raw": rows * G * widest, "cand": rows * widest, "parts": rows * triton.cdiv(widest, BLOCK) * GP * 2,
             "tops": 2 * rows * plan.width, "att_parts": rows * blocks * GP * 2, "att_acc": rows * blocks * GP * D}
 
