@@ -75,11 +75,11 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     l = tl.sum(p, axis=1)
     if REST:
         if (b >= SINK_BLOCKS) & (b < SINK_BLOCKS + R):
-            page = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
-            if (page >= 0) & (page < n_shared):
-                n = tl.load(shared_valid_ptr + hs * n_shared + page)
+            retrieved = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
+            if (retrieved >= 0) & (retrieved < n_shared):
+                n = tl.load(shared_valid_ptr + hs * n_shared + retrieved)
                 if n > 0:  # tokens, so m is finite; an empty page has no mean term to take out
-                    at = (hs * n_shared + page).to(tl.int64) * D + d
+                    at = (hs * n_shared + retrieved).to(tl.int64) * D + d
                     mean_k = tl.load(mean_k_ptr + at)
                     q = tl.load(q_ptr + (h * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0)
                     q = q.to(mean_k.dtype).to(tl.float32)
@@ -96,7 +96,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
 
 
-MERGE_PARTS = 64  # partials _merge_attention reads at once
+MERGE_PARTS = 32  # partials _merge_attention reads at once (64 spill registers on sm_90)
 
 
 @triton.jit(do_not_specialize=['blocks', 'splits', 'rows_pad'])
@@ -238,8 +238,8 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
     r = t * RP + tl.arange(0, RP)
     d = tl.arange(0, D)
     b, g = r // G, r % G
-    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None],
-                other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty) if LOW else q.to(tl.float32)  # once, not at every key block
     m_run = tl.full((RP,), -float("inf"), tl.float32)
     l_run = tl.zeros((RP,), tl.float32)
     acc = tl.zeros((RP, D), tl.float32)
@@ -250,15 +250,15 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
         if COUNTS:
             count = tl.load(count_ptr + h * n + tok, mask=ok, other=0)
             ok = count > 0
-        at = (h * n + tok[:, None]).to(tl.int64) * D + d[None, :]
+        at = (h * n + tok[:, None]) * D + d[None, :]
         k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
         if LOW:
-            sc = tl.dot(q.to(k.dtype), tl.trans(k)) * scaling
+            sc = tl.dot(q, tl.trans(k)) * scaling
         else:
             sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
         if COUNTS:
-            sc += tl.log(tl.maximum(count, 1).to(tl.float32))[None, :]
+            sc = sc + tl.log(tl.maximum(count, 1).to(tl.float32))[None, :]
         m_run, l_run, acc = _online_softmax(m_run, l_run, acc, tl.where(ok[None, :], sc, -float("inf")), ok, v, LOW)
     base = (h * tl.num_programs(1) + s) * tl.num_programs(0) * RP + r
     tl.store(part_ptr + base * 2, m_run)

@@ -1,0 +1,72 @@
+"""The decode attention kernels compiled for an H200 (sm_90) on this machine, without a GPU:
+Triton's interpreter (the other kernel tests on CPU) runs their Python, not the compiler, so
+a kernel can pass there and fail to build on the GPU; and a kernel that needs more than 255
+registers a thread spills to local memory (a 64-bit address per element of a [64, 128] tile
+did: 512-728 bytes of stack, where 32-bit offsets need none). The compiler runs in a child
+process: this one's kernels are the interpreter's (TRITON_INTERPRET=1, tests/conftest.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="the kernels need triton (a test dependency)")
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+CHILD = r'''
+import json, os, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from icecache.kernels import attention
+
+F32, BF16, I64 = "*fp32", "*bf16", "*i64"
+SHAPE = dict(G=4, D=128)  # an 8B model's: 32 query heads over 8 KV heads of 128
+SPARSE = dict(q_ptr=F32, sink_k_ptr=BF16, sink_v_ptr=BF16, ids_ptr=I64, shared_k_ptr=BF16, shared_v_ptr=BF16,
+              shared_valid_ptr=I64, shared_at_ptr=I64, priv_k_ptr=BF16, priv_v_ptr=BF16, pvalid_ptr=I64,
+              win_k_ptr=BF16, win_v_ptr=BF16, count_ptr=I64, mean_k_ptr=BF16, mean_v_ptr=BF16, part_ptr=F32,
+              acc_ptr=F32)
+MERGE = dict(part_ptr=F32, acc_ptr=F32, rest_part_ptr=F32, rest_acc_ptr=F32, out_ptr=BF16)
+PREFIX = dict(q_ptr=F32, k_ptr=BF16, v_ptr=BF16, part_ptr=F32, acc_ptr=F32, count_ptr=I64)
+cases = {
+    **{f"sparse REST={r}": (attention._sparse_attention, SPARSE, dict(**SHAPE, GP=16, P=16, SINK_BLOCKS=1, REST=r))
+       for r in (False, True)},
+    **{f"merge REST={r}": (attention._merge_attention, MERGE, dict(**SHAPE, GP=16, SC=attention.MERGE_PARTS, REST=r))
+       for r in (False, True)},
+    **{f"prefix RP={rp} COUNTS={c}": (attention._prefix_attention, PREFIX,
+                                       dict(**SHAPE, RP=rp, BLOCK=attention.BLOCK_KEYS, LOW=True, COUNTS=c))
+       for rp in (16, 64) for c in (False, True)},
+}
+stack = {}
+for name, (kernel, pointers, constexprs) in cases.items():
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "scaling" else "i32")
+                 for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    path = os.path.join(sys.argv[1], "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([sys.argv[2], "--dump-resource-usage", path], capture_output=True, text=True,
+                           check=True).stdout
+    fields = dict(f.split(":") for line in usage.splitlines() if "REG:" in line for f in line.split() if ":" in f)
+    stack[name] = int(fields["STACK"])
+print(json.dumps(stack))
+'''
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend ships no cuobjdump here")
+def test_decode_attention_kernels_build_for_an_h200_without_spilling():
+    """Sparse attention, its merge and the shared-context attention (dense layers, the page
+    means), with and without the pages left out, at an 8B model's shapes in bf16."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([sys.executable, "-c", CHILD, tmp, CUOBJDUMP], capture_output=True, text=True,
+                             env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stack = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(stack) == 8, stack
+    assert not {name: b for name, b in stack.items() if b}, f"bytes of stack (spilled registers) a thread: {stack}"
