@@ -114,19 +114,13 @@ def _merge_attention(part_ptr, acc_ptr, rest_part_ptr, rest_acc_ptr, out_ptr, bl
     acc = tl.zeros((D,), tl.float32)
     for s0 in range(0, blocks, SC):
         sc = s0 + tl.arange(0, SC)
-        cell = (h * blocks + sc) * GP + g
-        m = tl.load(part_ptr + cell * 2, mask=sc < blocks, other=-float("inf"))
-        l = tl.load(part_ptr + cell * 2 + 1, mask=sc < blocks, other=0.0)
-        part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < blocks)[:, None], other=0.0)
-        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+        m_run, l_run, acc = _fold_cells(m_run, l_run, acc, part_ptr, acc_ptr, (h * blocks + sc) * GP + g,
+                                        sc < blocks, D)
     if REST:
         for s0 in range(0, splits, SC):
             sc = s0 + tl.arange(0, SC)
             cell = ((h % HS) * splits + sc) * rows_pad + (h // HS) * G + g
-            m = tl.load(rest_part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
-            l = tl.load(rest_part_ptr + cell * 2 + 1, mask=sc < splits, other=0.0)
-            part = tl.load(rest_acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
-            m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+            m_run, l_run, acc = _fold_cells(m_run, l_run, acc, rest_part_ptr, rest_acc_ptr, cell, sc < splits, D)
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + (h * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
 
@@ -297,11 +291,8 @@ def _dense_merge(q_ptr, part_ptr, acc_ptr, own_k_ptr, own_v_ptr, count_ptr, out_
     acc = tl.zeros((D,), tl.float32)
     for s0 in range(0, splits, SC):
         sc = s0 + tl.arange(0, SC)
-        cell = (h * splits + sc) * rows_pad + b * G + g
-        m = tl.load(part_ptr + cell * 2, mask=sc < splits, other=-float("inf"))
-        l = tl.load(part_ptr + cell * 2 + 1, mask=sc < splits, other=0.0)
-        part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=(sc < splits)[:, None], other=0.0)
-        m_run, l_run, acc = _fold_partials(m_run, l_run, acc, m, l, part)
+        m_run, l_run, acc = _fold_cells(m_run, l_run, acc, part_ptr, acc_ptr, (h * splits + sc) * rows_pad + b * G + g,
+                                        sc < splits, D)
     q = tl.load(q_ptr + ((b * HS + h) * G + g) * D + d).to(tl.float32)
     filled = tl.load(count_ptr + b) + 1
     for k0 in range(0, filled, BLOCK):
@@ -325,6 +316,17 @@ def _fold_partials(m_run, l_run, acc, m, l, part):
     alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
     w = tl.where(m > -float("inf"), tl.exp(m - safe), 0.0)
     return m_new, l_run * alpha + tl.sum(w * l, axis=0), acc * alpha + tl.sum(w[:, None] * part, axis=0)
+
+
+@triton.jit
+def _fold_cells(m_run, l_run, acc, part_ptr, acc_ptr, cell, ok, D: tl.constexpr):
+    """Fold the partials at `cell` (where ok) of a (max, sum exp) part / weighted values acc
+    layout into one row's running (max, sum exp, weighted values)."""
+    d = tl.arange(0, D)
+    m = tl.load(part_ptr + cell * 2, mask=ok, other=-float("inf"))
+    l = tl.load(part_ptr + cell * 2 + 1, mask=ok, other=0.0)
+    part = tl.load(acc_ptr + cell[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    return _fold_partials(m_run, l_run, acc, m, l, part)
 
 
 def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, own_k: torch.Tensor,

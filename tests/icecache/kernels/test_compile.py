@@ -32,7 +32,9 @@ SPARSE = dict(q_ptr=F32, sink_k_ptr=BF16, sink_v_ptr=BF16, ids_ptr=I64, shared_k
               acc_ptr=F32)
 MERGE = dict(part_ptr=F32, acc_ptr=F32, rest_part_ptr=F32, rest_acc_ptr=F32, out_ptr=BF16)
 PREFIX = dict(q_ptr=F32, k_ptr=BF16, v_ptr=BF16, part_ptr=F32, acc_ptr=F32, count_ptr=I64)
+DENSE_MERGE = dict(q_ptr=BF16, part_ptr=F32, acc_ptr=F32, own_k_ptr=BF16, own_v_ptr=BF16, count_ptr=I64, out_ptr=BF16)
 cases = {
+    "dense merge": (attention._dense_merge, DENSE_MERGE, dict(**SHAPE, SC=32, BLOCK=attention.BLOCK_KEYS)),
     **{f"sparse REST={r}": (attention._sparse_attention, SPARSE, dict(**SHAPE, GP=16, P=16, SINK_BLOCKS=1, REST=r))
        for r in (False, True)},
     **{f"merge REST={r}": (attention._merge_attention, MERGE, dict(**SHAPE, GP=16, SC=attention.MERGE_PARTS, REST=r))
@@ -61,12 +63,12 @@ print(json.dumps(stack))
 
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's NVIDIA backend ships no cuobjdump here")
 def test_decode_attention_kernels_build_for_an_h200_without_spilling():
-    """Sparse attention, its merge and the shared-context attention (dense layers, the page
-    means), with and without the pages left out, at an 8B model's shapes in bf16."""
+    """Sparse attention, its merge and the shared-context attention and its merge (dense
+    layers, the page means), with and without the pages left out, at an 8B model's shapes in bf16."""
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run([sys.executable, "-c", CHILD, tmp, CUOBJDUMP], capture_output=True, text=True,
                              env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     stack = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(stack) == 8, stack
+    assert len(stack) == 9, stack
     assert not {name: b for name, b in stack.items() if b}, f"bytes of stack (spilled registers) a thread: {stack}"
