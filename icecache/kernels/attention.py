@@ -96,7 +96,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     tl.store(acc_ptr + base[:, None] * D + d[None, :], acc)
 
 
-MERGE_PARTS = 32  # partials _merge_attention reads at once (64 spill registers on sm_90)
+MERGE_PARTS = 32  # partials a merge (sparse or dense) reads at once (64 spill registers on sm_90)
 
 
 @triton.jit(do_not_specialize=['blocks', 'splits', 'rows_pad'])
@@ -345,7 +345,7 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     launch(_prefix_attention, (tiles, splits, HS), (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, counts),
             dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
     _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
-                              SC=32, BLOCK=BLOCK_KEYS)
+                              SC=MERGE_PARTS, BLOCK=BLOCK_KEYS)
     return out
 
 

@@ -34,7 +34,7 @@ MERGE = dict(part_ptr=F32, acc_ptr=F32, rest_part_ptr=F32, rest_acc_ptr=F32, out
 PREFIX = dict(q_ptr=F32, k_ptr=BF16, v_ptr=BF16, part_ptr=F32, acc_ptr=F32, count_ptr=I64)
 DENSE_MERGE = dict(q_ptr=BF16, part_ptr=F32, acc_ptr=F32, own_k_ptr=BF16, own_v_ptr=BF16, count_ptr=I64, out_ptr=BF16)
 cases = {
-    "dense merge": (attention._dense_merge, DENSE_MERGE, dict(**SHAPE, SC=32, BLOCK=attention.BLOCK_KEYS)),
+    "dense merge": (attention._dense_merge, DENSE_MERGE, dict(**SHAPE, SC=attention.MERGE_PARTS, BLOCK=attention.BLOCK_KEYS)),
     **{f"sparse REST={r}": (attention._sparse_attention, SPARSE, dict(**SHAPE, GP=16, P=16, SINK_BLOCKS=1, REST=r))
        for r in (False, True)},
     **{f"merge REST={r}": (attention._merge_attention, MERGE, dict(**SHAPE, GP=16, SC=attention.MERGE_PARTS, REST=r))
