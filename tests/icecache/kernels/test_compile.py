@@ -22,9 +22,10 @@ import json, os, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from icecache.kernels import attention
+from icecache.kernels import attention, rerank, walk
+from icecache.kernels.common import BLOCK, warps
 
-F32, BF16, I64 = "*fp32", "*bf16", "*i64"
+F32, BF16, I64, I32 = "*fp32", "*bf16", "*i64", "*i32"
 SHAPE = dict(G=4, D=128)  # an 8B model's: 32 query heads over 8 KV heads of 128
 SPARSE = dict(q_ptr=F32, sink_k_ptr=BF16, sink_v_ptr=BF16, ids_ptr=I64, shared_k_ptr=BF16, shared_v_ptr=BF16,
               shared_valid_ptr=I64, shared_at_ptr=I64, priv_k_ptr=BF16, priv_v_ptr=BF16, pvalid_ptr=I64,
@@ -32,6 +33,11 @@ SPARSE = dict(q_ptr=F32, sink_k_ptr=BF16, sink_v_ptr=BF16, ids_ptr=I64, shared_k
               acc_ptr=F32)
 MERGE = dict(part_ptr=F32, acc_ptr=F32, rest_part_ptr=F32, rest_acc_ptr=F32, out_ptr=BF16)
 PREFIX = dict(q_ptr=F32, k_ptr=BF16, v_ptr=BF16, part_ptr=F32, acc_ptr=F32, count_ptr=I64)
+WALK = dict(q_ptr=BF16, mean_ptr=BF16, var_ptr=BF16, size_ptr=F32, order_ptr=I32, start_ptr=I32, parents_ptr=I32,
+            raw_ptr=F32, cand_ptr=I32, part_ptr=F32, top_ptr=I32, valid_ptr=I64, pmean_ptr=BF16, pvar_ptr=BF16,
+            pvalid_ptr=I64, out_ptr=I64)
+RERANK = dict(q_ptr=BF16, cand_ptr=I64, shared_k_ptr=BF16, shared_valid_ptr=I64, shared_at_ptr=I64, priv_k_ptr=BF16,
+              pvalid_ptr=I64, copy_k_ptr=BF16, lse_ptr=F32, out_ptr=I64)
 DENSE_MERGE = dict(q_ptr=BF16, part_ptr=F32, acc_ptr=F32, own_k_ptr=BF16, own_v_ptr=BF16, count_ptr=I64, out_ptr=BF16)
 cases = {
     "dense merge": (attention._dense_merge, DENSE_MERGE, dict(**SHAPE, SC=attention.MERGE_PARTS, BLOCK=attention.BLOCK_KEYS)),
@@ -42,6 +48,15 @@ cases = {
     **{f"prefix RP={rp} COUNTS={c}": (attention._prefix_attention, PREFIX,
                                        dict(**SHAPE, RP=rp, BLOCK=attention.BLOCK_KEYS, LOW=True, COUNTS=c))
        for rp in (16, 64) for c in (False, True)},
+    # the index query: a tree level's and the pages' moment scores, their selection (RANK 0: a
+    # level's, 2: pages by the largest head score) up to 8,192 candidates a row, the re-ranking
+    **{f"child scores KP={kp}": (walk._child_scores, WALK, dict(G=4, GP=16, D=128, BLOCK=BLOCK, KP=kp))
+       for kp in (16, 32)},
+    "page scores": (walk._page_scores, WALK, dict(G=4, GP=16, D=128, BLOCK=BLOCK, KP=32)),
+    **{f"select NB={nb} RANK={r}": (walk._select_compact, WALK, dict(G=4, GP=16, CP=16, NB=nb, KP=32, KW=64, RANK=r))
+       for nb in (1024, 8192) for r in (0, 2)},
+    "rerank page lse": (rerank._page_lse, RERANK, dict(G=4, GP=16, D=128, P=16, CP=128, CB=rerank.PAGES_PER_PROGRAM)),
+    "rerank top": (rerank._top_by_share, RERANK, dict(R=12, G=4, GP=16, CP=128)),
 }
 stack = {}
 for name, (kernel, pointers, constexprs) in cases.items():
@@ -49,7 +64,8 @@ for name, (kernel, pointers, constexprs) in cases.items():
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "scaling" else "i32")
                  for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    options = {"num_warps": warps(constexprs["NB"])} if "NB" in constexprs else {}  # as walk.py launches it
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     path = os.path.join(sys.argv[1], "kernel.cubin")
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])
@@ -62,7 +78,9 @@ print(json.dumps(stack))
 
 
 NAMES = ["dense merge", "sparse REST=False", "sparse REST=True", "merge REST=False", "merge REST=True",
-         *(f"prefix RP={rp} COUNTS={c}" for rp in (16, 64) for c in (False, True))]
+         *(f"prefix RP={rp} COUNTS={c}" for rp in (16, 64) for c in (False, True)),
+         "child scores KP=16", "child scores KP=32", "page scores",
+         *(f"select NB={nb} RANK={r}" for nb in (1024, 8192) for r in (0, 2)), "rerank page lse", "rerank top"]
 # Triton 3.6 (the H200 machine's, with torch 2.11) gives the shared-context kernel's 64-row tile
 # (dense layers at 9+ requests, every question's prefill) 255 registers and 16 bytes of stack at
 # 4 warps, before and after the page means' COUNTS; 3.9 (CI's) none; 8 warps none on either, but
@@ -89,8 +107,8 @@ def _old_triton() -> bool:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(_old_triton(), reason=KNOWN[n], strict=True))
                                   if n in KNOWN else n for n in NAMES])
-def test_decode_attention_kernels_build_for_an_h200_without_spilling(stack, name):
+def test_decode_kernels_build_for_an_h200_without_spilling(stack, name):
     """Sparse attention, its merge and the shared-context attention and its merge (dense
-    layers, the page means), with and without the pages left out, at an 8B model's shapes in
-    bf16: no bytes of stack (spilled registers) a thread."""
+    layers, the page means), with and without the pages left out, and the index query's
+    kernels, at an 8B model's shapes in bf16: no bytes of stack (spilled registers) a thread."""
     assert stack[name] == 0, f"{name}: {stack[name]} bytes of stack a thread (all: {stack})"
