@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -301,7 +302,21 @@ def parse_gpu_args(ap: argparse.ArgumentParser, argv, name: str, plot) -> argpar
     return args
 
 
+def software() -> dict[str, str | None]:
+    """The versions a GPU figure depends on (a kernel's registers, and so its speed, change
+    with Triton's compiler: 3.6 spills where 3.9 does not)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version}
+
+
 def save(report: dict, out: Path) -> None:
+    """Write the report as JSON (with the software it ran on)."""
+    report.setdefault("software", software())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 

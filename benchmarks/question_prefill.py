@@ -17,14 +17,13 @@ shape seen before is the benchmark's, and that of a new shape is the user's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.decode_speed import random_ids, shaped_model, top_operations
+from benchmarks.decode_speed import random_ids, save, shaped_model, top_operations
 from icecache import Engine, SamplingParams
 from icecache.internals import attention_lse, cudnn_for_every_shape, prefix_attention_lse
 
@@ -165,8 +164,7 @@ def main(argv=None) -> int:
     for n in args.contexts:
         with torch.inference_mode():
             report["runs"].append(run(eng, n, vocab, args.top))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    save(report, args.out)
     plot(report, args.out.with_suffix(".png"))
     return 0
 
