@@ -1,9 +1,10 @@
 """The decode kernels (attention, the index query) compiled for an H200 (sm_90) on this
-machine, without a GPU: Triton's interpreter (the other kernel tests on CPU) runs their Python, not the compiler, so
-a kernel can pass there and fail to build on the GPU; and a kernel that needs more than 255
-registers a thread spills to local memory (a 64-bit address per element of a [64, 128] tile
-did: 512-728 bytes of stack, where 32-bit offsets need none). The compiler runs in a child
-process: this one's kernels are the interpreter's (TRITON_INTERPRET=1, tests/conftest.py)."""
+machine, without a GPU: Triton's interpreter (the other kernel tests on CPU) runs their
+Python, not the compiler, so a kernel can pass there and fail to build on the GPU; and a
+kernel that needs more than 255 registers a thread spills to local memory (a 64-bit address
+per element of a [64, 128] tile did: 512-728 bytes of stack, where 32-bit offsets need none).
+The compiler runs in a child process: this one's kernels are the interpreter's
+(TRITON_INTERPRET=1, tests/conftest.py)."""
 
 import json
 import os
