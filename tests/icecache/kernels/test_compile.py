@@ -51,13 +51,13 @@ cases = {
        for rp in (16, 64) for c in (False, True)},
     # the index query: a tree level's and the pages' moment scores, their selection (RANK 0: a
     # level's, 2: pages by the largest head score) up to 8,192 candidates a row, the re-ranking
-    **{f"child scores KP={kp}": (walk._child_scores, WALK, dict(G=4, GP=16, D=128, BLOCK=BLOCK, KP=kp))
+    **{f"child scores KP={kp}": (walk._child_scores, WALK, dict(**SHAPE, GP=16, BLOCK=BLOCK, KP=kp))
        for kp in (16, 32)},
-    "page scores": (walk._page_scores, WALK, dict(G=4, GP=16, D=128, BLOCK=BLOCK, KP=32)),
-    **{f"select NB={nb} RANK={r}": (walk._select_compact, WALK, dict(G=4, GP=16, CP=16, NB=nb, KP=32, KW=64, RANK=r))
+    "page scores": (walk._page_scores, WALK, dict(**SHAPE, GP=16, BLOCK=BLOCK, KP=32)),
+    **{f"select NB={nb} RANK={r}": (walk._select_compact, WALK, dict(G=SHAPE["G"], GP=16, CP=16, NB=nb, KP=32, KW=64, RANK=r))
        for nb in (1024, 8192) for r in (0, 2)},
-    "rerank page lse": (rerank._page_lse, RERANK, dict(G=4, GP=16, D=128, P=16, CP=128, CB=rerank.PAGES_PER_PROGRAM)),
-    "rerank top": (rerank._top_by_share, RERANK, dict(R=12, G=4, GP=16, CP=128)),
+    "rerank page lse": (rerank._page_lse, RERANK, dict(**SHAPE, GP=16, P=16, CP=128, CB=rerank.PAGES_PER_PROGRAM)),
+    "rerank top": (rerank._top_by_share, RERANK, dict(R=12, G=SHAPE["G"], GP=16, CP=128)),
 }
 stack = {}
 for name, (kernel, pointers, constexprs) in cases.items():
