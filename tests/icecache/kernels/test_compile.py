@@ -41,7 +41,8 @@ RERANK = dict(q_ptr=BF16, cand_ptr=I64, shared_k_ptr=BF16, shared_valid_ptr=I64,
               pvalid_ptr=I64, copy_k_ptr=BF16, lse_ptr=F32, out_ptr=I64)
 DENSE_MERGE = dict(q_ptr=BF16, part_ptr=F32, acc_ptr=F32, own_k_ptr=BF16, own_v_ptr=BF16, count_ptr=I64, out_ptr=BF16)
 cases = {
-    "dense merge": (attention._dense_merge, DENSE_MERGE, dict(**SHAPE, SC=attention.MERGE_PARTS, BLOCK=attention.BLOCK_KEYS)),
+    "dense merge": (attention._dense_merge, DENSE_MERGE,
+                    dict(**SHAPE, SC=attention.MERGE_PARTS, BLOCK=attention.BLOCK_KEYS)),
     **{f"sparse REST={r}": (attention._sparse_attention, SPARSE, dict(**SHAPE, GP=16, P=16, SINK_BLOCKS=1, REST=r))
        for r in (False, True)},
     **{f"merge REST={r}": (attention._merge_attention, MERGE, dict(**SHAPE, GP=16, SC=attention.MERGE_PARTS, REST=r))
@@ -54,7 +55,8 @@ cases = {
     **{f"child scores KP={kp}": (walk._child_scores, WALK, dict(**SHAPE, GP=16, BLOCK=BLOCK, KP=kp))
        for kp in (16, 32)},
     "page scores": (walk._page_scores, WALK, dict(**SHAPE, GP=16, BLOCK=BLOCK, KP=32)),
-    **{f"select NB={nb} RANK={r}": (walk._select_compact, WALK, dict(G=SHAPE["G"], GP=16, CP=16, NB=nb, KP=32, KW=64, RANK=r))
+    **{f"select NB={nb} RANK={r}": (walk._select_compact, WALK,
+                                    dict(G=SHAPE["G"], GP=16, CP=16, NB=nb, KP=32, KW=64, RANK=r))
        for nb in (1024, 8192) for r in (0, 2)},
     "rerank page lse": (rerank._page_lse, RERANK, dict(**SHAPE, GP=16, P=16, CP=128, CB=rerank.PAGES_PER_PROGRAM)),
     "rerank top": (rerank._top_by_share, RERANK, dict(R=12, G=SHAPE["G"], GP=16, CP=128)),
