@@ -260,7 +260,7 @@ class StepBatch:
                 outs.append(req.decode_attend(layer, query[b, :, 0], key[b, :, 0], value[b, :, 0], scaling)[None])
             else:
                 outs.append(req.prefill_attend(layer, query[b], key[b], value[b], scaling))
-        return torch.stack(outs)
+        return torch.stack(outs) if len(outs) > 1 else outs[0][None]  # a prefill's pack: no copy
 
 
 def icecache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -13,6 +13,7 @@ The scheduler decides what runs; this module runs it. It never imports the sched
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
 import weakref
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from icecache.attention import attention_lse, merge_attention, packed_causal_lse
+from icecache.attention import attention_lse, attention_merged, merge_attention, packed_causal_lse
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
@@ -267,11 +268,11 @@ class PrefillPack:
                 wanting.append(req)
         self._on_device: dict[tuple, torch.Tensor] = {}  # index lists every layer uses, copied once a pass
 
-    def _device(self, key: tuple, values, device: torch.device) -> torch.Tensor:
+    def _device(self, key: tuple, values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An index list on the device, copied once for the pass without waiting for the GPU
         (a blocking copy a layer would stall the CPU's launches until the GPU caught up)."""
         if key not in self._on_device:
-            host = torch.as_tensor(values)
+            host = torch.as_tensor(values, dtype=dtype)
             if device.type == "cuda":
                 host = host.pin_memory()  # freed only once the copy is done (the caching host allocator)
             self._on_device[key] = host.to(device, non_blocking=True)
@@ -283,20 +284,6 @@ class PrefillPack:
         offsets = self._device(("offsets",), self.offsets, q.device)
         parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling, offsets)]  # each chunk over itself
         T = q.shape[1]
-        spread = None  # (out, lse) over the pack's rows: a row's part from its own context, none elsewhere
-        for uid, cols in self.columns.items():  # each context read once, attended by the rows on it
-            ctx_k, ctx_v = self.readers[uid].layer(layer)
-            if len(cols) == T:
-                parts.append(attention_lse(q, ctx_k, ctx_v, False, scaling))
-                self._pick_question_pages(layer, uid, q, parts[-1][1], ctx_k, scaling)
-                continue
-            if spread is None:
-                spread = _no_attention(q)
-            cols = self._device(("columns", uid), cols, q.device)
-            out, lse = attention_lse(q.index_select(1, cols), ctx_k, ctx_v, False, scaling)
-            spread[0].index_copy_(1, cols, out)
-            spread[1].index_copy_(1, cols, lse)
-            self._pick_question_pages(layer, uid, q, spread[1], ctx_k, scaling)
         owns = [req.own[layer] for req in self.requests]
         if any(own.length for own in owns):  # requests' earlier chunks (offloaded ones come back from the host)
             earlier = _no_attention(q) if len(owns) > 1 else None  # a document's chunk: its rows are all of q
@@ -309,32 +296,62 @@ class PrefillPack:
                     else:
                         earlier[0][:, s:e], earlier[1][:, s:e] = part
             parts.append(earlier)
-        if spread is not None:
-            parts.append(spread)
+        whole = [uid for uid, cols in self.columns.items() if len(cols) == T]  # the context of every row, if one is
+        if whole:  # (questions on a document): its part takes the others in
+            ctx_k, ctx_v = self.readers[whole[0]].layer(layer)
+            out, lse = attention_merged(q, ctx_k, ctx_v, scaling, parts)
+            self._pick_question_pages(layer, whole[0], q, lse, ctx_k, scaling)
+        else:
+            out = merge_attention(parts + self._spread_contexts(layer, q, scaling))
         for own, (s, e) in zip(owns, self.spans):
             own.append(k[:, s:e], v[:, s:e])
-        return merge_attention(parts).transpose(0, 1)
+        return out.transpose(0, 1)
+
+    def _spread_contexts(self, layer: int, q: torch.Tensor, scaling: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pack's rows over their contexts where they are not all on one: each context
+        read once, attended by the rows on it, into one (out, lse) over the pack's rows (none
+        where a row has no context); [] without contexts (a document's chunks)."""
+        if not self.columns:
+            return []
+        spread = _no_attention(q)
+        for uid, cols in self.columns.items():
+            ctx_k, ctx_v = self.readers[uid].layer(layer)
+            cols = self._device(("columns", uid), cols, q.device)
+            out, lse = attention_lse(q.index_select(1, cols), ctx_k, ctx_v, False, scaling)
+            spread[0].index_copy_(1, cols, out)
+            spread[1].index_copy_(1, cols, lse)
+            self._pick_question_pages(layer, uid, q, spread[1], ctx_k, scaling)
+        return [spread]
 
     def _pick_question_pages(self, layer: int, uid: int, q: torch.Tensor, lse: torch.Tensor, ctx_k: torch.Tensor,
                              scaling: float) -> None:
         """For the requests of the pack on context uid that want them (config.question_pages),
         the context pages their chunks' last QUESTION_ROWS tokens point to in this layer, all
         at once: what the rows attend to (lse: [Hq, T] their log-sum-exp over the context),
-        and the config.question_follow positions after it (index.select.question_pages). A request's last
-        chunk's choice stands."""
+        and the config.question_follow positions after it (index.select.question_pages; on
+        CUDA kernels.question's, a few launches instead of ~30). A request's last chunk's
+        choice stands."""
         reader = self.readers[uid]
         if uid not in self.question_rows or layer not in reader.ctx.sparse:
             return
         wanting, rows, owner = self.question_rows[uid]
-        rows, owner = self._device(("rows", uid), rows, q.device), self._device(("owner", uid), owner, q.device)
+        rows = self._device(("rows", uid), rows, q.device)
         sparse = reader.ctx.sparse[layer]
         page_of, position = reader.token_pages(layer)
         num_sink = sparse.sink_k.shape[1]
+        keys = ctx_k[:, num_sink:num_sink + page_of.shape[1]]
         config = wanting[0].config
-        mass = _question_mass(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting),
-                              ctx_k[:, num_sink:num_sink + page_of.shape[1]], scaling)
-        picked = question_pages(mass, page_of, position, reader.ctx.num_tokens, sparse.tree.num_pages,
-                                config.question_pages, config.question_follow)
+        pick = (reader.ctx.num_tokens, sparse.tree.num_pages, config.question_pages, config.question_follow)
+        if _fused_question_pages(keys):
+            from icecache.kernels.question import question_pages as fused
+            start = self._device(("start", uid), [0, *itertools.accumulate(collections.Counter(owner).values())],
+                                 q.device, torch.int32)
+            picked = fused(q, lse, rows, start, keys, page_of, position, *pick, scaling)
+        else:
+            owner = self._device(("owner", uid), owner, q.device)
+            mass = question_mass(q.index_select(1, rows), lse.index_select(1, rows), owner, len(wanting), keys,
+                                 scaling)
+            picked = question_pages(mass, page_of, position, *pick)
         for req, pages in zip(wanting, picked):
             req.question_pages[layer] = pages
 
@@ -342,15 +359,13 @@ class PrefillPack:
 QUESTION_ROWS = 16  # a question's last tokens, whose attention over the context picks its question pages
 
 
-def _question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, num_requests: int,
-                   keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """index.select.question_mass, as one Triton kernel on CUDA (kernels.question)."""
-    if keys.device.type == "cuda":
-        from icecache.kernels.common import is_tile
-        if is_tile(keys.shape[-1]):  # a head dim the kernel's dot tiles take
-            from icecache.kernels.question import question_mass as fused
-            return fused(q, row_lse, owner, num_requests, keys, scaling)
-    return question_mass(q, row_lse, owner, num_requests, keys, scaling)
+def _fused_question_pages(keys: torch.Tensor) -> bool:
+    """Whether a question's pages are picked by kernels.question: on CUDA, for a head dim
+    the kernel's dot tiles take."""
+    if keys.device.type != "cuda":
+        return False
+    from icecache.kernels.common import is_tile
+    return is_tile(keys.shape[-1])
 
 
 def _no_attention(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,17 +79,43 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         out, lse = _attention_lse(q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None], True,
                                   scaling)
         return out[0], lse[0]
-    if g * T <= KERNEL_ROWS and k.shape[1] and _kernel_takes(q):
-        from triton.errors import TritonError
-
-        from icecache.kernels.attention import prefix_attention_lse
-        try:
-            return prefix_attention_lse(q, k, v, scaling)
-        except (TritonError, RuntimeError) as e:
-            _KERNEL_REFUSED.append(repr(e))
-            log.warning("prefill attention: the split-key kernel cannot run here (%r); cuDNN or flash from now on", e)
+    split_keys = _split_key_attention(q, k, v, scaling, ())
+    if split_keys is not None:
+        return split_keys
     out, lse = _attention_lse(q.reshape(H, g * T, D)[None], k[None], v[None], False, scaling)
     return out[0].reshape(Hq, T, D), lse[0].reshape(Hq, T)
+
+
+def attention_merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                     others: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' attention over k/v (not causal) merged with `others`, parts of the same rows
+    over other keys as attention_lse gives them (at most two): (out [Hq, T, D] over all the
+    keys, lse [Hq, T] over k/v alone). merge_attention([*others, attention_lse(q, k, v)])
+    with that part's lse, but where the split-key kernel takes the rows (a question's few, on
+    CUDA) in two launches instead of ~25: a question's prefill is bound by its launches."""
+    split_keys = _split_key_attention(q, k, v, scaling, others)
+    if split_keys is not None:
+        return split_keys
+    part = attention_lse(q, k, v, False, scaling)
+    return merge_attention([*others, part]), part[1]
+
+
+def _split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                         others) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.attention.prefix_attention_lse where it takes q (a KV head's rows up to
+    KERNEL_ROWS, 16-bit on CUDA, a head dim its tiles take, over some keys), else None."""
+    Hq, T, _ = q.shape
+    if Hq // k.shape[0] * T > KERNEL_ROWS or not k.shape[1] or not _kernel_takes(q):
+        return None
+    from triton.errors import TritonError
+
+    from icecache.kernels.attention import prefix_attention_lse
+    try:
+        return prefix_attention_lse(q, k, v, scaling, others)
+    except (TritonError, RuntimeError) as e:
+        _KERNEL_REFUSED.append(repr(e))
+        log.warning("prefill attention: the split-key kernel cannot run here (%r); cuDNN or flash from now on", e)
+    return None
 
 
 @contextlib.contextmanager

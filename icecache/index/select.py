@@ -26,11 +26,11 @@ def combine_heads(scores: torch.Tensor, candidate: torch.Tensor, heads: str = "m
     return share.masked_fill(~candidate, _NEG_INF)
 
 
-def top_pages(weight: torch.Tensor, num_pages: int) -> torch.Tensor:
-    """The best pages by weight [H, N], best first; -1 where the weight is -inf (not a
-    candidate) or fewer pages exist. -> [H, min(num_pages, N)]."""
+def top_pages(weight: torch.Tensor, num_pages: int, least: float = _NEG_INF) -> torch.Tensor:
+    """The best pages by weight [H, N], best first; -1 where the weight is `least` or below
+    (-inf: not a candidate) or fewer pages exist. -> [H, min(num_pages, N)]."""
     best = weight.topk(min(num_pages, weight.shape[1]), dim=1)
-    return torch.where(best.values > _NEG_INF, best.indices, -1)
+    return torch.where(best.values > least, best.indices, -1)
 
 
 def tree_keep(tree: TreeIndex, q: torch.Tensor, search_width: int, scaling: float) -> torch.Tensor | None:
@@ -123,7 +123,7 @@ def question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, n
                   keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """Each request's question rows' attention over the context's paged tokens: every row's
     softmax over the whole context (from the row's log-sum-exp there), summed over the
-    request's rows and query heads. kernels.question.question_mass is the GPU kernel.
+    request's rows and query heads (on CUDA kernels.question does this and question_pages).
     q: [Hq, W, D] the questions' last rows; row_lse: [Hq, W]; owner: [W] each row's request
     (< num_requests, ascending); keys: [H, n, D] the context's paged tokens.
     Fixed shapes, no host sync. -> [num_requests, H, n] fp32."""
@@ -163,7 +163,7 @@ def question_pages(mass: torch.Tensor, page_of: torch.Tensor, position: torch.Te
         moved = spread.view(num_requests, H, num_tokens + 1).gather(2, at)
     weight = torch.zeros(num_requests, H, num_pages, dtype=torch.float32, device=mass.device)
     weight.scatter_add_(2, page_of.expand(num_requests, H, n), mass + moved)
-    return top_pages(weight.masked_fill(weight <= 0, _NEG_INF).flatten(0, 1), count).view(num_requests, H, -1)
+    return top_pages(weight.flatten(0, 1), count, least=0.0).view(num_requests, H, -1)  # no mass: no page
 
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor],

@@ -4,7 +4,7 @@ each request's own tokens)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import triton
@@ -181,7 +181,7 @@ def _rest_partials(q: torch.Tensor, mean_k: torch.Tensor, mean_v: torch.Tensor, 
     B, HS, G, D = q.shape
     RP, tiles, splits, span = dense_plan(B, HS, G, valid.shape[1], REST_PROGRAMS)
     launch(_prefix_attention, (tiles, splits, HS),
-           (q, mean_k, mean_v, parts, acc, valid.shape[1], B * G, span, scaling, HS, valid),
+           (q, mean_k, mean_v, parts, acc, valid.shape[1], B * G, span, scaling, HS, valid, HS * G * D, D),
            dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=mean_k.dtype != torch.float32, COUNTS=True))
     return splits, tiles * RP
 
@@ -218,12 +218,14 @@ def dense_scratch_sizes(max_batch: int, HS: int, G: int, D: int, n: int) -> dict
 
 
 @triton.jit(do_not_specialize=['n', 'rows', 'span'])
-def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, count_ptr, G: tl.constexpr,
-                      D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr,
+def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, scaling, HS, count_ptr, q_sb, q_sr,
+                      G: tl.constexpr, D: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, LOW: tl.constexpr,
                       COUNTS: tl.constexpr = False):
     """Flash-decoding over a context's keys [HS, n, D] that every request shares: program
     (row tile t, split s, KV head h) takes the query rows r = b * G + g of all requests b
     in tile t and the keys of split s, so a key block is read once for the whole batch.
+    Request b's query head h * G + g is at q + b * q_sb + (h * G + g) * q_sr (a decode step's
+    [B, HS, G, D], or a prefill's [Hq, T, D] rows as they lie: T requests of one token).
     -> per row (max, sum exp) into part and the weighted values into acc. LOW: a bf16/fp16
     context is multiplied on tensor cores in its own dtype (fp32 sums), as flash attention does.
     COUNTS: key j of head h stands for count[h, j] tokens (log of it added to its score; none
@@ -232,7 +234,7 @@ def _prefix_attention(q_ptr, k_ptr, v_ptr, part_ptr, acc_ptr, n, rows, span, sca
     r = t * RP + tl.arange(0, RP)
     d = tl.arange(0, D)
     b, g = r // G, r % G
-    q = tl.load(q_ptr + ((b * HS + h) * G + g)[:, None] * D + d[None, :], mask=(r < rows)[:, None], other=0.0)
+    q = tl.load(q_ptr + (b * q_sb + (h * G + g) * q_sr)[:, None] + d[None, :], mask=(r < rows)[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty) if LOW else q.to(tl.float32)  # once, not at every key block
     m_run = tl.full((RP,), -float("inf"), tl.float32)
     l_run = tl.zeros((RP,), tl.float32)
@@ -342,15 +344,15 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     B, HS, G, D = q.shape
     n, T = ctx_k.shape[1], own_k.shape[2]
     RP, tiles, splits, span = dense_plan(B, HS, G, n)
-    launch(_prefix_attention, (tiles, splits, HS), (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, counts),
-            dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
+    launch(_prefix_attention, (tiles, splits, HS),
+           (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, counts, HS * G * D, D), dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
     _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
                               SC=MERGE_PARTS, BLOCK=BLOCK_KEYS)
     return out
 
 
-def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                         others: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """A prefill's few rows over a context's keys, with their log-sum-exp (the non-causal
     case of attention.attention_lse), as flash-decoding: q [Hq, T, D], k/v [HS, n, D], n > 0
     -> (out [Hq, T, D] in q's dtype, lse [Hq, T] fp32). The T tokens are _prefix_attention's
@@ -358,25 +360,86 @@ def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     question length or context length (cuDNN's fused attention builds a plan for every new
     shape, ~36 ms on an H200: every question of a length not seen before paid it), and the
     keys are split over the whole GPU however few the rows (a flash kernel's grid is row
-    blocks x heads: 16 programs for a 20-token question)."""
+    blocks x heads: 16 programs for a 20-token question).
+
+    others: up to two parts of the same rows over other keys, (out [Hq, T, D], lse [Hq, T])
+    as attention_lse gives them (any strides, the last dim's 1): `out` is then the attention
+    over the context and them together (attention.merge_attention of them all), while `lse`
+    stays the context's alone (what a question's pages are picked by). The split-key partials
+    are merged, and the other parts folded in, by one more kernel (two launches in all, where
+    the torch merge took ~25 a layer: a question's prefill is bound by its launches). `out`
+    is a view of a [T, Hq, D] tensor, the layout the model's output projection reads."""
     Hq, T, D = q.shape
     HS, n = k.shape[:2]
     G = Hq // HS
-    rows = q.reshape(HS, G, T, D).permute(2, 0, 1, 3).contiguous()  # [T, HS, G, D]: row t * G + j
+    if len(others) > 2:
+        raise ValueError(f"prefix_attention_lse folds in at most two other parts, got {len(others)}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
     k, v = k.contiguous(), v.contiguous()
     RP, tiles, splits, span = dense_plan(T, HS, G, n)
     parts = torch.empty(HS, splits, tiles * RP, 2, dtype=torch.float32, device=q.device)
     acc = torch.empty(HS, splits, tiles * RP, D, dtype=torch.float32, device=q.device)
-    launch(_prefix_attention, (tiles, splits, HS), (rows, k, v, parts, acc, n, T * G, span, scaling, HS, parts),
+    launch(_prefix_attention, (tiles, splits, HS),
+           (q, k, v, parts, acc, n, T * G, span, scaling, HS, parts, q.stride(1), q.stride(0)),
            dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=k.dtype != torch.float32))
-    m, l = parts[:, :, :T * G].unbind(-1)  # [HS, splits, rows]: every split holds keys, so m is finite
-    top = m.amax(1)
-    w = torch.exp(m - top[:, None])
-    total = (l * w).sum(1)
-    out = torch.einsum("hsr,hsrd->hrd", w, acc[:, :, :T * G]) / total[..., None]  # [HS, rows, D]
-    lse = top + total.log()
-    return (out.view(HS, T, G, D).transpose(1, 2).reshape(Hq, T, D).to(q.dtype),
-            lse.view(HS, T, G).transpose(1, 2).reshape(Hq, T))
+    out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
+    folded = []
+    for part_out, part_lse in others:
+        if part_out.shape != q.shape or part_lse.shape != (Hq, T):
+            raise ValueError(f"a part to fold in must be out {tuple(q.shape)} and lse {(Hq, T)}, "
+                             f"got {tuple(part_out.shape)} and {tuple(part_lse.shape)}")
+        part_out = part_out if part_out.stride(2) == 1 else part_out.contiguous()
+        part_lse = part_lse.float() if part_lse.stride(1) == 1 else part_lse.float().contiguous()
+        folded.append((part_out, part_lse))
+    while len(folded) < 2:  # unread (OTHERS), any tensors
+        folded.append((out, lse))
+    (o1, l1), (o2, l2) = folded
+    _prefix_merge[(T, HS, G)](parts, acc, o1, l1, o2, l2, out, lse, splits, tiles * RP, T, o1.stride(0), o1.stride(1),
+                              l1.stride(0), o2.stride(0), o2.stride(1), l2.stride(0), HS, G=G, D=D, SC=MERGE_PARTS,
+                              OTHERS=len(others))
+    return out.transpose(0, 1), lse
+
+
+@triton.jit(do_not_specialize=['splits', 'rows_pad', 'T'])
+def _prefix_merge(part_ptr, acc_ptr, o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, lse_ptr, splits, rows_pad, T, o1_sh, o1_st,
+                  l1_sh, o2_sh, o2_st, l2_sh, HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr,
+                  OTHERS: tl.constexpr):
+    """Program (token t, KV head h, query head j of the group): row t * G + j of the context's
+    split partials (_prefix_attention's) merged, SC at a time; its log-sum-exp over the
+    context -> lse[h * G + j, t]; then OTHERS parts over other keys, each an (out, lse) of
+    the row, folded in as one key of weight e^lse carrying out. -> out[t, h * G + j]."""
+    t, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = tl.arange(0, D)
+    head = h * G + j
+    m_run = tl.full([], -float("inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for s0 in range(0, splits, SC):
+        sc = s0 + tl.arange(0, SC)
+        m_run, l_run, acc = _fold_cells(m_run, l_run, acc, part_ptr, acc_ptr, (h * splits + sc) * rows_pad + t * G + j,
+                                        sc < splits, D)
+    tl.store(lse_ptr + head * T + t, m_run + tl.log(l_run))  # every split holds keys: finite
+    if OTHERS >= 1:
+        m_run, l_run, acc = _fold_row(m_run, l_run, acc, tl.load(l1_ptr + head * l1_sh + t),
+                                      tl.load(o1_ptr + head * o1_sh + t * o1_st + d).to(tl.float32))
+    if OTHERS >= 2:
+        m_run, l_run, acc = _fold_row(m_run, l_run, acc, tl.load(l2_ptr + head * l2_sh + t),
+                                      tl.load(o2_ptr + head * o2_sh + t * o2_st + d).to(tl.float32))
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(out_ptr + (t * HS * G + head) * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _fold_row(m_run, l_run, acc, lse, out):
+    """Fold a part's (lse, out [D]) of one row, a key of weight e^lse carrying out, into
+    the row's running (max, sum exp, weighted values); lse -inf: a part with no keys."""
+    m_new = tl.maximum(m_run, lse)
+    safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.where(m_run > -float("inf"), tl.exp(m_run - safe), 0.0)
+    w = tl.where(lse > -float("inf"), tl.exp(lse - safe), 0.0)
+    return m_new, l_run * alpha + w, acc * alpha + w * out
 
 
 VARIANTS[_prefix_attention] = lambda args, constexprs, kps, widest: [{**constexprs, "RP": rp} for rp in powers(16, 64)]

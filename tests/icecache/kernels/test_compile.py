@@ -1,4 +1,4 @@
-"""The decode kernels (attention, the index query) compiled for an H200 (sm_90) on this
+"""The GPU kernels (attention, a question's pages, the index query) compiled for an H200 (sm_90) on this
 machine, without a GPU: Triton's interpreter (the other kernel tests on CPU) runs their
 Python, not the compiler, so a kernel can pass there and fail to build on the GPU; and a
 kernel that needs more than 255 registers a thread spills to local memory (a 64-bit address
@@ -23,7 +23,7 @@ import json, os, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from icecache.kernels import attention, rerank, walk
+from icecache.kernels import attention, question, rerank, walk
 from icecache.kernels.common import BLOCK, warps
 
 F32, BF16, I64, I32 = "*fp32", "*bf16", "*i64", "*i32"
@@ -39,6 +39,10 @@ WALK = dict(q_ptr=BF16, mean_ptr=BF16, var_ptr=BF16, size_ptr=F32, order_ptr=I32
             pvalid_ptr=I64, out_ptr=I64)
 RERANK = dict(q_ptr=BF16, cand_ptr=I64, shared_k_ptr=BF16, shared_valid_ptr=I64, shared_at_ptr=I64, priv_k_ptr=BF16,
               pvalid_ptr=I64, copy_k_ptr=BF16, lse_ptr=F32, out_ptr=I64)
+PREFIX_MERGE = dict(part_ptr=F32, acc_ptr=F32, o1_ptr=BF16, l1_ptr=F32, o2_ptr=BF16, l2_ptr=F32, out_ptr=BF16,
+                    lse_ptr=F32)
+QUESTION = dict(q_ptr=BF16, lse_ptr=F32, rows_ptr=I64, start_ptr=I32, k_ptr=BF16, pos_ptr=I64, out_ptr=F32,
+                by_ptr=F32, page_ptr=I64)
 DENSE_MERGE = dict(q_ptr=BF16, part_ptr=F32, acc_ptr=F32, own_k_ptr=BF16, own_v_ptr=BF16, count_ptr=I64, out_ptr=BF16)
 cases = {
     "dense merge": (attention._dense_merge, DENSE_MERGE,
@@ -50,6 +54,12 @@ cases = {
     **{f"prefix RP={rp} COUNTS={c}": (attention._prefix_attention, PREFIX,
                                        dict(**SHAPE, RP=rp, BLOCK=attention.BLOCK_KEYS, LOW=True, COUNTS=c))
        for rp in (16, 64) for c in (False, True)},
+    **{f"prefix merge OTHERS={o}": (attention._prefix_merge, PREFIX_MERGE,
+                                     dict(**SHAPE, SC=attention.MERGE_PARTS, OTHERS=o)) for o in (0, 2)},
+    # a question's pages, picked while it is prefilled
+    "question mass": (question._question_mass, QUESTION,
+                      dict(G=SHAPE["G"], D=SHAPE["D"], RB=question._ROWS, BN=question._TOKENS, LOW=True)),
+    "page weights": (question._page_weights, QUESTION, dict(BN=question._PAGE_TOKENS)),
     # the index query: a tree level's and the pages' moment scores, their selection (RANK 0: a
     # level's, 2: pages by the largest head score) up to 8,192 candidates a row, the re-ranking
     **{f"child scores KP={kp}": (walk._child_scores, WALK, dict(**SHAPE, GP=16, BLOCK=BLOCK, KP=kp))
@@ -82,6 +92,7 @@ print(json.dumps(stack))
 
 NAMES = ["dense merge", "sparse REST=False", "sparse REST=True", "merge REST=False", "merge REST=True",
          *(f"prefix RP={rp} COUNTS={c}" for rp in (16, 64) for c in (False, True)),
+         "prefix merge OTHERS=0", "prefix merge OTHERS=2", "question mass", "page weights",
          "child scores KP=16", "child scores KP=32", "page scores",
          *(f"select NB={nb} RANK={r}" for nb in (1024, 8192) for r in (0, 2)), "rerank page lse", "rerank top"]
 # Triton 3.6 (the H200 machine's, with torch 2.11) gives the shared-context kernel's 64-row tile
@@ -110,8 +121,9 @@ def _old_triton() -> bool:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(_old_triton(), reason=KNOWN[n], strict=True))
                                   if n in KNOWN else n for n in NAMES])
-def test_decode_kernels_build_for_an_h200_without_spilling(stack, name):
-    """Sparse attention, its merge and the shared-context attention and its merge (dense
-    layers, the page means), with and without the pages left out, and the index query's
-    kernels, at an 8B model's shapes in bf16: no bytes of stack (spilled registers) a thread."""
+def test_kernels_build_for_an_h200_without_spilling(stack, name):
+    """Sparse attention, its merge and the shared-context attention and its merges (dense
+    layers, the page means, a prefill's rows), with and without the pages left out, a
+    question's pages and the index query's kernels, at an 8B model's shapes in bf16: no
+    bytes of stack (spilled registers) a thread."""
     assert stack[name] == 0, f"{name}: {stack[name]} bytes of stack a thread (all: {stack})"

@@ -37,3 +37,40 @@ def test_split_key_attention_equals_flash_attention_with_its_log_sum_exp(dtype, 
     own = attention_lse(q.float(), own_k, own_v, True, D ** -0.5)
     merged = merge_attention([(out.float().cpu(), lse.cpu()), own])
     torch.testing.assert_close(merged, merge_attention([(want_out, want_lse), own]), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("folded", [0, 1, 2])
+def test_other_parts_fold_into_the_context_part_as_merge_attention_does(dtype, folded):
+    """Parts of the same rows over other keys (the question over itself as the varlen kernel
+    lays it out, [T, Hq, D] transposed; its earlier chunk's) fold into the context's part in
+    the merge kernel: the output is merge_attention's over them all, the log-sum-exp still
+    the context's alone, and a part with no keys (lse -inf, as _no_attention fills rows no
+    chunk had) weighs nothing."""
+    gen = torch.Generator().manual_seed(folded)
+    H, g, D, T, n = 2, 3, 32, 7, 200
+    k, v = (torch.randn(H, n, D, generator=gen) * 2).to(dtype), torch.randn(H, n, D, generator=gen).to(dtype)
+    q = (torch.randn(H * g, T, D, generator=gen) * 2).to(dtype)
+    own_k, own_v = torch.randn(H, T, D, generator=gen).to(dtype), torch.randn(H, T, D, generator=gen).to(dtype)
+    causal_out, causal_lse = attention_lse(q.float(), own_k.float(), own_v.float(), True, D ** -0.5)
+    causal = (causal_out.to(dtype).transpose(0, 1).contiguous().transpose(0, 1), causal_lse)  # strides of [T, Hq, D]
+    earlier_k, earlier_v = torch.randn(H, 11, D, generator=gen).to(dtype), torch.randn(H, 11, D, generator=gen).to(dtype)
+    earlier_out, earlier_lse = attention_lse(q.float(), earlier_k.float(), earlier_v.float(), False, D ** -0.5)
+    earlier_lse[:, 2] = float("-inf")  # a row no earlier chunk covers
+    earlier_out[:, 2] = 0
+    others = [causal, (earlier_out.to(dtype), earlier_lse)][:folded]
+    context = attention_lse(q.float(), k.float(), v.float(), False, D ** -0.5)
+    want = merge_attention([(o.float(), lse) for o, lse in others] + [context])
+    out, lse = prefix_attention_lse(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), D ** -0.5,
+                                    [(o.to(DEVICE), lse.to(DEVICE)) for o, lse in others])
+    assert out.shape == (H * g, T, D) and out.dtype == dtype and out.transpose(0, 1).is_contiguous()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float().cpu(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu(), context[1], atol=tol, rtol=tol)
+
+
+def test_more_than_two_other_parts_are_refused():
+    q, k = torch.randn(2, 3, 32), torch.randn(1, 40, 32)
+    part = attention_lse(q, k, k, False, 0.2)
+    with pytest.raises(ValueError, match="at most two other parts"):
+        prefix_attention_lse(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), 0.2, [part] * 3)
