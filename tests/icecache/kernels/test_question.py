@@ -48,7 +48,7 @@ def test_fused_question_pages_equal_the_torch_reference(dtype, follow):
 def test_pages_without_mass_are_not_picked():
     """A context where a request's rows give no mass to most tokens (exp underflows to 0):
     the pages past those with mass are -1, as the reference has them."""
-    H, g, D, n = 1, 1, 16, 64
+    H, D, n = 1, 16, 64
     keys = torch.zeros(H, n, D)
     keys[0, :16, 0] = 1.0  # page 0 alone scores
     q = torch.zeros(1, 1, D)
