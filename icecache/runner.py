@@ -26,7 +26,9 @@ from icecache.attention import attention_lse, attention_merged, merge_attention,
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
+from icecache.decode_layers import use_kernels
 from icecache.index.select import question_mass, question_pages
+from icecache.model_pass import ModelPass
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -387,6 +389,10 @@ class ModelRunner:
             log.info("resident contexts: up to %.1f GiB of the device (%.0f%% of the %.1f GiB free now)",
                      budget / 2**30, 100 * config.resident_context_share, free / 2**30)
         self.resident = ResidentContexts(budget) if budget else None  # hot contexts' KV for question prefill
+        # where the decode step's fused kernels run, every pass runs the decode step's way too:
+        # a question's prefill is bound by its launches (~35 a layer fewer than the model's forward)
+        fused = use_kernels(self.device, config, shape.head_dim, shape.group, 0)
+        self.passes = ModelPass(model, fused) if fused else None
 
     def forget(self, context: Context) -> None:
         """Drop the device copy of a context's KV kept for prefills (before its pages go)."""
@@ -422,9 +428,19 @@ class ModelRunner:
         """ids, positions: [B, T]. -> logits [B, vocab] of each row's last token, or with
         logits_at ([n] indices into T, B = 1) [n, vocab] of those tokens."""
         keep = 1 if logits_at is None else logits_at.to(self.device)
-        out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False,
-                         logits_to_keep=keep, **{BATCH_KWARG: batch})
-        return out.logits[:, -1] if logits_at is None else out.logits[0]
+        if self.passes is None:
+            out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False,
+                             logits_to_keep=keep, **{BATCH_KWARG: batch})
+            return out.logits[:, -1] if logits_at is None else out.logits[0]
+        N, T = ids.shape
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+            # StepBatch.attend takes transformers' layout, [N, heads, T, D]
+            out = batch.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scaling)
+            return out.reshape(N, T, -1)
+
+        x = self.passes.run(ids.to(self.device), positions.to(self.device), attend)
+        return self.model.lm_head(x[:, -1] if logits_at is None else x[0, keep])
 
     def prefill(self, requests: Sequence[RequestKV], chunks: Sequence[list[int]], starts: Sequence[int]
                 ) -> torch.Tensor:

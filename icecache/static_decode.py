@@ -34,7 +34,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -43,6 +42,7 @@ import torch
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.decode_layers import DenseSlots, Ring, Scratch, SlotStack, SparseSlots, use_kernels
+from icecache.model_pass import ModelPass
 from icecache.selectors import SELECTORS, recent_tokens
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,10 @@ class StaticDecoder:
         device there (for its questions' prefills), the kernels read its pages from that
         copy instead of host memory, until it is evicted (read_resident)."""
         self.model, self.config, self.context = model, config, context
-        inner = model.model
-        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
-        attn0 = self.layers[0].self_attn
-        self.apply_rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.head_dim = attn0.head_dim
+        self.layers = model.model.layers
+        self.head_dim = self.layers[0].self_attn.head_dim
         self.num_kv_heads = model.config.num_key_value_heads
         self.group = model.config.num_attention_heads // self.num_kv_heads
         own_len = own_kv[0][0].shape[1] if own_kv else 0
@@ -101,8 +98,7 @@ class StaticDecoder:
         widest = max([max((context.sparse[i].pages.num_pages for i in sparse_layers), default=0) + private_pages] +
                      [n for i in sparse_layers for n in context.sparse[i].tree.level_sizes()])
         # the model's norms and rotary embedding as fused kernels wherever the sparse kernels could run
-        self.fused = use_kernels(self.device, config, self.head_dim, self.group, 0)
-        self._merged = [self._merge(layer) if self.fused else (None, None) for layer in self.layers]
+        self.passes = ModelPass(model, use_kernels(self.device, config, self.head_dim, self.group, 0))
         kernel_layers = use_kernels(self.device, config, self.head_dim, self.group, widest)
         self.scratch = Scratch(self.device, self.group) if kernel_layers else None
         self.sparse_layers = sparse_layers
@@ -230,46 +226,6 @@ class StaticDecoder:
                 t[:, dst].copy_(t[:, src])
 
     # ---------------------------------------------------------------- steps
-    def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            from icecache.kernels.model import can_fuse_norm, rms_norm
-            if can_fuse_norm(module, x):
-                return rms_norm(x, module)
-        return module(x)
-
-    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
-                  module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h + delta, module(h + delta)); one kernel where the norm can be fused (h is
-        then updated in place)."""
-        if delta is None:
-            return h, self._norm(module, h)
-        if self.fused:
-            from icecache.kernels.model import add_rms_norm, can_fuse_norm
-            if can_fuse_norm(module, h) and delta.dtype == h.dtype and delta.shape == h.shape:
-                return h, add_rms_norm(h, delta.contiguous(), module)
-        h = h + delta
-        return h, self._norm(module, h)
-
-    @staticmethod
-    def _merge(layer: torch.nn.Module) -> tuple:
-        """The layer's q/k/v and (for a SiLU-gated MLP) gate/up projections merged into one
-        weight each (kernels.model.merge_linears), or None where they cannot be."""
-        from icecache.kernels.model import merge_linears
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        gate_up = None
-        if (all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-                and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")):
-            gate_up = merge_linears([mlp.gate_proj, mlp.up_proj])
-        return qkv, gate_up
-
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self._merged[i][1]
-        if gate_up is None:
-            return self.layers[i].mlp(x)
-        from icecache.kernels.model import silu_mul
-        return self.layers[i].mlp.down_proj(silu_mul(torch.nn.functional.linear(x, *gate_up)))
-
     def _forward(self, B: int) -> torch.Tensor:
         """The next token of slots 0..B-1 (in _token/_position). -> logits [B, vocab]."""
         return _decode_pass([(self, B)])
@@ -419,44 +375,24 @@ def _decode_pass(parts: list[tuple[StaticDecoder, int]]) -> torch.Tensor:
     else:
         tokens = torch.cat([d._token[:B] for d, B in parts])
         positions = torch.cat([d._position[:B] for d, B in parts])
-    h = lead.embed(tokens)  # [N, 1, hidden]
-    cos, sin = lead.rotary(h, positions)  # [N, 1, D]
     H, g, D = lead.num_kv_heads, lead.group, lead.head_dim
-    delta = None  # what the last block adds to h, folded into the next norm
-    for i, layer in enumerate(lead.layers):
-        attn = layer.self_attn
-        h, x = lead._add_norm(h, delta, layer.input_layernorm)
-        qkv = lead._merged[i][0]
-        if qkv is not None:
-            q, k, v = torch.nn.functional.linear(x, *qkv).split([H * g * D, H * D, H * D], dim=-1)
-            q, k, v = q.view(N, 1, H * g, D), k.view(N, 1, H, D), v.reshape(N, H, D)
-        else:
-            q = attn.q_proj(x).view(N, 1, H * g, D)
-            k = attn.k_proj(x).view(N, 1, H, D)
-            v = attn.v_proj(x).view(N, H, D)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = lead._norm(attn.q_norm, q.contiguous()), lead._norm(attn.k_norm, k.contiguous())
-        if lead.fused:
-            from icecache.kernels.model import rope
-            q, k = rope(q.view(N, H * g, D), k.view(N, H, D), cos.view(N, D), sin.view(N, D))
-        else:
-            q, k = lead.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [N, heads, 1, D]
-        q, k = q.reshape(N, H, g, D), k.reshape(N, H, D)
+
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+        q, k, v = q.reshape(N, H, g, D), k.reshape(N, H, D), v.reshape(N, H, D)
         outs, at = [], 0
         for d, B in parts:  # each decoder's rows attend over its own context
-            out = d.states[i].attend(q[at:at + B], k[at:at + B], v[at:at + B], attn.scaling)
+            out = d.states[i].attend(q[at:at + B], k[at:at + B], v[at:at + B], scaling)
             if isinstance(out, tuple):
                 out, d.last_pages[i] = out
             outs.append(out.reshape(B, 1, H * g * D))
             at += B
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        h, x = lead._add_norm(h, attn.o_proj(out), layer.post_attention_layernorm)
-        delta = lead._mlp(i, x)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    x = lead.passes.run(tokens, positions, attend)
     for d, B in parts:
         d.own[:B] += 1
         if d.ring is not None:
             d.ring.advance(B)
-    h, x = lead._add_norm(h, delta, lead.norm)
     return lead.model.lm_head(x)[:, -1].float()
 
 

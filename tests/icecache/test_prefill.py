@@ -137,29 +137,33 @@ def test_a_packed_prefill_gives_each_question_what_it_gets_alone(device, dtype):
 
 
 def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch):
-    """Questions whose rows are all on one context (a pack of two, one continuing an earlier
-    chunk of its own) fold their other parts into the context's split-key kernel
-    (attention.attention_merged) and pick their pages with kernels.question, as on a GPU
-    (Triton's interpreter here): the logits, own KV and question pages of the torch path."""
+    """On a GPU a prefill pass runs the model as the decode step does (model_pass.ModelPass:
+    fused norms, rotary, merged projections), questions whose rows are all on one context
+    (a pack of two, one continuing an earlier chunk of its own) fold their other parts into
+    the context's split-key kernel (attention.attention_merged) and pick their pages with
+    kernels.question. All of it here through Triton's interpreter: the logits, own KV and
+    question pages of the torch path."""
     from icecache import runner
     from icecache.attention import torch_backend
     from icecache.cache import RequestKV
     model = random_model(tiny_config("llama"), torch.device("cpu"), torch.float32)
-    eng = Engine.from_model(model, config=IceCacheConfig(token_budget=96, page_size=16, sink_tokens=16,
-                                                         window_tokens=16, question_pages=4), model_id="tiny")
+    config = IceCacheConfig(token_budget=96, page_size=16, sink_tokens=16, window_tokens=16, question_pages=4)
+    eng = Engine.from_model(model, config=config, model_id="tiny")
     gen = torch.Generator().manual_seed(5)
     questions = [[5, 6, 7, 9], [11, 12, 13, 14, 15]]
 
-    def run():
-        reqs = [RequestKV(eng.shape, eng.config, ctx) for _ in questions]
-        eng.runner.prefill([reqs[1]], [questions[1][:2]], [ctx.num_tokens])  # an earlier chunk of the second
-        logits = eng.runner.prefill(reqs, [questions[0], questions[1][2:]], [ctx.num_tokens, ctx.num_tokens + 2])
+    def run(engine):
+        reqs = [RequestKV(engine.shape, engine.config, ctx) for _ in questions]
+        engine.runner.prefill([reqs[1]], [questions[1][:2]], [ctx.num_tokens])  # an earlier chunk of the second
+        logits = engine.runner.prefill(reqs, [questions[0], questions[1][2:]], [ctx.num_tokens, ctx.num_tokens + 2])
         return logits, reqs
 
     with torch.inference_mode():
         ctx = eng.index(torch.randint(0, 500, (600,), generator=gen).tolist())
-        want, want_reqs = run()
+        want, want_reqs = run(eng)
+        assert eng.runner.passes is None  # the model's forward
         launched = []
+        monkeypatch.setenv("ICECACHE_KERNELS", "1")
         monkeypatch.setattr(torch_backend, "_kernel_takes", lambda q: True)
         monkeypatch.setattr(runner, "_fused_question_pages", lambda keys: True)
         from icecache.kernels import attention as kernels
@@ -167,7 +171,9 @@ def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch
         monkeypatch.setattr(kernels, "prefix_attention_lse",
                             lambda q, k, v, scaling, others=(): launched.append(len(others)) or real(q, k, v, scaling,
                                                                                                    others))
-        got, got_reqs = run()
+        fused = Engine.from_model(model, config=config, model_id="tiny")
+        assert fused.runner.passes is not None and fused.runner.passes.fused
+        got, got_reqs = run(fused)
     assert 2 in launched  # the pack's rows: the causal part and the second's earlier chunk folded in
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
