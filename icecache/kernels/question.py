@@ -93,7 +93,9 @@ def question_pages(q: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, start
     G = q.shape[0] // H
     num_requests, width = start.shape[0] - 1, num_tokens + follow
     assert keys.stride(2) == 1 and keys.stride(1) == D, "each head's keys must be contiguous rows"
-    assert q.stride(2) == 1 and lse.stride(1) == 1 and lse.dtype == torch.float32
+    q = q if q.stride(2) == 1 else q.contiguous()
+    lse = lse.float()
+    lse = lse if lse.stride(1) == 1 else lse.contiguous()
     rows, start, position, page_of = (t.contiguous() for t in (rows, start, position, page_of))
     by_position = torch.zeros(num_requests * H, width, dtype=torch.float32, device=q.device)
     _question_mass[(H, triton.cdiv(n, _TOKENS))](
