@@ -136,7 +136,8 @@ def test_a_packed_prefill_gives_each_question_what_it_gets_alone(device, dtype):
             assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max(), (i, layer)
 
 
-def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # q/k/v biases; q/k norms
+def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch, arch):
     """On a GPU a prefill pass runs the model as the decode step does (model_pass.ModelPass:
     fused norms, rotary, merged projections), questions whose rows are all on one context
     (a pack of two, one continuing an earlier chunk of its own) fold their other parts into
@@ -146,7 +147,11 @@ def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch
     from icecache import runner
     from icecache.attention import torch_backend
     from icecache.cache import RequestKV
-    model = random_model(tiny_config("llama"), torch.device("cpu"), torch.float32)
+    model = random_model(tiny_config(arch), torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # biases and norms that do something (random_model leaves them 0 and 1)
+        for name, p in model.named_parameters():
+            if name.endswith(("proj.bias", "q_norm.weight", "k_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.5)
     config = IceCacheConfig(token_budget=96, page_size=16, sink_tokens=16, window_tokens=16, question_pages=4)
     eng = Engine.from_model(model, config=config, model_id="tiny")
     gen = torch.Generator().manual_seed(5)
