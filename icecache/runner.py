@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from icecache.attention import attention_lse, attention_merged, merge_attention, packed_causal_lse
+from icecache.attention import Spans, attention_lse, attention_merged, merge_attention, packed_causal_lse
 from icecache.cache import BATCH_KWARG, ModelShape, RequestKV, StepBatch
 from icecache.config import OFFLOAD_CHUNK_TOKENS, IceCacheConfig
 from icecache.context import Context, build_context
@@ -258,6 +258,7 @@ class PrefillPack:
             if req.context is not None:
                 columns.setdefault(req.context.uid, []).extend(range(s, e))
         self.columns = {uid: torch.tensor(cols) for uid, cols in columns.items()}
+        self.row_starts = [s for s, e in self.spans for _ in range(s, e)] if columns else []  # each row's span start
         # per context: the requests that want question pages, their chunks' last QUESTION_ROWS rows
         # in the pack, and each row's request (an index into that list)
         self.question_rows: dict[int, tuple[list[RequestKV], list[int], list[int]]] = {}
@@ -283,8 +284,9 @@ class PrefillPack:
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
+        lengths = [e - s for s, e in self.spans]
         offsets = self._device(("offsets",), self.offsets, q.device)
-        parts = [packed_causal_lse(q, k, v, [e - s for s, e in self.spans], scaling, offsets)]  # each chunk over itself
+        parts = []  # the rows' parts over other keys than their context's
         T = q.shape[1]
         owns = [req.own[layer] for req in self.requests]
         if any(own.length for own in owns):  # requests' earlier chunks (offloaded ones come back from the host)
@@ -299,12 +301,14 @@ class PrefillPack:
                         earlier[0][:, s:e], earlier[1][:, s:e] = part
             parts.append(earlier)
         whole = [uid for uid, cols in self.columns.items() if len(cols) == T]  # the context of every row, if one is
-        if whole:  # (questions on a document): its part takes the others in
+        if whole:  # (questions on a document): its part takes the others in, each chunk over itself too
             ctx_k, ctx_v = self.readers[whole[0]].layer(layer)
-            out, lse = attention_merged(q, ctx_k, ctx_v, scaling, parts)
+            starts = self._device(("starts",), self.row_starts, q.device, torch.int32)
+            out, lse = attention_merged(q, ctx_k, ctx_v, scaling, parts, Spans(k, v, lengths, offsets, starts))
             self._pick_question_pages(layer, whole[0], q, lse, ctx_k, scaling)
         else:
-            out = merge_attention(parts + self._spread_contexts(layer, q, scaling))
+            causal = packed_causal_lse(q, k, v, lengths, scaling, offsets)  # each chunk over itself
+            out = merge_attention([causal, *parts, *self._spread_contexts(layer, q, scaling)])
         for own, (s, e) in zip(owns, self.spans):
             own.append(k[:, s:e], v[:, s:e])
         return out.transpose(0, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,22 +87,38 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out[0].reshape(Hq, T, D), lse[0].reshape(Hq, T)
 
 
+class Spans(NamedTuple):
+    """A pack's own keys for its causal part: each span of `lengths` rows attends causally to
+    itself. k/v [H, T, D]; offsets: the spans' starts and end (packed_causal_lse's); start:
+    each row's span start [T] int32 (the split-key kernel's), both on the device."""
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: list[int]
+    offsets: torch.Tensor
+    start: torch.Tensor
+
+
 def attention_merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                     others: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+                     others: list[tuple[torch.Tensor, torch.Tensor]],
+                     spans: Spans | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' attention over k/v (not causal) merged with `others`, parts of the same rows
-    over other keys as attention_lse gives them (at most two): (out [Hq, T, D] over all the
-    keys, lse [Hq, T] over k/v alone). merge_attention([*others, attention_lse(q, k, v)])
-    with that part's lse, but where the split-key kernel takes the rows (a question's few, on
-    CUDA) in two launches instead of ~25: a question's prefill is bound by its launches."""
-    split_keys = _split_key_attention(q, k, v, scaling, others)
+    over other keys as attention_lse gives them (at most two), and with the rows' causal
+    part over their own spans' keys if given: (out [Hq, T, D] over all the keys, lse [Hq, T]
+    over k/v alone). merge_attention([packed_causal_lse(spans), *others, attention_lse(q, k,
+    v)]) with that part's lse, but where the split-key kernel takes the rows (a question's
+    few, on CUDA) in two launches instead of ~30: a question's prefill is bound by its
+    launches."""
+    split_keys = _split_key_attention(q, k, v, scaling, others, spans)
     if split_keys is not None:
         return split_keys
+    if spans is not None:
+        others = [packed_causal_lse(q, spans.k, spans.v, spans.lengths, scaling, spans.offsets), *others]
     part = attention_lse(q, k, v, False, scaling)
     return merge_attention([*others, part]), part[1]
 
 
-def _split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                         others) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, others,
+                         spans: Spans | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """kernels.attention.prefix_attention_lse where it takes q (a KV head's rows up to
     KERNEL_ROWS, 16-bit on CUDA, a head dim its tiles take, over some keys), else None."""
     Hq, T, _ = q.shape
@@ -111,7 +128,7 @@ def _split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 
     from icecache.kernels.attention import prefix_attention_lse
     try:
-        return prefix_attention_lse(q, k, v, scaling, others)
+        return prefix_attention_lse(q, k, v, scaling, others, None if spans is None else (spans.k, spans.v, spans.start))
     except (TritonError, RuntimeError) as e:
         _KERNEL_REFUSED.append(repr(e))
         log.warning("prefill attention: the split-key kernel cannot run here (%r); cuDNN or flash from now on", e)

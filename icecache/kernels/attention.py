@@ -352,7 +352,9 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
 
 
 def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                         others: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                         others: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+                         own: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """A prefill's few rows over a context's keys, with their log-sum-exp (the non-causal
     case of attention.attention_lse), as flash-decoding: q [Hq, T, D], k/v [HS, n, D], n > 0
     -> (out [Hq, T, D] in q's dtype, lse [Hq, T] fp32). The T tokens are _prefix_attention's
@@ -368,7 +370,12 @@ def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     stays the context's alone (what a question's pages are picked by). The split-key partials
     are merged, and the other parts folded in, by one more kernel (two launches in all, where
     the torch merge took ~25 a layer: a question's prefill is bound by its launches). `out`
-    is a view of a [T, Hq, D] tensor, the layout the model's output projection reads."""
+    is a view of a [T, Hq, D] tensor, the layout the model's output projection reads.
+
+    own: (own_k, own_v [HS, T, D], any strides, the last dim's 1; start [T] int32): the rows'
+    own keys, row t attending causally to start[t] .. t of them (its question's tokens so
+    far), folded in by the same merge kernel: the causal part of a pack of questions without
+    a flash call of its own (and the copies that repeat its keys for every query head)."""
     Hq, T, D = q.shape
     HS, n = k.shape[:2]
     G = Hq // HS
@@ -396,20 +403,34 @@ def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     while len(folded) < 2:  # unread (OTHERS), any tensors
         folded.append((out, lse))
     (o1, l1), (o2, l2) = folded
-    _prefix_merge[(T, HS, G)](parts, acc, o1, l1, o2, l2, out, lse, splits, tiles * RP, T, o1.stride(0), o1.stride(1),
-                              l1.stride(0), o2.stride(0), o2.stride(1), l2.stride(0), HS, G=G, D=D, SC=MERGE_PARTS,
-                              OTHERS=len(others))
+    own_k, own_v, start = own if own is not None else (k, v, lse)  # unread without own (OWN)
+    if own is not None:
+        if own_k.shape != (HS, T, D) or own_v.shape != (HS, T, D) or start.shape != (T,):
+            raise ValueError(f"own keys must be [{HS}, {T}, {D}] with a start [{T}] a row, got "
+                             f"{tuple(own_k.shape)}, {tuple(own_v.shape)}, {tuple(start.shape)}")
+        own_k = own_k if own_k.stride(2) == 1 else own_k.contiguous()
+        own_v = own_v if own_v.stride(2) == 1 else own_v.contiguous()
+    _prefix_merge[(T, HS, G)](parts, acc, o1, l1, o2, l2, out, lse, q, own_k, own_v, start, splits, tiles * RP, T,
+                              o1.stride(0), o1.stride(1), l1.stride(0), o2.stride(0), o2.stride(1), l2.stride(0),
+                              q.stride(0), q.stride(1), own_k.stride(0), own_k.stride(1), own_v.stride(0),
+                              own_v.stride(1), scaling, HS, G=G, D=D, SC=MERGE_PARTS, OTHERS=len(others),
+                              OWN=own is not None, BLOCK=OWN_KEYS)
     return out.transpose(0, 1), lse
 
 
+OWN_KEYS = 32  # a row's own keys per step of _prefix_merge (at 64 it spills 48 bytes a thread on sm_90)
+
+
 @triton.jit(do_not_specialize=['splits', 'rows_pad', 'T'])
-def _prefix_merge(part_ptr, acc_ptr, o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, lse_ptr, splits, rows_pad, T, o1_sh, o1_st,
-                  l1_sh, o2_sh, o2_st, l2_sh, HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr,
-                  OTHERS: tl.constexpr):
+def _prefix_merge(part_ptr, acc_ptr, o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, lse_ptr, q_ptr, own_k_ptr, own_v_ptr,
+                  start_ptr, splits, rows_pad, T, o1_sh, o1_st, l1_sh, o2_sh, o2_st, l2_sh, q_sh, q_st, k_sh, k_st,
+                  v_sh, v_st, scaling, HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, OTHERS: tl.constexpr,
+                  OWN: tl.constexpr, BLOCK: tl.constexpr):
     """Program (token t, KV head h, query head j of the group): row t * G + j of the context's
     split partials (_prefix_attention's) merged, SC at a time; its log-sum-exp over the
     context -> lse[h * G + j, t]; then OTHERS parts over other keys, each an (out, lse) of
-    the row, folded in as one key of weight e^lse carrying out. -> out[t, h * G + j]."""
+    the row, folded in as one key of weight e^lse carrying out; with OWN, the row's own keys
+    start[t] .. t (own_k / own_v of KV head h, causal), BLOCK at a time. -> out[t, h * G + j]."""
     t, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = tl.arange(0, D)
     head = h * G + j
@@ -427,6 +448,15 @@ def _prefix_merge(part_ptr, acc_ptr, o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, ls
     if OTHERS >= 2:
         m_run, l_run, acc = _fold_row(m_run, l_run, acc, tl.load(l2_ptr + head * l2_sh + t),
                                       tl.load(o2_ptr + head * o2_sh + t * o2_st + d).to(tl.float32))
+    if OWN:
+        q = tl.load(q_ptr + head * q_sh + t * q_st + d).to(tl.float32)
+        for k0 in range(tl.load(start_ptr + t), t + 1, BLOCK):
+            tok = k0 + tl.arange(0, BLOCK)
+            ok = tok <= t
+            k = tl.load(own_k_ptr + h * k_sh + tok[:, None] * k_st + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(own_v_ptr + h * v_sh + tok[:, None] * v_st + d[None, :], mask=ok[:, None], other=0.0)
+            sc = tl.where(ok, tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scaling, -float("inf"))
+            m_run, l_run, acc = _fold_partials(m_run, l_run, acc, sc, ok.to(tl.float32), v.to(tl.float32))
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + (t * HS * G + head) * D + d, out.to(out_ptr.dtype.element_ty))
 

@@ -140,10 +140,10 @@ def test_a_packed_prefill_gives_each_question_what_it_gets_alone(device, dtype):
 def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch, arch):
     """On a GPU a prefill pass runs the model as the decode step does (model_pass.ModelPass:
     fused norms, rotary, merged projections), questions whose rows are all on one context
-    (a pack of two, one continuing an earlier chunk of its own) fold their other parts into
-    the context's split-key kernel (attention.attention_merged) and pick their pages with
-    kernels.question. All of it here through Triton's interpreter: the logits, own KV and
-    question pages of the torch path."""
+    (a pack of two, one continuing an earlier chunk of its own) fold their causal part and
+    other parts into the context's split-key kernel (attention.attention_merged) and pick
+    their pages with kernels.question. All of it here through Triton's interpreter: the
+    logits, own KV and question pages of the torch path."""
     from icecache import runner
     from icecache.attention import torch_backend
     from icecache.cache import RequestKV
@@ -174,12 +174,12 @@ def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch
         from icecache.kernels import attention as kernels
         real = kernels.prefix_attention_lse
         monkeypatch.setattr(kernels, "prefix_attention_lse",
-                            lambda q, k, v, scaling, others=(): launched.append(len(others)) or real(q, k, v, scaling,
-                                                                                                   others))
+                            lambda q, k, v, scaling, others=(), own=None:
+                            launched.append((len(others), own is not None)) or real(q, k, v, scaling, others, own))
         fused = Engine.from_model(model, config=config, model_id="tiny")
         assert fused.runner.passes is not None and fused.runner.passes.fused
         got, got_reqs = run(fused)
-    assert 2 in launched  # the pack's rows: the causal part and the second's earlier chunk folded in
+    assert (1, True) in launched  # the pack's rows: the second's earlier chunk folded in, each chunk over itself
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
     for a, b in zip(got_reqs, want_reqs):

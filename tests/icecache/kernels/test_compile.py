@@ -40,7 +40,7 @@ WALK = dict(q_ptr=BF16, mean_ptr=BF16, var_ptr=BF16, size_ptr=F32, order_ptr=I32
 RERANK = dict(q_ptr=BF16, cand_ptr=I64, shared_k_ptr=BF16, shared_valid_ptr=I64, shared_at_ptr=I64, priv_k_ptr=BF16,
               pvalid_ptr=I64, copy_k_ptr=BF16, lse_ptr=F32, out_ptr=I64)
 PREFIX_MERGE = dict(part_ptr=F32, acc_ptr=F32, o1_ptr=BF16, l1_ptr=F32, o2_ptr=BF16, l2_ptr=F32, out_ptr=BF16,
-                    lse_ptr=F32)
+                    lse_ptr=F32, q_ptr=BF16, own_k_ptr=BF16, own_v_ptr=BF16, start_ptr=I32)
 QUESTION = dict(q_ptr=BF16, lse_ptr=F32, rows_ptr=I64, start_ptr=I32, k_ptr=BF16, pos_ptr=I64, out_ptr=F32,
                 by_ptr=F32, page_ptr=I64)
 DENSE_MERGE = dict(q_ptr=BF16, part_ptr=F32, acc_ptr=F32, own_k_ptr=BF16, own_v_ptr=BF16, count_ptr=I64, out_ptr=BF16)
@@ -54,8 +54,10 @@ cases = {
     **{f"prefix RP={rp} COUNTS={c}": (attention._prefix_attention, PREFIX,
                                        dict(**SHAPE, RP=rp, BLOCK=attention.BLOCK_KEYS, LOW=True, COUNTS=c))
        for rp in (16, 64) for c in (False, True)},
-    **{f"prefix merge OTHERS={o}": (attention._prefix_merge, PREFIX_MERGE,
-                                     dict(**SHAPE, SC=attention.MERGE_PARTS, OTHERS=o)) for o in (0, 2)},
+    **{f"prefix merge OTHERS={o} OWN={own}": (attention._prefix_merge, PREFIX_MERGE,
+                                               dict(**SHAPE, SC=attention.MERGE_PARTS, OTHERS=o, OWN=own,
+                                                    BLOCK=attention.OWN_KEYS))
+       for o, own in ((0, False), (0, True), (2, True))},
     # a question's pages, picked while it is prefilled
     "question mass": (question._question_mass, QUESTION,
                       dict(G=SHAPE["G"], D=SHAPE["D"], RB=question._ROWS, BN=question._TOKENS, LOW=True)),
@@ -92,7 +94,8 @@ print(json.dumps(stack))
 
 NAMES = ["dense merge", "sparse REST=False", "sparse REST=True", "merge REST=False", "merge REST=True",
          *(f"prefix RP={rp} COUNTS={c}" for rp in (16, 64) for c in (False, True)),
-         "prefix merge OTHERS=0", "prefix merge OTHERS=2", "question mass", "page weights",
+         "prefix merge OTHERS=0 OWN=False", "prefix merge OTHERS=0 OWN=True", "prefix merge OTHERS=2 OWN=True",
+         "question mass", "page weights",
          "child scores KP=16", "child scores KP=32", "page scores",
          *(f"select NB={nb} RANK={r}" for nb in (1024, 8192) for r in (0, 2)), "rerank page lse", "rerank top"]
 # Triton 3.6 (the H200 machine's, with torch 2.11) gives the shared-context kernel's 64-row tile

@@ -6,7 +6,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="the kernels need triton (a test dependency)")
 
-from icecache.attention import attention_lse, merge_attention  # noqa: E402
+from icecache.attention import attention_lse, merge_attention, packed_causal_lse  # noqa: E402
 from icecache.kernels.attention import prefix_attention_lse  # noqa: E402
 
 # compiled on a GPU machine, interpreted (TRITON_INTERPRET=1, tests/conftest.py) elsewhere
@@ -74,3 +74,31 @@ def test_more_than_two_other_parts_are_refused():
     part = attention_lse(q, k, k, False, 0.2)
     with pytest.raises(ValueError, match="at most two other parts"):
         prefix_attention_lse(q.to(DEVICE), k.to(DEVICE), k.to(DEVICE), 0.2, [part] * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_a_packs_own_spans_fold_in_causally(dtype):
+    """A pack of three questions (5, 70 and 1 tokens: more own keys than a block, one) whose
+    own keys come as the model lays them out ([T, H, D] memory), each row attending causally
+    to its own question's tokens only, plus an earlier chunk's part: merge_attention of the
+    packed causal part, that part and the context's; the log-sum-exp the context's alone."""
+    gen = torch.Generator().manual_seed(7)
+    H, g, D, n = 2, 3, 32, 150
+    lengths = [5, 70, 1]
+    T = sum(lengths)
+    k, v = (torch.randn(H, n, D, generator=gen) * 2).to(dtype), torch.randn(H, n, D, generator=gen).to(dtype)
+    q = (torch.randn(T, H * g, D, generator=gen) * 2).to(dtype).transpose(0, 1)
+    own_k = torch.randn(T, H, D, generator=gen).to(dtype).transpose(0, 1)
+    own_v = torch.randn(T, H, D, generator=gen).to(dtype).transpose(0, 1)
+    earlier_k, earlier_v = torch.randn(H, 9, D, generator=gen).to(dtype), torch.randn(H, 9, D, generator=gen).to(dtype)
+    earlier = attention_lse(q.float(), earlier_k.float(), earlier_v.float(), False, D ** -0.5)
+    causal = packed_causal_lse(q.float(), own_k.float(), own_v.float(), lengths, D ** -0.5)
+    context = attention_lse(q.float(), k.float(), v.float(), False, D ** -0.5)
+    want = merge_attention([causal, earlier, context])
+    start = torch.tensor([0] * 5 + [5] * 70 + [75], dtype=torch.int32)
+    out, lse = prefix_attention_lse(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), D ** -0.5,
+                                    [(earlier[0].to(dtype).to(DEVICE), earlier[1].to(DEVICE))],
+                                    (own_k.to(DEVICE), own_v.to(DEVICE), start.to(DEVICE)))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float().cpu(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu(), context[1], atol=tol, rtol=tol)
