@@ -403,25 +403,36 @@ def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     while len(folded) < 2:  # unread (OTHERS), any tensors
         folded.append((out, lse))
     (o1, l1), (o2, l2) = folded
-    own_k, own_v, start = own if own is not None else (k, v, lse)  # unread without own (OWN)
+    own_k, own_v, start = own if own is not None else (k, v, _no_rows(q.device))  # unread without own (OWN)
     if own is not None:
         if own_k.shape != (HS, T, D) or own_v.shape != (HS, T, D) or start.shape != (T,):
             raise ValueError(f"own keys must be [{HS}, {T}, {D}] with a start [{T}] a row, got "
                              f"{tuple(own_k.shape)}, {tuple(own_v.shape)}, {tuple(start.shape)}")
         own_k = own_k if own_k.stride(2) == 1 else own_k.contiguous()
         own_v = own_v if own_v.stride(2) == 1 else own_v.contiguous()
-    _prefix_merge[(T, HS, G)](parts, acc, o1, l1, o2, l2, out, lse, q, own_k, own_v, start, splits, tiles * RP, T,
-                              o1.stride(0), o1.stride(1), l1.stride(0), o2.stride(0), o2.stride(1), l2.stride(0),
-                              q.stride(0), q.stride(1), own_k.stride(0), own_k.stride(1), own_v.stride(0),
-                              own_v.stride(1), scaling, HS, G=G, D=D, SC=MERGE_PARTS, OTHERS=len(others),
-                              OWN=own is not None, BLOCK=OWN_KEYS)
+    launch(_prefix_merge, (T, HS, G),
+           (parts, acc, o1, l1, o2, l2, out, lse, q, own_k, own_v, start, splits, tiles * RP, T, o1.stride(0),
+            o1.stride(1), l1.stride(0), o2.stride(0), o2.stride(1), l2.stride(0), q.stride(0), q.stride(1),
+            own_k.stride(0), own_k.stride(1), own_v.stride(0), own_v.stride(1), scaling, HS),
+           dict(G=G, D=D, SC=MERGE_PARTS, OTHERS=len(others), OWN=own is not None, BLOCK=OWN_KEYS))
     return out.transpose(0, 1), lse
+
+
+_NO_ROWS: dict[torch.device, torch.Tensor] = {}
+
+
+def _no_rows(device: torch.device) -> torch.Tensor:
+    """An int32 tensor standing for the own keys' row starts where there are none: the same
+    argument types with and without, so precompile()'s variants are the ones launched."""
+    if device not in _NO_ROWS:
+        _NO_ROWS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _NO_ROWS[device]
 
 
 OWN_KEYS = 32  # a row's own keys per step of _prefix_merge (at 64 it spills 48 bytes a thread on sm_90)
 
 
-@triton.jit(do_not_specialize=['splits', 'rows_pad', 'T'])
+@triton.jit(do_not_specialize=['splits', 'rows_pad', 'T', 'l1_sh', 'l2_sh'])  # l*_sh: T too
 def _prefix_merge(part_ptr, acc_ptr, o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, lse_ptr, q_ptr, own_k_ptr, own_v_ptr,
                   start_ptr, splits, rows_pad, T, o1_sh, o1_st, l1_sh, o2_sh, o2_st, l2_sh, q_sh, q_st, k_sh, k_st,
                   v_sh, v_st, scaling, HS, G: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, OTHERS: tl.constexpr,
@@ -473,3 +484,6 @@ def _fold_row(m_run, l_run, acc, lse, out):
 
 
 VARIANTS[_prefix_attention] = lambda args, constexprs, kps, widest: [{**constexprs, "RP": rp} for rp in powers(16, 64)]
+# a pack with and without an earlier chunk's part (a long question's last chunk), on one document or several
+VARIANTS[_prefix_merge] = lambda args, constexprs, kps, widest: [{**constexprs, "OTHERS": o, "OWN": own}
+                                                                 for o in (0, 1, 2) for own in (False, True)]

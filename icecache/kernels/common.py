@@ -160,7 +160,7 @@ _LAUNCHED: dict[tuple, tuple[tuple, dict]] = {}  # a launch of each kernel and f
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict) -> None:
     """Launch, remembering the argument types of the first launch of each variant family
     (pointers by dtype, so no tensor is kept alive)."""
-    varying = ("KP", "NB", "CP", "RP", "num_warps")
+    varying = ("KP", "NB", "CP", "RP", "OTHERS", "OWN", "num_warps")
     family = (kernel, tuple(sorted((k, v) for k, v in constexprs.items() if k not in varying)),
               tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args))
     if family not in _LAUNCHED:

@@ -102,3 +102,31 @@ def test_a_packs_own_spans_fold_in_causally(dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float().cpu(), want, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.cpu(), context[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_after_precompile_other_packs_compile_no_merge():
+    """After one question's merge and precompile(), a pack continuing an earlier chunk, rows
+    over several documents (no own keys) and questions of other lengths (1, 16, 37 tokens)
+    build no new merge kernel on a request's path."""
+    from icecache.kernels import attention, common
+    gen = torch.Generator().manual_seed(0)
+    H, g, D = 2, 4, 64
+    k = torch.randn(H, 300, D, generator=gen).to(DEVICE, torch.bfloat16)
+
+    def merge(T: int, earlier: bool, own: bool) -> None:
+        q = torch.randn(T, H * g, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)
+        own_k = torch.randn(T, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)
+        others = [attention_lse(q, k[:, :20], k[:, :20], False, 0.1)] if earlier else []
+        spans = (own_k, own_k, torch.zeros(T, dtype=torch.int32, device=DEVICE)) if own else None
+        prefix_attention_lse(q, k, k, 0.1, others, spans)
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for cache in attention._prefix_merge.device_caches.values())
+
+    merge(7, False, True)
+    common.precompile(8)
+    before = compiled()
+    for T, earlier, own in ((16, True, True), (1, False, False), (37, False, True), (16, False, False)):
+        merge(T, earlier, own)
+    assert compiled() == before
