@@ -345,7 +345,8 @@ def dense_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, o
     n, T = ctx_k.shape[1], own_k.shape[2]
     RP, tiles, splits, span = dense_plan(B, HS, G, n)
     launch(_prefix_attention, (tiles, splits, HS),
-           (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, counts, HS * G * D, D), dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
+           (q, ctx_k, ctx_v, parts, acc, n, B * G, span, scaling, HS, counts, HS * G * D, D),
+           dict(G=G, D=D, RP=RP, BLOCK=BLOCK_KEYS, LOW=ctx_k.dtype != torch.float32))
     _dense_merge[(B * HS, G)](q, parts, acc, own_k, own_v, counts, out, splits, tiles * RP, T, scaling, HS, G=G, D=D,
                               SC=MERGE_PARTS, BLOCK=BLOCK_KEYS)
     return out
