@@ -128,7 +128,8 @@ def _split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 
     from icecache.kernels.attention import prefix_attention_lse
     try:
-        return prefix_attention_lse(q, k, v, scaling, others, None if spans is None else (spans.k, spans.v, spans.start))
+        own = None if spans is None else (spans.k, spans.v, spans.start)
+        return prefix_attention_lse(q, k, v, scaling, others, own)
     except (TritonError, RuntimeError) as e:
         _KERNEL_REFUSED.append(repr(e))
         log.warning("prefill attention: the split-key kernel cannot run here (%r); cuDNN or flash from now on", e)

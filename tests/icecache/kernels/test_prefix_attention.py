@@ -54,7 +54,8 @@ def test_other_parts_fold_into_the_context_part_as_merge_attention_does(dtype, f
     own_k, own_v = torch.randn(H, T, D, generator=gen).to(dtype), torch.randn(H, T, D, generator=gen).to(dtype)
     causal_out, causal_lse = attention_lse(q.float(), own_k.float(), own_v.float(), True, D ** -0.5)
     causal = (causal_out.to(dtype).transpose(0, 1).contiguous().transpose(0, 1), causal_lse)  # strides of [T, Hq, D]
-    earlier_k, earlier_v = torch.randn(H, 11, D, generator=gen).to(dtype), torch.randn(H, 11, D, generator=gen).to(dtype)
+    earlier_k = torch.randn(H, 11, D, generator=gen).to(dtype)
+    earlier_v = torch.randn(H, 11, D, generator=gen).to(dtype)
     earlier_out, earlier_lse = attention_lse(q.float(), earlier_k.float(), earlier_v.float(), False, D ** -0.5)
     earlier_lse[:, 2] = float("-inf")  # a row no earlier chunk covers
     earlier_out[:, 2] = 0
