@@ -249,7 +249,7 @@ class PrefillPack:
     decoding = False  # StepBatch routes it to prefill_attend
 
     def __init__(self, requests: list[RequestKV], lengths: list[int], readers: dict[int, ContextReader]) -> None:
-        self.requests, self.readers = requests, readers
+        self.requests, self.readers, self.lengths = requests, readers, lengths
         ends = torch.tensor(lengths).cumsum(0).tolist()
         self.spans = [(end - n, end) for end, n in zip(ends, lengths)]
         self.offsets = torch.tensor([0, *ends], dtype=torch.int32)  # the spans' starts and end, for the varlen kernel
@@ -284,7 +284,6 @@ class PrefillPack:
     def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scaling: float) -> torch.Tensor:
         """q: [Hq, T, D], k/v: [H, T, D] for the whole pack -> [T, Hq, D]."""
-        lengths = [e - s for s, e in self.spans]
         offsets = self._device(("offsets",), self.offsets, q.device)
         parts = []  # the rows' parts over other keys than their context's
         T = q.shape[1]
@@ -304,10 +303,10 @@ class PrefillPack:
         if whole:  # (questions on a document): its part takes the others in, each chunk over itself too
             ctx_k, ctx_v = self.readers[whole[0]].layer(layer)
             starts = self._device(("starts",), self.row_starts, q.device, torch.int32)
-            out, lse = attention_merged(q, ctx_k, ctx_v, scaling, parts, Spans(k, v, lengths, offsets, starts))
+            out, lse = attention_merged(q, ctx_k, ctx_v, scaling, parts, Spans(k, v, self.lengths, offsets, starts))
             self._pick_question_pages(layer, whole[0], q, lse, ctx_k, scaling)
         else:
-            causal = packed_causal_lse(q, k, v, lengths, scaling, offsets)  # each chunk over itself
+            causal = packed_causal_lse(q, k, v, self.lengths, scaling, offsets)  # each chunk over itself
             out = merge_attention([causal, *parts, *self._spread_contexts(layer, q, scaling)])
         for own, (s, e) in zip(owns, self.spans):
             own.append(k[:, s:e], v[:, s:e])
