@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
 import re
@@ -18,6 +19,16 @@ pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _interruptible_and_dies_with_pytest() -> None:
+    """In the child before exec: Ctrl-C works (a pytest started in the background, `cmd &`,
+    passes SIGINT on ignored, and then the SIGINT below was ignored too and the test waited
+    90 s for its SIGKILL), and the child gets it when pytest goes, even killed, so no orphaned
+    `serve run` and Ray head outlive the run holding a shm segment the next run trips on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal(signal.SIGINT, signal.SIG_DFL)
+    libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+
+
 def client(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["icecache-client", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -28,7 +39,7 @@ def test_serve_run_app_yaml_then_the_client(tmp_path):
 
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(["serve", "run", "deploy/app.yaml"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=_interruptible_and_dies_with_pytest)
     try:
         deadline = time.monotonic() + 300
         while client("stats", timeout=30).returncode != 0:
