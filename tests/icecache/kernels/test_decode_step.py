@@ -273,7 +273,7 @@ def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(mon
     resident = ResidentContexts(1 << 30)
     kv = {i: tuple(t.to(DEVICE) for t in ctx.flat_kv(i)) for i in [*ctx.dense, *ctx.sparse]}
     assert resident.put(ctx, Resident(kv, {}))
-    steps, question = 12, [5, 6, 7]
+    steps, question = 6, [5, 6, 7]
     with torch.inference_mode():
         req = RequestKV(eng.shape, eng.config, ctx)
         logits = eng.runner.prefill_one(req, question, ctx.num_tokens)
