@@ -265,11 +265,11 @@ def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(mon
     pages, from the copy's own memory; evicting the copy tells the decoder, which reads
     the pages again and still agrees."""
     from icecache.runner import Resident, ResidentContexts
-    monkeypatch.setenv("ICECACHE_KERNELS", "1")
     model = random_model(tiny_config("llama", num_hidden_layers=3, hidden_size=192, num_attention_heads=6,
                                      num_key_value_heads=2), DEVICE, torch.float32)
     eng = Engine.from_model(model, config=CONFIG, model_id="tiny")
     ctx = eng.index(torch.randint(0, 500, (1500,), generator=torch.Generator().manual_seed(8)).tolist())
+    monkeypatch.setenv("ICECACHE_KERNELS", "1")  # after the index: its passes through the interpreter took ~60 s
     resident = ResidentContexts(1 << 30)
     kv = {i: tuple(t.to(DEVICE) for t in ctx.flat_kv(i)) for i in [*ctx.dense, *ctx.sparse]}
     assert resident.put(ctx, Resident(kv, {}))
