@@ -269,7 +269,7 @@ def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(mon
                                      num_key_value_heads=2), DEVICE, torch.float32)
     eng = Engine.from_model(model, config=CONFIG, model_id="tiny")
     ctx = eng.index(torch.randint(0, 500, (1500,), generator=torch.Generator().manual_seed(8)).tolist())
-    monkeypatch.setenv("ICECACHE_KERNELS", "1")  # after the index: its passes through the interpreter took ~60 s
+    monkeypatch.setenv("ICECACHE_KERNELS", "1")  # after the index: its passes through the interpreter took ~90 s
     resident = ResidentContexts(1 << 30)
     kv = {i: tuple(t.to(DEVICE) for t in ctx.flat_kv(i)) for i in [*ctx.dense, *ctx.sparse]}
     assert resident.put(ctx, Resident(kv, {}))
