@@ -104,7 +104,7 @@ def merge_linears(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.T
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or len({m.bias is None for m in modules}) != 1:
         return None
     merged = getattr(modules[0], "_icecache_merged", None)
-    if merged is not None and merged[2] == len(modules):
+    if merged is not None and merged[2] == len(modules) and _views_into(merged[0], weights):
         return merged[0], merged[1]
     with torch.no_grad():
         weight = torch.cat([w.detach() for w in weights])
@@ -118,6 +118,15 @@ def merge_linears(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.T
             at += rows
     modules[0]._icecache_merged = (weight, bias, len(modules))
     return weight, bias
+
+
+def _views_into(merged: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether the weights are still the rows of a merge made earlier: a model copied or
+    cast since (copy.deepcopy, .to(dtype), .cuda()) has new weights and keeps the old merge
+    as a stale attribute."""
+    storage = merged.untyped_storage().data_ptr()
+    return all(w.dtype == merged.dtype and w.device == merged.device
+               and w.untyped_storage().data_ptr() == storage for w in weights)
 
 
 @triton.jit

@@ -84,3 +84,20 @@ def test_fused_add_norm_mlp_and_merged_projections_equal_the_modules(arch):
         ref_q, ref_k = rope(q.contiguous(), k.contiguous(), cos.view(3, D), sin.view(3, D))
         assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
     assert merge_linears([attn.q_proj, torch.nn.Identity()]) is None
+
+
+def test_a_model_copied_or_cast_after_merging_is_merged_anew():
+    """A model merged once (an Engine built on it) and then copied and cast to another
+    dtype (as a user makes a bf16 engine of the same model) keeps the old merge as a stale
+    attribute: merging again gives the cast weights, not the first ones."""
+    import copy
+
+    from icecache.kernels.model import merge_linears
+    model = random_model(tiny_config("llama", num_hidden_layers=1), DEVICE, torch.float32)
+    attn = model.model.layers[0].self_attn
+    first = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])[0]
+    cast = copy.deepcopy(model).to(torch.bfloat16).model.layers[0].self_attn
+    weight, _ = merge_linears([cast.q_proj, cast.k_proj, cast.v_proj])
+    assert weight.dtype == torch.bfloat16 and cast.k_proj.weight.data_ptr() != first.data_ptr()
+    assert torch.equal(weight[:cast.q_proj.weight.shape[0]], cast.q_proj.weight)
+    assert merge_linears([cast.q_proj, cast.k_proj, cast.v_proj])[0] is weight  # and reused from then on
