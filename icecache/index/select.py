@@ -130,13 +130,15 @@ def question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, n
     H, n, D = keys.shape
     Hq, W, _ = q.shape
     g = Hq // H
-    rows = q.reshape(H, g * W, D)  # a KV head's query heads' rows together, head-major
+    rows = q.reshape(H, g * W, D).float()  # a KV head's query heads' rows together, head-major; scores
+    # in fp32 from the bf16/fp16 values, as kernels.question has them (rounded to bf16, a score of 20
+    # is off by up to 0.06, its exp by 6%: page choices then flip on near-ties)
     lse = row_lse.reshape(H, g * W, 1).float()
     weights = torch.nn.functional.one_hot(owner.repeat(g), num_requests).float()  # [g * W, requests]
     mass = torch.zeros(num_requests, H, n, dtype=torch.float32, device=q.device)
     chunk = max(1024, (1 << 26) // (H * g * W))  # at most ~256 MB of scores at once
     for c in range(0, n, chunk):
-        p = torch.exp(torch.einsum("hrd,hnd->hrn", rows, keys[:, c:c + chunk]).float() * scaling - lse)
+        p = torch.exp(torch.einsum("hrd,hnd->hrn", rows, keys[:, c:c + chunk].float()) * scaling - lse)
         mass[:, :, c:c + chunk] = torch.einsum("hrn,rq->qhn", p, weights)
     return mass
 

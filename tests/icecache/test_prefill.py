@@ -142,12 +142,14 @@ def test_questions_on_one_context_give_the_same_with_the_gpu_kernels(monkeypatch
     fused norms, rotary, merged projections), questions whose rows are all on one context
     (a pack of two, one continuing an earlier chunk of its own) fold their causal part and
     other parts into the context's split-key kernel (attention.attention_merged) and pick
-    their pages with kernels.question. All of it here through Triton's interpreter: the
-    logits, own KV and question pages of the torch path."""
+    their pages with kernels.question. All of it here (through Triton's interpreter on a CPU)
+    gives the logits, own KV and question pages of the torch path."""
     from icecache import runner
     from icecache.attention import torch_backend
     from icecache.cache import RequestKV
-    model = random_model(tiny_config(arch), torch.device("cpu"), torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("ICECACHE_KERNELS", "0")  # the reference: the torch path, on a GPU too
+    model = random_model(tiny_config(arch), device, torch.float32)
     with torch.no_grad():  # biases and norms that do something (random_model leaves them 0 and 1)
         for name, p in model.named_parameters():
             if name.endswith(("proj.bias", "q_norm.weight", "k_norm.weight")):
