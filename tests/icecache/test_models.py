@@ -124,3 +124,43 @@ def test_the_built_in_model_takes_a_longer_context_when_asked():
     assert len(engine.validate(long_prompt, None, None)[0]) == 10_000
     with pytest.raises(ValueError, match="prompt"):  # as trained: 8192 tokens
         Engine.from_pretrained(device="cpu").validate(long_prompt, None, None)
+
+
+def test_a_gguf_is_converted_once_and_loads_from_then_on_as_it_would_from_the_file(tmp_path, monkeypatch, caplog):
+    """The built-in GGUF: where the cache directory cannot be made, the file itself is
+    read (a warning says so); then it is converted once, and the converted model has the
+    file's weights exactly and its tokenizer (text and chat template); a bad GGUF file is
+    still a clear error."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from icecache.models import converted_gguf, default_model_path, load_model
+    path = default_model_path()
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("ICECACHE_CACHE_DIR", str(tmp_path / "not-a-dir" / "cache"))
+    with caplog.at_level(logging.INFO, logger="icecache.models"):
+        assert converted_gguf(path) == (str(path.parent), {"gguf_file": path.name})
+        assert "cannot keep a conversion" in caplog.text
+        monkeypatch.setenv("ICECACHE_CACHE_DIR", str(tmp_path / "cache"))
+        first = load_model(None, torch.device("cpu"))
+        assert caplog.text.count(" once, into ") == 1
+        again = load_model(None, torch.device("cpu"))
+        assert caplog.text.count(" once, into ") == 1  # the second load read the conversion
+    made = list((tmp_path / "cache").iterdir())
+    assert len(made) == 1 and made[0].name.startswith(path.stem) and (made[0] / "config.json").is_file()
+    direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    want = direct.state_dict()
+    for loaded in (first, again):
+        got = loaded.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    chat = [{"role": "user", "content": "Où est la clé ? 42 — done."}]
+    assert (first.tokenizer.apply_chat_template(chat, tokenize=False)
+            == again.tokenizer.apply_chat_template(chat, tokenize=False))
+    assert first.tokenizer(chat[0]["content"]).input_ids == Engine.from_pretrained().tokenizer(
+        chat[0]["content"]).input_ids
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ValueError, match="model: cannot load"):
+        load_model(bad, torch.device("cpu"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # nothing kept of it
