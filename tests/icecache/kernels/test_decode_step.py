@@ -108,7 +108,7 @@ def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, reran
     any) as its own kernel; it attends over what they pick (StreamingLLM: a window ring as
     wide as the budget past the sinks) and must give the torch path's logits, with the
     same pages, as tokens move into private pages."""
-    steps = 20
+    steps = 12  # each moves a token out of the 16-token window into private pages
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, selector=selector,
                                                     rerank=rerank, question_pages=question)
     if question:  # the question picked real pages, which are candidates in both decoders
@@ -125,15 +125,17 @@ def test_torch_selectors_attend_through_the_kernels(monkeypatch, selector, reran
 
 
 def test_engine_generates_the_same_text_on_either_path(monkeypatch):
-    """Through Engine.generate (static path): the kernels change no token."""
+    """Through Engine.generate (static path): the kernels change no token. One context for
+    both (indexed on the torch path: the kernels' index is test_walk's)."""
     model = random_model(tiny_config("llama", num_hidden_layers=3), DEVICE, torch.float32)
     ids = torch.randint(0, 500, (900,), generator=torch.Generator().manual_seed(3)).tolist()
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    tokens = []
+    tokens, ctx = [], None
     for flag in ("0", "1"):
         monkeypatch.setenv("ICECACHE_KERNELS", flag)
         eng = Engine.from_model(model, config=CONFIG.replace(decode_path="static"), model_id="tiny")
-        tokens.append(eng.generate([9, 10, 11], params, context=eng.index(ids)).token_ids)
+        ctx = ctx or eng.index(ids)
+        tokens.append(eng.generate([9, 10, 11], params, context=ctx).token_ids)
     assert tokens[0] == tokens[1] and len(tokens[0]) == 12
 
 
