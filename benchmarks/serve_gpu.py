@@ -63,7 +63,7 @@ def release_pinned_cache() -> None:
     empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
-    kept = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    kept = getattr(torch.cuda, "host_memory_stats", dict)().get("allocated_bytes.current", 0)
     print(f"pinned host memory torch keeps after releasing its cache: {kept / 2**30:.1f} GiB", flush=True)
 
 

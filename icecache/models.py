@@ -165,9 +165,7 @@ def converted_gguf(path: Path) -> tuple[str, dict]:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     except OSError as exc:
-        log.warning("cannot keep a conversion of %s in %s (%s): it is read from the GGUF file on every load",
-                    path.name, target.parent, exc)
-        return gguf
+        return _uncached(path, target.parent, exc)
     try:
         try:
             config = AutoConfig.from_pretrained(gguf[0], **gguf[1])
@@ -186,12 +184,16 @@ def converted_gguf(path: Path) -> tuple[str, dict]:
         log.info("converted %s once, into %s", path.name, target)
     except OSError as exc:
         if not (target / "config.json").is_file():  # else another process put the same files there first
-            log.warning("cannot keep a conversion of %s in %s (%s): it is read from the GGUF file on every load",
-                        path.name, target.parent, exc)
-            return gguf
+            return _uncached(path, target.parent, exc)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target), {}
+
+
+def _uncached(path: Path, where: Path, exc: OSError) -> tuple[str, dict]:
+    log.warning("cannot keep a conversion of %s in %s (%s): it is read from the GGUF file on every load",
+                path.name, where, exc)
+    return str(path.parent), {"gguf_file": path.name}
 
 
 def prepare(hf_model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
