@@ -136,7 +136,8 @@ def question_mass(q: torch.Tensor, row_lse: torch.Tensor, owner: torch.Tensor, n
     lse = row_lse.reshape(H, g * W, 1).float()
     weights = torch.nn.functional.one_hot(owner.repeat(g), num_requests).float()  # [g * W, requests]
     mass = torch.zeros(num_requests, H, n, dtype=torch.float32, device=q.device)
-    chunk = max(1024, (1 << 26) // (H * g * W))  # at most ~256 MB of scores at once
+    # at most ~256 MB of scores and ~128 MB of fp32 keys (a copy where they are 16-bit) at once
+    chunk = max(1024, min((1 << 26) // (H * g * W), (1 << 25) // (H * D)))
     for c in range(0, n, chunk):
         p = torch.exp(torch.einsum("hrd,hnd->hrn", rows, keys[:, c:c + chunk].float()) * scaling - lse)
         mass[:, :, c:c + chunk] = torch.einsum("hrn,rq->qhn", p, weights)
