@@ -133,7 +133,7 @@ def test_a_gguf_is_converted_once_and_loads_from_then_on_as_it_would_from_the_fi
     still a clear error."""
     import logging
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from icecache.models import converted_gguf, default_model_path, load_model
     path = default_model_path()
@@ -154,11 +154,12 @@ def test_a_gguf_is_converted_once_and_loads_from_then_on_as_it_would_from_the_fi
     for loaded in (first, again):
         got = loaded.model.state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    chat = [{"role": "user", "content": "Où est la clé ? 42 — done."}]
-    assert (first.tokenizer.apply_chat_template(chat, tokenize=False)
-            == again.tokenizer.apply_chat_template(chat, tokenize=False))
-    assert first.tokenizer(chat[0]["content"]).input_ids == Engine.from_pretrained().tokenizer(
-        chat[0]["content"]).input_ids
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    chat = [{"role": "user", "content": "Où est la clé ? 42 — done.\n\tdef f(x): return x ** 2"}]
+    for loaded in (first, again):
+        assert loaded.tokenizer(chat[0]["content"]).input_ids == tokenizer(chat[0]["content"]).input_ids
+        assert (loaded.tokenizer.apply_chat_template(chat, tokenize=False)
+                == tokenizer.apply_chat_template(chat, tokenize=False))
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ValueError, match="model: cannot load"):
