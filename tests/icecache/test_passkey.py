@@ -38,5 +38,5 @@ def test_passkey_6k5_icecache_finds_every_key_full_attention_finds(engine, full_
     """The depths full attention answers at 6.5k (it misses 0.75 and 0.95, where the
     comparison asks nothing of IceCache: 37 s of the suite's time for no assertion)."""
     found = run_depths(engine, full_engine, 6500, DEPTHS[:3])
-    assert len(found["full"]) >= 2  # the model still works at this length, so the comparison means something
+    assert len(found["full"]) >= 3  # the model still works at this length, so the comparison means something
     assert found["full"] <= found["icecache"]
