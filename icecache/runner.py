@@ -115,6 +115,26 @@ class Resident(NamedTuple):
     token_pages: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
+RESIDENT_SHARE_AUTO = (0.25, 0.5)  # resident_context_share "auto": at least, at most
+
+
+def resident_bytes(tokens: int, layers: int, sparse_layers: int, kv_heads: int, head_dim: int,
+                   itemsize: int) -> int:
+    """What a context's resident copy takes on the device: every layer's K and V, and each
+    sparse layer's token-to-page map (an int64 page and position per token and KV head)."""
+    return tokens * kv_heads * (layers * 2 * head_dim * itemsize + sparse_layers * 2 * 8)
+
+
+def resident_budget(share: float | str, free_bytes: int, longest_bytes: int) -> int:
+    """The resident contexts' byte budget: `share` of the device memory free now; "auto" =
+    the share one context of `longest_bytes` (the model's longest length) needs, within
+    RESIDENT_SHARE_AUTO."""
+    if share == "auto":
+        low, high = RESIDENT_SHARE_AUTO
+        share = min(high, max(low, 1.01 * longest_bytes / max(free_bytes, 1)))
+    return int(free_bytes * share)
+
+
 class ContextReader:
     """A context's KV on the device, one layer at a time, for a prefill pass that attends to
     all of it. On CUDA each layer's host tensors (pinned, or a CUDA-registered shm segment)
@@ -145,9 +165,8 @@ class ContextReader:
     def _device_bytes(self) -> int:
         """What every layer's (K, V) of the context takes on the device."""
         first = self._host_tensors(self.order[0])[0]  # [H, tokens, D]
-        H, D = first.shape[0], first.shape[-1]
-        maps = len(self.ctx.sparse) * 2 * H * self.ctx.num_tokens * 8  # int64 page and position per token
-        return len(self.order) * 2 * H * self.ctx.num_tokens * D * self.dtype.itemsize + maps
+        return resident_bytes(self.ctx.num_tokens, len(self.order), len(self.ctx.sparse), first.shape[0],
+                              first.shape[-1], self.dtype.itemsize)
 
     def finish(self) -> None:
         """The pass is over: keep what it read on the device if the resident budget allows."""
@@ -386,11 +405,15 @@ class ModelRunner:
         self.model, self.shape, self.config, self.model_id = model, shape, config, model_id
         self.device = shape.device
         budget = 0
-        if self.device.type == "cuda" and config.resident_context_share > 0:
+        if self.device.type == "cuda" and config.resident_context_share != 0:
             free = torch.cuda.mem_get_info(self.device)[0]
-            budget = int(free * config.resident_context_share)
-            log.info("resident contexts: up to %.1f GiB of the device (%.0f%% of the %.1f GiB free now)",
-                     budget / 2**30, 100 * config.resident_context_share, free / 2**30)
+            longest = int(model.config.max_position_embeddings)
+            budget = resident_budget(config.resident_context_share, free, resident_bytes(
+                longest, shape.num_layers, shape.num_layers - config.dense_layers, shape.num_kv_heads,
+                shape.head_dim, shape.dtype.itemsize))
+            log.info("resident contexts: up to %.1f GiB of the device (%.0f%% of the %.1f GiB free now; "
+                     "resident_context_share %s, the model's longest context %d tokens)", budget / 2**30,
+                     100 * budget / free, free / 2**30, config.resident_context_share, longest)
         self.resident = ResidentContexts(budget) if budget else None  # hot contexts' KV for question prefill
         # where the decode step's fused kernels run, every pass runs the decode step's way too:
         # a question's prefill is bound by its launches (~35 a layer fewer than the model's forward)

@@ -1,6 +1,7 @@
 import pytest
 
 from icecache import IceCacheConfig, SamplingParams
+from icecache.runner import resident_budget, resident_bytes
 
 
 @pytest.mark.parametrize("field,value", [
@@ -10,10 +11,24 @@ from icecache import IceCacheConfig, SamplingParams
     ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"), ("page_heads", "mean"),
     ("rerank", 0), ("rerank", 2.0), ("question_pages", -1), ("question_pages", 1.5),
     ("question_follow", -1), ("question_follow", "48"), ("unselected", "moments"), ("unselected", None),
+    ("resident_context_share", 1.0), ("resident_context_share", "half"), ("resident_context_share", True),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         IceCacheConfig(**{field: value})
+
+
+def test_auto_resident_share_fits_one_context_of_the_longest_length():
+    """resident_context_share "auto": a quarter of the free memory, raised until one context
+    of the model's longest length fits, never past half; a number is taken as it is."""
+    free = 62 * 10**9  # an 80 GB card after an 8B model's weights
+    longest = resident_bytes(131072, 32, 30, 8, 128, 2)  # that model's 128k context: K, V and page maps
+    assert 16 * 2**30 < longest < 17 * 2**30
+    assert resident_budget(0.25, free, longest) == free // 4 < longest  # what missed it on an H100
+    assert longest <= resident_budget("auto", free, longest) < longest * 1.02
+    assert resident_budget("auto", 123 * 10**9, longest) == int(123 * 10**9 * 0.25)  # an H200: the floor
+    assert resident_budget("auto", free, 3 * longest) == free // 2  # never more than half
+    assert resident_budget(0.0, free, longest) == 0
 
 
 def test_rerank_and_question_pages_are_the_tree_selectors():

@@ -12,6 +12,7 @@ import icecache.cache as cache_module
 from icecache import Engine, IceCacheConfig, SamplingParams
 from icecache.cache import RequestKV, StepBatch
 from icecache.packing import pack_into, packed_size, unpack
+from icecache.runner import resident_bytes
 from icecache.testing import random_model, tiny_config
 from icecache.static_decode import CAPTURE_AFTER, JointStep, StaticDecoder
 
@@ -230,6 +231,9 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
     with torch.inference_mode():
         ctx = on.index(ids)
         assert ctx in on.runner.resident  # kept as it was indexed, before any question...
+        s = on.shape  # what the budget ("auto") is sized by is what a copy takes
+        assert on.runner.resident.used_bytes == resident_bytes(
+            ctx.num_tokens, s.num_layers, len(ctx.sparse), s.num_kv_heads, s.head_dim, s.dtype.itemsize)
         on.runner.forget(ctx)
         requests = [RequestKV(e.shape, e.config, ctx) for e in (off, on, on)]
         expected = off.runner.prefill_one(requests[0], [7, 8, 9], ctx.num_tokens)
