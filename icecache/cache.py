@@ -18,7 +18,7 @@ from icecache.attention import attend_parts, unselected_part
 from icecache.config import IceCacheConfig
 from icecache.context import Context
 from icecache.gpu_pool import PagePool
-from icecache.index.select import all_pages, box_parts, rerank_pages, select_pages
+from icecache.index.select import all_pages, box_parts, fixed_log_mass, rerank_pages, select_pages
 from icecache.index.tree import PrivatePages
 from icecache.selectors import SELECTORS, PageView, random_draw, recent_tokens
 
@@ -228,8 +228,11 @@ class RequestKV:
                                     self.config.page_heads)
             if layer in self.question_pages:  # the question's own pages are candidates at every step
                 page_ids = torch.cat([self.question_pages[layer].to(page_ids.device), page_ids], dim=1)
-            if page_ids.shape[1] > R:  # the candidates' keys pick R of them
-                page_ids = rerank_pages(qg, page_ids, shared, private, R, scaling)
+            if page_ids.shape[1] > R:  # the candidates' keys pick R of them (R a head on average)
+                fixed = None
+                if self.config.splits_heads:
+                    fixed = fixed_log_mass(qg, torch.cat([state.sink_k, state.win_k], dim=1), None, scaling)
+                page_ids = rerank_pages(qg, page_ids, shared, private, R, scaling, fixed)
         self.pages_loaded += state.pool.update(page_ids, state.fetch)
         self.pages_selected += int((page_ids >= 0).sum())
         pool = state.pool

@@ -10,6 +10,7 @@ from icecache.selectors import SELECTORS
 MODES = ("icecache", "full")
 PAGE_HEADS = ("max", "sum")
 UNSELECTED = ("off", "means")
+HEAD_PAGES = ("flat", "share")
 DECODE_PATHS = ("auto", "static", "dynamic")
 PREFILL_OFFLOAD = ("auto", "device", "host")
 OFFLOAD_CHUNK_TOKENS = 8192  # an offloaded prefill's smallest chunk: the past KV crosses PCIe once per chunk
@@ -89,6 +90,13 @@ class IceCacheConfig:
     # "means" took RULER 8k @256 from 0.90x to 0.95x of full (an interval that includes no gain) for
     # 7.6 -> 9.3 ms a token at 128k on an H200 and the value means on the GPU: off by default
     unselected: str = "off"
+    # how a sparse layer's retrieved pages go to its KV heads after re-ranking: "flat" (each
+    # keeps retrieved_pages), or "share": the layer's KV heads x retrieved_pages go to the
+    # candidates holding the largest estimated share of their head's softmax (over the sinks,
+    # the window and the candidates' exact mass), each head between 2 and 2 x retrieved_pages:
+    # a head whose attention sits on the sinks and the window, or on one page, gives pages to a
+    # flat one (the per-head cut-off of Twilight and PSA, at a fixed total)
+    head_pages: str = "flat"
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -115,6 +123,8 @@ class IceCacheConfig:
                  f"must be one of {PAGE_HEADS}, got {self.page_heads!r}")
         _require(self.unselected in UNSELECTED, "unselected",
                  f"must be one of {UNSELECTED}, got {self.unselected!r}")
+        _require(self.head_pages in HEAD_PAGES, "head_pages",
+                 f"must be one of {HEAD_PAGES}, got {self.head_pages!r}")
         _require(self.prefill_offload in PREFILL_OFFLOAD, "prefill_offload",
                  f"must be one of {PREFILL_OFFLOAD}, got {self.prefill_offload!r}")
         _require(self.decode_path in DECODE_PATHS, "decode_path",
@@ -155,6 +165,18 @@ class IceCacheConfig:
     def retrieved_pages(self) -> int:
         """Pages a sparse layer retrieves per step (the budget left after sinks and window)."""
         return (self.token_budget - self.sink_tokens - self.window_tokens) // self.page_size
+
+    @property
+    def splits_heads(self) -> bool:
+        """A layer's re-ranked pages are split among its KV heads by share (head_pages "share";
+        only the "icecache" selector re-ranks)."""
+        return self.head_pages == "share" and self.candidates != (1, 0)
+
+    @property
+    def page_slots(self) -> int:
+        """Page ids a (request, KV head) row holds a step: retrieved_pages, or twice that when
+        the layer's pages are split by share (-1 where a row keeps fewer)."""
+        return self.retrieved_pages * (2 if self.splits_heads else 1)
 
     @property
     def ranked_pages(self) -> int:

@@ -15,7 +15,8 @@ import torch
 
 from icecache.attention import attend_parts, decode_attention, unselected_part
 from icecache.config import IceCacheConfig
-from icecache.index.select import box_parts, private_part, rank_pages, rerank_pages, shared_part, tree_keep
+from icecache.index.select import (box_parts, fixed_log_mass, private_part, rank_pages, rerank_pages, shared_part,
+                                   tree_keep)
 from icecache.index.tree import TreeIndex, page_bounds, page_moments, welford
 from icecache.selectors import SELECTORS, PageView, random_draw
 from icecache.store import page_rows, shared_rows
@@ -210,6 +211,8 @@ class SparseSlots:
         self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
         P, W = config.page_size, ring.window
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
+        self.splits_heads = config.splits_heads  # a layer's pages split among its KV heads by share
+        self.page_slots = config.page_slots  # page ids a row holds: R, or 2R when split
         self.search_width = config.search_width
         self.page_heads = config.page_heads
         self.ranked, question = config.ranked_pages, config.candidates[1]  # moment-ranked pages, question pages
@@ -305,7 +308,7 @@ class SparseSlots:
         self.plan = WalkPlan(self.tree, self.search_width)
         self.root = torch.zeros(slots * H, dtype=torch.int32, device=self.win_k.device)  # the top level's parent
         needs = scratch_sizes(slots * H, self.scratch.group, D, self.plan, self.priv_valid.shape[2],
-                              self.sink_k.shape[1], self.R, self.W, self.P)
+                              self.sink_k.shape[1], self.page_slots, self.W, self.P)
         if self.rest is not None:
             from icecache.kernels.attention import rest_scratch_sizes
             needs.update(rest_scratch_sizes(slots, H, self.scratch.group, D, self.num_shared))
@@ -336,13 +339,15 @@ class SparseSlots:
             from triton.errors import TritonError
 
             from icecache.kernels import rerank
+            fixed = (self.sink_k, self.win_k[:B].flatten(0, 1), self.ring.counts[:B]) if self.splits_heads else None
             try:
                 return rerank.rerank_pages(q, ids, self.rows_k, self.shared_valid, *private, self.R, scaling,
-                                           self.question_k[:B].flatten(0, 1), self.rows_at)
+                                           self.question_k[:B].flatten(0, 1), self.rows_at, fixed=fixed)
             except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
                 FUSED_RERANK_FAILED.append(repr(e))
                 log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
-        return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling)
+        fixed = self.fixed_log_mass(q, B, scaling) if self.splits_heads else None
+        return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling, fixed)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
         from icecache.kernels.attention import sparse_attention
@@ -425,8 +430,27 @@ class SparseSlots:
             ids = torch.cat([self.question[b], ids], dim=1)
         if ids.shape[1] <= R:
             return ids
+        fixed = None
+        if self.splits_heads:
+            keys = torch.cat([self.sink_k, self.win_k[b]], dim=1)
+            fixed = fixed_log_mass(q, keys, torch.cat([torch.ones_like(keys[..., :self.sink_k.shape[1], 0],
+                                                                       dtype=torch.bool),
+                                                        self._window_filled(b).expand(self.H, -1)], dim=1), scaling)
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,
-                            scaling)
+                            scaling, fixed)
+
+    def _window_filled(self, b: int) -> torch.Tensor:
+        """[W] which of slot b's window ring slots hold a token this step (its new one pushed)."""
+        return torch.arange(self.W, device=self.win_k.device) < (self.ring.counts[b, :1] + 1).clamp(max=self.W)
+
+    def fixed_log_mass(self, q: torch.Tensor, B: int, scaling: float) -> torch.Tensor:
+        """Slots 0..B-1's log-mass over their sinks and filled window, per query head (the
+        share split's denominator). q: [B * H, G, D]. -> [B * H, G]."""
+        S = self.sink_k.shape[1]
+        keys = torch.cat([self.sink_k.repeat(B, 1, 1), self.win_k[:B].flatten(0, 1)], dim=1)
+        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[:B, :1] + 1).clamp(max=self.W)  # [B, W]
+        filled = torch.cat([filled.new_ones(B, S), filled], dim=1).repeat_interleave(self.H, dim=0)
+        return fixed_log_mass(q, keys, filled, scaling)
 
     def fetch(self, b: int, page_ids: torch.Tensor):
         """-> keys, values [H, R, P, D], valid [H, R] of slot b's selected pages."""
@@ -460,7 +484,7 @@ class SparseSlots:
         pk, pv, valid = self.fetch(b, page_ids)
         H, R, P, D = pk.shape
         slot_ok = (torch.arange(P, device=q.device) < valid[..., None]).reshape(H, R * P)
-        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[b, :1] + 1).clamp(max=self.W)
+        filled = self._window_filled(b)
         parts = [(self.sink_k, self.sink_v, None), (pk.reshape(H, R * P, D), pv.reshape(H, R * P, D), slot_ok),
                  (self.win_k[b], self.win_v[b], filled.expand(H, -1))]
         if self.rest is not None:  # the pages left out, each by its means (IceCacheConfig.unselected)

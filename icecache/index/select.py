@@ -169,8 +169,43 @@ def question_pages(mass: torch.Tensor, page_of: torch.Tensor, position: torch.Te
     return top_pages(weight.flatten(0, 1), count, least=0.0).view(num_requests, H, -1)  # no mass: no page
 
 
+def fixed_log_mass(q: torch.Tensor, keys: torch.Tensor, filled: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """log sum exp of every query head's scores over the tokens every step attends to (the
+    sinks and the window). q: [rows, g, D]; keys [rows, T, D]; filled [rows, T] or None
+    (all). -> [rows, g]."""
+    s = torch.einsum("hgd,htd->hgt", q.float(), keys.float()) * scaling
+    if filled is not None:
+        s = s.masked_fill(~filled[:, None], _NEG_INF)
+    return torch.logsumexp(s, dim=-1)
+
+
+def least_head_pages(num_pages: int) -> int:
+    """The pages every KV head keeps when a layer's pages are split by share (head_pages="share")."""
+    return min(2, num_pages)
+
+
+def split_by_share(share: torch.Tensor, candidates: torch.Tensor, group: int, num_pages: int) -> torch.Tensor:
+    """A layer's pages shared among its KV heads (IceCacheConfig.head_pages "share"): each
+    request's group x num_pages pages go to its rows' candidates of the largest share, each
+    row between least_head_pages and 2 x num_pages of them.
+    share: [rows, C] each candidate's share of its row's softmax (< 0 = not a page), rows
+    request-major (group rows a request). -> [rows, min(2 x num_pages, C)] ids, best first,
+    -1 = none."""
+    rows, C = share.shape
+    cap, least = min(2 * num_pages, C), least_head_pages(num_pages)
+    best, order = share.topk(cap, dim=1)  # [rows, cap], by share, best first
+    weight = torch.where(best >= 0, best, -2.0)
+    weight[:, :least] += torch.where(best[:, :least] >= 0, 10.0, 0.0)  # every row's first pages first
+    flat = weight.view(rows // group, group * cap)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(min(group * num_pages, group * cap),
+                                                                        dim=1).indices, True)
+    keep = keep.view(rows, cap) & (best >= 0)
+    return torch.where(keep, candidates.gather(1, order), -1)
+
+
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor],
-                 private: tuple[torch.Tensor, torch.Tensor], num_pages: int, scaling: float) -> torch.Tensor:
+                 private: tuple[torch.Tensor, torch.Tensor], num_pages: int, scaling: float,
+                 fixed: torch.Tensor | None = None) -> torch.Tensor:
     """The `num_pages` of the candidate pages that hold the most attention mass of q, from
     their keys (the oracle's measure, over the candidates only): each page's log-sum-exp
     of scores per query head, the KV head's query heads combined by summed softmax shares.
@@ -179,7 +214,11 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.
     repeated id counts once), ids >= N private; shared: (keys [Hs, N, P, D], valid [Hs, N]),
     read by row r as KV head r % Hs (rows = requests x Hs); private: (keys [rows, M, P, D],
     valid [rows, M]).
-    Fixed shapes, no host sync. -> [rows, min(num_pages, C)] ids, best first, -1 = none."""
+    fixed: [rows, g] the log-mass of the tokens every step attends to (fixed_log_mass): then
+    the pages go to each request's Hs rows by each candidate's share of its row's softmax over
+    those tokens and the candidates, query heads summed (split_by_share), not num_pages a row.
+    Fixed shapes, no host sync. -> [rows, min(num_pages, C)] ids (with fixed:
+    min(2 x num_pages, C)), best first, -1 = none."""
     rows, _ = candidates.shape
     (sk, sv), (pk, pv) = shared, private
     N, M = sk.shape[1], pk.shape[1]
@@ -200,7 +239,13 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared: tuple[torch.
         keys, valid = read(pk, r, pid), read(pv, r, pid)
     earlier = (candidates[:, :, None] == candidates[:, None, :]).tril(-1).any(2)  # a page already a candidate
     valid = valid.masked_fill((candidates < 0) | earlier, 0)
-    best = top_pages(combine_heads(page_log_mass(q, keys, valid, scaling), valid > 0, "sum"), num_pages)
+    mass = page_log_mass(q, keys, valid, scaling)
+    if fixed is not None:
+        mass = mass.masked_fill((valid <= 0)[:, None], _NEG_INF)
+        total = torch.logsumexp(torch.cat([fixed.float()[..., None], mass], dim=-1), dim=-1)  # [rows, g]
+        share = torch.exp(mass - total[..., None]).sum(1).masked_fill(valid <= 0, -1.0)
+        return split_by_share(share, candidates, sk.shape[0] or rows, num_pages)  # a request: Hs rows
+    best = top_pages(combine_heads(mass, valid > 0, "sum"), num_pages)
     return torch.where(best >= 0, candidates.gather(1, best.clamp_min(0)), -1)
 
 

@@ -98,10 +98,81 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
         weight = tl.where(c == at, -float("inf"), weight)
 
 
+@triton.jit
+def _fixed_lse(q_ptr, sink_ptr, win_ptr, counts_ptr, out_ptr, scaling, S, W, HS, G: tl.constexpr, GP: tl.constexpr,
+               D: tl.constexpr, SP: tl.constexpr, WP: tl.constexpr):
+    """Row h (request h // HS, KV head h % HS) -> out[h, :G]: each query head's log-sum-exp of
+    scores over the tokens every step attends to: the head's S sinks (sink [HS, S, D]) and
+    the row's window ring (win [rows, W, D]) holding min(counts[b, 0] + 1, W) tokens."""
+    h = tl.program_id(0)
+    d = tl.arange(0, D)
+    g = tl.arange(0, GP)
+    i = tl.arange(0, SP)
+    k = tl.load(sink_ptr + ((h % HS) * S + i[:, None]) * D + d[None, :], mask=i[:, None] < S, other=0.0)
+    sink = tl.where(i[None, :] < S, head_scores(q_ptr, h, k.to(tl.float32), G, GP, D) * scaling, -float("inf"))
+    j = tl.arange(0, WP)
+    filled = tl.minimum(tl.load(counts_ptr + (h // HS) * 2) + 1, W)  # at least the step's own token
+    k = tl.load(win_ptr + (h * W + j[:, None]) * D + d[None, :], mask=j[:, None] < filled, other=0.0)
+    win = tl.where(j[None, :] < filled, head_scores(q_ptr, h, k.to(tl.float32), G, GP, D) * scaling, -float("inf"))
+    top = tl.maximum(tl.max(sink, axis=1), tl.max(win, axis=1))  # finite: the window holds a token
+    total = tl.sum(tl.exp(sink - top[:, None]), axis=1) + tl.sum(tl.exp(win - top[:, None]), axis=1)
+    tl.store(out_ptr + h * G + g, top + tl.log(total), mask=g < G)
+
+
+@triton.jit(do_not_specialize=['C', 'n_left'])
+def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, n_left, HS: tl.constexpr, HSP: tl.constexpr,
+                    LEAST: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr):
+    """Request b (rows b·HS ... b·HS + HS-1) -> out[row, :CAP]: index.select.split_by_share. Each
+    candidate's share of its row's softmax over the always-attended tokens (fixed [rows, G])
+    and the candidates (lse [rows, C, G]), query heads summed; every row's LEAST best first,
+    then n_left more by share over the request (at most CAP a row); each row's best first,
+    -1 after."""
+    b = tl.program_id(0)
+    g = tl.arange(0, GP)
+    c = tl.arange(0, CP)
+    r = tl.arange(0, HSP)
+    weight = tl.full((HSP, CP), -2.0, dtype=tl.float32)
+    for head in tl.static_range(HS):
+        h = b * HS + head
+        lse = tl.load(lse_ptr + (h * C + c[None, :]) * G + g[:, None], mask=(g[:, None] < G) & (c[None, :] < C),
+                      other=-float("inf"))  # [query head, candidate]
+        fixed = tl.load(fixed_ptr + h * G + g, mask=g < G, other=-float("inf"))
+        top = tl.maximum(fixed, tl.max(lse, axis=1))
+        safe = tl.where(top > -float("inf"), top, 0.0)
+        total = tl.exp(fixed - safe) + tl.sum(tl.exp(lse - safe[:, None]), axis=1)
+        share = tl.sum(tl.where(g[:, None] < G, tl.exp(lse - (safe + tl.log(total))[:, None]), 0.0), axis=0)
+        candidate = tl.max(tl.where(g[:, None] == 0, lse, -float("inf")), axis=0) > -float("inf")
+        weight = tl.where(r[:, None] == head, tl.where(candidate, share, -1.0)[None, :], weight)
+    taken = tl.zeros((HSP, CP), dtype=tl.int32)
+    for _ in tl.static_range(LEAST):  # every row's first pages
+        best = tl.max(tl.where(taken == 0, weight, -2.0), axis=1)
+        at = tl.argmax(tl.where(taken == 0, weight, -2.0), axis=1)
+        taken = tl.where((c[None, :] == at[:, None]) & (best >= 0)[:, None], 1, taken)
+    count = tl.sum(taken, axis=1)
+    for _ in range(n_left + LEAST * HS - tl.sum(count, axis=0)):  # the rest by share, at most CAP a row
+        open_ = (taken == 0) & (count < CAP)[:, None]
+        flat = tl.reshape(tl.where(open_, weight, -2.0), (HSP * CP,))
+        best = tl.max(flat, axis=0)
+        at = tl.argmax(flat, axis=0)
+        hit = r[:, None] * CP + c[None, :] == tl.where(best >= 0, at, -1)
+        taken = tl.where(hit, 1, taken)
+        count += tl.sum(hit.to(tl.int32), axis=1)
+    ids = tl.load(cand_ptr + (b * HS + r[:, None]) * C + c[None, :], mask=(r[:, None] < HS) & (c[None, :] < C),
+                  other=-1)
+    left = tl.where(taken == 1, weight, -3.0)
+    for k in tl.static_range(CAP):  # each row's taken pages, best first
+        best = tl.max(left, axis=1)
+        at = tl.argmax(left, axis=1)
+        chosen = tl.sum(tl.where(c[None, :] == at[:, None], ids, 0), axis=1)
+        tl.store(out_ptr + (b * HS + r) * CAP + k, tl.where(best > -3.0, chosen, -1), mask=r < HS)
+        left = tl.where(c[None, :] == at[:, None], -3.0, left)
+
+
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
                  priv_k: torch.Tensor, priv_valid: torch.Tensor, num_pages: int, scaling: float,
                  copied_k: torch.Tensor | None = None, shared_at: torch.Tensor | None = None,
-                 block: int = PAGES_PER_PROGRAM) -> torch.Tensor:
+                 block: int = PAGES_PER_PROGRAM,
+                 fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """index.select.rerank_pages in two kernel launches. q: [rows, G, D]; candidates [rows, C]
     (-1 = none, ids >= N private, a repeated id counts once: its first place); shared_k
     [HS, N, P, D] and shared_valid [HS, N], read by row r as KV head r % HS; priv_k
@@ -109,8 +180,11 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
     pages of each row's first Q candidates (their valid counts still shared_valid's), read
     there rather than from shared_k. shared_at: shared_k as token rows [HS, T, D] instead of pages,
     page p of head hs from row shared_at[hs, p] (store.shared_rows). block: candidates a
-    program scores (a power of two).
-    -> [rows, min(num_pages, C)] ids (candidates' dtype), best first."""
+    program scores (a power of two). fixed: (sinks [HS, S, D], window rings [rows, W, D],
+    counts [requests, 2]) the tokens every step attends to: then a request's HS x num_pages
+    pages are split among its rows by share (index.select.split_by_share).
+    -> [rows, min(num_pages, C)] ids (candidates' dtype; with fixed min(2 x num_pages, C)),
+    best first."""
     if copied_k is None:
         copied_k = priv_k[:, :0]
     shared_k, _, shared_at = shared_rows(shared_k, shared_k, shared_valid, shared_at)
@@ -126,6 +200,29 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
                                              copied_k, lse, C, shared_valid.shape[1], shared_k.shape[1],
                                              priv_k.shape[1], copied_k.shape[1], scaling, max(shared_k.shape[0], 1),
                                              G=G, GP=GP, D=D, P=P, CP=CP, CB=block)
+    if fixed is not None:
+        return _split(q, lse, candidates, fixed, num_pages, scaling)
     out = torch.empty(rows, R, dtype=candidates.dtype, device=candidates.device)
     _top_by_share[(rows,)](lse, candidates, out, C, R=R, G=G, GP=GP, CP=CP)
+    return out
+
+
+def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
+           fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_pages: int, scaling: float) -> torch.Tensor:
+    """rerank_pages' choice split among each request's rows by share (its `fixed` argument)."""
+    from icecache.index.select import least_head_pages
+    sink_k, win_k, counts = fixed
+    check_contiguous(sink_k, win_k, counts)
+    rows, C = candidates.shape
+    _, G, D = q.shape
+    HS, S, _ = sink_k.shape
+    W = win_k.shape[1]
+    GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
+    fixed_lse = torch.empty(rows, G, dtype=torch.float32, device=q.device)
+    _fixed_lse[(rows,)](q, sink_k, win_k, counts, fixed_lse, scaling, S, W, HS, G=G, GP=GP, D=D,
+                        SP=max(16, triton.next_power_of_2(S)), WP=max(16, triton.next_power_of_2(W)))
+    cap, least = min(2 * num_pages, C), least_head_pages(num_pages)
+    out = torch.empty(rows, cap, dtype=candidates.dtype, device=candidates.device)
+    _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, C, HS * num_pages - least * HS, HS=HS,
+                                   HSP=max(2, triton.next_power_of_2(HS)), LEAST=least, CAP=cap, G=G, GP=GP, CP=CP)
     return out

@@ -11,7 +11,7 @@ from icecache.runner import resident_budget, resident_bytes
     ("top_level_max", -3), ("token_budget", True), ("prefill_offload", "disk"), ("page_heads", "mean"),
     ("rerank", 0), ("rerank", 2.0), ("question_pages", -1), ("question_pages", 1.5),
     ("question_follow", -1), ("question_follow", "48"), ("unselected", "moments"), ("unselected", None),
-    ("resident_context_share", 1.0), ("resident_context_share", "half"), ("resident_context_share", True),
+    ("head_pages", "top-p"), ("resident_context_share", 1.0), ("resident_context_share", "half"), ("resident_context_share", True),
 ])
 def test_invalid_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

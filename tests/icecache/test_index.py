@@ -240,6 +240,39 @@ def test_rerank_picks_the_candidates_holding_the_most_attention_mass():
     assert mass_rerank > mass_bound
 
 
+def test_pages_split_by_share_go_from_a_head_on_its_sinks_to_a_flat_head():
+    """head_pages="share": a request's KV heads share its heads x R pages by each candidate's
+    share of its head's softmax (sinks and window counted): a head whose mass sits on its
+    sinks keeps the least, a head spread over many pages takes up to 2R; the total stays
+    heads x R, and each head keeps its candidates of most mass."""
+    from icecache.index.select import fixed_log_mass, least_head_pages, rerank_pages
+    g = torch.Generator().manual_seed(7)
+    Hs, N, P, D, R, G = 2, 16, 4, 8, 4, 3
+    keys = torch.randn(Hs, N, P, D, generator=g)
+    valid = torch.full((Hs, N), P)
+    q = torch.randn(2 * Hs, G, D, generator=g) * 0.1  # two requests: rows 0-1, then 2-3 (flat scores)
+    sinks = torch.randn(2 * Hs, 4, D, generator=g)
+    q[0] = sinks[0, 0] * 4  # request 0's head 0 looks at its first sink
+    candidates = torch.stack([torch.randperm(N, generator=g)[:12] for _ in range(2 * Hs)])
+    candidates[3, -3:] = -1  # fewer candidates for one row
+    scaling = D ** -0.5
+    private = (torch.zeros(2 * Hs, 0, P, D), torch.zeros(2 * Hs, 0, dtype=torch.long))
+    fixed = fixed_log_mass(q, sinks, None, scaling)
+    ids = rerank_pages(q, candidates, (keys, valid), private, R, scaling, fixed)
+    assert ids.shape == (2 * Hs, 2 * R)
+    kept = (ids >= 0).sum(1).tolist()
+    assert kept[0] == least_head_pages(R) and kept[1] == Hs * R - kept[0]  # the sink head gives its pages
+    assert kept[2] + kept[3] == Hs * R and all(least_head_pages(R) <= k <= 2 * R for k in kept)
+    for row in range(2 * Hs):  # each head keeps its candidates of the largest share of its softmax
+        cand = candidates[row][candidates[row] >= 0]
+        tokens = torch.cat([sinks[row], keys[row % Hs, cand].reshape(-1, D)])  # sinks, then the pages' tokens
+        share = torch.softmax(q[row] @ tokens.T * scaling, dim=-1)[:, sinks.shape[1]:].sum(0)
+        share = share.view(len(cand), P).sum(1)
+        best = cand[share.topk(kept[row]).indices]
+        chosen = ids[row][ids[row] >= 0]
+        assert set(chosen.tolist()) == set(best.tolist()) and len(chosen) == len(best)
+
+
 def test_sub_parent_search_by_cluster_window_equals_the_brute_force():
     """build_tree groups a cluster's tokens by their nearest sub-parent of the same cluster;
     the search compares a block of tokens only with the window of candidates its clusters

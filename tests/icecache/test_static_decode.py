@@ -55,20 +55,23 @@ def test_decode_path_is_validated():
         IceCacheConfig(decode_path="fast")
 
 
-@pytest.mark.parametrize("selector,rerank,question,unselected", [
-    ("quest", 1, 0, "off"), ("oracle", 1, 0, "off"), ("streaming", 1, 0, "off"), ("icecache", 1, 0, "off"),
-    ("icecache", 4, 0, "off"), ("icecache", 2, 6, "off"), ("icecache", 2, 6, "means"), ("quest", 1, 0, "means")])
-def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank, question, unselected):
+@pytest.mark.parametrize("selector,rerank,question,unselected,heads", [
+    ("quest", 1, 0, "off", "flat"), ("oracle", 1, 0, "off", "flat"), ("streaming", 1, 0, "off", "flat"),
+    ("icecache", 1, 0, "off", "flat"), ("icecache", 4, 0, "off", "flat"), ("icecache", 2, 6, "off", "flat"),
+    ("icecache", 2, 6, "means", "flat"), ("quest", 1, 0, "means", "flat"), ("icecache", 2, 6, "off", "share")])
+def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank, question, unselected, heads):
     """Quest, the oracle, StreamingLLM and IceCache (with and without re-ranking the
-    bounds' candidates by their keys, with the question's own pages among them, and with
-    the pages left out folded in by their means) give the same tokens on the static path
+    bounds' candidates by their keys, with the question's own pages among them, with
+    the pages left out folded in by their means, and with a layer's pages split among its
+    KV heads by share) give the same tokens on the static path
     (the GPU's, where the accuracy suite runs) as on the dynamic path. Four-token pages,
     and a prompt and answer long enough to fill private pages: both paths keep a request's
     own tokens on them in arrival order."""
     model = random_model(tiny_config("llama"), torch.device("cpu"))
     ids = torch.randint(0, 500, (400,), generator=torch.Generator().manual_seed(2)).tolist()
     config = IceCacheConfig(token_budget=4 + 4 + 12 * 4, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,
-                            selector=selector, rerank=rerank, question_pages=question, unselected=unselected)
+                            selector=selector, rerank=rerank, question_pages=question, unselected=unselected,
+                            head_pages=heads)
     prompt = list(range(7, 17))  # with the context's 4-token tail: 10 tokens past the window before decoding
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     outs = {}
@@ -76,6 +79,9 @@ def test_selectors_on_the_static_path_equal_the_dynamic_path(selector, rerank, q
         eng = Engine.from_model(model, config=config.replace(decode_path=path))
         outs[path] = eng.generate(prompt, params, context=eng.index(ids))
     assert outs["static"].token_ids == outs["dynamic"].token_ids and len(outs["static"].token_ids) == 20
+    if heads == "share":  # the split is in force on both paths: not the flat split's tokens
+        flat = Engine.from_model(model, config=config.replace(head_pages="flat"))
+        assert outs["static"].token_ids != flat.generate(prompt, params, context=flat.index(ids)).token_ids
     full = Engine.from_model(model, config=config.replace(mode="full"))
     if unselected == "off":  # with the pages left out folded in, the answer here is full attention's
         assert outs["static"].token_ids != full.generate(prompt, params, context=full.index(ids)).token_ids

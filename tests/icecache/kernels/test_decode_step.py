@@ -99,6 +99,26 @@ def test_the_pages_left_out_join_the_kernels_attention_as_the_torch_paths(monkey
     assert (ref_logits - fast_logits).abs().max() < 1e-4
 
 
+def test_pages_split_by_share_on_the_kernels_as_on_the_torch_path(monkeypatch):
+    """head_pages="share": the fused re-ranking splits a layer's pages among its KV heads as
+    the torch path does (same pages, up to 2R a head, every layer and step, IceCache-reuse's
+    followers reading the leader's), and attention over them gives the same logits."""
+    steps = 12
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 1500, [5, 6, 7], steps,
+                                                    reuse_layers=2, head_pages="share")
+    start = ctx.num_tokens + 3
+    ref_pages, ref_logits = run(ref, logits, start, steps)
+    fast_pages, fast_logits = run(fast, logits, start, steps)
+    for step, (a, b) in enumerate(zip(ref_pages, fast_pages)):
+        for layer, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {step}, sparse layer {layer}: {x.tolist()} vs {y.tolist()}"
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    R = eng.config.retrieved_pages
+    kept = torch.stack([(p >= 0).sum(1) for step in ref_pages for p in step])  # [steps x layers, H] pages a head
+    assert kept.shape[1] == 2 and (kept.sum(1) == 2 * R).all()  # the layer's total stays H x R...
+    assert (kept != R).any()  # ...and the heads do not keep R each
+
+
 @pytest.mark.parametrize("selector,rerank,question", [("quest", 1, 0), ("oracle", 1, 0), ("random", 1, 0),
                                                       ("streaming", 1, 0), ("icecache", 3, 0), ("icecache", 1, 3),
                                                       ("icecache", 2, 4)])

@@ -100,3 +100,37 @@ def test_fused_rerank_reads_shared_pages_laid_out_as_token_rows():
                        shared_at=at.to(DEVICE))
     assert torch.equal(got, want), (got, want)
     assert (got >= 0).sum() > rows  # shared and private pages were chosen
+
+
+@pytest.mark.parametrize("R", [4, 1])
+def test_fused_split_by_share_keeps_the_pages_the_torch_reference_keeps(R):
+    """head_pages="share": kernels.rerank.rerank_pages with the sinks and window rings = the
+    torch reference with their log-mass (index.select.fixed_log_mass), over requests whose
+    windows are partly filled, a head looking at its sinks, absent and repeated candidates."""
+    from icecache.index.select import fixed_log_mass, rerank_pages as reference
+    from icecache.kernels.rerank import rerank_pages
+    gen = torch.Generator().manual_seed(11 + R)
+    B, HS, G, D, P, N, M, C, S, W = 3, 2, 3, 16, 16, 30, 6, 12, 4, 8
+    rows = B * HS
+    q, shared_k, shared_valid, priv_k, priv_valid = random_pages(gen, rows, HS, G, D, P, N, M)
+    sinks = torch.randn(HS, S, D, generator=gen).to(torch.bfloat16)
+    windows = torch.randn(rows, W, D, generator=gen).to(torch.bfloat16)
+    counts = torch.tensor([[2, 0], [W + 5, 0], [W - 1, 0]])  # a ring with 3 tokens, full, full
+    q[0] = sinks[0, 1].float() * 3  # request 0's first head looks at a sink
+    candidates = torch.stack([torch.randperm(N + M, generator=gen)[:C] for _ in range(rows)]).to(torch.int32)
+    candidates[1, -3:] = -1
+    candidates[2, 5] = candidates[2, 2]
+    filled = torch.arange(W) < (counts[:, :1] + 1).clamp(max=W)  # [B, W]
+    keys = torch.cat([sinks.repeat(B, 1, 1), windows], dim=1)
+    mask = torch.cat([torch.ones(B, S, dtype=torch.bool), filled], dim=1).repeat_interleave(HS, dim=0)
+    want = reference(q, candidates.long(), (shared_k, shared_valid), (priv_k, priv_valid), R, 0.25,
+                     fixed_log_mass(q, keys, mask, 0.25))
+    dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
+    got = rerank_pages(*dev(q, candidates, shared_k, shared_valid, priv_k, priv_valid), R, 0.25,
+                       fixed=tuple(dev(sinks, windows, counts)))
+    assert got.shape == want.shape == (rows, 2 * R)
+    assert torch.equal(got.cpu().long(), want), (got, want)
+    kept = (want >= 0).sum(1).view(B, HS)
+    assert (kept.sum(1) == HS * R).all() and kept.min() >= min(2, R)
+    if R > 2:
+        assert kept[0, 0] == 2  # the head on its sink gave pages to the other
