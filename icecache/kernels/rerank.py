@@ -152,9 +152,8 @@ def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, n_left, HS: tl.con
     for _ in range(n_left + LEAST * HS - tl.sum(count, axis=0)):  # the rest by share, at most CAP a row
         open_ = (taken == 0) & (count < CAP)[:, None]
         flat = tl.reshape(tl.where(open_, weight, -2.0), (HSP * CP,))
-        best = tl.max(flat, axis=0)
-        at = tl.argmax(flat, axis=0)
-        hit = r[:, None] * CP + c[None, :] == tl.where(best >= 0, at, -1)
+        pick = tl.where(tl.max(flat, axis=0) >= 0, tl.argmax(flat, axis=0), -1)
+        hit = r[:, None] * CP + c[None, :] == pick
         taken = tl.where(hit, 1, taken)
         count += tl.sum(hit.to(tl.int32), axis=1)
     ids = tl.load(cand_ptr + (b * HS + r[:, None]) * C + c[None, :], mask=(r[:, None] < HS) & (c[None, :] < C),

@@ -72,6 +72,11 @@ cases = {
        for nb in (1024, 8192) for r in (0, 2)},
     "rerank page lse": (rerank._page_lse, RERANK, dict(**SHAPE, GP=16, P=16, CP=128, CB=rerank.PAGES_PER_PROGRAM)),
     "rerank top": (rerank._top_by_share, RERANK, dict(R=12, G=SHAPE["G"], GP=16, CP=128)),
+    # head_pages="share": the always-attended tokens' log-mass, then a request's pages split among its 8 KV heads
+    "rerank fixed lse": (rerank._fixed_lse, dict(q_ptr=BF16, sink_ptr=BF16, win_ptr=BF16, counts_ptr=I64, out_ptr=F32),
+                         dict(**SHAPE, GP=16, SP=32, WP=32)),
+    "rerank split": (rerank._split_by_share, dict(lse_ptr=F32, fixed_ptr=F32, cand_ptr=I64, out_ptr=I64),
+                     dict(HS=8, HSP=8, LEAST=2, CAP=24, G=SHAPE["G"], GP=16, CP=128)),
 }
 stack = {}
 for name, (kernel, pointers, constexprs) in cases.items():
@@ -97,7 +102,8 @@ NAMES = ["dense merge", "sparse REST=False", "sparse REST=True", "merge REST=Fal
          "prefix merge OTHERS=0 OWN=False", "prefix merge OTHERS=0 OWN=True", "prefix merge OTHERS=2 OWN=True",
          "question mass", "page weights",
          "child scores KP=16", "child scores KP=32", "page scores",
-         *(f"select NB={nb} RANK={r}" for nb in (1024, 8192) for r in (0, 2)), "rerank page lse", "rerank top"]
+         *(f"select NB={nb} RANK={r}" for nb in (1024, 8192) for r in (0, 2)), "rerank page lse", "rerank top",
+         "rerank fixed lse", "rerank split"]
 # Triton 3.6 (the H200 machine's, with torch 2.11) gives the shared-context kernel's 64-row tile
 # (dense layers at 9+ requests, every question's prefill) 255 registers and 16 bytes of stack at
 # 4 warps, before and after the page means' COUNTS; 3.9 (CI's) none; 8 warps none on either, but
