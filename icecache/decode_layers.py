@@ -346,7 +346,7 @@ class SparseSlots:
             except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
                 FUSED_RERANK_FAILED.append(repr(e))
                 log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
-        fixed = self.fixed_log_mass(q, B, scaling) if self.splits_heads else None
+        fixed = self._fixed_log_mass(q, slice(0, B), scaling) if self.splits_heads else None
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling, fixed)
 
     def _attend_kernels(self, q, k, v, scaling: float) -> torch.Tensor:
@@ -430,26 +430,22 @@ class SparseSlots:
             ids = torch.cat([self.question[b], ids], dim=1)
         if ids.shape[1] <= R:
             return ids
-        fixed = None
-        if self.splits_heads:
-            keys = torch.cat([self.sink_k, self.win_k[b]], dim=1)
-            fixed = fixed_log_mass(q, keys, torch.cat([torch.ones_like(keys[..., :self.sink_k.shape[1], 0],
-                                                                       dtype=torch.bool),
-                                                        self._window_filled(b).expand(self.H, -1)], dim=1), scaling)
+        fixed = self._fixed_log_mass(q, slice(b, b + 1), scaling) if self.splits_heads else None
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), (self.priv_k[b], self.priv_valid[b]), R,
                             scaling, fixed)
 
-    def _window_filled(self, b: int) -> torch.Tensor:
-        """[W] which of slot b's window ring slots hold a token this step (its new one pushed)."""
-        return torch.arange(self.W, device=self.win_k.device) < (self.ring.counts[b, :1] + 1).clamp(max=self.W)
+    def _window_filled(self, slots: int | slice) -> torch.Tensor:
+        """Which window ring slots hold a token this step (the new one pushed): [W] for a
+        slot, [n, W] for a slice of n."""
+        return torch.arange(self.W, device=self.win_k.device) < (self.ring.counts[slots, :1] + 1).clamp(max=self.W)
 
-    def fixed_log_mass(self, q: torch.Tensor, B: int, scaling: float) -> torch.Tensor:
-        """Slots 0..B-1's log-mass over their sinks and filled window, per query head (the
-        share split's denominator). q: [B * H, G, D]. -> [B * H, G]."""
-        S = self.sink_k.shape[1]
-        keys = torch.cat([self.sink_k.repeat(B, 1, 1), self.win_k[:B].flatten(0, 1)], dim=1)
-        filled = torch.arange(self.W, device=q.device) < (self.ring.counts[:B, :1] + 1).clamp(max=self.W)  # [B, W]
-        filled = torch.cat([filled.new_ones(B, S), filled], dim=1).repeat_interleave(self.H, dim=0)
+    def _fixed_log_mass(self, q: torch.Tensor, slots: slice, scaling: float) -> torch.Tensor:
+        """The slots' log-mass over their sinks and filled window, per query head (the share
+        split's denominator). q: [n * H, G, D] (n slots). -> [n * H, G]."""
+        filled = self._window_filled(slots)  # [n, W]
+        n, S = filled.shape[0], self.sink_k.shape[1]
+        keys = torch.cat([self.sink_k.repeat(n, 1, 1), self.win_k[slots].flatten(0, 1)], dim=1)
+        filled = torch.cat([filled.new_ones(n, S), filled], dim=1).repeat_interleave(self.H, dim=0)
         return fixed_log_mass(q, keys, filled, scaling)
 
     def fetch(self, b: int, page_ids: torch.Tensor):

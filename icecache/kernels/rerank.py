@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from icecache.index.select import least_head_pages
 from icecache.kernels.common import check_contiguous, head_scores, supported
 from icecache.store import shared_rows
 
@@ -209,7 +210,6 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
 def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
            fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_pages: int, scaling: float) -> torch.Tensor:
     """rerank_pages' choice split among each request's rows by share (its `fixed` argument)."""
-    from icecache.index.select import least_head_pages
     sink_k, win_k, counts = fixed
     check_contiguous(sink_k, win_k, counts)
     rows, C = candidates.shape

@@ -56,6 +56,18 @@ def run(decoder: StaticDecoder, logits: torch.Tensor, start: int, steps: int):
     return pages, torch.stack(seen)
 
 
+def same_steps(ref: StaticDecoder, fast: StaticDecoder, logits: torch.Tensor, start: int, steps: int) -> list:
+    """Both decoders run `steps` tokens from logits: the same pages every step and sparse
+    layer, the same logits. -> the torch path's pages (run's)."""
+    ref_pages, ref_logits = run(ref, logits, start, steps)
+    fast_pages, fast_logits = run(fast, logits, start, steps)
+    for step, (a, b) in enumerate(zip(ref_pages, fast_pages)):
+        for layer, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {step}, sparse layer {layer}: {x.tolist()} vs {y.tolist()}"
+    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    return ref_pages
+
+
 @pytest.mark.parametrize("arch,doc_tokens,question,reuse,row_programs,heads", [
     ("llama", 1500, [5, 6, 7], 1, None, "sum"), ("qwen3", 700, [], 1, None, "sum"),
     ("llama", 60, list(range(3, 40)), 1, None, "sum"), ("llama", 900, [5, 6], 2, None, "sum"),
@@ -72,13 +84,7 @@ def test_kernel_step_matches_torch_reference(monkeypatch, arch, doc_tokens, ques
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, arch, doc_tokens, question, steps,
                                                     reuse_layers=reuse, page_heads=heads)
     assert fast.scratch is not None and ref.scratch is None
-    start = ctx.num_tokens + len(question)
-    ref_pages, ref_logits = run(ref, logits, start, steps)
-    fast_pages, fast_logits = run(fast, logits, start, steps)
-    for step, (a, b) in enumerate(zip(ref_pages, fast_pages)):
-        for layer, (x, y) in enumerate(zip(a, b)):
-            assert torch.equal(x, y), f"step {step}, sparse layer {layer}: {x.tolist()} vs {y.tolist()}"
-    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    ref_pages = same_steps(ref, fast, logits, ctx.num_tokens + len(question), steps)
     assert int(ref.ring.counts[0, 1]) > 0  # tokens did move into private pages
     assert any((p >= 0).any() for step in ref_pages for p in step)
 
@@ -92,11 +98,7 @@ def test_the_pages_left_out_join_the_kernels_attention_as_the_torch_paths(monkey
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 1500, [5, 6, 7], steps,
                                                     reuse_layers=reuse, unselected="means")
     assert all(s.rest is not None for s in fast.sparse_states + ref.sparse_states)
-    start = ctx.num_tokens + 3
-    ref_pages, ref_logits = run(ref, logits, start, steps)
-    fast_pages, fast_logits = run(fast, logits, start, steps)
-    assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
-    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    same_steps(ref, fast, logits, ctx.num_tokens + 3, steps)
 
 
 def test_pages_split_by_share_on_the_kernels_as_on_the_torch_path(monkeypatch):
@@ -106,13 +108,7 @@ def test_pages_split_by_share_on_the_kernels_as_on_the_torch_path(monkeypatch):
     steps = 12
     eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 1500, [5, 6, 7], steps,
                                                     reuse_layers=2, head_pages="share")
-    start = ctx.num_tokens + 3
-    ref_pages, ref_logits = run(ref, logits, start, steps)
-    fast_pages, fast_logits = run(fast, logits, start, steps)
-    for step, (a, b) in enumerate(zip(ref_pages, fast_pages)):
-        for layer, (x, y) in enumerate(zip(a, b)):
-            assert torch.equal(x, y), f"step {step}, sparse layer {layer}: {x.tolist()} vs {y.tolist()}"
-    assert (ref_logits - fast_logits).abs().max() < 1e-4
+    ref_pages = same_steps(ref, fast, logits, ctx.num_tokens + 3, steps)
     R = eng.config.retrieved_pages
     kept = torch.stack([(p >= 0).sum(1) for step in ref_pages for p in step])  # [steps x layers, H] pages a head
     assert kept.shape[1] == 2 and (kept.sum(1) == 2 * R).all()  # the layer's total stays H x R...
