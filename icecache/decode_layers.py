@@ -208,7 +208,8 @@ class SparseSlots:
         H, _, D = ctx_layer.sink_k.shape
         slots, cap = stack.priv_valid.shape[1], stack.priv_valid.shape[3]
         self.leader = leader  # IceCache-reuse: the cycle's first layer, whose page selection this one uses
-        self.last_ids: torch.Tensor | None = None  # this step's page ids [B * H, R] (read by the cycle's followers)
+        # this step's page ids [B * H, page_slots] (read by the cycle's followers)
+        self.last_ids: torch.Tensor | None = None
         P, W = config.page_size, ring.window
         self.H, self.P, self.W, self.R = H, P, W, config.retrieved_pages
         self.splits_heads = config.splits_heads  # a layer's pages split among its KV heads by share
@@ -397,7 +398,7 @@ class SparseSlots:
         win_v.index_copy_(1, slot, v[:, None])
 
     def select(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Page ids [B * H, R] (private pages offset by num_shared), -1 where none.
+        """Page ids [B * H, <= page_slots] (private pages offset by num_shared), -1 where none.
         q: [B * H, G, D] fp32, slot-major."""
         if self.leader is not None:  # same page layout as the leader: its choice names the same tokens
             return self.leader.last_ids
@@ -466,7 +467,8 @@ class SparseSlots:
         return k, v, valid.masked_fill(page_ids < 0, 0)
 
     def attend(self, q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [B, H, G, D]; k, v: [B, H, D] for the first B slots. -> (out [B, H, G, D], page ids [B * H, R])."""
+        """q: [B, H, G, D]; k, v: [B, H, D] for the first B slots. -> (out [B, H, G, D], page ids
+        [B * H, <= page_slots])."""
         if self.scratch is not None:
             return self._attend_kernels(q, k, v, scaling)
         B, H = q.shape[:2]

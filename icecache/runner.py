@@ -163,7 +163,7 @@ class ContextReader:
                      and self.resident.make_room(self._device_bytes(), context))
 
     def _device_bytes(self) -> int:
-        """What every layer's (K, V) of the context takes on the device."""
+        """What the context's resident copy takes on the device (resident_bytes)."""
         first = self._host_tensors(self.order[0])[0]  # [H, tokens, D]
         return resident_bytes(self.ctx.num_tokens, len(self.order), len(self.ctx.sparse), first.shape[0],
                               first.shape[-1], self.dtype.itemsize)
