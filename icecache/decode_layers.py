@@ -23,7 +23,9 @@ from icecache.store import page_rows, shared_rows
 
 log = logging.getLogger(__name__)
 
-FUSED_RERANK_FAILED: list[str] = []  # why kernels.rerank could not build or run in this process, if it could not
+# why a kernels.rerank kernel could not build or run in this process, by kernel ("flat", or "split"
+# for the share split's): a failure switches only that one to torch ops
+FUSED_RERANK_FAILED: dict[str, str] = {}
 
 
 def uva_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -336,7 +338,8 @@ class SparseSlots:
         if ids.shape[1] <= self.R:  # no more candidates than pages to keep: nothing to re-rank
             return ids
         private = (self.priv_k[:B].flatten(0, 1), self.priv_valid[:B].flatten(0, 1))
-        if not FUSED_RERANK_FAILED:
+        kernel = "split" if self.splits_heads else "flat"
+        if kernel not in FUSED_RERANK_FAILED:
             from triton.errors import TritonError
 
             from icecache.kernels import rerank
@@ -345,8 +348,9 @@ class SparseSlots:
                 return rerank.rerank_pages(q, ids, self.rows_k, self.shared_valid, *private, self.R, scaling,
                                            self.question_k[:B].flatten(0, 1), self.rows_at, fixed=fixed)
             except (TritonError, RuntimeError) as e:  # built at the first (eager) step: torch ops from then on
-                FUSED_RERANK_FAILED.append(repr(e))
-                log.warning("the fused re-ranking kernel cannot run here (%r); re-ranking in torch ops", e)
+                FUSED_RERANK_FAILED[kernel] = repr(e)
+                log.warning("the fused re-ranking kernel (%s) cannot run here (%r); re-ranking in torch ops",
+                            kernel, e)
         fixed = self._fixed_log_mass(q, slice(0, B), scaling) if self.splits_heads else None
         return rerank_pages(q, ids, (self.shared_k, self.shared_valid), private, self.R, scaling, fixed)
 

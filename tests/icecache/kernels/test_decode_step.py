@@ -254,27 +254,40 @@ def test_a_joint_step_over_two_contexts_gives_each_request_what_it_gets_alone(mo
             assert diff < 1e-4, f"context {c}, request {r}: logits differ by {diff}"
 
 
-def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkeypatch, caplog):
-    """A GPU where the fused kernel fails to build (a fault we cannot cause here) still
-    decodes, re-ranking in torch ops, and says so once."""
+@pytest.mark.parametrize("kernel", ["flat", "split"])
+def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkeypatch, caplog, kernel):
+    """A GPU where a fused re-ranking kernel fails to build (a fault we cannot cause here)
+    still decodes, re-ranking in torch ops, and says so once; the other kernel (the flat
+    default's, when the share split's failed) still runs in a later decoder."""
     from triton.errors import TritonError
 
     from icecache.kernels import rerank
     import icecache.decode_layers as decode_layers
 
-    def broken(*args, **kwargs):
-        raise TritonError("no such instruction on this GPU")
+    built, calls = rerank.rerank_pages, []
 
-    monkeypatch.setattr(decode_layers, "FUSED_RERANK_FAILED", [])
-    monkeypatch.setattr(rerank, "rerank_pages", broken)
-    steps = 4
-    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, rerank=3)
+    def broken_for_one(*args, fixed=None, **kwargs):
+        if (fixed is not None) == (kernel == "split"):
+            raise TritonError("no such instruction on this GPU")
+        calls.append(fixed is None)
+        return built(*args, fixed=fixed, **kwargs)
+
+    monkeypatch.setattr(decode_layers, "FUSED_RERANK_FAILED", {})
+    monkeypatch.setattr(rerank, "rerank_pages", broken_for_one)
+    steps, head_pages = 4, "share" if kernel == "split" else "flat"
+    eng, ctx, ((ref, logits), (fast, _)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], steps, rerank=3,
+                                                    head_pages=head_pages)
     ref_pages, ref_logits = run(ref, logits, ctx.num_tokens + 3, steps)
     fast_pages, fast_logits = run(fast, logits, ctx.num_tokens + 3, steps)
     assert all(torch.equal(x, y) for a, b in zip(ref_pages, fast_pages) for x, y in zip(a, b))
     assert (ref_logits - fast_logits).abs().max() < 1e-4
-    assert len(decode_layers.FUSED_RERANK_FAILED) == 1
+    assert list(decode_layers.FUSED_RERANK_FAILED) == [kernel] and not calls
     assert caplog.text.count("re-ranking in torch ops") == 1
+    if kernel == "split":  # a flat decoder after it still re-ranks in its kernel
+        monkeypatch.setenv("ICECACHE_KERNELS", "0")  # the index in torch ops (the interpreter's takes a minute)
+        _, ctx, (_, (flat, logits)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], 1, rerank=3)
+        run(flat, logits, ctx.num_tokens + 3, 1)
+        assert calls and all(calls) and list(decode_layers.FUSED_RERANK_FAILED) == ["split"]
 
 
 def test_the_kernels_read_a_resident_copy_of_the_context_until_it_is_evicted(monkeypatch):
