@@ -251,6 +251,33 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
     assert ctx not in on.runner.resident and on.runner.resident.used_bytes == 0
 
 
+def test_resident_copies_give_way_to_a_prefill_that_fits_without_them(models):
+    """An 8B model on an 80 GB card: a 128k document kept resident left too little room to
+    prefill the next one on the device, which was offloaded (8x slower). With the device as
+    full, the copy is evicted and the prefill stays on the device; when evicting everything
+    would not make room, nothing is evicted and it is offloaded."""
+    _, gpu = models
+    eng = Engine.from_model(gpu, config=CONFIG, model_id="tiny")
+    runner, ids = eng.runner, torch.randint(0, 512, (8000,), generator=torch.Generator().manual_seed(9)).tolist()
+    with torch.inference_mode():
+        ctx = eng.index(ids)
+        kept = runner.resident.used_bytes
+        assert ctx in runner.resident and kept > 0
+        need = 2 * len(ids) * eng.shape.num_layers * eng.shape.kv_bytes_per_token  # what offload_prefill asks
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info()[0]
+        assert kept < need  # so that at `need` free, evicting the copy is not enough
+        for room, offloaded, evicted in ((2 * need - kept // 2, False, True), (need, True, False)):
+            blocker = torch.empty(free - room, dtype=torch.uint8, device="cuda")  # the device that full
+            assert runner.offload_prefill(len(ids)) is offloaded
+            assert (ctx not in runner.resident) is evicted
+            del blocker
+            torch.cuda.empty_cache()
+            if ctx not in runner.resident:
+                assert eng.make_resident(ctx) and runner.resident.used_bytes == kept
+        assert not runner.offload_prefill(len(ids)) and ctx in runner.resident  # room enough: nothing goes
+
+
 def test_a_context_copied_elsewhere_is_kept_resident_from_the_indexed_one(models):
     """The served path: indexed with its pages on the device, packed into shared memory,
     and that copy made resident from the device pages (no read back from the host)."""

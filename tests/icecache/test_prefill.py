@@ -81,6 +81,9 @@ def test_resident_contexts_keep_the_most_recent_under_their_budget():
     assert a not in resident and resident.used_bytes == 8 << 10
     assert resident.make_room(16 << 10) and c not in resident  # room made ahead of a pass evicts too
     assert not resident.make_room(21 << 10) and resident.used_bytes == 0
+    assert resident.put(a, kv()) and resident.put(b, kv()) and resident.get(a) is not None
+    assert resident.evict_oldest() == 8 << 10 and b not in resident and a in resident  # for a prefill: b first
+    assert resident.evict_oldest() == 8 << 10 and resident.evict_oldest() == 0 and resident.used_bytes == 0
 
 
 def test_a_context_over_the_resident_budget_is_said_once(caplog):
