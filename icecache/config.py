@@ -93,7 +93,7 @@ class IceCacheConfig:
     # how a sparse layer's retrieved pages go to its KV heads after re-ranking: "flat" (each
     # keeps retrieved_pages), or "share": the layer's KV heads x retrieved_pages go to the
     # candidates holding the largest estimated share of their head's softmax (over the sinks,
-    # the window and the candidates' exact mass), each head between 2 and 2 x retrieved_pages:
+    # the window and the candidates' exact mass), each head between 1 and 2 x retrieved_pages:
     # a head whose attention sits on the sinks and the window, or on one page, gives pages to a
     # flat one (the per-head cut-off of Twilight and PSA, at a fixed total). RULER 4k @256 (CPU, 96 cases):
     # 0.86x -> 0.90x of full (+0.022 [+0.004, +0.048]); opt-in until its kernels are timed on a GPU

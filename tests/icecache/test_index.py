@@ -245,7 +245,7 @@ def test_pages_split_by_share_go_from_a_head_on_its_sinks_to_a_flat_head():
     share of its head's softmax (sinks and window counted): a head whose mass sits on its
     sinks keeps the least, a head spread over many pages takes up to 2R; the total stays
     heads x R, and each head keeps its candidates of most mass."""
-    from icecache.index.select import fixed_log_mass, least_head_pages, rerank_pages
+    from icecache.index.select import LEAST_HEAD_PAGES, fixed_log_mass, rerank_pages
     g = torch.Generator().manual_seed(7)
     Hs, N, P, D, R, G = 2, 16, 4, 8, 4, 3
     keys = torch.randn(Hs, N, P, D, generator=g)
@@ -261,8 +261,8 @@ def test_pages_split_by_share_go_from_a_head_on_its_sinks_to_a_flat_head():
     ids = rerank_pages(q, candidates, (keys, valid), private, R, scaling, fixed)
     assert ids.shape == (2 * Hs, 2 * R)
     kept = (ids >= 0).sum(1).tolist()
-    assert kept[0] == least_head_pages(R) and kept[1] == Hs * R - kept[0]  # the sink head gives its pages
-    assert kept[2] + kept[3] == Hs * R and all(least_head_pages(R) <= k <= 2 * R for k in kept)
+    assert kept[0] == LEAST_HEAD_PAGES and kept[1] == Hs * R - kept[0]  # the sink head gives its pages
+    assert kept[2] + kept[3] == Hs * R and all(LEAST_HEAD_PAGES <= k <= 2 * R for k in kept)
     for row in range(2 * Hs):  # each head keeps its candidates of the largest share of its softmax
         cand = candidates[row][candidates[row] >= 0]
         tokens = torch.cat([sinks[row], keys[row % Hs, cand].reshape(-1, D)])  # sinks, then the pages' tokens
