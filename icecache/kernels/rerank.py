@@ -24,6 +24,7 @@ from icecache.kernels.common import check_contiguous, head_scores, supported
 from icecache.store import shared_rows
 
 PAGES_PER_PROGRAM = 2  # candidates _page_lse scores together (1-8 were within 10% of each other on an H200)
+SPLIT_WARPS = 8  # _split_by_share's two sorts of a request's 8 x 128 int64 keys spill at 4 (sm_90)
 
 
 @triton.jit(do_not_specialize=['C', 'n_shared', 'head_tokens', 'n_private', 'n_copied'])
@@ -120,19 +121,21 @@ def _fixed_lse(q_ptr, sink_ptr, win_ptr, counts_ptr, out_ptr, scaling, S, W, HS,
     tl.store(out_ptr + h * G + g, top + tl.log(total), mask=g < G)
 
 
-@triton.jit(do_not_specialize=['C', 'n_left'])
-def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, n_left, HS: tl.constexpr, HSP: tl.constexpr,
-                    LEAST: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CP: tl.constexpr):
+@triton.jit(do_not_specialize=['C'])
+def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, HS: tl.constexpr, HSP: tl.constexpr,
+                    KEEP: tl.constexpr, LEAST: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                    CP: tl.constexpr):
     """Request b (rows b·HS ... b·HS + HS-1) -> out[row, :CAP]: index.select.split_by_share. Each
     candidate's share of its row's softmax over the always-attended tokens (fixed [rows, G])
-    and the candidates (lse [rows, C, G]), query heads summed; every row's LEAST best first,
-    then n_left more by share over the request (at most CAP a row); each row's best first,
-    -1 after."""
+    and the candidates (lse [rows, C, G]), query heads summed; of each row's CAP best, its
+    LEAST first, then the request's best by share to KEEP in all; each row's best first, -1
+    after. Two sorts, no loop over the pages: a candidate is an int64 key, its share's float
+    bits (monotone for shares >= 0) above its place (ties: the lower place first)."""
     b = tl.program_id(0)
     g = tl.arange(0, GP)
     c = tl.arange(0, CP)
     r = tl.arange(0, HSP)
-    weight = tl.full((HSP, CP), -2.0, dtype=tl.float32)
+    weight = tl.full((HSP, CP), -1.0, dtype=tl.float32)
     for head in tl.static_range(HS):
         h = b * HS + head
         lse = tl.load(lse_ptr + (h * C + c[None, :]) * G + g[:, None], mask=(g[:, None] < G) & (c[None, :] < C),
@@ -144,28 +147,20 @@ def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, n_left, HS: tl.con
         share = tl.sum(tl.where(g[:, None] < G, tl.exp(lse - (safe + tl.log(total))[:, None]), 0.0), axis=0)
         candidate = tl.max(tl.where(g[:, None] == 0, lse, -float("inf")), axis=0) > -float("inf")
         weight = tl.where(r[:, None] == head, tl.where(candidate, share, -1.0)[None, :], weight)
-    taken = tl.zeros((HSP, CP), dtype=tl.int32)
-    for _ in tl.static_range(LEAST):  # every row's first pages
-        best = tl.max(tl.where(taken == 0, weight, -2.0), axis=1)
-        at = tl.argmax(tl.where(taken == 0, weight, -2.0), axis=1)
-        taken = tl.where((c[None, :] == at[:, None]) & (best >= 0)[:, None], 1, taken)
-    count = tl.sum(taken, axis=1)
-    for _ in range(n_left + LEAST * HS - tl.sum(count, axis=0)):  # the rest by share, at most CAP a row
-        open_ = (taken == 0) & (count < CAP)[:, None]
-        flat = tl.reshape(tl.where(open_, weight, -2.0), (HSP * CP,))
-        pick = tl.where(tl.max(flat, axis=0) >= 0, tl.argmax(flat, axis=0), -1)
-        hit = r[:, None] * CP + c[None, :] == pick
-        taken = tl.where(hit, 1, taken)
-        count += tl.sum(hit.to(tl.int32), axis=1)
-    ids = tl.load(cand_ptr + (b * HS + r[:, None]) * C + c[None, :], mask=(r[:, None] < HS) & (c[None, :] < C),
-                  other=-1)
-    left = tl.where(taken == 1, weight, -3.0)
-    for k in tl.static_range(CAP):  # each row's taken pages, best first
-        best = tl.max(left, axis=1)
-        at = tl.argmax(left, axis=1)
-        chosen = tl.sum(tl.where(c[None, :] == at[:, None], ids, 0), axis=1)
-        tl.store(out_ptr + (b * HS + r) * CAP + k, tl.where(best > -3.0, chosen, -1), mask=r < HS)
-        left = tl.where(c[None, :] == at[:, None], -3.0, left)
+    place = r[:, None] * CP + c[None, :]
+    tie = (HSP * CP - 1 - place).to(tl.int64)
+    key = tl.where(weight >= 0, (weight.to(tl.int32, bitcast=True).to(tl.int64) << 32) | tie, -1 - tie)
+    ranked = tl.sort(key, dim=1, descending=True)  # each row's candidates, best first
+    valid = (ranked >= 0) & (c[None, :] < CAP)
+    # every row's first LEAST ahead of any other (a share <= 1.0 keeps its key below 2^62)
+    bid = tl.where(valid, tl.where(c[None, :] < LEAST, ranked | (1 << 62), ranked), -1)
+    order = tl.sort(tl.reshape(bid, (HSP * CP,)), dim=0, descending=True)
+    last = tl.max(tl.where(tl.arange(0, HSP * CP) == KEEP - 1, order, -(1 << 62)), axis=0)  # the KEEP-th best
+    kept = valid & (bid >= last)
+    at = HSP * CP - 1 - (ranked & 0xFFFFFFFF) - r[:, None] * CP  # the candidate in each ranked place
+    row = b * HS + r[:, None]
+    ids = tl.load(cand_ptr + row * C + at, mask=kept & (r[:, None] < HS), other=-1)
+    tl.store(out_ptr + row * CAP + c[None, :], ids, mask=(r[:, None] < HS) & (c[None, :] < CAP))
 
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
@@ -222,6 +217,7 @@ def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
                         SP=max(16, triton.next_power_of_2(S)), WP=max(16, triton.next_power_of_2(W)))
     cap, least = min(2 * num_pages, C), min(LEAST_HEAD_PAGES, num_pages)
     out = torch.empty(rows, cap, dtype=candidates.dtype, device=candidates.device)
-    _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, C, HS * num_pages - least * HS, HS=HS,
-                                   HSP=max(2, triton.next_power_of_2(HS)), LEAST=least, CAP=cap, G=G, GP=GP, CP=CP)
+    _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, C, HS=HS, HSP=max(2, triton.next_power_of_2(HS)),
+                                   KEEP=HS * num_pages, LEAST=least, CAP=cap, G=G, GP=GP, CP=CP,
+                                   num_warps=SPLIT_WARPS)
     return out

@@ -76,7 +76,7 @@ cases = {
     "rerank fixed lse": (rerank._fixed_lse, dict(q_ptr=BF16, sink_ptr=BF16, win_ptr=BF16, counts_ptr=I64, out_ptr=F32),
                          dict(**SHAPE, GP=16, SP=32, WP=32)),
     "rerank split": (rerank._split_by_share, dict(lse_ptr=F32, fixed_ptr=F32, cand_ptr=I64, out_ptr=I64),
-                     dict(HS=8, HSP=8, LEAST=2, CAP=24, G=SHAPE["G"], GP=16, CP=128)),
+                     dict(HS=8, HSP=8, KEEP=96, LEAST=1, CAP=24, G=SHAPE["G"], GP=16, CP=128)),
 }
 stack = {}
 for name, (kernel, pointers, constexprs) in cases.items():
@@ -85,6 +85,8 @@ for name, (kernel, pointers, constexprs) in cases.items():
                  for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     options = {"num_warps": warps(constexprs["NB"])} if "NB" in constexprs else {}  # as walk.py launches it
+    if kernel is rerank._split_by_share:
+        options = {"num_warps": rerank.SPLIT_WARPS}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     path = os.path.join(sys.argv[1], "kernel.cubin")
     with open(path, "wb") as f:

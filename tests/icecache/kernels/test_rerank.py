@@ -107,7 +107,7 @@ def test_fused_split_by_share_keeps_the_pages_the_torch_reference_keeps(R):
     """head_pages="share": kernels.rerank.rerank_pages with the sinks and window rings = the
     torch reference with their log-mass (index.select.fixed_log_mass), over requests whose
     windows are partly filled, a head looking at its sinks, absent and repeated candidates."""
-    from icecache.index.select import fixed_log_mass, rerank_pages as reference
+    from icecache.index.select import LEAST_HEAD_PAGES, fixed_log_mass, rerank_pages as reference
     from icecache.kernels.rerank import rerank_pages
     gen = torch.Generator().manual_seed(11 + R)
     B, HS, G, D, P, N, M, C, S, W = 3, 2, 3, 16, 16, 30, 6, 12, 4, 8
@@ -131,6 +131,6 @@ def test_fused_split_by_share_keeps_the_pages_the_torch_reference_keeps(R):
     assert got.shape == want.shape == (rows, 2 * R)
     assert torch.equal(got.cpu().long(), want), (got, want)
     kept = (want >= 0).sum(1).view(B, HS)
-    assert (kept.sum(1) == HS * R).all() and kept.min() >= min(2, R)
+    assert (kept.sum(1) == HS * R).all() and kept.min() >= LEAST_HEAD_PAGES
     if R > 2:
-        assert kept[0, 0] == 2  # the head on its sink gave pages to the other
+        assert kept[0, 0] < R < kept[0, 1]  # the head on its sink gave pages to the other
