@@ -105,6 +105,14 @@ class Engine:
         pages on the GPU (for a caller that writes them elsewhere, e.g. shared memory)."""
         t0 = time.perf_counter()
         req = self.runner.document_request(len(ids))
+        try:
+            logits = self.runner.prefill_document(req, ids, progress)
+            return self.runner.build_context(req, ids, logits, t0, on_device)
+        except torch.OutOfMemoryError:
+            if not self.runner.retries_offloaded(req):
+                raise
+        req = None  # out of the handler: the failed attempt's tensors are free now
+        req = self.runner.offloaded_request(len(ids))
         logits = self.runner.prefill_document(req, ids, progress)
         return self.runner.build_context(req, ids, logits, t0, on_device)
 

@@ -125,6 +125,11 @@ class Resident(NamedTuple):
 
 
 RESIDENT_SHARE_AUTO = (0.25, 0.5)  # resident_context_share "auto": at least, at most
+# prefill_offload "auto": a document is prefilled on the device when its KV and the paged copy
+# built beside it take at most this share of the free device memory (the rest for the chunks'
+# activations and the decode steps interleaved with its passes); one that runs out of device
+# memory anyway starts again in host memory (ModelRunner.retries_offloaded)
+PREFILL_DEVICE_SHARE = 0.75
 
 
 def resident_bytes(tokens: int, layers: int, sparse_layers: int, kv_heads: int, head_dim: int,
@@ -523,6 +528,19 @@ class ModelRunner:
         offload = self.offload_prefill(num_tokens)
         return RequestKV(self.shape, self.config, None, num_tokens if offload else 0, capacity_tokens=num_tokens)
 
+    def retries_offloaded(self, req: RequestKV) -> bool:
+        """Whether a document's prefill that ran out of device memory starts again with its KV
+        in host memory (offloaded_request): it ran on the device, prefill_offload "auto"."""
+        return not req.offload and self.config.prefill_offload == "auto"
+
+    def offloaded_request(self, num_tokens: int) -> RequestKV:
+        """KV state in pinned host memory for a document whose prefill on the device ran out
+        of memory; call it once the failed attempt's tensors are gone (outside the handler)."""
+        torch.cuda.empty_cache()
+        log.warning("out of device memory prefilling a document of %d tokens on the device: starting again with "
+                    "its KV in host memory", num_tokens)
+        return RequestKV(self.shape, self.config, None, num_tokens, capacity_tokens=num_tokens)
+
     def chunk_tokens(self, req: RequestKV) -> int:
         """Tokens per pass when prefilling a document: an offloaded prefill reads its past
         back from the host every pass, so it takes fewer, larger ones."""
@@ -552,18 +570,23 @@ class ModelRunner:
             return mode == "host"
         if self.device.type != "cuda":
             return False  # the KV is in host memory either way
-        # the prefill's KV, then the paged copy the index builds beside it on the device
-        need = 2 * num_tokens * self.shape.num_layers * self.shape.kv_bytes_per_token
+        need = self.prefill_device_bytes(num_tokens)
+        fits = lambda free: need <= free * PREFILL_DEVICE_SHARE  # noqa: E731
         free = self._free_device_bytes()
-        if need <= free // 2 or self.resident is None or need > (free + self.resident.used_bytes) // 2:
-            return need > free // 2
+        if fits(free) or self.resident is None or not fits(free + self.resident.used_bytes):
+            return not fits(free)
         evicted = 0
-        while need > free // 2 and (size := self.resident.evict_oldest()):
+        while not fits(free) and (size := self.resident.evict_oldest()):
             evicted += size
             free = self._free_device_bytes()
         log.info("evicted %.1f GiB of resident contexts to prefill a document of %d tokens on the device%s",
-                 evicted / 2**30, num_tokens, "" if need <= free // 2 else ": not enough, it is offloaded")
-        return need > free // 2
+                 evicted / 2**30, num_tokens, "" if fits(free) else ": not enough, it is offloaded")
+        return not fits(free)
+
+    def prefill_device_bytes(self, num_tokens: int) -> int:
+        """What prefilling and indexing a document of num_tokens on the device takes at most:
+        its KV, and the paged copy the index builds beside it."""
+        return 2 * num_tokens * self.shape.num_layers * self.shape.kv_bytes_per_token
 
     def _free_device_bytes(self) -> int:
         """Device memory free now, torch's cached blocks counted."""

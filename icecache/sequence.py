@@ -44,7 +44,18 @@ class IndexJob:
         self.finished = False
 
     def run_pass(self, runner: "ModelRunner") -> Context | None:
-        """Prefill the next pass; the built Context once the document is whole, else None."""
+        """Prefill the next pass; the built Context once the document is whole, else None.
+        A document whose prefill on the device runs out of memory starts again in host memory."""
+        try:
+            return self._next_pass(runner)
+        except torch.OutOfMemoryError:
+            if self.score is not None or self.req is None or not runner.retries_offloaded(self.req):
+                raise
+        self.req = None  # out of the handler: the failed passes' tensors are free now
+        self.req, self.done_tokens = runner.offloaded_request(len(self.ids)), 0
+        return None
+
+    def _next_pass(self, runner: "ModelRunner") -> Context | None:
         if self.req is None:
             self.started = time.perf_counter()
             self.req = runner.document_request(len(self.ids))

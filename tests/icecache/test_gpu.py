@@ -256,6 +256,7 @@ def test_resident_copies_give_way_to_a_prefill_that_fits_without_them(models):
     prefill the next one on the device, which was offloaded (8x slower). With the device as
     full, the copy is evicted and the prefill stays on the device; when evicting everything
     would not make room, nothing is evicted and it is offloaded."""
+    from icecache.runner import PREFILL_DEVICE_SHARE
     _, gpu = models
     eng = Engine.from_model(gpu, config=CONFIG, model_id="tiny")
     runner, ids = eng.runner, torch.randint(0, 512, (8000,), generator=torch.Generator().manual_seed(9)).tolist()
@@ -263,11 +264,11 @@ def test_resident_copies_give_way_to_a_prefill_that_fits_without_them(models):
         ctx = eng.index(ids)
         kept = runner.resident.used_bytes
         assert ctx in runner.resident and kept > 0
-        need = 2 * len(ids) * eng.shape.num_layers * eng.shape.kv_bytes_per_token  # what offload_prefill asks
+        enough = int(runner.prefill_device_bytes(len(ids)) / PREFILL_DEVICE_SHARE)  # free memory it asks for
+        assert enough > 2 * kept
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info()[0]
-        assert kept < need  # so that at `need` free, evicting the copy is not enough
-        for room, offloaded, evicted in ((2 * need - kept // 2, False, True), (need, True, False)):
+        for room, offloaded, evicted in ((enough - kept // 2, False, True), (enough - 2 * kept, True, False)):
             blocker = torch.empty(free - room, dtype=torch.uint8, device="cuda")  # the device that full
             assert runner.offload_prefill(len(ids)) is offloaded
             assert (ctx not in runner.resident) is evicted

@@ -66,6 +66,54 @@ def test_offloaded_prefill_gives_the_same_context_and_tokens():
     assert offloaded_tokens == plain_tokens and len(plain_tokens) == 8
 
 
+@pytest.mark.parametrize("where", ["engine", "scheduler"])
+def test_a_prefill_out_of_device_memory_starts_again_in_host_memory(monkeypatch, caplog, where):
+    """A document's prefill on the device that runs out of memory mid-way (a fault we
+    cannot cause on a CPU: raised at its second pass) starts again with its KV in host
+    memory, says so once, and gives the context a plain prefill gives; Engine.index_ids
+    and the scheduler's index jobs alike. Out of host memory too, the error stands."""
+    from concurrent.futures import Future
+    model = random_model(tiny_config("llama", num_hidden_layers=3), torch.device("cpu"), torch.float32)
+    config = IceCacheConfig(token_budget=64, page_size=4, sink_tokens=4, window_tokens=4, dense_layers=1,
+                            index_chunk_tokens=256)
+    eng = Engine.from_model(model, config=config, model_id="tiny")
+    ids = torch.randint(0, 500, (900,), generator=torch.Generator().manual_seed(3)).tolist()
+    plain = eng.index(ids)
+    real, passes = eng.runner.prefill_rows, []
+
+    def short_of_memory(requests, *args, fail_offloaded=False):
+        passes.append(requests[0].offload)
+        if len(passes) == 2 or (fail_offloaded and requests[0].offload):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(requests, *args)
+
+    def index(fail_offloaded=False):
+        monkeypatch.setattr(eng.runner, "prefill_rows", lambda *a: short_of_memory(*a, fail_offloaded=fail_offloaded))
+        if where == "engine":
+            return eng.index_ids(ids)
+        done, scheduler = Future(), eng.scheduler(max_batch=2)
+        scheduler.submit_index(ids, lambda r: done.set_exception(r) if isinstance(r, BaseException)
+                               else done.set_result(r), on_device=False)
+        scheduler.start()
+        try:
+            return done.result(timeout=120)
+        finally:
+            scheduler.stop()
+
+    with caplog.at_level(logging.WARNING, logger="icecache.runner"):
+        ctx = index()
+    assert passes == [False, False, True]  # two passes on the device, then one in host memory
+    assert caplog.text.count("starting again with its KV in host memory") == 1
+    assert torch.allclose(ctx.last_logits, plain.last_logits, atol=1e-4, rtol=1e-4)
+    for layer in range(3):
+        for a, b in zip(kv_in_token_order(plain, layer), kv_in_token_order(ctx, layer)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"layer {layer}"
+    passes.clear()
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        index(fail_offloaded=True)
+    assert passes == [False, False, True]
+
+
 def test_resident_contexts_keep_the_most_recent_under_their_budget():
     kv = lambda: Resident({0: (torch.zeros(4, 128), torch.zeros(4, 128))},  # 8 KiB a context, maps counted
                           {0: (torch.zeros(4, 128), torch.zeros(4, 128))})
