@@ -104,8 +104,9 @@ class Engine:
         """Prefill validated token ids (see tokenize) and index them; on_device keeps the
         pages on the GPU (for a caller that writes them elsewhere, e.g. shared memory)."""
         t0 = time.perf_counter()
-        req = self.runner.document_request(len(ids))
+        req = None
         try:
+            req = self.runner.document_request(len(ids))
             logits = self.runner.prefill_document(req, ids, progress)
             return self.runner.build_context(req, ids, logits, t0, on_device)
         except torch.OutOfMemoryError:

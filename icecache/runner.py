@@ -528,10 +528,11 @@ class ModelRunner:
         offload = self.offload_prefill(num_tokens)
         return RequestKV(self.shape, self.config, None, num_tokens if offload else 0, capacity_tokens=num_tokens)
 
-    def retries_offloaded(self, req: RequestKV) -> bool:
+    def retries_offloaded(self, req: RequestKV | None) -> bool:
         """Whether a document's prefill that ran out of device memory starts again with its KV
-        in host memory (offloaded_request): it ran on the device, prefill_offload "auto"."""
-        return not req.offload and self.config.prefill_offload == "auto"
+        in host memory (offloaded_request): it ran on the device (None: its KV could not even
+        be allocated there), prefill_offload "auto"."""
+        return (req is None or not req.offload) and self.config.prefill_offload == "auto"
 
     def offloaded_request(self, num_tokens: int) -> RequestKV:
         """KV state in pinned host memory for a document whose prefill on the device ran out

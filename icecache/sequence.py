@@ -49,7 +49,7 @@ class IndexJob:
         try:
             return self._next_pass(runner)
         except torch.OutOfMemoryError:
-            if self.score is not None or self.req is None or not runner.retries_offloaded(self.req):
+            if self.score is not None or not runner.retries_offloaded(self.req):
                 raise
         self.req = None  # out of the handler: the failed passes' tensors are free now
         self.req, self.done_tokens = runner.offloaded_request(len(self.ids)), 0
