@@ -522,10 +522,11 @@ class ModelRunner:
         pass. -> logits [vocab] after the last token."""
         return self.prefill([req], [token_ids], [start])[0]
 
-    def document_request(self, num_tokens: int) -> RequestKV:
+    def document_request(self, num_tokens: int, offload: bool | None = None) -> RequestKV:
         """KV state for indexing a document of num_tokens from its start: on the device, or
-        in pinned host memory when config.prefill_offload says so (offload_prefill)."""
-        offload = self.offload_prefill(num_tokens)
+        in pinned host memory when config.prefill_offload says so (offload_prefill) or offload does."""
+        if offload is None:
+            offload = self.offload_prefill(num_tokens)
         return RequestKV(self.shape, self.config, None, num_tokens if offload else 0, capacity_tokens=num_tokens)
 
     def retries_offloaded(self, req: RequestKV | None) -> bool:
@@ -540,7 +541,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         log.warning("out of device memory prefilling a document of %d tokens on the device: starting again with "
                     "its KV in host memory", num_tokens)
-        return RequestKV(self.shape, self.config, None, num_tokens, capacity_tokens=num_tokens)
+        return self.document_request(num_tokens, offload=True)
 
     def chunk_tokens(self, req: RequestKV) -> int:
         """Tokens per pass when prefilling a document: an offloaded prefill reads its past
