@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +15,7 @@ from icecache.models import LoadedModel, load_model, resolve_device
 from icecache.outputs import GenerationOutput, GenerationStream
 from icecache.runner import ModelRunner, Progress
 from icecache.scheduler import Scheduler
+from icecache.sequence import IndexJob
 
 
 CHAT_DOCUMENT_ROLES = ("system", "user")  # turns a document can open a chat as
@@ -103,19 +103,10 @@ class Engine:
     def index_ids(self, ids: list[int], progress: Progress | None = None, on_device: bool = False) -> Context:
         """Prefill validated token ids (see tokenize) and index them; on_device keeps the
         pages on the GPU (for a caller that writes them elsewhere, e.g. shared memory)."""
-        t0 = time.perf_counter()
-        req = None
-        try:
-            req = self.runner.document_request(len(ids))
-            logits = self.runner.prefill_document(req, ids, progress)
-            return self.runner.build_context(req, ids, logits, t0, on_device)
-        except torch.OutOfMemoryError:
-            if not self.runner.retries_offloaded(req):
-                raise
-        req = None  # out of the handler: the failed attempt's tensors are free now
-        req = self.runner.offloaded_request(len(ids))
-        logits = self.runner.prefill_document(req, ids, progress)
-        return self.runner.build_context(req, ids, logits, t0, on_device)
+        job = IndexJob(ids, lambda result: None, on_device, progress=progress)
+        while (ctx := job.run_pass(self.runner)) is None:  # a prefill out of device memory restarts in host memory
+            pass
+        return ctx
 
     # ---------------------------------------------------------------- public API
     def index(self, document: str | Sequence[int], progress: Progress | None = None) -> Context:

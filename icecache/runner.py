@@ -549,18 +549,6 @@ class ModelRunner:
         chunk = self.config.index_chunk_tokens
         return max(chunk, OFFLOAD_CHUNK_TOKENS) if req.offload else chunk
 
-    def prefill_document(self, req: RequestKV, token_ids: list[int], progress: Progress | None = None
-                         ) -> torch.Tensor:
-        """Prefill a whole document into req, chunk by chunk. -> logits [vocab] after its last token."""
-        chunk = self.chunk_tokens(req)
-        logits = None
-        for s in range(0, len(token_ids), chunk):
-            piece = token_ids[s:s + chunk]
-            logits = self.prefill([req], [piece], [s])[0]
-            if progress:
-                progress(s + len(piece), len(token_ids))
-        return logits
-
     def offload_prefill(self, num_tokens: int) -> bool:
         """Whether indexing a document of num_tokens keeps its KV in host memory meanwhile.
         Resident copies of other contexts (the least recently used first) give way to a

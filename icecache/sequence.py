@@ -30,14 +30,18 @@ OnItem = Callable[[object], None]  # receives text pieces (str), then a Generati
 
 
 class IndexJob:
-    """A document being prefilled and indexed inside the scheduler, one pass per step.
-    on_done receives the Context (pages on the device if on_device) or the Exception."""
+    """A document being prefilled and indexed a pass at a time: inside the scheduler, one
+    pass per step, or all at once by Engine.index_ids. on_done receives the Context (pages
+    on the device if on_device) or the Exception."""
 
     def __init__(self, ids: list[int], on_done: Callable[[object], None], on_device: bool,
-                 score: Callable[[int, torch.Tensor], None] | None = None) -> None:
+                 score: Callable[[int, torch.Tensor], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         """score: called with (first token's index, logits after each token [n, vocab]) for
-        every pass, where the document's tokens are scored (a prompt's prompt_logprobs)."""
+        every pass, where the document's tokens are scored (a prompt's prompt_logprobs).
+        progress: called with (tokens done, tokens total) after every pass."""
         self.ids, self.on_done, self.on_device, self.score = ids, on_done, on_device, score
+        self.progress = progress
         self.req: RequestKV | None = None  # allocated at the first pass
         self.done_tokens = 0
         self.started = 0.0
@@ -68,6 +72,8 @@ class IndexJob:
         if self.score is not None:
             self.score(self.done_tokens, rows[0])
         self.done_tokens += len(piece)
+        if self.progress:
+            self.progress(self.done_tokens, len(self.ids))
         if self.done_tokens < len(self.ids):
             return None
         return runner.build_context(self.req, self.ids, logits, self.started, self.on_device)

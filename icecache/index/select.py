@@ -185,15 +185,20 @@ def fixed_log_mass(q: torch.Tensor, keys: torch.Tensor, filled: torch.Tensor | N
 LEAST_HEAD_PAGES = 1
 
 
+def least_head_pages(num_pages: int) -> int:
+    """What every KV head keeps of its layer's num_pages a head under the share split."""
+    return min(LEAST_HEAD_PAGES, num_pages)
+
+
 def split_by_share(share: torch.Tensor, candidates: torch.Tensor, group: int, num_pages: int) -> torch.Tensor:
     """A layer's pages shared among its KV heads (IceCacheConfig.head_pages "share"): each
     request's group x num_pages pages go to its rows' candidates of the largest share, each
-    row between LEAST_HEAD_PAGES and 2 x num_pages of them.
+    row between least_head_pages(num_pages) and 2 x num_pages of them.
     share: [rows, C] each candidate's share of its row's softmax (< 0 = not a page), rows
     request-major (group rows a request). -> [rows, min(2 x num_pages, C)] ids, best first,
     -1 = none."""
     rows, C = share.shape
-    cap, least = min(2 * num_pages, C), min(LEAST_HEAD_PAGES, num_pages)
+    cap, least = min(2 * num_pages, C), least_head_pages(num_pages)
     best, order = share.topk(cap, dim=1)  # [rows, cap], by share, best first
     weight = torch.where(best >= 0, best, -2.0)
     weight[:, :least] += torch.where(best[:, :least] >= 0, 10.0, 0.0)  # every row's first page(s) first

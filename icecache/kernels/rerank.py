@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from icecache.index.select import LEAST_HEAD_PAGES
+from icecache.index.select import least_head_pages
 from icecache.kernels.common import check_contiguous, head_scores, supported
 from icecache.store import shared_rows
 
@@ -215,7 +215,7 @@ def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
     fixed_lse = torch.empty(rows, G, dtype=torch.float32, device=q.device)
     _fixed_lse[(rows,)](q, sink_k, win_k, counts, fixed_lse, scaling, S, W, HS, G=G, GP=GP, D=D,
                         SP=max(16, triton.next_power_of_2(S)), WP=max(16, triton.next_power_of_2(W)))
-    cap, least = min(2 * num_pages, C), min(LEAST_HEAD_PAGES, num_pages)
+    cap, least = min(2 * num_pages, C), least_head_pages(num_pages)
     out = torch.empty(rows, cap, dtype=candidates.dtype, device=candidates.device)
     _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, C, HS=HS, HSP=max(2, triton.next_power_of_2(HS)),
                                    KEEP=HS * num_pages, LEAST=least, CAP=cap, G=G, GP=GP, CP=CP,
