@@ -122,7 +122,7 @@ def _fixed_lse(q_ptr, sink_ptr, win_ptr, counts_ptr, out_ptr, scaling, S, W, HS,
 
 
 @triton.jit(do_not_specialize=['C'])
-def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, HS: tl.constexpr, HSP: tl.constexpr,
+def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, order_ptr, C, HS: tl.constexpr, HSP: tl.constexpr,
                     KEEP: tl.constexpr, LEAST: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                     CP: tl.constexpr):
     """Request b (rows b·HS ... b·HS + HS-1) -> out[row, :CAP]: index.select.split_by_share. Each
@@ -154,8 +154,12 @@ def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, C, HS: tl.constexpr, 
     valid = (ranked >= 0) & (c[None, :] < CAP)
     # every row's first LEAST ahead of any other (a share <= 1.0 keeps its key below 2^62)
     bid = tl.where(valid, tl.where(c[None, :] < LEAST, ranked | (1 << 62), ranked), -1)
-    order = tl.sort(tl.reshape(bid, (HSP * CP,)), dim=0, descending=True)
-    last = tl.max(tl.where(tl.arange(0, HSP * CP) == KEEP - 1, order, -(1 << 62)), axis=0)  # the KEEP-th best
+    # the KEEP-th best, read back from memory: picking it from the sorted keys in registers
+    # (where + max) gave the default, never the key, on an H100 (triton 3.6)
+    n = tl.arange(0, HSP * CP)
+    tl.store(order_ptr + b * HSP * CP + n, tl.sort(tl.reshape(bid, (HSP * CP,)), dim=0, descending=True))
+    tl.debug_barrier()
+    last = tl.load(order_ptr + b * HSP * CP + KEEP - 1)
     kept = valid & (bid >= last)
     at = HSP * CP - 1 - (ranked & 0xFFFFFFFF) - r[:, None] * CP  # the candidate in each ranked place
     row = b * HS + r[:, None]
@@ -217,7 +221,9 @@ def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
                         SP=max(16, triton.next_power_of_2(S)), WP=max(16, triton.next_power_of_2(W)))
     cap, least = min(2 * num_pages, C), least_head_pages(num_pages)
     out = torch.empty(rows, cap, dtype=candidates.dtype, device=candidates.device)
-    _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, C, HS=HS, HSP=max(2, triton.next_power_of_2(HS)),
+    HSP = max(2, triton.next_power_of_2(HS))
+    order = torch.empty(rows // HS, HSP * CP, dtype=torch.int64, device=q.device)  # each request's keys, sorted
+    _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, order, C, HS=HS, HSP=HSP,
                                    KEEP=HS * num_pages, LEAST=least, CAP=cap, G=G, GP=GP, CP=CP,
                                    num_warps=SPLIT_WARPS)
     return out

@@ -75,7 +75,7 @@ cases = {
     # head_pages="share": the always-attended tokens' log-mass, then a request's pages split among its 8 KV heads
     "rerank fixed lse": (rerank._fixed_lse, dict(q_ptr=BF16, sink_ptr=BF16, win_ptr=BF16, counts_ptr=I64, out_ptr=F32),
                          dict(**SHAPE, GP=16, SP=32, WP=32)),
-    "rerank split": (rerank._split_by_share, dict(lse_ptr=F32, fixed_ptr=F32, cand_ptr=I64, out_ptr=I64),
+    "rerank split": (rerank._split_by_share, dict(lse_ptr=F32, fixed_ptr=F32, cand_ptr=I64, out_ptr=I64, order_ptr=I64),
                      dict(HS=8, HSP=8, KEEP=96, LEAST=1, CAP=24, G=SHAPE["G"], GP=16, CP=128)),
 }
 stack = {}
