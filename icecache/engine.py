@@ -13,7 +13,7 @@ from icecache.config import IceCacheConfig, SamplingParams
 from icecache.context import Context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
 from icecache.outputs import GenerationOutput, GenerationStream
-from icecache.runner import ModelRunner, Progress
+from icecache.runner import ModelRunner, Progress, free_device_bytes
 from icecache.scheduler import Scheduler
 from icecache.sequence import IndexJob
 
@@ -201,9 +201,9 @@ class Engine:
                   burst_wait_s: float = 0.0) -> Scheduler:
         """A continuous-batching scheduler over this engine (see icecache.scheduler).
         device_bytes: the KV budget of admitted requests; "auto" = 80% of the GPU memory
-        free now on CUDA (room for activations and graph pools) less what the runner may
-        still take for resident contexts (config.resident_context_share), no limit on CPU;
-        None = no limit.
+        free now on CUDA, torch's cached blocks counted (room for activations and graph
+        pools), less what the runner may still take for resident contexts
+        (config.resident_context_share), no limit on CPU; None = no limit.
         device_pages: the requests decoding together on one document read its pages from a
         copy in GPU memory instead of over PCIe (faster at high concurrency; the copy is
         not counted in device_bytes).
@@ -219,7 +219,7 @@ class Engine:
             device_bytes = None
             if self.device.type == "cuda":  # less what the runner may keep of hot contexts
                 resident = self.runner.resident.budget_bytes - self.runner.resident.used_bytes if self.runner.resident else 0
-                device_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.8) - resident
+                device_bytes = max(0, int(free_device_bytes(self.device) * 0.8) - resident)
         if host_bytes == "auto":
             host_bytes = _available_host_bytes()
             host_bytes = int(host_bytes * 0.8) if host_bytes is not None else None

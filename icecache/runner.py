@@ -124,6 +124,13 @@ class Resident(NamedTuple):
     token_pages: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """CUDA memory free now, torch's cached blocks counted (after a prefill they hold its
+    KV's worth: mem_get_info alone then says a 128k document's 16 GiB are taken)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 RESIDENT_SHARE_AUTO = (0.25, 0.5)  # resident_context_share "auto": at least, at most
 # prefill_offload "auto": a document is prefilled on the device when its KV and the paged copy
 # built beside it take at most this share of the free device memory (the rest for the chunks'
@@ -420,7 +427,7 @@ class ModelRunner:
         self.device = shape.device
         budget = 0
         if self.device.type == "cuda" and config.resident_context_share != 0:
-            free = torch.cuda.mem_get_info(self.device)[0]
+            free = free_device_bytes(self.device)
             longest = int(model.config.max_position_embeddings)
             budget = resident_budget(config.resident_context_share, free, resident_bytes(
                 longest, shape.num_layers, shape.num_layers - config.dense_layers, shape.num_kv_heads,
@@ -562,13 +569,13 @@ class ModelRunner:
             return False  # the KV is in host memory either way
         need = self.prefill_device_bytes(num_tokens)
         fits = lambda free: need <= free * PREFILL_DEVICE_SHARE  # noqa: E731
-        free = self._free_device_bytes()
+        free = free_device_bytes(self.device)
         if fits(free) or self.resident is None or not fits(free + self.resident.used_bytes):
             return not fits(free)
         evicted = 0
         while not fits(free) and (size := self.resident.evict_oldest()):
             evicted += size
-            free = self._free_device_bytes()
+            free = free_device_bytes(self.device)
         log.info("evicted %.1f GiB of resident contexts to prefill a document of %d tokens on the device%s",
                  evicted / 2**30, num_tokens, "" if fits(free) else ": not enough, it is offloaded")
         return not fits(free)
@@ -577,11 +584,6 @@ class ModelRunner:
         """What prefilling and indexing a document of num_tokens on the device takes at most:
         its KV, and the paged copy the index builds beside it."""
         return 2 * num_tokens * self.shape.num_layers * self.shape.kv_bytes_per_token
-
-    def _free_device_bytes(self) -> int:
-        """Device memory free now, torch's cached blocks counted."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def build_context(self, req: RequestKV, token_ids: list[int], logits: torch.Tensor, prefill_started: float,
                       on_device: bool = False) -> Context:

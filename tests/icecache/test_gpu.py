@@ -251,14 +251,29 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
     assert ctx not in on.runner.resident and on.runner.resident.used_bytes == 0
 
 
-def test_resident_copies_give_way_to_a_prefill_that_fits_without_them(models):
+@pytest.fixture(scope="module")
+def wide():
+    """8x the models fixture's KV a token: the device-memory figures of a test using it
+    (~0.2-0.5 GB) dwarf what the allocator keeps cached in segments still partly in use
+    (~25 MB, counted as free)."""
+    config = tiny_config("llama", num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+    return random_model(config, torch.device("cuda"), torch.float32)
+
+
+def fill_device_but(room: int) -> torch.Tensor:
+    """A tensor that leaves `room` bytes of the device free, as runner.free_device_bytes counts."""
+    from icecache.runner import free_device_bytes
+    torch.cuda.empty_cache()
+    return torch.empty(free_device_bytes(torch.device("cuda")) - room, dtype=torch.uint8, device="cuda")
+
+
+def test_resident_copies_give_way_to_a_prefill_that_fits_without_them(wide):
     """An 8B model on an 80 GB card: a 128k document kept resident left too little room to
     prefill the next one on the device, which was offloaded (8x slower). With the device as
     full, the copy is evicted and the prefill stays on the device; when evicting everything
     would not make room, nothing is evicted and it is offloaded."""
     from icecache.runner import PREFILL_DEVICE_SHARE
-    _, gpu = models
-    eng = Engine.from_model(gpu, config=CONFIG, model_id="tiny")
+    eng = Engine.from_model(wide, config=CONFIG, model_id="tiny")
     runner, ids = eng.runner, torch.randint(0, 512, (8000,), generator=torch.Generator().manual_seed(9)).tolist()
     with torch.inference_mode():
         ctx = eng.index(ids)
@@ -266,12 +281,11 @@ def test_resident_copies_give_way_to_a_prefill_that_fits_without_them(models):
         assert ctx in runner.resident and kept > 0
         enough = int(runner.prefill_device_bytes(len(ids)) / PREFILL_DEVICE_SHARE)  # free memory it asks for
         assert enough > 2 * kept
-        torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info()[0]
-        for room, offloaded, evicted in ((enough - kept // 2, False, True), (enough - 2 * kept, True, False)):
-            blocker = torch.empty(free - room, dtype=torch.uint8, device="cuda")  # the device that full
-            assert runner.offload_prefill(len(ids)) is offloaded
-            assert (ctx not in runner.resident) is evicted
+        for room, offloaded, evicted in ((enough - kept // 2, False, True), (enough - 3 * kept // 2, True, False)):
+            blocker = fill_device_but(room)
+            figures = dict(room=room, enough=enough, kept=kept)
+            assert runner.offload_prefill(len(ids)) is offloaded, figures
+            assert (ctx not in runner.resident) is evicted, figures
             del blocker
             torch.cuda.empty_cache()
             if ctx not in runner.resident:
