@@ -463,9 +463,9 @@ class ModelRunner:
             with torch.no_grad():
                 for layer in reader.order:
                     reader.layer(layer)
-        except torch.OutOfMemoryError:  # within the budget but not free now: its first question reads it
-            log.warning("no device memory free to keep a context of %d tokens resident now",
-                        context.num_tokens)
+        except torch.OutOfMemoryError as e:  # within the budget but not free now: its first question reads it
+            log.warning("no device memory free to keep a context of %d tokens resident now (%s)",
+                        context.num_tokens, str(e).split(". See documentation")[0])
             return False
         reader.finish()
         return context in self.resident
