@@ -1,9 +1,10 @@
 """Where a static decode step's GPU time goes (GPU): kernel totals per step from the
 profiler (eager, so kernels are attributed), next to the CUDA-graph TPOT of the same step.
 
-    python benchmarks/profile_decode.py --context 32768 [--slots 32]
+    python benchmarks/profile_decode.py --context 32768 [--slots 32] [--variant share:head_pages=share]
 
---slots N profiles the batched step of N sessions on the context (StaticDecoder slots).
+--slots N profiles the batched step of N sessions on the context (StaticDecoder slots);
+--variant profiles the same step with these IceCacheConfig fields after the default's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import accuracy
 from benchmarks.decode_speed import shaped_model
 from icecache import IceCacheConfig
 from icecache.internals import StaticDecoder, build_context
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=1, help="sessions decoding together")
     ap.add_argument("--search-widths", type=int, nargs="+", default=[64],
                     help="tree-walk beams to profile in turn on the same index")
+    accuracy.add_variant_option(ap, "also profile the step with these IceCacheConfig fields")
     args = ap.parse_args(argv)
     model = shaped_model("llama-3.1-8b", args.context + 256)
     c = model.config
@@ -46,9 +49,10 @@ def main(argv=None) -> int:
     ctx = build_context("x", list(range(args.context)), kv, torch.zeros(c.vocab_size), config, torch.device("cuda"))
     del kv
     print(f"context {args.context}: synthetic index built in {time.perf_counter() - t:.1f}s")
-    for width in args.search_widths:
-        print(f"--- search width {width}")
-        profile_step(model, config.replace(search_width=width), ctx, args)
+    for name, changes in [("default", {}), *args.variant]:
+        for width in args.search_widths:
+            print(f"--- {name}, search width {width}")
+            profile_step(model, config.replace(search_width=width, **changes), ctx, args)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Re-ranking candidate pages by their keys (IceCacheConfig.rerank > 1) in two Triton
 kernels, for the decode step's CUDA graph: one program per (row, PAGES_PER_PROGRAM candidate
-pages) for the pages' log-sum-exps, then one per (request, KV head) row for the choice.
+pages) for the pages' log-sum-exps, then one per (request, KV head) row for the choice
+(head_pages="share": two, each row's bids, then each row's cut against its request's).
 
 The box bounds pick rerank x R candidate pages; this keeps the R of them that hold the
 most attention mass of the step's query: per candidate, every query head's log-sum-exp
@@ -24,7 +25,7 @@ from icecache.kernels.common import check_contiguous, head_scores, supported
 from icecache.store import shared_rows
 
 PAGES_PER_PROGRAM = 2  # candidates _page_lse scores together (1-8 were within 10% of each other on an H200)
-SPLIT_WARPS = 8  # _split_by_share's two sorts of a request's 8 x 128 int64 keys spill at 4 (sm_90)
+COUNT_BLOCK = 8192  # key comparisons the share split's kernels make at once (64 a thread at 4 warps)
 
 
 @triton.jit(do_not_specialize=['C', 'n_shared', 'head_tokens', 'n_private', 'n_copied'])
@@ -101,12 +102,12 @@ def _top_by_share(lse_ptr, cand_ptr, out_ptr, C, R: tl.constexpr, G: tl.constexp
 
 
 @triton.jit
-def _fixed_lse(q_ptr, sink_ptr, win_ptr, counts_ptr, out_ptr, scaling, S, W, HS, G: tl.constexpr, GP: tl.constexpr,
-               D: tl.constexpr, SP: tl.constexpr, WP: tl.constexpr):
-    """Row h (request h // HS, KV head h % HS) -> out[h, :G]: each query head's log-sum-exp of
-    scores over the tokens every step attends to: the head's S sinks (sink [HS, S, D]) and
-    the row's window ring (win [rows, W, D]) holding min(counts[b, 0] + 1, W) tokens."""
-    h = tl.program_id(0)
+def _fixed_log_mass(q_ptr, sink_ptr, win_ptr, counts_ptr, h, scaling, S, W, HS, G: tl.constexpr, GP: tl.constexpr,
+                    D: tl.constexpr, SP: tl.constexpr, WP: tl.constexpr):
+    """Row h (request h // HS, KV head h % HS) -> [GP]: each query head's log-sum-exp of
+    scores over the tokens every step attends to (-inf for g >= G): the head's S sinks (sink
+    [HS, S, D]) and the row's window ring (win [rows, W, D]) holding min(counts[b, 0] + 1, W)
+    tokens."""
     d = tl.arange(0, D)
     g = tl.arange(0, GP)
     i = tl.arange(0, SP)
@@ -118,53 +119,64 @@ def _fixed_lse(q_ptr, sink_ptr, win_ptr, counts_ptr, out_ptr, scaling, S, W, HS,
     win = tl.where(j[None, :] < filled, head_scores(q_ptr, h, k.to(tl.float32), G, GP, D) * scaling, -float("inf"))
     top = tl.maximum(tl.max(sink, axis=1), tl.max(win, axis=1))  # finite: the window holds a token
     total = tl.sum(tl.exp(sink - top[:, None]), axis=1) + tl.sum(tl.exp(win - top[:, None]), axis=1)
-    tl.store(out_ptr + h * G + g, top + tl.log(total), mask=g < G)
+    return tl.where(g < G, top + tl.log(total), -float("inf"))
+
+
+@triton.jit(do_not_specialize=['C', 'S', 'W'])
+def _row_bids(q_ptr, lse_ptr, sink_ptr, win_ptr, counts_ptr, keys_ptr, bids_ptr, C, scaling, S, W, HS,
+              LEAST: tl.constexpr, CAP: tl.constexpr, CAPP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+              D: tl.constexpr, SP: tl.constexpr, WP: tl.constexpr, CP: tl.constexpr, CH: tl.constexpr):
+    """Row h's side of index.select.split_by_share -> bids[h, :CAP], its CAP best candidates'
+    keys, best first (-1: not a page). A candidate's share is of its row's softmax over the
+    always-attended tokens (_fixed_log_mass) and the candidates (lse [rows, C, G]), query
+    heads summed; its key, an int64, the share's float bits (monotone for shares >= 0) above
+    its place in the request (ties: the lower place first), so keys are distinct and a
+    key's rank is a count of the row's keys above it (CH at a time). The row's first LEAST
+    get bit 62: ahead of every other row's (a share <= 1.0 keeps a key below 2^62)."""
+    h = tl.program_id(0)
+    g = tl.arange(0, GP)
+    c = tl.arange(0, CP)
+    fixed = _fixed_log_mass(q_ptr, sink_ptr, win_ptr, counts_ptr, h, scaling, S, W, HS, G, GP, D, SP, WP)
+    lse = tl.load(lse_ptr + (h * C + c[None, :]) * G + g[:, None], mask=(g[:, None] < G) & (c[None, :] < C),
+                  other=-float("inf"))  # [query head, candidate]
+    top = tl.maximum(fixed, tl.max(lse, axis=1))
+    safe = tl.where(top > -float("inf"), top, 0.0)
+    total = tl.exp(fixed - safe) + tl.sum(tl.exp(lse - safe[:, None]), axis=1)
+    share = tl.sum(tl.where(g[:, None] < G, tl.exp(lse - (safe + tl.log(total))[:, None]), 0.0), axis=0)
+    candidate = tl.max(tl.where(g[:, None] == 0, lse, -float("inf")), axis=0) > -float("inf")
+    tie = (HS * CP - 1 - (h % HS) * CP - c).to(tl.int64)
+    key = tl.where(candidate, (share.to(tl.int32, bitcast=True).to(tl.int64) << 32) | tie, -1 - tie)
+    tl.store(keys_ptr + h * CP + c, key)
+    tl.debug_barrier()
+    rank = tl.zeros((CP,), dtype=tl.int32)  # its place in the row, best first: a permutation of 0 ... CP-1
+    j = tl.arange(0, CH)
+    for start in range(0, CP, CH):
+        other = tl.load(keys_ptr + h * CP + start + j)
+        rank += tl.sum((other[None, :] > key[:, None]).to(tl.int32), axis=1)
+    bid = tl.where(key >= 0, tl.where(rank < LEAST, key | (1 << 62), key), -1)
+    tl.store(bids_ptr + h * CAPP + rank, bid, mask=rank < CAP)
 
 
 @triton.jit(do_not_specialize=['C'])
-def _split_by_share(lse_ptr, fixed_ptr, cand_ptr, out_ptr, order_ptr, C, HS: tl.constexpr, HSP: tl.constexpr,
-                    KEEP: tl.constexpr, LEAST: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                    CP: tl.constexpr):
-    """Request b (rows b·HS ... b·HS + HS-1) -> out[row, :CAP]: index.select.split_by_share. Each
-    candidate's share of its row's softmax over the always-attended tokens (fixed [rows, G])
-    and the candidates (lse [rows, C, G]), query heads summed; of each row's CAP best, its
-    LEAST first, then the request's best by share to KEEP in all; each row's best first, -1
-    after. Two sorts, no loop over the pages: a candidate is an int64 key, its share's float
-    bits (monotone for shares >= 0) above its place (ties: the lower place first)."""
-    b = tl.program_id(0)
-    g = tl.arange(0, GP)
-    c = tl.arange(0, CP)
-    r = tl.arange(0, HSP)
-    weight = tl.full((HSP, CP), -1.0, dtype=tl.float32)
-    for head in tl.static_range(HS):
-        h = b * HS + head
-        lse = tl.load(lse_ptr + (h * C + c[None, :]) * G + g[:, None], mask=(g[:, None] < G) & (c[None, :] < C),
-                      other=-float("inf"))  # [query head, candidate]
-        fixed = tl.load(fixed_ptr + h * G + g, mask=g < G, other=-float("inf"))
-        top = tl.maximum(fixed, tl.max(lse, axis=1))
-        safe = tl.where(top > -float("inf"), top, 0.0)
-        total = tl.exp(fixed - safe) + tl.sum(tl.exp(lse - safe[:, None]), axis=1)
-        share = tl.sum(tl.where(g[:, None] < G, tl.exp(lse - (safe + tl.log(total))[:, None]), 0.0), axis=0)
-        candidate = tl.max(tl.where(g[:, None] == 0, lse, -float("inf")), axis=0) > -float("inf")
-        weight = tl.where(r[:, None] == head, tl.where(candidate, share, -1.0)[None, :], weight)
-    place = r[:, None] * CP + c[None, :]
-    tie = (HSP * CP - 1 - place).to(tl.int64)
-    key = tl.where(weight >= 0, (weight.to(tl.int32, bitcast=True).to(tl.int64) << 32) | tie, -1 - tie)
-    ranked = tl.sort(key, dim=1, descending=True)  # each row's candidates, best first
-    valid = (ranked >= 0) & (c[None, :] < CAP)
-    # every row's first LEAST ahead of any other (a share <= 1.0 keeps its key below 2^62)
-    bid = tl.where(valid, tl.where(c[None, :] < LEAST, ranked | (1 << 62), ranked), -1)
-    # the KEEP-th best, read back from memory: picking it from the sorted keys in registers
-    # (where + max) gave the default, never the key, on an H100 (triton 3.6)
-    n = tl.arange(0, HSP * CP)
-    tl.store(order_ptr + b * HSP * CP + n, tl.sort(tl.reshape(bid, (HSP * CP,)), dim=0, descending=True))
-    tl.debug_barrier()
-    last = tl.load(order_ptr + b * HSP * CP + KEEP - 1)
-    kept = valid & (bid >= last)
-    at = HSP * CP - 1 - (ranked & 0xFFFFFFFF) - r[:, None] * CP  # the candidate in each ranked place
-    row = b * HS + r[:, None]
-    ids = tl.load(cand_ptr + row * C + at, mask=kept & (r[:, None] < HS), other=-1)
-    tl.store(out_ptr + row * CAP + c[None, :], ids, mask=(r[:, None] < HS) & (c[None, :] < CAP))
+def _cut_bids(bids_ptr, cand_ptr, out_ptr, C, HS: tl.constexpr, KEEP: tl.constexpr, CAP: tl.constexpr,
+              CAPP: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr):
+    """Row h -> out[h, :CAP]: of its bids (_row_bids), those among its request's KEEP best
+    (a bid's rank: a count of the request's bids above it, BH at a time), as candidate ids,
+    best first, -1 after."""
+    h = tl.program_id(0)
+    first = (h // HS) * HS * CAPP  # the request's bids
+    p = tl.arange(0, CAPP)
+    mine = tl.load(bids_ptr + h * CAPP + p, mask=p < CAP, other=-1)
+    above = tl.zeros((CAPP,), dtype=tl.int32)
+    m = tl.arange(0, BH)
+    for start in range(0, HS * CAPP, BH):
+        n = start + m
+        other = tl.load(bids_ptr + first + n, mask=(n % CAPP < CAP) & (n < HS * CAPP), other=-1)
+        above += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
+    kept = (mine >= 0) & (above < KEEP)
+    at = HS * CP - 1 - (mine & 0xFFFFFFFF) - (h % HS) * CP  # the candidate behind each kept bid
+    ids = tl.load(cand_ptr + h * C + at, mask=kept, other=-1)
+    tl.store(out_ptr + h * CAP + p, ids, mask=p < CAP)
 
 
 def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tensor, shared_valid: torch.Tensor,
@@ -208,7 +220,9 @@ def rerank_pages(q: torch.Tensor, candidates: torch.Tensor, shared_k: torch.Tens
 
 def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
            fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_pages: int, scaling: float) -> torch.Tensor:
-    """rerank_pages' choice split among each request's rows by share (its `fixed` argument)."""
+    """rerank_pages' choice split among each request's rows by share (its `fixed` argument):
+    each row's bids, then each row's cut against its request's, one program a row in each
+    (one program a request, sorting its keys, took ~60 us a layer on an H100)."""
     sink_k, win_k, counts = fixed
     check_contiguous(sink_k, win_k, counts)
     rows, C = candidates.shape
@@ -216,14 +230,14 @@ def _split(q: torch.Tensor, lse: torch.Tensor, candidates: torch.Tensor,
     HS, S, _ = sink_k.shape
     W = win_k.shape[1]
     GP, CP = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(C))
-    fixed_lse = torch.empty(rows, G, dtype=torch.float32, device=q.device)
-    _fixed_lse[(rows,)](q, sink_k, win_k, counts, fixed_lse, scaling, S, W, HS, G=G, GP=GP, D=D,
-                        SP=max(16, triton.next_power_of_2(S)), WP=max(16, triton.next_power_of_2(W)))
     cap, least = min(2 * num_pages, C), least_head_pages(num_pages)
+    CAPP = triton.next_power_of_2(cap)
+    keys = torch.empty(rows, CP, dtype=torch.int64, device=q.device)
+    bids = torch.empty(rows, CAPP, dtype=torch.int64, device=q.device)
+    _row_bids[(rows,)](q, lse, sink_k, win_k, counts, keys, bids, C, scaling, S, W, HS, LEAST=least, CAP=cap,
+                       CAPP=CAPP, G=G, GP=GP, D=D, SP=max(16, triton.next_power_of_2(S)),
+                       WP=max(16, triton.next_power_of_2(W)), CP=CP, CH=max(1, min(CP, COUNT_BLOCK // CP)))
     out = torch.empty(rows, cap, dtype=candidates.dtype, device=candidates.device)
-    HSP = max(2, triton.next_power_of_2(HS))
-    order = torch.empty(rows // HS, HSP * CP, dtype=torch.int64, device=q.device)  # each request's keys, sorted
-    _split_by_share[(rows // HS,)](lse, fixed_lse, candidates, out, order, C, HS=HS, HSP=HSP,
-                                   KEEP=HS * num_pages, LEAST=least, CAP=cap, G=G, GP=GP, CP=CP,
-                                   num_warps=SPLIT_WARPS)
+    _cut_bids[(rows,)](bids, candidates, out, C, HS=HS, KEEP=HS * num_pages, CAP=cap, CAPP=CAPP, CP=CP,
+                       BH=max(1, min(triton.next_power_of_2(HS * CAPP), COUNT_BLOCK // CAPP)))
     return out

@@ -73,10 +73,16 @@ cases = {
     "rerank page lse": (rerank._page_lse, RERANK, dict(**SHAPE, GP=16, P=16, CP=128, CB=rerank.PAGES_PER_PROGRAM)),
     "rerank top": (rerank._top_by_share, RERANK, dict(R=12, G=SHAPE["G"], GP=16, CP=128)),
     # head_pages="share": the always-attended tokens' log-mass, then a request's pages split among its 8 KV heads
-    "rerank fixed lse": (rerank._fixed_lse, dict(q_ptr=BF16, sink_ptr=BF16, win_ptr=BF16, counts_ptr=I64, out_ptr=F32),
-                         dict(**SHAPE, GP=16, SP=32, WP=32)),
-    "rerank split": (rerank._split_by_share, dict(lse_ptr=F32, fixed_ptr=F32, cand_ptr=I64, out_ptr=I64, order_ptr=I64),
-                     dict(HS=8, HSP=8, KEEP=96, LEAST=1, CAP=24, G=SHAPE["G"], GP=16, CP=128)),
+    # (budget 256: 96 candidates, 24 bids a row; 1024: 288, 120)
+    **{f"rerank bids CP={cp}": (rerank._row_bids, dict(q_ptr=F32, lse_ptr=F32, sink_ptr=BF16, win_ptr=BF16,
+                                                       counts_ptr=I64, keys_ptr=I64, bids_ptr=I64),
+                                dict(**SHAPE, LEAST=1, CAP=cap, CAPP=capp, GP=16, SP=32, WP=32, CP=cp,
+                                     CH=rerank.COUNT_BLOCK // cp))
+       for cp, cap, capp in ((128, 24, 32), (512, 120, 128))},
+    **{f"rerank cut CAPP={capp}": (rerank._cut_bids, dict(bids_ptr=I64, cand_ptr=I64, out_ptr=I64),
+                                   dict(HS=8, KEEP=8 * cap // 2, CAP=cap, CAPP=capp, CP=cp,
+                                        BH=min(8 * capp, rerank.COUNT_BLOCK // capp)))
+       for cp, cap, capp in ((128, 24, 32), (512, 120, 128))},
 }
 stack = {}
 for name, (kernel, pointers, constexprs) in cases.items():
@@ -85,8 +91,6 @@ for name, (kernel, pointers, constexprs) in cases.items():
                  for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     options = {"num_warps": warps(constexprs["NB"])} if "NB" in constexprs else {}  # as walk.py launches it
-    if kernel is rerank._split_by_share:
-        options = {"num_warps": rerank.SPLIT_WARPS}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     path = os.path.join(sys.argv[1], "kernel.cubin")
     with open(path, "wb") as f:
@@ -105,7 +109,7 @@ NAMES = ["dense merge", "sparse REST=False", "sparse REST=True", "merge REST=Fal
          "question mass", "page weights",
          "child scores KP=16", "child scores KP=32", "page scores",
          *(f"select NB={nb} RANK={r}" for nb in (1024, 8192) for r in (0, 2)), "rerank page lse", "rerank top",
-         "rerank fixed lse", "rerank split"]
+         "rerank bids CP=128", "rerank bids CP=512", "rerank cut CAPP=32", "rerank cut CAPP=128"]
 # Triton 3.6 (the H200 machine's, with torch 2.11) gives the shared-context kernel's 64-row tile
 # (dense layers at 9+ requests, every question's prefill) 255 registers and 16 bytes of stack at
 # 4 warps, before and after the page means' COUNTS; 3.9 (CI's) none; 8 warps none on either, but

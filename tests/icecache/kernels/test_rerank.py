@@ -102,15 +102,16 @@ def test_fused_rerank_reads_shared_pages_laid_out_as_token_rows():
     assert (got >= 0).sum() > rows  # shared and private pages were chosen
 
 
-@pytest.mark.parametrize("R", [4, 1])
-def test_fused_split_by_share_keeps_the_pages_the_torch_reference_keeps(R):
+@pytest.mark.parametrize("HS,G,C,R", [(2, 3, 12, 4), (2, 3, 12, 1), (8, 4, 96, 12)])  # the last: an 8B model's
+def test_fused_split_by_share_keeps_the_pages_the_torch_reference_keeps(HS, G, C, R):
     """head_pages="share": kernels.rerank.rerank_pages with the sinks and window rings = the
     torch reference with their log-mass (index.select.fixed_log_mass), over requests whose
     windows are partly filled, a head looking at its sinks, absent and repeated candidates."""
     from icecache.index.select import LEAST_HEAD_PAGES, fixed_log_mass, rerank_pages as reference
     from icecache.kernels.rerank import rerank_pages
     gen = torch.Generator().manual_seed(11 + R)
-    B, HS, G, D, P, N, M, C, S, W = 3, 2, 3, 16, 16, 30, 6, 12, 4, 8
+    B, D, P, M, S, W = 3, 16, 16, 6, 4, 8
+    N = C + 18
     rows = B * HS
     q, shared_k, shared_valid, priv_k, priv_valid = random_pages(gen, rows, HS, G, D, P, N, M)
     sinks = torch.randn(HS, S, D, generator=gen).to(torch.bfloat16)
@@ -133,4 +134,4 @@ def test_fused_split_by_share_keeps_the_pages_the_torch_reference_keeps(R):
     kept = (want >= 0).sum(1).view(B, HS)
     assert (kept.sum(1) == HS * R).all() and kept.min() >= LEAST_HEAD_PAGES
     if R > 2:
-        assert kept[0, 0] < R < kept[0, 1]  # the head on its sink gave pages to the other
+        assert kept[0, 0] < R < kept[0].max()  # the head on its sink gave pages to another
