@@ -35,6 +35,7 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     t = tl.arange(0, P)
+    absent = False  # a page slot the row leaves empty (-1): its partial is empty, nothing to score
     if b < SINK_BLOCKS:
         tok = b * P + t
         ok = tok < num_sink
@@ -43,7 +44,8 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
         v = tl.load(sink_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
     elif b < SINK_BLOCKS + R:
         page = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
-        if page < 0:
+        absent = page < 0
+        if absent:
             ok = t < 0
             k = tl.zeros((P, D), tl.float32)
             v = tl.zeros((P, D), tl.float32)
@@ -66,13 +68,18 @@ def _sparse_attention(q_ptr, sink_k_ptr, sink_v_ptr, ids_ptr, shared_k_ptr, shar
         rows = (h * W + tok[:, None]) * D + d[None, :]
         k = tl.load(win_k_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
         v = tl.load(win_v_ptr + rows, mask=ok[:, None], other=0.0).to(tl.float32)
-    s = head_scores(q_ptr, h, k, G, GP, D) * scaling  # [GP, P]
-    s = tl.where(ok[None, :], s, -float("inf"))
-    m = tl.max(s, axis=1)
-    safe = tl.where(m > -float("inf"), m, 0.0)
-    p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
-    acc = head_weighted_sums(p, v, G, GP)  # [GP, D]
-    l = tl.sum(p, axis=1)
+    if absent:  # (with the share split half a row's slots may be: scoring zeros cost as much as a page)
+        m = tl.full((GP,), -float("inf"), tl.float32)
+        l = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+    else:
+        s = head_scores(q_ptr, h, k, G, GP, D) * scaling  # [GP, P]
+        s = tl.where(ok[None, :], s, -float("inf"))
+        m = tl.max(s, axis=1)
+        safe = tl.where(m > -float("inf"), m, 0.0)
+        p = tl.where(ok[None, :], tl.exp(s - safe[:, None]), 0.0)
+        acc = head_weighted_sums(p, v, G, GP)  # [GP, D]
+        l = tl.sum(p, axis=1)
     if REST:
         if (b >= SINK_BLOCKS) & (b < SINK_BLOCKS + R):
             retrieved = tl.load(ids_ptr + h * R + b - SINK_BLOCKS)
