@@ -99,8 +99,9 @@ class IceCacheConfig:
     # the window and the candidates' exact mass), each head between 1 and 2 x retrieved_pages:
     # a head whose attention sits on the sinks and the window, or on one page, gives pages to a
     # flat one (the per-head cut-off of Twilight and PSA, at a fixed total). RULER 4k @256 (CPU, 96 cases):
-    # 0.86x -> 0.90x of full (+0.022 [+0.004, +0.048]); opt-in until its kernels are timed on a GPU
-    head_pages: str = "flat"
+    # 0.86x -> 0.90x of full (+0.022 [+0.004, +0.048]), @64 0.62x -> 0.68x; on an H100 at 128k +0.3 ms a
+    # token (11.1 against 10.8 ms), +3% a step for 16 sessions (benchmarks/RESULTS.md)
+    head_pages: str = "share"
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
