@@ -74,7 +74,7 @@ class IceCacheConfig:
     # rerank x retrieved_pages candidates, then the candidates' keys rank them by exact
     # attention mass (1 = by the moments alone). 4 since 2026-12-03 (was 2): what the default
     # loses against full attention is pages its candidates miss (RULER 8k @256: 0.82x -> 0.90x
-    # of full, +0.5 ms a token at 128k on an H200; benchmarks/RESULTS.md)
+    # of full, +0.5 ms a token at 128k on an H200; benchmarks/HISTORY.md)
     rerank: int = 4
     # pages per KV head that a question's own attention picks while it is prefilled on the context
     # (what its last tokens attend to, and the question_follow positions after it); they join the

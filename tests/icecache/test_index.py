@@ -82,7 +82,7 @@ def test_query_finds_planted_needles():
     query along that direction should find the needle's page. The hardest case for key
     moments: one outlier moves its page's mean by 1/16 and its cluster's by ~1/30. Measured
     0.65 (boxes, the ranking until 2026-12: 0.99; the level-1 nodes' own keys: 0.58).
-    On the real model's keys the moments find more (benchmarks/RESULTS.md: RULER's needles
+    On the real model's keys the moments find more (benchmarks/HISTORY.md: RULER's needles
     and the real-text facts); here a regression guard, far above chance (12 of ~500 pages)."""
     keys = clustered_keys(4)
     g = torch.Generator().manual_seed(5)
