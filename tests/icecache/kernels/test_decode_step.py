@@ -258,7 +258,7 @@ def test_a_joint_step_over_two_contexts_gives_each_request_what_it_gets_alone(mo
 def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkeypatch, caplog, kernel):
     """A GPU where a fused re-ranking kernel fails to build (a fault we cannot cause here)
     still decodes, re-ranking in torch ops, and says so once; the other kernel (the flat
-    default's, when the share split's failed) still runs in a later decoder."""
+    split's, when the share split's failed) still runs in a later decoder."""
     from triton.errors import TritonError
 
     from icecache.kernels import rerank
@@ -285,7 +285,8 @@ def test_a_rerank_kernel_that_cannot_build_leaves_re_ranking_to_torch_ops(monkey
     assert caplog.text.count("re-ranking in torch ops") == 1
     if kernel == "split":  # a flat decoder after it still re-ranks in its kernel
         monkeypatch.setenv("ICECACHE_KERNELS", "0")  # the index in torch ops (the interpreter's takes a minute)
-        _, ctx, (_, (flat, logits)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], 1, rerank=3)
+        _, ctx, (_, (flat, logits)) = decoders(monkeypatch, "llama", 900, [5, 6, 7], 1, rerank=3,
+                                               head_pages="flat")
         run(flat, logits, ctx.num_tokens + 3, 1)
         assert calls and all(calls) and list(decode_layers.FUSED_RERANK_FAILED) == ["split"]
 
