@@ -21,10 +21,12 @@ def random_pages(gen: torch.Generator, rows: int, HS: int, G: int, D: int, P: in
     return q, shared_k, shared_valid, priv_k, priv_valid
 
 
+@pytest.mark.parametrize("block", [2, 8])  # the GPU's candidates a program, and the interpreter's
 @pytest.mark.parametrize("num_shared", [40, 0])
-def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
+def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared, block):
     """kernels.rerank.rerank_pages = index.select.rerank_pages: same pages, same order, over
-    shared and private candidates, with absent (-1) and empty candidates among them."""
+    shared and private candidates, with absent (-1) and empty candidates among them, however
+    many candidates a program scores (PAGES_PER_PROGRAM: 2 on a GPU, 8 in the interpreter)."""
     from icecache.index.select import rerank_pages as reference
     from icecache.kernels.rerank import rerank_pages
     gen = torch.Generator().manual_seed(num_shared)
@@ -39,7 +41,8 @@ def test_fused_rerank_keeps_the_pages_the_torch_reference_keeps(num_shared):
     if num_shared:
         candidates[0, 0] = 3
     want = reference(q, candidates.long(), (shared_k, shared_valid), (priv_k, priv_valid), R, 0.25)
-    got = rerank_pages(*(t.to(DEVICE) for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid)), R, 0.25)
+    got = rerank_pages(*(t.to(DEVICE) for t in (q, candidates, shared_k, shared_valid, priv_k, priv_valid)), R, 0.25,
+                       block=block)
     assert got.dtype == torch.int32
     assert torch.equal(got.cpu().long(), want), (got, want)
     assert (got >= 0).sum() > 0
