@@ -13,7 +13,7 @@ from icecache.config import IceCacheConfig, SamplingParams
 from icecache.context import Context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
 from icecache.outputs import GenerationOutput, GenerationStream
-from icecache.runner import ModelRunner, Progress, free_device_bytes
+from icecache.runner import ModelRunner, Progress, ResidentContexts, free_device_bytes
 from icecache.scheduler import Scheduler
 from icecache.sequence import IndexJob
 
@@ -26,7 +26,8 @@ class Engine:
     """A model plus the IceCache KV machinery. Stateless between requests except for the
     contexts it hands out, which callers own."""
 
-    def __init__(self, loaded: LoadedModel, config: IceCacheConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: IceCacheConfig | None = None,
+                 resident: ResidentContexts | None = None) -> None:
         self.config = config or IceCacheConfig()
         if not isinstance(self.config, IceCacheConfig):
             raise ValueError(f"config: expected IceCacheConfig, got {type(self.config).__name__}")
@@ -39,7 +40,7 @@ class Engine:
                              f"{self.shape.num_layers} layers")
         self.max_context_tokens = int(self.model.config.max_position_embeddings)
         self.device = self.shape.device
-        self.runner = ModelRunner(self.model, self.shape, self.config, self.model_id)
+        self.runner = ModelRunner(self.model, self.shape, self.config, self.model_id, resident)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, config: IceCacheConfig | None = None,
@@ -61,8 +62,13 @@ class Engine:
         return cls(LoadedModel(prepare(model, next(model.parameters()).device), tokenizer, model_id), config)
 
     def with_config(self, config: IceCacheConfig) -> "Engine":
-        """The same weights under another config (e.g. mode="full" for a baseline)."""
-        return Engine(LoadedModel(self.model, self.tokenizer, self.model_id), config)
+        """The same weights under another config (e.g. mode="full" for a baseline). Both
+        engines keep one set of resident contexts (the device copies of documents' KV their
+        questions prefill against) when the configs size it alike, so a document is not
+        copied to the device once per engine and each sees the copies the other made."""
+        config = config or IceCacheConfig()
+        shared = self.runner.resident if config.resident_context_share == self.config.resident_context_share else None
+        return Engine(LoadedModel(self.model, self.tokenizer, self.model_id), config, shared)
 
     # ---------------------------------------------------------------- inputs
     def _encode(self, prompt: str | Sequence[int], add_special: bool, what: str = "prompt") -> list[int]:

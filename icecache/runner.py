@@ -156,6 +156,22 @@ def resident_budget(share: float | str, free_bytes: int, longest_bytes: int) -> 
     return int(free_bytes * share)
 
 
+def resident_contexts(model: torch.nn.Module, shape: ModelShape, config: IceCacheConfig) -> ResidentContexts | None:
+    """The resident contexts a runner of this config keeps: on CUDA, a budget of the device
+    memory free now (config.resident_context_share); elsewhere, or at share 0, none."""
+    if shape.device.type != "cuda" or config.resident_context_share == 0:
+        return None
+    free = free_device_bytes(shape.device)
+    longest = int(model.config.max_position_embeddings)
+    budget = resident_budget(config.resident_context_share, free, resident_bytes(
+        longest, shape.num_layers, shape.num_layers - config.dense_layers, shape.num_kv_heads,
+        shape.head_dim, shape.dtype.itemsize))
+    log.info("resident contexts: up to %.1f GiB of the device (%.0f%% of the %.1f GiB free now; "
+             "resident_context_share %s, the model's longest context %d tokens)", budget / 2**30,
+             100 * budget / free, free / 2**30, config.resident_context_share, longest)
+    return ResidentContexts(budget) if budget else None
+
+
 class ContextReader:
     """A context's KV on the device, one layer at a time, for a prefill pass that attends to
     all of it. On CUDA each layer's host tensors (pinned, or a CUDA-registered shm segment)
@@ -422,20 +438,14 @@ class ModelRunner:
     """Runs the model for one engine: packed exact prefill, the dynamic path's batched
     decode pass, and indexing a prefilled document into a Context."""
 
-    def __init__(self, model: torch.nn.Module, shape: ModelShape, config: IceCacheConfig, model_id: str) -> None:
+    def __init__(self, model: torch.nn.Module, shape: ModelShape, config: IceCacheConfig, model_id: str,
+                 resident: ResidentContexts | None = None) -> None:
+        """resident: another runner's resident contexts (the device copies of hot contexts' KV, for
+        question prefill) over the same weights, to share rather than keep a second copy of a
+        context under another config; None = this config's own (resident_contexts)."""
         self.model, self.shape, self.config, self.model_id = model, shape, config, model_id
         self.device = shape.device
-        budget = 0
-        if self.device.type == "cuda" and config.resident_context_share != 0:
-            free = free_device_bytes(self.device)
-            longest = int(model.config.max_position_embeddings)
-            budget = resident_budget(config.resident_context_share, free, resident_bytes(
-                longest, shape.num_layers, shape.num_layers - config.dense_layers, shape.num_kv_heads,
-                shape.head_dim, shape.dtype.itemsize))
-            log.info("resident contexts: up to %.1f GiB of the device (%.0f%% of the %.1f GiB free now; "
-                     "resident_context_share %s, the model's longest context %d tokens)", budget / 2**30,
-                     100 * budget / free, free / 2**30, config.resident_context_share, longest)
-        self.resident = ResidentContexts(budget) if budget else None  # hot contexts' KV for question prefill
+        self.resident = resident if resident is not None else resident_contexts(model, shape, config)
         # where the decode step's fused kernels run, every pass runs the decode step's way too:
         # a question's prefill is bound by its launches (~35 a layer fewer than the model's forward)
         fused = use_kernels(self.device, config, shape.head_dim, shape.group, 0)

@@ -251,6 +251,26 @@ def test_a_resident_context_prefills_questions_as_its_host_pages_do(models):
     assert ctx not in on.runner.resident and on.runner.resident.used_bytes == 0
 
 
+def test_engines_of_one_model_under_other_configs_keep_one_set_of_resident_contexts(models):
+    """A baseline engine (with_config) reads the device copy its parent made instead of making
+    a second one (a 128k document of an 8B model is 16 GiB): decode_speed's rows differed in
+    whether their pages came from a resident copy only by which engine was built first."""
+    _, gpu = models
+    on = Engine.from_model(gpu, config=CONFIG, model_id="tiny")
+    full = on.with_config(CONFIG.replace(mode="full"))
+    assert full.runner.resident is on.runner.resident
+    assert on.with_config(CONFIG.replace(resident_context_share=0.0)).runner.resident is None
+    with torch.inference_mode():
+        ctx = full.index(torch.randint(0, 512, (1500,), generator=torch.Generator().manual_seed(6)).tolist())
+        assert ctx in on.runner.resident
+        used = on.runner.resident.used_bytes
+        full.generate([7, 8, 9], SamplingParams(max_tokens=2, temperature=0.0), context=ctx)
+        on.generate([7, 8, 9], SamplingParams(max_tokens=2, temperature=0.0), context=ctx)
+        assert on.runner.resident.used_bytes == used  # one copy, both engines' questions read it
+    on.runner.forget(ctx)
+    assert full.runner.resident.used_bytes == 0
+
+
 @pytest.fixture(scope="module")
 def wide():
     """8x the models fixture's KV a token: the device-memory figures of a test using it
