@@ -1,3 +1,5 @@
+import importlib.util
+import inspect
 import os
 import shutil
 
@@ -5,8 +7,6 @@ import shutil
 # before torch (which imports triton) is imported.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import inspect
 
 import pytest
 import torch
@@ -37,7 +37,7 @@ def _patch_triton_language_once_per_launch() -> None:
     interpreter._patch_lang = patch_unless_patched
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     _patch_triton_language_once_per_launch()
 
 
