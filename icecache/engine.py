@@ -13,7 +13,7 @@ from icecache.config import IceCacheConfig, SamplingParams
 from icecache.context import Context, layout_of
 from icecache.models import LoadedModel, load_model, resolve_device
 from icecache.outputs import GenerationOutput, GenerationStream
-from icecache.runner import ModelRunner, Progress, ResidentContexts, free_device_bytes
+from icecache.runner import ModelRunner, Progress, free_device_bytes
 from icecache.scheduler import Scheduler
 from icecache.sequence import IndexJob
 
@@ -27,7 +27,9 @@ class Engine:
     contexts it hands out, which callers own."""
 
     def __init__(self, loaded: LoadedModel, config: IceCacheConfig | None = None,
-                 resident: ResidentContexts | None = None) -> None:
+                 parent: "Engine | None" = None) -> None:
+        """parent: an engine over the same weights whose resident contexts this one shares
+        when both configs size them alike (with_config)."""
         self.config = config or IceCacheConfig()
         if not isinstance(self.config, IceCacheConfig):
             raise ValueError(f"config: expected IceCacheConfig, got {type(self.config).__name__}")
@@ -40,7 +42,10 @@ class Engine:
                              f"{self.shape.num_layers} layers")
         self.max_context_tokens = int(self.model.config.max_position_embeddings)
         self.device = self.shape.device
-        self.runner = ModelRunner(self.model, self.shape, self.config, self.model_id, resident)
+        shared = None
+        if parent is not None and parent.config.resident_context_share == self.config.resident_context_share:
+            shared = parent.runner.resident
+        self.runner = ModelRunner(self.model, self.shape, self.config, self.model_id, shared)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, config: IceCacheConfig | None = None,
@@ -66,9 +71,7 @@ class Engine:
         engines keep one set of resident contexts (the device copies of documents' KV their
         questions prefill against) when the configs size it alike, so a document is not
         copied to the device once per engine and each sees the copies the other made."""
-        config = config or IceCacheConfig()
-        shared = self.runner.resident if config.resident_context_share == self.config.resident_context_share else None
-        return Engine(LoadedModel(self.model, self.tokenizer, self.model_id), config, shared)
+        return Engine(LoadedModel(self.model, self.tokenizer, self.model_id), config, parent=self)
 
     # ---------------------------------------------------------------- inputs
     def _encode(self, prompt: str | Sequence[int], add_special: bool, what: str = "prompt") -> list[int]:

@@ -319,9 +319,11 @@ def test_unknown_model_is_a_clear_error(model, match):
         Engine.from_pretrained(model, device="cpu")
 
 
-def test_bad_device_and_config_are_refused():
+def test_bad_device_and_config_are_refused(engine):
     with pytest.raises(ValueError, match="config"):
         Engine.from_pretrained(config={"token_budget": 256}, device="cpu")
+    with pytest.raises(ValueError, match="config: expected IceCacheConfig"):
+        engine.with_config({"token_budget": 256})
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             Engine.from_pretrained(device="cuda")
