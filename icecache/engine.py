@@ -29,7 +29,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: IceCacheConfig | None = None,
                  parent: "Engine | None" = None) -> None:
         """parent: an engine over the same weights whose resident contexts this one shares
-        when both configs size them alike (with_config)."""
+        when both configs ask for the same resident_context_share (with_config)."""
         self.config = config or IceCacheConfig()
         if not isinstance(self.config, IceCacheConfig):
             raise ValueError(f"config: expected IceCacheConfig, got {type(self.config).__name__}")
@@ -69,7 +69,8 @@ class Engine:
     def with_config(self, config: IceCacheConfig) -> "Engine":
         """The same weights under another config (e.g. mode="full" for a baseline). Both
         engines keep one set of resident contexts (the device copies of documents' KV their
-        questions prefill against) when the configs size it alike, so a document is not
+        questions prefill against) when the configs ask for the same resident_context_share
+        (its budget is then the parent's, sized when the parent was built), so a document is not
         copied to the device once per engine and each sees the copies the other made."""
         return Engine(LoadedModel(self.model, self.tokenizer, self.model_id), config, parent=self)
 
